@@ -1,0 +1,30 @@
+# Quick start: `make demo` (train, export, verify, search the demo model), `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
+# The CPU build of torch, pinned so a fresh CPU machine does not pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+STAMP := .deps-$(shell $(PYTHON) -c "import sys; print(sys.version_info[0], sys.version_info[1], sep='')").stamp
+
+.PHONY: deps demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[cpu,export,test,bench]" "$(TORCH)"
+	@touch $@
+
+deps: $(STAMP)
+
+demo: deps
+	$(PYTHON) -m export.demo
+
+test: deps
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: deps
+	$(PYTHON) -m pytest -q
+
+bench: deps
+	$(PYTHON) bench/latency.py --json bench/results/latency.json --plots bench/results
+
+clean:
+	rm -rf demo engines/*.onnx engines/*.plan engines/*.json .deps-*.stamp

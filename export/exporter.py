@@ -1,0 +1,226 @@
+"""Export a loaded SCAN checkpoint to ONNX and prove each graph equal to the PyTorch reference.
+
+Parity is checked in ONNX Runtime on shapes *other* than the export example (caption length 1, a
+1-image block, long captions), because a graph can silently freeze a traced dimension.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from export.checkpoint import LoadedCheckpoint
+from export.graphs import HeadGraph, ImageGraph, TextGraph, head_input_names
+from export.model import SCAN
+from runtime import atomic
+from runtime.manifest import FORMAT
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+DEFAULT_MAX_WORDS = 128
+# float32 ONNX Runtime vs PyTorch: different kernels and summation orders, so agreement is to a few
+# float32 ulps of the accumulated values; 1e-5 (abs, plus the same relative) is 100x the errors seen.
+PARITY_ATOL = 1e-5
+PARITY_RTOL = 1e-5
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with the PyTorch reference."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    kind: str
+    module: torch.nn.Module
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]]
+    example: tuple[torch.Tensor, ...]
+
+
+def encoder_id(module: torch.nn.Module, cfg_items: dict[str, Any]) -> str:
+    """A hash of an encoder's weights and the options that shape its output; gallery caches bind to it."""
+    digest = hashlib.sha256(json.dumps(cfg_items, sort_keys=True).encode())
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def random_captions(q: int, max_len: int, vocab_size: int, gen: torch.Generator,
+                    lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if lengths is None:
+        lengths = torch.randint(1, max_len + 1, (q,), generator=gen).tolist()
+        lengths[0] = max_len  # the padded length must be reached by some caption
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    ids = torch.randint(4, max(vocab_size, 5), (q, int(lens.max())), generator=gen) % vocab_size
+    ids = ids * (torch.arange(ids.shape[1]).unsqueeze(0) < lens.unsqueeze(1))
+    return ids, lens
+
+
+def graph_specs(model: SCAN) -> list[GraphSpec]:
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    regions = torch.randn(2, 7, cfg.img_dim, generator=gen)
+    ids, lens = random_captions(3, 6, cfg.vocab_size, gen, lengths=[6, 4, 2])
+    with torch.no_grad():
+        images, image_gram = ImageGraph(model)(regions)
+        captions = model.txt_enc(ids, lens)
+    head_feeds = {"images": images, "image_gram": image_gram, "captions": captions, "lengths": lens}
+    head_inputs = head_input_names(cfg)
+    head_dyn = {"images": {0: "N", 1: "R"}, "image_gram": {0: "N", 1: "R", 2: "R"},
+                "captions": {0: "Q", 1: "L"}, "lengths": {0: "Q"}, "sims": {0: "N", 1: "Q"}}
+    return [
+        GraphSpec("image", ImageGraph(model), ["regions"], ["images", "image_gram"],
+                  {"regions": {0: "N", 1: "R"}, "images": {0: "N", 1: "R"}, "image_gram": {0: "N", 1: "R", 2: "R"}},
+                  (regions,)),
+        GraphSpec("text", TextGraph(model), ["ids", "lengths"], ["captions"],
+                  {"ids": {0: "Q", 1: "L"}, "lengths": {0: "Q"}, "captions": {0: "Q", 1: "L"}}, (ids, lens)),
+        GraphSpec("head", HeadGraph(cfg), head_inputs, ["sims"],
+                  {k: v for k, v in head_dyn.items() if k in head_inputs or k == "sims"},
+                  tuple(head_feeds[k] for k in head_inputs)),
+    ]
+
+
+def export_graph(spec: GraphSpec) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but is the one that keeps ONNX GRU nodes (DESIGN.md 4).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec.module.eval(), spec.example, buf, input_names=spec.inputs, output_names=spec.outputs,
+                          dynamic_axes=spec.dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    return buf.getvalue()
+
+
+def parity_cases(model: SCAN, kind: str, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Inputs of shapes unlike the export example, including the edge cases that break frozen graphs."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        return [{"regions": torch.randn(n, r, cfg.img_dim, generator=gen)} for n, r in ((1, 36), (5, 3), (3, 1))]
+    text_shapes = [(1, 1, None), (4, 40, None), (6, 9, [9, 1, 3, 9, 2, 5]), (1, 64, [64])]
+    if kind == "text":
+        cases = []
+        for q, max_len, lens in text_shapes:
+            ids, lengths = random_captions(q, max_len, cfg.vocab_size, gen, lens)
+            cases.append({"ids": ids, "lengths": lengths})
+        return cases
+    cases = []
+    for n, r, q, max_len, lens in ((1, 36, 1, 1, [1]), (5, 36, 4, 30, None), (3, 4, 7, 12, None), (1, 2, 2, 50, [50, 1])):
+        ids, lengths = random_captions(q, max_len, cfg.vocab_size, gen, lens)
+        with torch.no_grad():
+            images = model.img_enc(torch.randn(n, r, cfg.img_dim, generator=gen))
+            captions = model.txt_enc(ids, lengths)
+        feeds = {"images": images, "image_gram": images @ images.transpose(1, 2), "captions": captions,
+                 "lengths": lengths}
+        cases.append({k: feeds[k] for k in head_input_names(cfg)})
+    return cases
+
+
+def reference(model: SCAN, kind: str, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """What the original model computes for these inputs (packed GRU, batched head)."""
+    with torch.no_grad():
+        if kind == "image":
+            images = model.img_enc(feeds["regions"])
+            return [images.numpy(), (images @ images.transpose(1, 2)).numpy()]
+        if kind == "text":
+            return [model.txt_enc(feeds["ids"], feeds["lengths"]).numpy()]
+        from export.model import slow_sims
+        return [slow_sims(feeds["images"], feeds["captions"], feeds["lengths"], model.cfg).numpy()]
+
+
+def check_parity(model: SCAN, kind: str, onnx_bytes: bytes) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    shapes = []
+    for feeds in parity_cases(model, kind):
+        expected = reference(model, kind, feeds)
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+        shapes.append({k: list(v.shape) for k, v in feeds.items()})
+        for name, e, g in zip((o.name for o in session.get_outputs()), expected, got):
+            if e.shape != g.shape:
+                raise ParityError(f"{kind} graph: output {name} has shape {g.shape}, reference {e.shape} "
+                                  f"(inputs {shapes[-1]})")
+            err = float(np.max(np.abs(e - g))) if e.size else 0.0
+            if not np.all(np.isfinite(g)) or not np.allclose(g, e, atol=PARITY_ATOL, rtol=PARITY_RTOL):
+                raise ParityError(f"{kind} graph: output {name} differs from the PyTorch reference by {err:.3g} "
+                                  f"(tolerance {PARITY_ATOL:g} + {PARITY_RTOL:g} rel) on inputs {shapes[-1]}")
+            worst = max(worst, err)
+    return {"max_abs_err": worst, "atol": PARITY_ATOL, "rtol": PARITY_RTOL, "cases": shapes, "passed": True}
+
+
+def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path, name: str = "scan",
+               max_words: int = DEFAULT_MAX_WORDS, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Export, verify, then write the graphs, vocabulary and manifest atomically. Returns the manifest."""
+    model = ckpt.model
+    cfg = model.cfg
+    files = {"image": f"{name}.image.onnx", "text": f"{name}.text.onnx", "head": f"{name}.onnx"}
+    graphs: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    for spec in graph_specs(model):
+        t0 = time.perf_counter()
+        progress(f"exporting {spec.kind} graph")
+        blob = export_graph(spec)
+        progress(f"checking {spec.kind} graph against PyTorch in ONNX Runtime")
+        parity = check_parity(model, spec.kind, blob)
+        blobs[spec.kind] = blob
+        graphs[spec.kind] = {
+            "file": files[spec.kind], "sha256": hashlib.sha256(blob).hexdigest(), "precision": "fp32",
+            "inputs": _io_entries(spec, spec.inputs, blob, "input"),
+            "outputs": _io_entries(spec, spec.outputs, blob, "output"),
+            "parity": parity, "export_seconds": round(time.perf_counter() - t0, 3),
+        }
+        progress(f"{spec.kind}: max |onnx - torch| = {parity['max_abs_err']:.2e} (ok)")
+    img_keys = ["img_dim", "embed_size", "precomp_enc_type", "no_imgnorm"]
+    txt_keys = ["vocab_size", "word_dim", "embed_size", "num_layers", "bi_gru", "no_txtnorm"]
+    cfg_dict = cfg.to_dict()
+    vocab_bytes = (json.dumps(vocab_json, ensure_ascii=False) + "\n").encode("utf-8")
+    manifest = {
+        "format": FORMAT, "name": name, "config": cfg_dict, "opset": OPSET, "max_words": max_words,
+        "checkpoint": {"file": str(ckpt.path), "sha256": ckpt.sha256, "epoch": _plain(ckpt.epoch),
+                       "best_rsum": _plain(ckpt.best_rsum)},
+        "image_encoder_id": encoder_id(model.img_enc, {k: cfg_dict[k] for k in img_keys}),
+        "text_encoder_id": encoder_id(model.txt_enc, {k: cfg_dict[k] for k in txt_keys}),
+        "vocab": {"file": f"{name}.vocab.json", "sha256": hashlib.sha256(vocab_bytes).hexdigest()},
+        "graphs": graphs, "engines": {},
+        "exported_with": {"torch": torch.__version__, "onnx_opset": OPSET},
+    }
+    for kind, blob in blobs.items():
+        atomic.write_bytes(out_dir / files[kind], blob)
+    atomic.write_bytes(out_dir / manifest["vocab"]["file"], vocab_bytes)
+    # The manifest goes last: it only ever names files that are already complete.
+    atomic.write_json(out_dir / f"{name}.json", manifest)
+    return manifest
+
+
+def _io_entries(spec: GraphSpec, names: list[str], blob: bytes, which: str) -> list[dict[str, Any]]:
+    import onnx
+
+    proto = onnx.load_from_string(blob)
+    values = proto.graph.input if which == "input" else proto.graph.output
+    out = []
+    for v in values:
+        if v.name not in names:
+            continue
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+        out.append({"name": v.name, "dtype": dtype, "shape": dims})
+    return out
+
+
+def _plain(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    return x if isinstance(x, (int, float, str, type(None))) else str(x)

@@ -1,0 +1,266 @@
+"""Reference SCAN in current PyTorch: encoders and two implementations of the similarity head.
+
+Stacked Cross Attention for Image-Text Matching, Lee, Chen, Hua, Hu, He, ECCV 2018
+(arXiv 1803.08024); reference code https://github.com/kuanghuei/SCAN (``model.py``).
+
+* ``ImageEncoder`` / ``TextEncoder`` carry the original parameter names, so the original state dicts
+  load strictly; the text encoder runs the GRU over a packed sequence exactly as the original.
+* ``slow_sims`` follows the original per-caption loop (``xattn_score_t2i`` / ``xattn_score_i2t``,
+  ``func_attention``, ``cosine_similarity``): it is the test oracle.
+* ``batched_sims`` is the exact batched head of DESIGN.md section 3: one GEMM for every
+  (region, word) logit, the weighted-context norm through a Gram matrix, finite masks and a
+  max-subtracted log-sum-exp so the same code exports to ONNX/TensorRT and survives fp16.
+
+The two l1 norms call an undefined ``l1norm_d`` in the original and crash; here they divide by the
+L1 norm along the query axis (eps 1e-8), the evident intent, which cannot be checked against it.
+
+Shapes: N images of R regions, Q captions of at most L words, d = embed_size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import SCANConfig
+
+EPS = 1e-8
+# Finite mask fill: representable in fp16 (max 65504) and far below any masked logit, so no -inf/NaN.
+NEG = -1.0e4
+
+
+def l2norm(x: torch.Tensor, dim: int, eps: float = EPS) -> torch.Tensor:
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+def l1norm(x: torch.Tensor, dim: int, eps: float = EPS) -> torch.Tensor:
+    return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class WeightNormLinear(nn.Module):
+    """``weight_norm(nn.Linear, dim=None)`` with the original's keys ``weight_g``, ``weight_v``, ``bias``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_g = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        lin = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            self.weight_v.copy_(lin.weight)
+            self.weight_g.copy_(lin.weight.norm())
+            self.bias.copy_(lin.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ImageEncoder(nn.Module):
+    """``EncoderImagePrecomp`` / ``EncoderImageWeightNormPrecomp``: regions -> region embeddings."""
+
+    def __init__(self, cfg: SCANConfig) -> None:
+        super().__init__()
+        self.no_imgnorm = cfg.no_imgnorm
+        if cfg.precomp_enc_type == "weight_norm":
+            self.fc: nn.Module = WeightNormLinear(cfg.img_dim, cfg.embed_size)
+        else:
+            self.fc = nn.Linear(cfg.img_dim, cfg.embed_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.fc(images)  # (N, R, d)
+        return features if self.no_imgnorm else l2norm(features, dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """``EncoderText``: token ids -> word embeddings (bi-GRU directions averaged), zeros past each length."""
+
+    def __init__(self, cfg: SCANConfig) -> None:
+        super().__init__()
+        self.bi_gru = cfg.bi_gru
+        self.no_txtnorm = cfg.no_txtnorm
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.word_dim)
+        self.rnn = nn.GRU(cfg.word_dim, cfg.embed_size, cfg.num_layers, batch_first=True, bidirectional=cfg.bi_gru)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)  # (Q, L, w)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        words, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])  # (Q, L, k*d)
+        if self.bi_gru:
+            half = words.shape[2] // 2
+            words = (words[:, :, :half] + words[:, :, half:]) / 2  # (Q, L, d)
+        return words if self.no_txtnorm else l2norm(words, dim=-1)
+
+
+# ----------------------------------------------------------------------------- slow oracle
+
+
+def _cosine_similarity(x1: torch.Tensor, x2: torch.Tensor, dim: int) -> torch.Tensor:
+    w12 = (x1 * x2).sum(dim)
+    w1 = x1.norm(2, dim)
+    w2 = x2.norm(2, dim)
+    return w12 / (w1 * w2).clamp(min=EPS)
+
+
+def _func_attention(query: torch.Tensor, context: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
+    """The original ``func_attention``; returns the weighted context (B, queryL, d)."""
+    batch, source_len = context.shape[0], context.shape[1]
+    query_len = query.shape[1]
+    attn = torch.bmm(context, query.transpose(1, 2))  # (B, sourceL, queryL)
+    norm = cfg.raw_feature_norm
+    if norm == "softmax":
+        attn = torch.softmax(attn.reshape(batch * source_len, query_len), dim=1).reshape(batch, source_len, query_len)
+    elif norm == "l2norm":
+        attn = l2norm(attn, 2)
+    elif norm == "clipped_l2norm":
+        attn = l2norm(F.leaky_relu(attn, 0.1), 2)
+    elif norm == "l1norm":
+        attn = l1norm(attn, 2)
+    elif norm == "clipped_l1norm":
+        attn = l1norm(F.leaky_relu(attn, 0.1), 2)
+    elif norm == "clipped":
+        attn = F.leaky_relu(attn, 0.1)
+    attn = attn.transpose(1, 2).reshape(batch * query_len, source_len)
+    attn = torch.softmax(attn * cfg.lambda_softmax, dim=1).reshape(batch, query_len, source_len)
+    return torch.bmm(attn, context)  # (B, queryL, d)
+
+
+def _aggregate(row_sim: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
+    if cfg.agg_func == "LogSumExp":
+        return torch.log(torch.exp(row_sim * cfg.lambda_lse).sum(dim=1)) / cfg.lambda_lse
+    if cfg.agg_func == "Max":
+        return row_sim.max(dim=1)[0]
+    if cfg.agg_func == "Sum":
+        return row_sim.sum(dim=1)
+    return row_sim.mean(dim=1)
+
+
+@torch.no_grad()
+def slow_sims(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
+    """The original per-caption algorithm. images (N, R, d), captions (Q, L, d) -> sims (N, Q)."""
+    n_image = images.shape[0]
+    columns = []
+    for i in range(captions.shape[0]):
+        n_word = int(lengths[i])
+        cap_i = captions[i, :n_word, :].unsqueeze(0).repeat(n_image, 1, 1)  # (N, n_word, d)
+        if cfg.cross_attn == "t2i":
+            context = _func_attention(cap_i, images, cfg)  # (N, n_word, d)
+            row_sim = _cosine_similarity(cap_i, context, dim=2)  # (N, n_word)
+        else:
+            context = _func_attention(images, cap_i, cfg)  # (N, R, d)
+            row_sim = _cosine_similarity(images, context, dim=2)  # (N, R)
+        columns.append(_aggregate(row_sim, cfg))
+    return torch.stack(columns, dim=1)  # (N, Q)
+
+
+# ----------------------------------------------------------------------------- exact batched head
+
+
+def _raw_norm(s: torch.Tensor, dim: int, mask: torch.Tensor | None, norm: str) -> torch.Tensor:
+    """Normalise logits along the query axis ``dim``; ``mask`` (broadcastable, bool) marks valid items.
+
+    Only ``softmax`` needs the mask: padded words have zero embeddings, so their logits are 0 and add
+    nothing to the l1/l2 sums, and LeakyReLU(0) = 0.
+    """
+    if norm in ("clipped_l2norm", "clipped_l1norm", "clipped"):
+        s = F.leaky_relu(s, 0.1)
+    if norm in ("l2norm", "clipped_l2norm"):
+        return l2norm(s, dim)
+    if norm in ("l1norm", "clipped_l1norm"):
+        return l1norm(s, dim)
+    if norm == "softmax":
+        return masked_softmax(s, dim, mask)
+    return s
+
+
+def masked_softmax(x: torch.Tensor, dim: int, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return torch.softmax(x, dim=dim)
+    x = x.masked_fill(~mask, NEG)
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True)) * mask.to(x.dtype)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def masked_aggregate(cos: torch.Tensor, dim: int, mask: torch.Tensor | None, lengths: torch.Tensor | None,
+                     cfg: SCANConfig) -> torch.Tensor:
+    """Aggregate cosines over ``dim`` counting only valid items (mask None: all valid)."""
+    if cfg.agg_func in ("LogSumExp", "Max"):
+        x = cos * cfg.lambda_lse if cfg.agg_func == "LogSumExp" else cos
+        if mask is not None:
+            x = x.masked_fill(~mask, NEG)
+        m = x.amax(dim=dim)
+        if cfg.agg_func == "Max":
+            return m
+        # Max-subtracted: exp(20 * cos) overflows fp16 and TensorRT's ReduceLogSumExp does not subtract.
+        return (m + torch.log(torch.exp(x - m.unsqueeze(dim)).sum(dim=dim))) / cfg.lambda_lse
+    if mask is None:
+        return cos.sum(dim=dim) if cfg.agg_func == "Sum" else cos.mean(dim=dim)
+    total = (cos * mask.to(cos.dtype)).sum(dim=dim)
+    return total if cfg.agg_func == "Sum" else total / lengths.to(cos.dtype)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Per-item Gram matrix: (B, T, d) -> (B, T, T); the gallery caches it."""
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def batched_sims(images: torch.Tensor, image_gram: torch.Tensor | None, captions: torch.Tensor,
+                 lengths: torch.Tensor, caption_gram: torch.Tensor | None, cfg: SCANConfig) -> torch.Tensor:
+    """Exact batched SCAN head. images (N, R, d), captions (Q, L, d) zero past ``lengths`` -> sims (N, Q).
+
+    t2i needs ``image_gram`` (N, R, R); i2t needs ``caption_gram`` (Q, L, L); either may be None and is
+    then computed here. Never materialises the (N, Q, L, d) weighted context.
+    """
+    n, r, d = images.shape
+    q, L, _ = captions.shape
+    word_mask = torch.arange(L, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (Q, L)
+    word_norm = captions.norm(dim=2)  # (Q, L)
+    if cfg.cross_attn == "t2i":
+        if image_gram is None:
+            image_gram = gram(images)
+        s = (images.reshape(n * r, d) @ captions.reshape(q * L, d).t()).reshape(n, r, q, L)  # (N, R, Q, L)
+        mask = word_mask.reshape(1, 1, q, L)
+        sn = _raw_norm(s, 3, mask, cfg.raw_feature_norm)  # over words
+        a = torch.softmax(sn * cfg.lambda_softmax, dim=1)  # (N, R, Q, L) over regions
+        dot = (a * s).sum(dim=1)  # (N, Q, L)
+        ga = torch.bmm(image_gram, a.reshape(n, r, q * L))  # (N, R, Q*L)
+        ctx_sq = (a.reshape(n, r, q * L) * ga).sum(dim=1).reshape(n, q, L)  # (N, Q, L)
+        cos = dot / torch.clamp(word_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (N, Q, L)
+        return masked_aggregate(cos, 2, word_mask.unsqueeze(0), lengths.unsqueeze(0), cfg)  # (N, Q)
+    if caption_gram is None:
+        caption_gram = gram(captions)
+    s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).reshape(q, L, n, r)  # (Q, L, N, R)
+    mask = word_mask.reshape(q, L, 1, 1)
+    sn = _raw_norm(s, 3, None, cfg.raw_feature_norm)  # over regions
+    a = masked_softmax(sn * cfg.lambda_softmax, 1, mask)  # (Q, L, N, R) over words
+    dot = (a * s).sum(dim=1)  # (Q, N, R)
+    ha = torch.bmm(caption_gram, a.reshape(q, L, n * r))  # (Q, L, N*R)
+    ctx_sq = (a.reshape(q, L, n * r) * ha).sum(dim=1).reshape(q, n, r)  # (Q, N, R)
+    region_norm = images.norm(dim=2)  # (N, R)
+    cos = dot / torch.clamp(region_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (Q, N, R)
+    return masked_aggregate(cos, 2, None, None, cfg).t()  # (N, Q)
+
+
+class SCAN(nn.Module):
+    """Both encoders plus the batched head; ``img_enc`` / ``txt_enc`` load the original state dicts."""
+
+    def __init__(self, cfg: SCANConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.img_enc = ImageEncoder(cfg)
+        self.txt_enc = TextEncoder(cfg)
+
+    @torch.no_grad()
+    def sims(self, regions: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, slow: bool = False) -> torch.Tensor:
+        images = self.img_enc(regions)
+        captions = self.txt_enc(ids, lengths)
+        if slow:
+            return slow_sims(images, captions, lengths, self.cfg)
+        return batched_sims(images, None, captions, lengths, None, self.cfg)
