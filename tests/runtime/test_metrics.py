@@ -452,15 +452,3 @@ def test_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
-
-
-def test_moderate_size_fast():
-    import time
-
-    rng = np.random.default_rng(0)
-    n = 1000
-    sims = rng.standard_normal((n, 5 * n)).astype(np.float32)
-    t0 = time.perf_counter()
-    m = evaluate(sims)
-    assert time.perf_counter() - t0 < 10.0
-    assert 0.0 <= m.i2t.r10 <= 100.0

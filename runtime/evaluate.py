@@ -1,0 +1,77 @@
+"""The full (n_images, n_captions) similarity matrix of a precomp split, for the recall protocol.
+
+Reads the original data layout ``<data>/{split}_ims.npy`` and ``{split}_caps.txt`` (5 captions per
+image; an .npy with 5N rows repeats each image 5 times and is de-duplicated as the original does).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.engine import ScanEngine
+from runtime.features import load_regions
+from runtime.metrics import dedupe_repeated_images
+
+
+class DataError(ValueError):
+    """A data folder that does not follow the original precomp layout."""
+
+
+def read_captions(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def load_split(data: str | Path, split: str, img_dim: int) -> tuple[np.ndarray, list[str]]:
+    """(regions (N, R, img_dim) memory-mapped, 5N captions), checking the counts match."""
+    data = Path(data)
+    ims_path, caps_path = data / f"{split}_ims.npy", data / f"{split}_caps.txt"
+    for p in (ims_path, caps_path):
+        if not p.is_file():
+            raise DataError(f"{p}: missing; expected the original precomp layout {data}/{split}_ims.npy and "
+                            f"{data}/{split}_caps.txt")
+    regions = load_regions(ims_path, img_dim)
+    captions = read_captions(caps_path)
+    try:
+        step = dedupe_repeated_images(len(regions), len(captions))
+    except ValueError as e:
+        raise DataError(f"{data} ({split}): {len(captions)} captions for {len(regions)} image rows; expected "
+                        f"5 captions per image ({5 * len(regions)} lines), or one per row of a 5x-repeated .npy") from e
+    return (regions[::step] if step > 1 else regions), captions
+
+
+def full_sims(engine: ScanEngine, regions: np.ndarray, captions: Sequence[str], image_block: int = 256,
+              caption_batch: int = 128, progress: bool = True) -> np.ndarray:
+    """Similarities (n_images, n_captions), float32, scored in blocks with captions grouped by length."""
+    from tqdm import tqdm
+
+    n = len(regions)
+    images = np.empty((n, regions.shape[1], engine.config.embed_size), np.float32)
+    grams = np.empty((n, regions.shape[1], regions.shape[1]), np.float32)
+    for a in tqdm(range(0, n, 128), desc="encoding images", disable=not progress, leave=False):
+        images[a:a + 128], grams[a:a + 128] = engine.encode_images(np.asarray(regions[a:a + 128]),
+                                                                     name=f"images[{a}:{a + 128}]")
+    ids, lengths = engine.tokenizer.encode_batch(list(captions))
+    order = np.argsort(lengths, kind="stable")
+    sims = np.empty((n, len(captions)), np.float32)
+    with tqdm(total=len(captions), desc="scoring captions", disable=not progress, leave=False) as bar:
+        for a in range(0, len(order), caption_batch):
+            idx = order[a:a + caption_batch]
+            width = int(lengths[idx].max())
+            words = engine.encode_ids(ids[idx, :width], lengths[idx])
+            for b in range(0, n, image_block):
+                sims[b:b + image_block, idx] = engine.sims(images[b:b + image_block], grams[b:b + image_block],
+                                                           words, lengths[idx])
+            bar.update(len(idx))
+    return sims

@@ -1,0 +1,111 @@
+"""Batched top-k search against a cached gallery, in both directions (faiss's ``search`` contract).
+
+* text -> image: ``Searcher(engine, images=ImageGallery).search(["a dog on a beach"], k)``
+* image -> text: ``Searcher(engine, captions=CaptionGallery).search(regions (n, R, img_dim), k)``
+
+Both work whatever the model's ``cross_attn`` (that names the attention, not the search direction).
+Queries are grouped by length (little padding), the gallery is scored block by block with a running
+top-k merge, so memory is bounded by the block size for any gallery. ``search`` keeps no mutable
+state and the backends are thread-safe, so one Searcher serves several threads.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.topk import RunningTopK
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_BLOCK = 512
+DEFAULT_CAPTION_BLOCK = 2048
+DEFAULT_QUERY_BATCH = 32
+
+
+class SearchError(ValueError):
+    """Bad search input (k, queries) or a missing gallery."""
+
+
+class Searcher:
+    def __init__(self, engine: ScanEngine, images: ImageGallery | None = None, captions: CaptionGallery | None = None,
+                 image_block: int = DEFAULT_IMAGE_BLOCK, caption_block: int = DEFAULT_CAPTION_BLOCK,
+                 query_batch: int = DEFAULT_QUERY_BATCH) -> None:
+        for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SearchError(f"{name} must be a positive integer, received {v!r}")
+        self.engine = engine
+        self.images = images
+        self.captions = captions
+        self.image_block = image_block
+        self.caption_block = caption_block
+        self.query_batch = query_batch
+
+    # ------------------------------------------------------------------ public
+
+    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
+        if isinstance(queries, np.ndarray):
+            return self.search_images(queries, k)
+        if isinstance(queries, (str, bytes)):
+            queries = [queries]
+        return self.search_text(list(queries), k)
+
+    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if self.images is None:
+            raise SearchError("text -> image search needs an image gallery; build one with "
+                              "runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy")
+        if len(captions) == 0:
+            raise SearchError("queries: expected at least one caption, received none")
+        ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
+        scores = np.empty((len(captions), k), np.float32)
+        out_ids = np.empty((len(captions), k), np.int64)
+        order = np.argsort(lengths, kind="stable")  # bucket by length: each batch pads to its own max
+        for a in range(0, len(order), self.query_batch):
+            idx = order[a:a + self.query_batch]
+            width = int(lengths[idx].max())
+            words = self.engine.encode_ids(ids[idx, :width], lengths[idx])  # (q, L, d)
+            s, i = self._text_to_images(words, lengths[idx], k)
+            scores[idx], out_ids[idx] = s, i
+        return scores, out_ids
+
+    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if self.captions is None:
+            raise SearchError("image -> text search needs a caption gallery; build one with "
+                              "runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt")
+        images, gram = self.engine.encode_images(regions, name="query regions")
+        scores = np.empty((len(images), k), np.float32)
+        out_ids = np.empty((len(images), k), np.int64)
+        for a in range(0, len(images), self.query_batch):
+            sl = slice(a, a + self.query_batch)
+            scores[sl], out_ids[sl] = self._images_to_text(images[sl], gram[sl], k)
+        return scores, out_ids
+
+    # ------------------------------------------------------------------ scoring
+
+    def _text_to_images(self, words: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        gallery = self.images
+        top = RunningTopK(len(words), k)
+        for offset, imgs, gram in gallery.blocks(self.image_block):
+            sims = self.engine.sims(imgs, gram, words, lengths)  # (block, q)
+            top.add_block(sims.T, gallery.ids[offset:offset + len(imgs)])
+        return top.result()
+
+    def _images_to_text(self, images: np.ndarray, gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        gallery = self.captions
+        top = RunningTopK(len(images), k)
+        for position, words, lengths in gallery.blocks(self.caption_block):
+            sims = self.engine.sims(images, gram, words, lengths)  # (n, block)
+            top.add_block(sims, gallery.ids[position:position + len(words)])
+        return top.result()
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise SearchError(f"k must be a positive integer, received {k!r}")
+    return int(k)
