@@ -1,0 +1,84 @@
+"""Recall evaluation of exported SCAN models with the original protocol (numpy runtime, never PyTorch).
+
+    python bench/recall.py --engine engines/scan.json --data data/f30k_precomp --split test
+    python bench/recall.py --engine t2i/scan.json --engine i2t/scan.json --data ... --fold5   # ensemble
+
+Several engines form an ensemble: their similarity matrices are averaged, as in the paper
+("t-i AVG + i-t LSE"). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime import atomic  # noqa: E402
+from runtime.backends import BACKENDS  # noqa: E402
+from runtime.engine import ScanEngine  # noqa: E402
+from runtime.evaluate import full_sims, load_split  # noqa: E402
+from runtime.metrics import evaluate, evaluate_fold5, format_table  # noqa: E402
+from runtime.search import USER_ERRORS  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recall.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", action="append", required=True,
+                   help="scan.json / scan.onnx / scan.plan; repeat for an ensemble (sims averaged)")
+    p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
+    p.add_argument("--split", default="test")
+    p.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
+    p.add_argument("--save-sims", help="write the float32 (n_images, n_captions) similarity matrix (.npy)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    sims = None
+    for path in args.engine:
+        with ScanEngine.open(path, backend=args.backend, threads=args.threads) as engine:
+            regions, captions = load_split(args.data, args.split, engine.config.img_dim)
+            print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
+            s = full_sims(engine, regions, captions, progress=not args.no_progress)
+        if sims is not None and sims.shape != s.shape:
+            raise ValueError(f"engines disagree on the data shape: {sims.shape} vs {s.shape}")
+        sims = s if sims is None else sims + s
+    sims = (sims / len(args.engine)).astype(np.float32)
+    seconds = time.perf_counter() - t0
+    if args.save_sims:
+        with atomic.atomic_path(args.save_sims) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, sims)
+    metrics = evaluate_fold5(sims) if args.fold5 else evaluate(sims)
+    if args.json:
+        print(json.dumps({"metrics": metrics.to_dict(), "n_images": int(sims.shape[0]),
+                          "n_captions": int(sims.shape[1]), "seconds": round(seconds, 3),
+                          "engines": args.engine, "fold5": args.fold5}, indent=1))
+    else:
+        title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions" + (" (5-fold 1K)" if args.fold5 else "")
+        print(format_table(metrics, title=title))
+        print(f"scored {sims.size:,} pairs in {seconds:.1f} s ({sims.size / seconds:,.0f} pairs/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

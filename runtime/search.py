@@ -1,0 +1,177 @@
+"""Search a cached SCAN gallery from the command line (numpy + ONNX Runtime or TensorRT; never PyTorch).
+
+    # build (or extend) the galleries once
+    python runtime/search.py --engine engines/scan.json --gallery gal --images test_ims.npy [--names names.txt]
+    python runtime/search.py --engine engines/scan.json --gallery gal --captions test_caps.txt
+    # text -> image
+    python runtime/search.py --engine engines/scan.json --gallery gal "a dog on the beach" -k 5
+    # image -> text
+    python runtime/search.py --engine engines/scan.json --gallery gal --query-images query_ims.npy -k 5
+
+``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
+The gallery folder holds ``images/`` and ``captions/`` caches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.backends import BACKENDS, BackendError  # noqa: E402
+from runtime.engine import ScanEngine  # noqa: E402
+from runtime.evaluate import DataError, read_captions  # noqa: E402
+from runtime.features import FeatureError, load_regions  # noqa: E402
+from runtime.gallery import (MANIFEST, CaptionGallery, GalleryError, ImageGallery,  # noqa: E402
+                             build_caption_gallery, build_image_gallery)
+from runtime.manifest import ManifestError  # noqa: E402
+from runtime.searcher import SearchError, Searcher  # noqa: E402
+from runtime.tokenizer import TokenizerError, VocabularyError  # noqa: E402
+
+USER_ERRORS = (BackendError, DataError, FeatureError, GalleryError, ManifestError, SearchError, TokenizerError,
+               VocabularyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="search.py", description="Top-k search with an exported SCAN model.")
+    p.add_argument("queries", nargs="*", help="text queries (text -> image search)")
+    p.add_argument("--engine", required=True, help="scan.json, scan.onnx or scan.plan")
+    p.add_argument("--gallery", help="gallery folder (holds images/ and captions/ caches)")
+    p.add_argument("--images", help="region features .npy (N, R, img_dim): build or extend the image gallery")
+    p.add_argument("--names", help="text file, one name per image of --images")
+    p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
+    p.add_argument("--rebuild", action="store_true", help="replace the gallery instead of extending it")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="gallery storage (float32 exact; float16 halves memory)")
+    p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
+    p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
+    p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    queries = _text_queries(args)
+    with ScanEngine.open(args.engine, backend=args.backend, threads=args.threads) as engine:
+        gallery = Path(args.gallery) if args.gallery else None
+        if (args.images or args.captions) and gallery is None:
+            raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
+        progress = not args.no_progress
+        images = captions = None
+        if args.images:
+            names = _read_lines(args.names, "names") if args.names else None
+            images = build_image_gallery(engine, args.images, gallery / "images", names=names, dtype=args.dtype,
+                                         append=not args.rebuild, progress=progress)
+            print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
+        if args.captions:
+            texts = read_captions(args.captions)
+            captions = build_caption_gallery(engine, texts, gallery / "captions", dtype=args.dtype,
+                                             append=not args.rebuild, progress=progress)
+            print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
+        if not queries and not args.query_images:
+            if not (args.images or args.captions):
+                raise SearchError("nothing to do: give text queries, --queries-file or --query-images "
+                                  "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)")
+            return 0
+        if gallery is None or not any((gallery / sub / MANIFEST).is_file() for sub in ("images", "captions")):
+            where = gallery if gallery else "(no --gallery given)"
+            raise GalleryError(f"no gallery at {where}. Build one first: runtime/search.py --engine {args.engine} "
+                               f"--gallery DIR --images FEATS.npy (text -> image) or --captions CAPTIONS.txt "
+                               f"(image -> text)")
+        results = []
+        if queries:
+            if images is None and (gallery / "images" / MANIFEST).is_file():
+                images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id)
+            if images is None:
+                raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
+            for q in queries:
+                for word in engine.tokenizer.unknown_words(q):
+                    logging.getLogger(__name__).info("unknown word %r in %r", word, q)
+            scores, ids = Searcher(engine, images=images).search(queries, args.k)
+            for q, s, i in zip(queries, scores, ids):
+                results.append({"query": q, "results": [_item("name", images.names, j, v) for j, v in zip(i, s) if j >= 0]})
+        if args.query_images:
+            if captions is None and (gallery / "captions" / MANIFEST).is_file():
+                captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id)
+            if captions is None:
+                raise GalleryError(f"{gallery / 'captions'}: no caption gallery for image queries; build it with "
+                                   f"--captions")
+            regions = load_regions(args.query_images, engine.config.img_dim)
+            scores, ids = Searcher(engine, captions=captions).search(np.asarray(regions), args.k)
+            for n, (s, i) in enumerate(zip(scores, ids)):
+                results.append({"query": f"{args.query_images}[{n}]",
+                                "results": [_item("text", captions.texts, j, v) for j, v in zip(i, s) if j >= 0]})
+    _print(results, args.json)
+    return 0
+
+
+def _item(key: str, labels: list[str] | None, idx: int, score: float) -> dict:
+    item = {"id": int(idx), "score": round(float(score), 6)}
+    if labels is not None:
+        item[key] = labels[int(idx)]
+    return item
+
+
+def _print(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, ensure_ascii=False, indent=1))
+        return
+    for r in results:
+        print(f"\n{r['query']}")
+        print(f"  {'rank':>4}  {'score':>9}  {'id':>7}  item")
+        for rank, item in enumerate(r["results"], 1):
+            label = item.get("text", item.get("name", ""))
+            print(f"  {rank:>4}  {item['score']:>9.4f}  {item['id']:>7}  {label}")
+
+
+def _text_queries(args: argparse.Namespace) -> list[str]:
+    queries = list(args.queries)
+    if args.queries_file:
+        queries += _read_lines(args.queries_file, "queries file")
+    elif not queries and not args.query_images and not (args.images or args.captions) and not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"stdin: queries must be UTF-8 text (invalid byte at {e.start})") from e
+        queries += [line.strip() for line in text.splitlines() if line.strip()]
+    return queries
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "stdin"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SearchError(f"{what} {p}: no such file")
+        data, name = p.read_bytes(), str(p)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{what} {name}: not UTF-8 text (invalid byte at {e.start})") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
