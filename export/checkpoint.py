@@ -58,6 +58,8 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
                 raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found and ("Weights only load failed" not in str(e) or "Unsupported operand" in str(e)):
+            raise CheckpointError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({e})") from e
         what = f"the global {found.group(1)}" if found else "an object outside the allow-list"
         raise CheckpointError(
             f"checkpoint {path}: refused to unpickle {what}, which an original SCAN checkpoint does not "

@@ -1,0 +1,49 @@
+"""Small seeded SCAN checkpoints in the original layout, for tests that need a model of their own."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from export.model import SCAN
+from runtime.config import SCANConfig
+
+WORDS = ["a", "dog", "cat", "man", "woman", "red", "blue", "on", "the", "beach", "grass", "running", "."]
+
+
+def vocab_dict(words: list[str] = WORDS) -> dict:
+    idx2word = ["<pad>", "<start>", "<end>", "<unk>"] + list(words)
+    return {"word2idx": {w: i for i, w in enumerate(idx2word)},
+            "idx2word": {str(i): w for i, w in enumerate(idx2word)}, "idx": len(idx2word)}
+
+
+def small_config(**overrides) -> SCANConfig:
+    base = dict(vocab_size=len(WORDS) + 4, img_dim=12, embed_size=8, word_dim=6, bi_gru=True)
+    base.update(overrides)
+    return SCANConfig(**base)
+
+
+def original_opt(cfg: SCANConfig, **extra) -> argparse.Namespace:
+    opt = dict(data_path="./data/", data_name="tiny_precomp", vocab_path="./vocab/", margin=0.2,
+               max_violation=True, batch_size=128, num_epochs=30, **cfg.to_dict())
+    opt.update(extra)
+    return argparse.Namespace(**opt)
+
+
+def write_checkpoint(folder: Path, cfg: SCANConfig | None = None, seed: int = 0, legacy: bool = False,
+                     with_vocab: bool = True, **opt_extra) -> Path:
+    """``folder/model_best.pth.tar`` (+ ``folder/vocab/tiny_precomp_vocab.json``) in the original layout."""
+    cfg = cfg or small_config()
+    torch.manual_seed(seed)
+    model = SCAN(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model_best.pth.tar"
+    ckpt = {"epoch": 1, "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()], "best_rsum": 0.0,
+            "opt": original_opt(cfg, **opt_extra), "Eiters": 10}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    if with_vocab:
+        (folder / "vocab").mkdir(exist_ok=True)
+        (folder / "vocab" / "tiny_precomp_vocab.json").write_text(json.dumps(vocab_dict()))
+    return path
