@@ -212,8 +212,9 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
             out[name] = np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
         if old is not None:
             for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
-                out["images"][start:start + 4096] = old.images[start:start + 4096]
-                out["image_gram"][start:start + 4096] = old.image_gram[start:start + 4096]
+                stop = min(start + 4096, n_old)
+                out["images"][start:stop] = old.images[start:stop]
+                out["image_gram"][start:stop] = old.image_gram[start:stop]
         with _progress(n_new, "encoding images", progress) as bar:
             for start in range(0, n_new, batch):
                 chunk = np.asarray(regions[start:start + batch])

@@ -336,10 +336,11 @@ def check_engine_record(manifest: Manifest, kind: str, trt_version: str, gpu_nam
         problems.append(f"built from the {key} graph, which {manifest.path.name} no longer lists")
     elif graph.get("sha256") != record.get("source_sha256"):
         problems.append(f"built from {record.get('source_graph')} sha256 {str(record.get('source_sha256'))[:12]}..., "
-                        f"the manifest's {key} graph is now {graph.get('file')} sha256 {str(graph.get('sha256'))[:12]}... "
-                        "(the model was re-exported)")
+                        f"the manifest's {key} graph is now {graph.get('file')} "
+                        f"sha256 {str(graph.get('sha256'))[:12]}... (the model was re-exported)")
     if problems:
-        raise EngineMismatchError(f"TensorRT {kind} engine {plan}: " + "; ".join(problems) + f". {_rebuild_hint(manifest)}")
+        raise EngineMismatchError(f"TensorRT {kind} engine {plan}: " + "; ".join(problems)
+                                  + f". {_rebuild_hint(manifest)}")
     if not plan.is_file():
         raise EngineMismatchError(f"TensorRT {kind} engine {plan}: listed in {manifest.path} but missing. "
                                   f"{_rebuild_hint(manifest)}")
@@ -431,7 +432,8 @@ def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str
         model = onnx.ModelProto()
         model.CopyFrom(onnx_model)
     else:
-        raise PlanError(f"add_topk_to_head: expected ONNX bytes, a path or a ModelProto, received {type(onnx_model).__name__}")
+        raise PlanError("add_topk_to_head: expected ONNX bytes, a path or a ModelProto, "
+                        f"received {type(onnx_model).__name__}")
     graph = model.graph
     outputs = {o.name: o for o in graph.output}
     if sims not in outputs:

@@ -129,7 +129,7 @@ class CudaPythonAllocator(DeviceAllocator):
 
     def _call(self, what: str, result: Any) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
+        if err != self.cudart.cudaError_t.cudaSuccess:
             try:
                 msg = self.cudart.cudaGetErrorString(err)[1].decode()
             except Exception:  # the error string is a courtesy; the code is what matters
@@ -298,8 +298,9 @@ def open_allocator() -> DeviceAllocator:
         try:
             _ALLOCATOR = PycudaAllocator()
         except ImportError:
-            raise BackendError(f"the TensorRT backend needs CUDA Python bindings ({missing}): "
-                               "pip install cuda-python (or pycuda, which needs the CUDA toolkit to build)") from missing
+            raise BackendError(
+                f"the TensorRT backend needs CUDA Python bindings ({missing}): "
+                "pip install cuda-python (or pycuda, which needs the CUDA toolkit to build)") from missing
         logger.info("cuda-python is not installed; using pycuda for device memory")
         return _ALLOCATOR
 
@@ -577,7 +578,8 @@ class ResidentGallery:
         if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
                 and 0 <= start < stop <= self.n):
             raise BackendError(f"ResidentGallery.block_feeds({start!r}, {stop!r}): need 0 <= start < stop <= {self.n}")
-        return {name: DeviceArray(d.ptr + int(start) * self._row_bytes[name], (int(stop - start),) + d.shape[1:], d.dtype)
+        rows = int(stop - start)
+        return {name: DeviceArray(d.ptr + int(start) * self._row_bytes[name], (rows,) + d.shape[1:], d.dtype)
                 for name, d in self._arrays.items()}
 
     def close(self) -> None:

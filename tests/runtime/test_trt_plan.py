@@ -1,0 +1,404 @@
+"""runtime/trt_plan.py: profiles, precision strategy, layer pinning, naming, engine records and their
+refusal, the atomic manifest update, and the device top-k graph (checked in ONNX Runtime).
+
+No TensorRT needed: everything here is pure logic or ONNX.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends.base import BackendError
+from runtime.manifest import ManifestError, load_manifest
+from runtime.trt_plan import (
+    FP16_FLAG, FP32, STRONGLY_TYPED, EngineMismatchError, LayerInfo, PlanError, ProfileError, TensorRTVersionError,
+    add_topk_to_head, check_engine_record, compute_profiles, engine_file_name, engine_record, fp32_layers,
+    loop_body_layers, parse_trt_version, precision_strategy, record_engines, relative_file, source_graph_key,
+    strategy_precision,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The manifest's graph entries as export/exporter.py writes them (embed 32, img_dim 64).
+T2I_HEAD = [
+    {"name": "images", "dtype": "float32", "shape": ["N", "R", 32]},
+    {"name": "image_gram", "dtype": "float32", "shape": ["N", "R", "R"]},
+    {"name": "captions", "dtype": "float32", "shape": ["Q", "L", 32]},
+    {"name": "lengths", "dtype": "int64", "shape": ["Q"]},
+]
+I2T_HEAD = [e for e in T2I_HEAD if e["name"] != "image_gram"]
+TEXT = [{"name": "ids", "dtype": "int64", "shape": ["Q", "L"]}, {"name": "lengths", "dtype": "int64", "shape": ["Q"]}]
+IMAGE = [{"name": "regions", "dtype": "float32", "shape": ["N", "R", 64]}]
+
+
+def golden_root() -> Path | None:
+    for c in (os.environ.get("SCAN_GOLDEN_DIR"), ROOT / "shared" / "golden", ROOT.parent / "shared" / "golden"):
+        if c and (Path(c) / "t2i_lse_f30k" / "ckpt.pth.tar").is_file():
+            return Path(c)
+    return None
+
+
+def export_golden(case: str, out: Path) -> Path:
+    """Export a golden checkpoint (tiny dimensions, ~1 s) and return its manifest path."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    golden = golden_root()
+    if golden is None:
+        pytest.skip("shared golden data not found (set SCAN_GOLDEN_DIR)")
+    from export.checkpoint import load_checkpoint, load_vocab
+    from export.exporter import export_all
+
+    ckpt = load_checkpoint(golden / case / "ckpt.pth.tar")
+    vocab = load_vocab(golden / case / "vocab.json", ckpt.config)
+    export_all(ckpt, vocab.to_json_dict(), out)
+    return out / "scan.json"
+
+
+@pytest.fixture(scope="module")
+def t2i_manifest_path(tmp_path_factory) -> Path:
+    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i"))
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+
+def test_profiles_t2i_head() -> None:
+    p = compute_profiles(T2I_HEAD, max_batch=32, max_words=128, block=512)
+    assert p["images"] == {"min": [1, 36, 32], "opt": [512, 36, 32], "max": [512, 36, 32]}
+    assert p["image_gram"] == {"min": [1, 36, 36], "opt": [512, 36, 36], "max": [512, 36, 36]}
+    assert p["captions"] == {"min": [1, 1, 32], "opt": [8, 16, 32], "max": [32, 128, 32]}
+    assert p["lengths"] == {"min": [1], "opt": [8], "max": [32]}
+
+
+def test_profiles_i2t_head_has_no_gram() -> None:
+    p = compute_profiles(I2T_HEAD, max_batch=4, max_words=10, block=64, regions=20)
+    assert sorted(p) == ["captions", "images", "lengths"]
+    # opt is clipped to max for small limits
+    assert p["captions"] == {"min": [1, 1, 32], "opt": [4, 10, 32], "max": [4, 10, 32]}
+    assert p["images"] == {"min": [1, 20, 32], "opt": [64, 20, 32], "max": [64, 20, 32]}
+
+
+def test_profiles_text_and_image_graphs() -> None:
+    text = compute_profiles(TEXT, max_batch=256, max_words=64, block=512)
+    assert text == {"ids": {"min": [1, 1], "opt": [8, 16], "max": [256, 64]},
+                    "lengths": {"min": [1], "opt": [8], "max": [256]}}
+    image = compute_profiles(IMAGE, max_batch=256, max_words=64, block=128)
+    assert image == {"regions": {"min": [1, 36, 64], "opt": [128, 36, 64], "max": [128, 36, 64]}}
+
+
+def test_profiles_from_a_real_manifest(t2i_manifest_path: Path) -> None:
+    m = load_manifest(t2i_manifest_path)
+    for kind in ("head", "text", "image"):
+        g = m.graph(kind)
+        p = compute_profiles(g["inputs"], max_words=m.max_words)
+        assert sorted(p) == sorted(e["name"] for e in g["inputs"])
+        for bounds in p.values():
+            assert all(a <= b <= c for a, b, c in zip(bounds["min"], bounds["opt"], bounds["max"]))
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"), ({"block": -1}, "block"),
+    ({"max_words": 2.5}, "max_words"), ({"regions": 0}, "regions"),
+])
+def test_profile_flags_are_validated(kwargs, needle) -> None:
+    args = {"max_batch": 8, "max_words": 16, "block": 8, **kwargs}
+    with pytest.raises(ProfileError, match=needle):
+        compute_profiles(T2I_HEAD, **args)
+
+
+def test_profile_unknown_dimension_is_named() -> None:
+    with pytest.raises(ProfileError, match=r"'x'.*'B'"):
+        compute_profiles([{"name": "x", "shape": ["B", 3]}], max_words=8)
+    with pytest.raises(ProfileError, match="neither"):
+        compute_profiles([{"name": "x", "shape": [0]}], max_words=8)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("version, strategy", [
+    ("10.9.0", FP16_FLAG), ("10.0.1.6", FP16_FLAG), ("10.13.3.9+cuda12.9", FP16_FLAG),
+    ("11.0.1", STRONGLY_TYPED), ("11.4.0rc1", STRONGLY_TYPED), ("12.0", STRONGLY_TYPED),
+])
+def test_precision_strategy_per_version(version, strategy) -> None:
+    assert precision_strategy(version) == strategy
+    assert precision_strategy(version, fp32=True) == FP32
+
+
+@pytest.mark.parametrize("version", ["9.3", "8.6.1"])
+def test_old_tensorrt_is_refused(version) -> None:
+    with pytest.raises(TensorRTVersionError, match=rf"TensorRT {version} is not supported.*10\.x"):
+        precision_strategy(version)
+
+
+def test_unreadable_version() -> None:
+    with pytest.raises(TensorRTVersionError, match="cannot read"):
+        parse_trt_version("banana")
+    assert parse_trt_version("10.9.0.34") == (10, 9, 0, 34)
+    assert issubclass(TensorRTVersionError, BackendError)
+
+
+def test_source_graph_and_precision() -> None:
+    assert source_graph_key("head", FP16_FLAG) == "head"  # TensorRT 10: the fp32 graph + FP16 flag
+    assert source_graph_key("text", STRONGLY_TYPED) == "text.fp16"
+    assert source_graph_key("topk", STRONGLY_TYPED) == "head.fp16"
+    assert source_graph_key("topk", FP32) == "head"
+    assert [strategy_precision(s) for s in (FP16_FLAG, STRONGLY_TYPED, FP32)] == ["fp16", "fp16", "fp32"]
+    with pytest.raises(PlanError, match="unknown engine kind"):
+        source_graph_key("vision", FP32)
+
+
+# ------------------------------------------------------------------------------------------ layers
+
+
+def _layer(i, type_, op=None, ins=(), outs=None, float_outputs=True):
+    return LayerInfo(i, f"l{i}", type_, op, tuple(ins), tuple(outs if outs is not None else (f"t{i}",)),
+                     float_outputs)
+
+
+def test_sensitive_layers_pinned_and_gemm_left_fp16() -> None:
+    layers = [
+        _layer(0, "MATRIX_MULTIPLY", ins=("a", "b")),
+        _layer(1, "ELEMENTWISE", "POW", ins=("t0",)),
+        _layer(2, "REDUCE", ins=("t1",)),
+        _layer(3, "UNARY", "SQRT", ins=("t2",)),
+        _layer(4, "ELEMENTWISE", "DIV", ins=("t0", "t3")),
+        _layer(5, "SOFTMAX", ins=("t4",)),
+        _layer(6, "UNARY", "EXP", ins=("t5",)),
+        _layer(7, "UNARY", "LOG", ins=("t6",)),
+        _layer(8, "ELEMENTWISE", "PROD", ins=("t7",)),
+        _layer(9, "ACTIVATION", ins=("t8",)),
+        _layer(10, "SHAPE", ins=("t9",), float_outputs=False),
+        _layer(11, "REDUCE", ins=("mask",), float_outputs=False),   # an int reduction: no float precision
+        _layer(12, "UNARY", None, ins=("t9",)),                     # op unreadable: pinned to be safe
+        _layer(13, "CAST", ins=("t9",)),
+        _layer(14, "UNARY", "ABS", ins=("t9",)),
+    ]
+    assert fp32_layers(layers) == [1, 2, 3, 4, 5, 6, 7, 12]
+
+
+def test_gru_loop_body_is_pinned() -> None:
+    # x -> [ITERATOR] -> xt; h -> [RECURRENCE] -> ht; MATMUL(xt, W) + MATMUL(ht, U) -> sigmoid -> h'
+    # h' feeds the recurrence back and leaves through LOOP_OUTPUT; a MATMUL after the loop is fp16.
+    layers = [
+        _layer(0, "TRIP_LIMIT", ins=("T",), outs=(), float_outputs=False),
+        _layer(1, "ITERATOR", ins=("x",), outs=("xt",)),
+        _layer(2, "RECURRENCE", ins=("h0", "hn"), outs=("ht",)),
+        _layer(3, "MATRIX_MULTIPLY", ins=("xt", "W"), outs=("a",)),
+        _layer(4, "MATRIX_MULTIPLY", ins=("ht", "U"), outs=("b",)),
+        _layer(5, "ELEMENTWISE", "SUM", ins=("a", "b"), outs=("c",)),
+        _layer(6, "ACTIVATION", ins=("c",), outs=("hn",)),
+        _layer(7, "LOOP_OUTPUT", ins=("hn",), outs=("H",)),
+        _layer(8, "MATRIX_MULTIPLY", ins=("H", "V"), outs=("y",)),
+        _layer(9, "CONSTANT", ins=(), outs=("W",)),
+    ]
+    assert loop_body_layers(layers) == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert fp32_layers(layers) == [1, 2, 3, 4, 5, 6, 7]
+
+
+# ------------------------------------------------------------------------------------------ names, records
+
+
+def test_engine_file_names() -> None:
+    assert engine_file_name("scan", "head") == "scan.plan"
+    assert engine_file_name("scan", "text") == "scan.text.plan"
+    assert engine_file_name("scan", "image") == "scan.image.plan"
+    assert engine_file_name("coco", "topk") == "coco.topk.plan"
+    with pytest.raises(PlanError):
+        engine_file_name("scan", "plan")
+
+
+def _fake_plan(manifest_path: Path, kind: str, payload: bytes, **over) -> dict:
+    """Write a plan file beside the manifest and record it as if build_engine.py had built it."""
+    m = load_manifest(manifest_path)
+    target = m.directory / engine_file_name(m.name, kind)
+    target.write_bytes(payload)
+    key = over.pop("source_key", source_graph_key(kind, FP16_FLAG))
+    graph = m.data["graphs"].get(key) or m.data["graphs"][source_graph_key(kind, FP16_FLAG)]
+    rec = engine_record(file=relative_file(m.directory, target), sha256=hashlib.sha256(payload).hexdigest(),
+                        source_key=key, source_graph=graph, strategy=FP16_FLAG, tensorrt_version="10.9.0",
+                        gpu_name="NVIDIA H200", compute_capability="9.0",
+                        profiles=compute_profiles(graph["inputs"], max_words=m.max_words))
+    rec.update(over)
+    record_engines(manifest_path, {kind: rec})
+    return rec
+
+
+@pytest.fixture
+def manifest_copy(t2i_manifest_path: Path, tmp_path: Path) -> Path:
+    """A private copy of the export (manifest + graphs) that a test may modify."""
+    src = t2i_manifest_path.parent
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path / "scan.json"
+
+
+def test_record_round_trip_keeps_everything_else(manifest_copy: Path) -> None:
+    before = json.loads(manifest_copy.read_text())
+    rec = _fake_plan(manifest_copy, "head", b"plan-bytes")
+    rec_text = _fake_plan(manifest_copy, "text", b"text-plan")
+    after = json.loads(manifest_copy.read_text())
+    assert after["engines"] == {"head": rec, "text": rec_text}
+    assert {k: v for k, v in after.items() if k != "engines"} == {k: v for k, v in before.items() if k != "engines"}
+    assert rec["file"] == "scan.plan" and rec["source_graph"] == "scan.onnx"
+    assert rec["source_sha256"] == before["graphs"]["head"]["sha256"]
+    assert rec["precision"] == "fp16" and rec["strategy"] == FP16_FLAG
+    assert set(rec) >= {"file", "sha256", "source_graph", "source_sha256", "precision", "strategy",
+                        "tensorrt_version", "gpu_name", "compute_capability", "profiles", "built_at"}
+    assert rec["profiles"]["images"]["max"] == [512, 36, 32]
+    # the record verifies against the machine it was "built" on
+    plan = check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+    assert plan == manifest_copy.parent / "scan.plan"
+    # rebuilding replaces the record rather than adding another
+    _fake_plan(manifest_copy, "head", b"plan-bytes-2")
+    assert sorted(json.loads(manifest_copy.read_text())["engines"]) == ["head", "text"]
+    assert not list(manifest_copy.parent.glob("*.tmp"))
+
+
+def test_record_engines_rejects_unknown_kind_and_bad_json(tmp_path: Path) -> None:
+    p = tmp_path / "scan.json"
+    p.write_text("{not json")
+    with pytest.raises(ManifestError, match="cannot re-read"):
+        record_engines(p, {"head": {}})
+    with pytest.raises(PlanError, match="unknown engine kind"):
+        record_engines(p, {"vision": {}})
+
+
+def test_plan_outside_manifest_folder_is_relative(tmp_path: Path) -> None:
+    rel = relative_file(tmp_path / "engines", tmp_path / "plans" / "scan.plan")
+    assert rel == os.path.join("..", "plans", "scan.plan")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("11.0.1", "NVIDIA H200", "9.0"), ["built by TensorRT 10.9.0", "this is TensorRT 11.0.1"]),
+    (("10.9.0", "NVIDIA A100-SXM4-80GB", "8.0"), ["compute capability 9.0", "A100", "compute capability 8.0"]),
+    (("10.9.0", "NVIDIA H100 80GB HBM3", "9.0"), ["built on a NVIDIA H200", "H100"]),
+])
+def test_mismatched_engine_is_refused(manifest_copy: Path, args, needles) -> None:
+    _fake_plan(manifest_copy, "head", b"plan")
+    with pytest.raises(EngineMismatchError) as e:
+        check_engine_record(load_manifest(manifest_copy), "head", *args)
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg
+    assert "python export/build_engine.py" in msg and str(manifest_copy) in msg
+    assert isinstance(e.value, BackendError)
+
+
+def test_engine_from_another_graph_is_refused(manifest_copy: Path) -> None:
+    _fake_plan(manifest_copy, "head", b"plan")
+    data = json.loads(manifest_copy.read_text())
+    data["graphs"]["head"]["sha256"] = "ab" * 32  # as if the model had been re-exported
+    manifest_copy.write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match="re-exported.*build_engine.py"):
+        check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+
+
+def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
+    _fake_plan(manifest_copy, "head", b"plan", source_key="head.fp16")
+    with pytest.raises(EngineMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
+        check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+
+
+def test_replaced_plan_file_is_refused(manifest_copy: Path) -> None:
+    _fake_plan(manifest_copy, "text", b"plan")
+    (manifest_copy.parent / "scan.text.plan").write_bytes(b"another plan")
+    with pytest.raises(EngineMismatchError, match="sha256 .* differs .*replaced or damaged"):
+        check_engine_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
+    (manifest_copy.parent / "scan.text.plan").unlink()
+    with pytest.raises(EngineMismatchError, match="missing"):
+        check_engine_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
+
+
+def test_no_engine_recorded(manifest_copy: Path) -> None:
+    with pytest.raises(EngineMismatchError, match="lists no TensorRT image engine.*build_engine.py"):
+        check_engine_record(load_manifest(manifest_copy), "image", "10.9.0", "NVIDIA H200", "9.0")
+
+
+# ------------------------------------------------------------------------------------------ device top-k
+
+
+def _head_feeds(rng, n: int, q: int, lengths=None, gram: bool = True) -> dict:
+    images = rng.standard_normal((n, 36, 32)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=-1, keepdims=True)
+    lengths = np.array(lengths if lengths is not None else rng.integers(1, 12, q), np.int64)
+    words = rng.standard_normal((q, int(lengths.max()), 32)).astype(np.float32)
+    words *= (np.arange(words.shape[1])[None, :] < lengths[:, None])[..., None]
+    feeds = {"images": images, "captions": words, "lengths": lengths}
+    if gram:
+        feeds["image_gram"] = images @ images.transpose(0, 2, 1)
+    return feeds
+
+
+@pytest.mark.parametrize("n, k_max", [(40, 10), (7, 10), (10, 10), (1, 5), (25, 1)])
+def test_topk_head_matches_numpy(t2i_manifest_path: Path, n: int, k_max: int) -> None:
+    import onnxruntime as ort
+
+    head = t2i_manifest_path.parent / "scan.onnx"
+    plain = ort.InferenceSession(str(head), providers=["CPUExecutionProvider"])
+    topk = ort.InferenceSession(add_topk_to_head(head, k_max).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.name for o in topk.get_outputs()] == ["topk_scores", "topk_index"]
+    feeds = _head_feeds(np.random.default_rng(n * 100 + k_max), n, q=6)
+    sims = plain.run(["sims"], feeds)[0]                          # (N, Q)
+    scores, index = topk.run(None, feeds)
+    k = min(k_max, n)
+    assert scores.shape == (k, 6) and index.shape == (k, 6) and index.dtype == np.int64
+    expected = np.argsort(-sims, axis=0, kind="stable")[:k]       # best image first, per caption
+    np.testing.assert_array_equal(index, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, expected, axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_topk_accepts_bytes_and_modelproto(t2i_manifest_path: Path) -> None:
+    import onnx
+
+    head = t2i_manifest_path.parent / "scan.onnx"
+    a = add_topk_to_head(head.read_bytes(), 3)
+    b = add_topk_to_head(onnx.load(str(head)), 3)
+    assert a.SerializeToString() == b.SerializeToString()
+    ops = [n.op_type for n in a.graph.node[-5:]]
+    assert ops == ["Shape", "Gather", "Min", "Reshape", "TopK"]
+    # the input model is not modified
+    assert [o.name for o in onnx.load(str(head)).graph.output] == ["sims"]
+
+
+def test_topk_bad_arguments(t2i_manifest_path: Path) -> None:
+    head = t2i_manifest_path.parent / "scan.onnx"
+    with pytest.raises(ProfileError, match="k_max"):
+        add_topk_to_head(head, 0)
+    with pytest.raises(ProfileError, match="3840"):
+        add_topk_to_head(head, 5000)
+    with pytest.raises(PlanError, match="no output 'scores'"):
+        add_topk_to_head(head, 3, sims="scores")
+    with pytest.raises(PlanError, match="expected ONNX bytes"):
+        add_topk_to_head(42, 3)
+
+
+def test_topk_i2t_head(tmp_path_factory) -> None:
+    """The i2t head (no image_gram input) gets the same top-k."""
+    import onnxruntime as ort
+
+    path = export_golden("i2t_avg", tmp_path_factory.mktemp("i2t"))
+    m = load_manifest(path)
+    if "image_gram" in [e["name"] for e in m.graph("head")["inputs"]]:
+        pytest.skip("the i2t golden head takes image_gram")
+    profiles = compute_profiles(m.graph("head")["inputs"], max_words=m.max_words)
+    assert "image_gram" not in profiles
+    head = path.parent / "scan.onnx"
+    topk = ort.InferenceSession(add_topk_to_head(head, 4).SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(head), providers=["CPUExecutionProvider"])
+    cfg = m.config
+    rng = np.random.default_rng(3)
+    feeds = _head_feeds(rng, 9, 5, gram=False)
+    feeds["images"] = np.ascontiguousarray(np.resize(feeds["images"], (9, 36, cfg.embed_size)), np.float32)
+    feeds["captions"] = np.ascontiguousarray(
+        np.resize(feeds["captions"], feeds["captions"].shape[:2] + (cfg.embed_size,)), np.float32)
+    sims = plain.run(["sims"], feeds)[0]
+    scores, index = topk.run(None, feeds)
+    np.testing.assert_array_equal(index, np.argsort(-sims, axis=0, kind="stable")[:4])
