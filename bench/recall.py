@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-sims", help="write the float32 (n_images, n_captions) similarity matrix (.npy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -55,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sims = None
     for path in args.engine:
-        with ScanEngine.open(path, backend=args.backend, threads=args.threads) as engine:
+        with ScanEngine.open(path, backend=args.backend, precision=args.precision, threads=args.threads) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
             s = full_sims(engine, regions, captions, progress=not args.no_progress)

@@ -7,6 +7,11 @@ Graph contracts (all batch, length and gallery-block dimensions dynamic; float32
 * head:   ``images (N, R, d)``, [``image_gram (N, R, R)``, t2i only], ``captions (Q, L, d)``,
           ``lengths (Q,) int64`` -> ``sims (N, Q)``
 
+FP16 variants (``precision="fp16"``: float16 features in and out, for TensorRT 11's strongly typed
+networks) run the Linear and the GEMMs in float16 and keep float32 islands where float16 is unsafe:
+the L2-norm statistics, the whole GRU (its state accumulates over time), softmax statistics and the
+log-sum-exp.
+
 The text graph avoids ``pack_padded_sequence`` (it does not export; DESIGN.md 4): every layer runs a
 forward GRU over the padded batch and, for a bi-GRU, a backward GRU over each sequence reversed
 *within its own length* by a gather and gathered back. Padding only ever follows the valid steps, so
@@ -22,21 +27,33 @@ from runtime.config import SCANConfig
 
 
 class ImageGraph(nn.Module):
-    def __init__(self, model: SCAN) -> None:
+    def __init__(self, model: SCAN, precision: str = "fp32") -> None:
         super().__init__()
         self.img_enc = model.img_enc
+        self.half = precision == "fp16"
+        if self.half:
+            with torch.no_grad():  # weight_norm folded: one plain float16 Linear
+                self.weight = nn.Parameter(self.img_enc.fc.weight.detach().half(), requires_grad=False)
+                self.bias = nn.Parameter(self.img_enc.fc.bias.detach().half(), requires_grad=False)
 
     def forward(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.img_enc(regions)  # (N, R, d)
-        return images, gram(images)  # (N, R, R)
+        if not self.half:
+            images = self.img_enc(regions)  # (N, R, d)
+            return images, gram(images)  # (N, R, R)
+        x = nn.functional.linear(regions, self.weight, self.bias).float()  # (N, R, d), fp16 GEMM
+        if not self.img_enc.no_imgnorm:
+            x = l2norm(x, dim=-1)
+        images = x.half()
+        return images, gram(images)  # (N, R, R) float16
 
 
 class TextGraph(nn.Module):
-    def __init__(self, model: SCAN) -> None:
+    def __init__(self, model: SCAN, precision: str = "fp32") -> None:
         super().__init__()
         enc = model.txt_enc
         rnn = enc.rnn
-        self.embed = enc.embed
+        self.half = precision == "fp16"
+        self.embed = nn.Embedding.from_pretrained(enc.embed.weight.detach().half()) if self.half else enc.embed
         self.bi_gru = enc.bi_gru
         self.no_txtnorm = enc.no_txtnorm
         self.hidden = rnn.hidden_size
@@ -49,7 +66,7 @@ class TextGraph(nn.Module):
                 self.backward_grus.append(_single_gru(rnn, layer, "_reverse", in_size))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)  # (Q, L, w)
+        x = self.embed(ids).float()  # (Q, L, w); the GRU runs in float32 at either precision
         steps = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, L)
         last = lengths.unsqueeze(1) - 1  # (Q, 1)
         valid = steps <= last  # (Q, L)
@@ -63,7 +80,8 @@ class TextGraph(nn.Module):
                 out = torch.cat([out, back], dim=2) if layer + 1 < len(self.forward_grus) else (out + back) / 2
             x = out
         x = x * valid.unsqueeze(2).to(x.dtype)  # (Q, L, d)
-        return x if self.no_txtnorm else l2norm(x, dim=-1)
+        x = x if self.no_txtnorm else l2norm(x, dim=-1)
+        return x.half() if self.half else x
 
 
 def _single_gru(rnn: nn.GRU, layer: int, suffix: str, in_size: int) -> nn.GRU:

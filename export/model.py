@@ -14,6 +14,10 @@ Stacked Cross Attention for Image-Text Matching, Lee, Chen, Hua, Hu, He, ECCV 20
 The two l1 norms call an undefined ``l1norm_d`` in the original and crash; here they divide by the
 L1 norm along the query axis (eps 1e-8), the evident intent, which cannot be checked against it.
 
+``batched_sims`` also runs in float16 (the FP16 graphs for TensorRT): the two GEMMs take the input
+dtype, and everything numerically delicate (norms, softmax statistics, log-sum-exp) is a float32
+island; in float32 the casts are no-ops.
+
 Shapes: N images of R regions, Q captions of at most L words, d = embed_size.
 """
 from __future__ import annotations
@@ -221,29 +225,29 @@ def batched_sims(images: torch.Tensor, image_gram: torch.Tensor | None, captions
     n, r, d = images.shape
     q, L, _ = captions.shape
     word_mask = torch.arange(L, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (Q, L)
-    word_norm = captions.norm(dim=2)  # (Q, L)
+    word_norm = captions.float().norm(dim=2)  # (Q, L)
     if cfg.cross_attn == "t2i":
         if image_gram is None:
             image_gram = gram(images)
-        s = (images.reshape(n * r, d) @ captions.reshape(q * L, d).t()).reshape(n, r, q, L)  # (N, R, Q, L)
+        s = (images.reshape(n * r, d) @ captions.reshape(q * L, d).t()).float().reshape(n, r, q, L)  # (N, R, Q, L)
         mask = word_mask.reshape(1, 1, q, L)
         sn = _raw_norm(s, 3, mask, cfg.raw_feature_norm)  # over words
         a = torch.softmax(sn * cfg.lambda_softmax, dim=1)  # (N, R, Q, L) over regions
         dot = (a * s).sum(dim=1)  # (N, Q, L)
-        ga = torch.bmm(image_gram, a.reshape(n, r, q * L))  # (N, R, Q*L)
+        ga = torch.bmm(image_gram, a.reshape(n, r, q * L).to(image_gram.dtype)).float()  # (N, R, Q*L)
         ctx_sq = (a.reshape(n, r, q * L) * ga).sum(dim=1).reshape(n, q, L)  # (N, Q, L)
         cos = dot / torch.clamp(word_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (N, Q, L)
         return masked_aggregate(cos, 2, word_mask.unsqueeze(0), lengths.unsqueeze(0), cfg)  # (N, Q)
     if caption_gram is None:
         caption_gram = gram(captions)
-    s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).reshape(q, L, n, r)  # (Q, L, N, R)
+    s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).float().reshape(q, L, n, r)  # (Q, L, N, R)
     mask = word_mask.reshape(q, L, 1, 1)
     sn = _raw_norm(s, 3, None, cfg.raw_feature_norm)  # over regions
     a = masked_softmax(sn * cfg.lambda_softmax, 1, mask)  # (Q, L, N, R) over words
     dot = (a * s).sum(dim=1)  # (Q, N, R)
-    ha = torch.bmm(caption_gram, a.reshape(q, L, n * r))  # (Q, L, N*R)
+    ha = torch.bmm(caption_gram, a.reshape(q, L, n * r).to(caption_gram.dtype)).float()  # (Q, L, N*R)
     ctx_sq = (a.reshape(q, L, n * r) * ha).sum(dim=1).reshape(q, n, r)  # (Q, N, R)
-    region_norm = images.norm(dim=2)  # (N, R)
+    region_norm = images.float().norm(dim=2)  # (N, R)
     cos = dot / torch.clamp(region_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (Q, N, R)
     return masked_aggregate(cos, 2, None, None, cfg).t()  # (N, Q)
 

@@ -41,13 +41,13 @@ class ScanEngine:
         self.head_dtype = {t.name: t.dtype for t in self.head.inputs}["images"]
 
     @classmethod
-    def open(cls, engine: str | Path, backend: str = "auto", precision: str | None = None, device: str = "cpu",
+    def open(cls, engine: str | Path, backend: str = "auto", precision: str = "fp32", device: str = "cpu",
              threads: int | None = None) -> "ScanEngine":
         """``engine`` is the manifest or any file it lists; ``backend`` as ``runtime.backends.choose_backend``."""
         manifest = resolve_manifest(engine)
         concrete = choose_backend(backend, engine, manifest)
-        if precision is None:
-            precision = "fp32"
+        if precision not in ("fp32", "fp16"):
+            raise BackendError(f"precision must be 'fp32' or 'fp16', received {precision!r}")
         return cls(manifest, backend=concrete, precision=precision, device=device, threads=threads)
 
     def _open(self, kind: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:

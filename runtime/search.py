@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     queries = _text_queries(args)
-    with ScanEngine.open(args.engine, backend=args.backend, threads=args.threads) as engine:
+    with ScanEngine.open(args.engine, backend=args.backend, precision=args.precision, threads=args.threads) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
