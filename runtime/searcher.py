@@ -11,6 +11,7 @@ state and the backends are thread-safe, so one Searcher serves several threads.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +44,44 @@ class Searcher:
         self.image_block = image_block
         self.caption_block = caption_block
         self.query_batch = query_batch
+        profile = getattr(engine.head, "profile", None)  # TensorRT engines only serve their profile's shapes
+        if profile:
+            max_n, max_q = profile["images"]["max"][0], profile["captions"]["max"][0]
+            self.image_block, self.caption_block = min(image_block, max_n), min(caption_block, max_q)
+            self.query_batch = min(query_batch, max_q, max_n)
+        self._device: tuple | None = None
+        self._device_lock = threading.Lock()
+
+    def _device_gallery(self, k: int):
+        """(top-k engine, resident gallery) when serving with TensorRT and a top-k engine exists, else None."""
+        engine = self.engine
+        engines = engine.manifest.data.get("engines") or {}
+        if engine.backend_name != "tensorrt" or "topk" not in engines or k > int(engines["topk"].get("topk_max", 0)):
+            return None
+        with self._device_lock:  # upload once, even when the first searches arrive from several threads
+            if self._device is None:
+                from runtime.backends.tensorrt import ResidentGallery, TensorRTBackend
+
+                topk = TensorRTBackend.from_manifest(engine.manifest, "topk")
+                arrays = {"images": self.images.images}
+                if engine.needs_image_gram:
+                    arrays["image_gram"] = self.images.image_gram
+                self._device = (topk, ResidentGallery(topk, arrays))
+            return self._device
+
+    def close(self) -> None:
+        """Free the GPU-resident gallery, if one was uploaded."""
+        if self._device is not None:
+            topk, resident = self._device
+            resident.close()
+            topk.close()
+            self._device = None
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ public
 
@@ -91,6 +130,18 @@ class Searcher:
     def _text_to_images(self, words: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         gallery = self.images
         top = RunningTopK(len(words), k)
+        device = self._device_gallery(k)
+        if device is not None:
+            # TensorRT: the gallery stays on the GPU, blocks are pointer offsets and the top-k runs in
+            # the engine, so only (k, q) results per block come back to the host.
+            topk_backend, resident = device
+            feeds = {"captions": words, "lengths": lengths}
+            for start in range(0, len(gallery), self.image_block):
+                stop = min(start + self.image_block, len(gallery))
+                out = topk_backend.run_device({**resident.block_feeds(start, stop), **feeds})
+                idx = out["topk_index"].T[:, :k]  # (q, k) rows within the block
+                top.merge(out["topk_scores"].T[:, :k].astype(np.float32), np.asarray(gallery.ids)[start + idx])
+            return top.result()
         for offset, imgs, gram in gallery.blocks(self.image_block):
             sims = self.engine.sims(imgs, gram, words, lengths)  # (block, q)
             top.add_block(sims.T, gallery.ids[offset:offset + len(imgs)])
