@@ -215,40 +215,76 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
+# Norms whose output lies in [-1, 1]: softmax logits lambda * x are then bounded by lambda, so the
+# softmax can subtract the constant lambda instead of a max reduction (no underflow while
+# 2 * lambda < 80; float32 exp underflows near -87).
+BOUNDED_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm")
+MAX_BOUNDED_LAMBDA = 40.0
+
+
+def _attention_weights(s: torch.Tensor, norm_dim: int, norm_mask: torch.Tensor | None, soft_dim: int,
+                       soft_mask: torch.Tensor | None, cfg: SCANConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax weights ``e`` along ``soft_dim`` and their sum ``z``: softmax = e / z.
+
+    The head never divides the full tensor by ``z``: both the weighted-context dot product and its norm
+    scale by 1/z, so the cosine only needs ``z`` in its eps clamp (see ``batched_sims``).
+    """
+    lam = cfg.lambda_softmax
+    norm = cfg.raw_feature_norm
+    if norm in BOUNDED_NORMS and 0 <= lam <= MAX_BOUNDED_LAMBDA:
+        if norm == "softmax":
+            logits = masked_softmax(s, norm_dim, norm_mask) * lam
+        else:
+            x = F.leaky_relu(s, 0.1) if norm.startswith("clipped") else s
+            stat = x.pow(2).sum(dim=norm_dim, keepdim=True).sqrt() if norm.endswith("l2norm") else \
+                x.abs().sum(dim=norm_dim, keepdim=True)
+            logits = x * (lam / (stat + EPS))  # one scale per row instead of a division of the whole tensor
+        e = torch.exp(logits - lam)
+    else:
+        logits = _raw_norm(s, norm_dim, norm_mask, norm) * lam
+        if soft_mask is not None:
+            logits = logits.masked_fill(~soft_mask, NEG)
+        e = torch.exp(logits - logits.amax(dim=soft_dim, keepdim=True))
+    if soft_mask is not None:
+        e = e * soft_mask.to(e.dtype)
+    return e, e.sum(dim=soft_dim)
+
+
 def batched_sims(images: torch.Tensor, image_gram: torch.Tensor | None, captions: torch.Tensor,
                  lengths: torch.Tensor, caption_gram: torch.Tensor | None, cfg: SCANConfig) -> torch.Tensor:
     """Exact batched SCAN head. images (N, R, d), captions (Q, L, d) zero past ``lengths`` -> sims (N, Q).
 
     t2i needs ``image_gram`` (N, R, R); i2t needs ``caption_gram`` (Q, L, L); either may be None and is
     then computed here. Never materialises the (N, Q, L, d) weighted context.
+
+    With unnormalised attention weights e (softmax = e / z): the weighted context's dot product with
+    its query item is ``sum e*s / z`` and its norm ``sqrt(e^T G e) / z``, so the original
+    ``cos = dot / max(|w| |c|, eps)`` equals ``sum(e*s) / max(|w| sqrt(e^T G e), eps * z)`` exactly.
+    Each layout keeps the softmax axis off the innermost one the GEMM writes only where unavoidable.
     """
     n, r, d = images.shape
     q, L, _ = captions.shape
     word_mask = torch.arange(L, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (Q, L)
-    word_norm = captions.float().norm(dim=2)  # (Q, L)
     if cfg.cross_attn == "t2i":
         if image_gram is None:
             image_gram = gram(images)
         s = (images.reshape(n * r, d) @ captions.reshape(q * L, d).t()).float().reshape(n, r, q, L)  # (N, R, Q, L)
-        mask = word_mask.reshape(1, 1, q, L)
-        sn = _raw_norm(s, 3, mask, cfg.raw_feature_norm)  # over words
-        a = torch.softmax(sn * cfg.lambda_softmax, dim=1)  # (N, R, Q, L) over regions
-        dot = (a * s).sum(dim=1)  # (N, Q, L)
-        ga = torch.bmm(image_gram, a.reshape(n, r, q * L).to(image_gram.dtype)).float()  # (N, R, Q*L)
-        ctx_sq = (a.reshape(n, r, q * L) * ga).sum(dim=1).reshape(n, q, L)  # (N, Q, L)
-        cos = dot / torch.clamp(word_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (N, Q, L)
+        e, z = _attention_weights(s, 3, word_mask.reshape(1, 1, q, L), 1, None, cfg)  # (N, R, Q, L), (N, Q, L)
+        dot = (e * s).sum(dim=1)  # (N, Q, L)
+        ge = torch.bmm(image_gram, e.reshape(n, r, q * L).to(image_gram.dtype)).float()  # (N, R, Q*L)
+        ctx_sq = (e.reshape(n, r, q * L) * ge).sum(dim=1).reshape(n, q, L)  # (N, Q, L)
+        word_norm = captions.float().norm(dim=2)  # (Q, L)
+        cos = dot / torch.maximum(word_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), z * EPS)  # (N, Q, L)
         return masked_aggregate(cos, 2, word_mask.unsqueeze(0), lengths.unsqueeze(0), cfg)  # (N, Q)
     if caption_gram is None:
         caption_gram = gram(captions)
     s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).float().reshape(q, L, n, r)  # (Q, L, N, R)
-    mask = word_mask.reshape(q, L, 1, 1)
-    sn = _raw_norm(s, 3, None, cfg.raw_feature_norm)  # over regions
-    a = masked_softmax(sn * cfg.lambda_softmax, 1, mask)  # (Q, L, N, R) over words
-    dot = (a * s).sum(dim=1)  # (Q, N, R)
-    ha = torch.bmm(caption_gram, a.reshape(q, L, n * r).to(caption_gram.dtype)).float()  # (Q, L, N*R)
-    ctx_sq = (a.reshape(q, L, n * r) * ha).sum(dim=1).reshape(q, n, r)  # (Q, N, R)
+    e, z = _attention_weights(s, 3, None, 1, word_mask.reshape(q, L, 1, 1), cfg)  # (Q, L, N, R), (Q, N, R)
+    dot = (e * s).sum(dim=1)  # (Q, N, R)
+    he = torch.bmm(caption_gram, e.reshape(q, L, n * r).to(caption_gram.dtype)).float()  # (Q, L, N*R)
+    ctx_sq = (e.reshape(q, L, n * r) * he).sum(dim=1).reshape(q, n, r)  # (Q, N, R)
     region_norm = images.float().norm(dim=2)  # (N, R)
-    cos = dot / torch.clamp(region_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), min=EPS)  # (Q, N, R)
+    cos = dot / torch.maximum(region_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), z * EPS)  # (Q, N, R)
     return masked_aggregate(cos, 2, None, None, cfg).t()  # (N, Q)
 
 
