@@ -1,0 +1,78 @@
+"""``make demo``: the whole product on a small synthetic model, end to end, on a CPU.
+
+1. a synthetic dataset in the original precomp layout (captions describe the objects in the regions);
+2. a short training of a small SCAN with the original loss (cached: reruns skip it);
+3. export to ONNX with parity checks (``export/to_onnx.py``);
+4. the image and caption galleries of the test split (``runtime/search.py``);
+5. a few text queries, one image query, and the recall table through the runtime (``bench/recall.py``),
+   in float32 and with the float16 graphs.
+
+    python -m export.demo [--out demo] [--retrain]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.demo_data import data_dir, make_dataset
+from export.demo_train import train_demo
+
+QUERIES = ["a red dog", "a small blue car next to a large tree", "a man on a bicycle"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="demo", help="working folder (default: demo)")
+    p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint matches")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+
+    def step(msg: str) -> None:
+        print(f"\n== [{time.perf_counter() - t0:5.0f}s] {msg}", flush=True)
+
+    from bench.recall import main as recall
+    from export.to_onnx import main as to_onnx
+    from runtime.search import main as search
+
+    step("synthetic dataset")
+    make_dataset(out)
+    data = data_dir(out)
+    step("training a small SCAN (cached after the first run)")
+    ckpt = train_demo(out, force=args.retrain)
+    step("exporting to ONNX and checking parity")
+    engines = out / "engines"
+    if to_onnx([str(ckpt), "--out", str(engines)]) != 0:
+        return 1
+    manifest = str(engines / "scan.json")
+    step("building the test galleries")
+    test_ims = data / "test_ims.npy"
+    names = out / "test_names.txt"
+    names.write_text("\n".join(f"test_image_{i:04d}" for i in range(len(np.load(test_ims, mmap_mode="r")))) + "\n")
+    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "--images", str(test_ims),
+               "--names", str(names), "--captions", str(data / "test_caps.txt"), "--rebuild"]) != 0:
+        return 1
+    step("text -> image queries")
+    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "-k", "3", *QUERIES]) != 0:
+        return 1
+    step("image -> text: test image 0 (its own captions are lines 0-4 of test_caps.txt)")
+    np.save(out / "query_image.npy", np.load(test_ims)[:1])
+    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "-k", "5",
+               "--query-images", str(out / "query_image.npy")]) != 0:
+        return 1
+    step("recall on the test split (float32 graphs, the original protocol)")
+    if recall(["--engine", manifest, "--data", str(data), "--split", "test"]) != 0:
+        return 1
+    step("recall with the float16 graphs")
+    if recall(["--engine", manifest, "--data", str(data), "--split", "test", "--precision", "fp16"]) != 0:
+        return 1
+    step(f"done: model {ckpt}, engines {engines}/, galleries {out / 'gallery'}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
