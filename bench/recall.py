@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
     p.add_argument("--save-sims", help="write the float32 (n_images, n_captions) similarity matrix (.npy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--gallery-dtype", choices=("float32", "float16"), default="float32",
+                   help="keep encoded images as a gallery cache of this dtype would (float16: half the memory)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         with ScanEngine.open(path, backend=args.backend, precision=args.precision, threads=args.threads) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
-            s = full_sims(engine, regions, captions, progress=not args.no_progress)
+            s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
         if sims is not None and sims.shape != s.shape:
             raise ValueError(f"engines disagree on the data shape: {sims.shape} vs {s.shape}")
         sims = s if sims is None else sims + s

@@ -52,13 +52,17 @@ def load_split(data: str | Path, split: str, img_dim: int) -> tuple[np.ndarray, 
 
 
 def full_sims(engine: ScanEngine, regions: np.ndarray, captions: Sequence[str], image_block: int = 256,
-              caption_batch: int = 128, progress: bool = True) -> np.ndarray:
-    """Similarities (n_images, n_captions), float32, scored in blocks with captions grouped by length."""
+              caption_batch: int = 128, progress: bool = True, store_dtype: str = "float32") -> np.ndarray:
+    """Similarities (n_images, n_captions), float32, scored in blocks with captions grouped by length.
+
+    ``store_dtype="float16"`` keeps the encoded images as a float16 gallery cache would, to measure what
+    such a cache does to recall.
+    """
     from tqdm import tqdm
 
     n = len(regions)
-    images = np.empty((n, regions.shape[1], engine.config.embed_size), np.float32)
-    grams = np.empty((n, regions.shape[1], regions.shape[1]), np.float32)
+    images = np.empty((n, regions.shape[1], engine.config.embed_size), store_dtype)
+    grams = np.empty((n, regions.shape[1], regions.shape[1]), store_dtype)
     for a in tqdm(range(0, n, 128), desc="encoding images", disable=not progress, leave=False):
         images[a:a + 128], grams[a:a + 128] = engine.encode_images(np.asarray(regions[a:a + 128]),
                                                                      name=f"images[{a}:{a + 128}]")
