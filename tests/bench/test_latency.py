@@ -1,0 +1,156 @@
+"""bench/latency.py --quick runs end to end and reports every figure; no timing thresholds (CI machines vary)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")  # the random models are exported with PyTorch
+pytest.importorskip("onnx")
+
+from bench import latency  # noqa: E402
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    rc = latency.main(["--quick", "--json", str(tmp / "x.json"), "--plots", str(tmp), "--cache", str(tmp / "cache")])
+    return rc, tmp, json.loads((tmp / "x.json").read_text())
+
+
+def test_quick_run_writes_every_figure(quick, capsys):
+    rc, tmp, r = quick
+    assert rc == 0
+    assert r["schema"] == latency.SCHEMA and r["quick"] is True
+    for key in ("cpu_model", "cores", "numpy", "onnxruntime", "torch", "gpus", "load_average_at_start"):
+        assert key in r["machine"]
+    assert set(r["export"]) == {"t2i", "i2t"}
+    assert all(Path(e["manifest"]).is_file() for e in r["export"].values())
+
+    head = r["head"]
+    ceiling = head["gemm_ceiling"]
+    assert ceiling["numpy"]["status"] == "measured" and _positive(ceiling["numpy"]["gflops"])
+    assert ceiling["onnxruntime"]["status"] == "measured" and _positive(ceiling["onnxruntime"]["gflops"])
+    assert _positive(ceiling["ceiling"]["gflops"])
+    assert set(head["modes"]) == {"t2i", "i2t"}
+    for mode, h in head["modes"].items():
+        assert h["config"]["cross_attn"] == mode
+        assert _positive(h["ceiling_pairs_per_s"]) and _positive(h["flop_per_pair"])
+        assert set(h["contenders"]) == set(latency.CONTENDERS)
+        for name in ("slow_torch_cpu", "batched_torch_cpu", "ort_cpu"):
+            c = h["contenders"][name]
+            assert c["status"] == "measured", (mode, name, c)
+            for key in ("pairs_per_s", "pairs_per_s_p10", "pairs_per_s_p90", "speedup_vs_slow",
+                        "fraction_of_ceiling", "gflops"):
+                assert _positive(c[key]), (mode, name, key, c[key])
+            s = c["seconds"]
+            assert s["n"] >= 3 and 0 < s["p10"] <= s["median"] <= s["p90"]
+        # every contender answers the same question: the head agrees with the PyTorch reference
+        assert h["contenders"]["ort_cpu"]["max_abs_diff_vs_batched"] <= 1e-4
+        assert h["contenders"]["slow_torch_cpu"]["max_abs_diff_vs_batched"] <= 1e-4
+        for c in h["contenders"].values():
+            if c["status"] != "measured":
+                assert c["status"] in ("skipped", "failed") and c["reason"]
+
+    lat = r["latency"]
+    plan = r["plan"]
+    for key, sizes in (("text_to_image", plan["image_galleries"]), ("image_to_text", plan["caption_galleries"])):
+        cells = lat[key]
+        assert {(c["gallery_size"], c["batch"]) for c in cells} == {(g, b) for g in sizes for b in plan["batches"]}
+        for c in cells:
+            assert _positive(c["estimate_s"])
+            if c["status"] == "measured":
+                for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "queries_per_s"):
+                    assert _positive(c[k]), (key, c)
+                assert c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"] and c["n"] >= 3
+            else:
+                assert c["status"] == "skipped" and c["reason"]
+                assert "p50_ms" not in c  # never an invented number
+        assert any(c["status"] == "measured" for c in cells)
+
+    build = r["gallery_build"]
+    for dtype in ("float32", "float16"):
+        assert _positive(build[dtype]["images_per_s"]) and _positive(build[dtype]["bytes_per_image"])
+    assert build["float16"]["bytes_per_image"] < build["float32"]["bytes_per_image"]
+    assert _positive(r["memory"]["peak_rss_bytes"]) and _positive(r["wall_seconds"])
+
+    names = {t["name"] for t in r["targets"]}
+    assert {"head_speedup_vs_slow_t2i", "head_speedup_vs_slow_i2t", "head_fraction_of_ceiling_t2i",
+            "head_fraction_of_ceiling_i2t", "text_query_1k_p50_ms", "text_query_50k_p50_ms"} <= names
+    for t in r["targets"]:
+        assert t["met"] is None if t["measured"] is None else isinstance(t["met"], bool)
+        if t["measured"] is None:
+            assert t["note"]
+
+    if HAS_MPL:
+        assert r["plots"]["status"] == "written"
+        for name in ("latency_vs_gallery.png", "throughput_vs_batch.png", "head_throughput.png"):
+            assert (tmp / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert r["plots"]["status"] == "skipped" and "matplotlib" in r["plots"]["reason"]
+
+
+def test_rerun_reuses_the_cached_export(quick, tmp_path):
+    _, tmp, first = quick
+    manifests = {m: e["manifest"] for m, e in first["export"].items()}
+    for mode in latency.MODES:
+        path, info = latency.prepare_model(latency.QUICK, mode, 0, tmp / "cache")
+        assert info["cached"] is True and str(path) == manifests[mode]
+
+
+def test_cells_over_the_cap_or_budget_are_skipped_with_a_reason():
+    plan = latency.QUICK
+    far = latency.Deadline(end=float("inf"))
+    assert latency.skip_reason(0.01, plan, far) is None
+    assert "per-cell cap" in latency.skip_reason(plan.cell_cap_s * 2, plan, far)
+    import time
+
+    assert "run budget" in latency.skip_reason(1.0, plan, latency.Deadline(end=time.monotonic() + 2.0))
+    assert "memory" in latency.skip_reason(0.01, plan, far, extra_bytes=10 * 2**30, available_bytes=2**30)
+
+
+def test_estimates_scale_from_the_nearest_measured_cell():
+    done = [{"status": "measured", "gallery_size": 1000, "batch": 1, "p50_ms": 20.0},
+            {"status": "measured", "gallery_size": 1000, "batch": 8, "p50_ms": 80.0},
+            {"status": "skipped", "gallery_size": 1000, "batch": 32}]
+    assert latency.estimate_seconds(done, 10000, 1, 1e9) == pytest.approx(0.2)
+    assert latency.estimate_seconds(done, 1000, 32, 1e9) == pytest.approx(0.32)
+    assert latency.estimate_seconds([], 100, 2, 1000.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_synthetic_caption_gallery_has_the_built_layout(pooled):
+    import numpy as np
+
+    pool = latency.VectorPool(0, 8) if pooled else None
+    g = latency.synthetic_caption_gallery(np.random.default_rng(0), 50, 8, pool)
+    assert np.all(np.diff(g.lengths) >= 0) and g.offsets[-1] == len(g.words) == g.lengths.sum()
+    assert sorted(g.ids.tolist()) == list(range(50)) and len(g.texts) == 50
+    assert g.lengths.min() >= 5 and g.lengths.max() <= 42  # 3..40 words + <start>/<end>
+    np.testing.assert_allclose(np.linalg.norm(g.words, axis=1), 1.0, rtol=1e-5)
+    total = sum(words.shape[0] for _, words, _ in g.blocks(16))
+    assert total == 50
+
+
+def test_image_store_rows_do_not_depend_on_the_final_size():
+    import numpy as np
+
+    a, b = latency.ImageStore(0, 3, 8), latency.ImageStore(0, 3, 8)
+    a.ensure(5)
+    a.ensure(1500)  # grown across a chunk boundary
+    b.ensure(1500)
+    np.testing.assert_array_equal(a.images, b.images)
+    g = a.gallery(1500)
+    np.testing.assert_allclose(g.image_gram, g.images @ g.images.transpose(0, 2, 1), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(g.images, axis=2), 1.0, rtol=1e-5)
+    assert len(g) == 1500 and g.ids.tolist() == list(range(1500))
