@@ -116,7 +116,7 @@ def _article(phrase: str) -> str:
 def _describe(rng: np.random.Generator, obj: int, colour: int, size: int) -> str:
     """"[size] [colour] object" with each attribute mentioned or not, plus its article."""
     words = []
-    if rng.random() < 0.35:
+    if rng.random() < 0.3:
         words.append(SIZES[size])
     if rng.random() < 0.75:
         words.append(COLOURS[colour])
@@ -131,24 +131,26 @@ def _join(items: list[str]) -> str:
 
 
 # Whole-caption templates; {L} is the list of described objects, {S} the scene.
-_TEMPLATES = ("{L}", "{L} .", "there is {L} .", "a photo of {L}", "{L} in the picture .",
+# Short ones repeated: they are the most frequent, which keeps captions (and training) short.
+_TEMPLATES = ("{L}", "{L}", "{L} .", "{L} .", "there is {L} .", "a photo of {L}", "{L} in the picture",
               "an image with {L} .", "this picture shows {L}")
 _SCENE_SUFFIXES = (" on the {S}", " near the {S}", " by the {S}")
 
 
 def _caption(rng: np.random.Generator, objects: list[tuple[int, int, int]], scene: int) -> str:
     n = len(objects)
-    # Mostly two or more objects: with one, many gallery images share the description and the
-    # retrieval target is ambiguous, as with vague real captions.
-    weights = np.array([1.0, 2.0, 3.0, 3.0][:n])
-    m = int(rng.choice(np.arange(1, n + 1), p=weights / weights.sum()))
+    # Mostly two or three objects: with one, many gallery images share the description and the
+    # retrieval target is ambiguous, as with vague real captions; more than three makes captions
+    # long, and training cost grows with caption length.
+    weights = np.array([1.0, 3.0, 2.0][:n])
+    m = int(rng.choice(np.arange(1, len(weights) + 1), p=weights / weights.sum()))
     order = rng.permutation(n)[:m]
     phrases = [_describe(rng, *objects[i]) for i in order]
     if m >= 2 and rng.random() < 0.3:
         body = f"{phrases[0]} {rng.choice(['next to', 'near', 'beside'])} {_join(phrases[1:])}"
     else:
         body = _join(phrases)
-    if rng.random() < 0.35:
+    if rng.random() < 0.25:
         body += str(rng.choice(_SCENE_SUFFIXES)).format(S=SCENES[scene])
     template = str(rng.choice(_TEMPLATES))
     text = template.format(L=body)
