@@ -266,20 +266,23 @@ def batched_sims(images: torch.Tensor, image_gram: torch.Tensor | None, captions
     n, r, d = images.shape
     q, L, _ = captions.shape
     word_mask = torch.arange(L, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # (Q, L)
+    # One GEMM for every (word, region) logit, laid out (Q, L, N, R) in both modes: the shape ONNX
+    # Runtime's GEMM runs fastest, and the region axis (t2i's softmax) is the contiguous one.
+    s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).float().reshape(q, L, n, r)  # (Q, L, N, R)
     if cfg.cross_attn == "t2i":
         if image_gram is None:
             image_gram = gram(images)
-        s = (images.reshape(n * r, d) @ captions.reshape(q * L, d).t()).float().reshape(n, r, q, L)  # (N, R, Q, L)
-        e, z = _attention_weights(s, 3, word_mask.reshape(1, 1, q, L), 1, None, cfg)  # (N, R, Q, L), (N, Q, L)
-        dot = (e * s).sum(dim=1)  # (N, Q, L)
-        ge = torch.bmm(image_gram, e.reshape(n, r, q * L).to(image_gram.dtype)).float()  # (N, R, Q*L)
-        ctx_sq = (e.reshape(n, r, q * L) * ge).sum(dim=1).reshape(n, q, L)  # (N, Q, L)
-        word_norm = captions.float().norm(dim=2)  # (Q, L)
-        cos = dot / torch.maximum(word_norm.unsqueeze(0) * ctx_sq.clamp(min=0).sqrt(), z * EPS)  # (N, Q, L)
-        return masked_aggregate(cos, 2, word_mask.unsqueeze(0), lengths.unsqueeze(0), cfg)  # (N, Q)
+        mask = word_mask.reshape(q, L, 1, 1)
+        e, z = _attention_weights(s, 1, mask, 3, None, cfg)  # (Q, L, N, R), (Q, L, N)
+        dot = (e * s).sum(dim=3)  # (Q, L, N)
+        et = e.reshape(q * L, n, r).transpose(0, 1)  # (N, Q*L, R)
+        ge = torch.matmul(et.to(image_gram.dtype), image_gram).float()  # (N, Q*L, R); G is symmetric
+        ctx_sq = (et * ge).sum(dim=2).t().reshape(q, L, n)  # (Q, L, N)
+        word_norm = captions.float().norm(dim=2).unsqueeze(2)  # (Q, L, 1)
+        cos = dot / torch.maximum(word_norm * ctx_sq.clamp(min=0).sqrt(), z * EPS)  # (Q, L, N)
+        return masked_aggregate(cos, 1, word_mask.unsqueeze(2), lengths.unsqueeze(1), cfg).t()  # (N, Q)
     if caption_gram is None:
         caption_gram = gram(captions)
-    s = (captions.reshape(q * L, d) @ images.reshape(n * r, d).t()).float().reshape(q, L, n, r)  # (Q, L, N, R)
     e, z = _attention_weights(s, 3, None, 1, word_mask.reshape(q, L, 1, 1), cfg)  # (Q, L, N, R), (Q, N, R)
     dot = (e * s).sum(dim=1)  # (Q, N, R)
     he = torch.bmm(caption_gram, e.reshape(q, L, n * r).to(caption_gram.dtype)).float()  # (Q, L, N*R)
