@@ -141,8 +141,9 @@ def find_vocab(ckpt_path: str | Path, opt: dict[str, Any], explicit: str | Path 
     data_name = data_name.decode() if isinstance(data_name, bytes) else str(data_name)
     name = f"{data_name}_vocab.json"
     ckpt_dir = Path(ckpt_path).resolve().parent
+    # The original layout is runs/<run>/model_best.pth.tar beside ./vocab/, run from the repo root.
     candidates = [ckpt_dir / vocab_path / name, ckpt_dir / name, ckpt_dir.parent / vocab_path / name,
-                  Path.cwd() / vocab_path / name]
+                  ckpt_dir.parent.parent / vocab_path / name, Path.cwd() / vocab_path / name]
     for c in candidates:
         if c.is_file():
             return c

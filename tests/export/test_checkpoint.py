@@ -97,6 +97,12 @@ def test_vocab_found_like_the_original_and_checked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="--vocab"):
         find_vocab(bare, ckpt.opt)
+    # the original repository layout: runs/<run>/model_best.pth.tar and ./vocab/ at the top
+    nested = write_checkpoint(tmp_path / "repo" / "runs" / "run1", with_vocab=False)
+    (tmp_path / "repo" / "vocab").mkdir()
+    (tmp_path / "repo" / "vocab" / "tiny_precomp_vocab.json").write_text(
+        (tmp_path / "run" / "vocab" / "tiny_precomp_vocab.json").read_text())
+    assert find_vocab(nested, ckpt.opt) == (tmp_path / "repo" / "vocab" / "tiny_precomp_vocab.json").resolve()
 
 
 def test_vocab_size_mismatch_is_refused(tmp_path):
