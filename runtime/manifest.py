@@ -97,10 +97,12 @@ def resolve_manifest(engine: str | Path) -> Manifest:
     engine = Path(engine)
     if engine.suffix == ".json" and not engine.name.endswith(".vocab.json"):
         return load_manifest(engine)
-    if not engine.exists():
-        raise ManifestError(f"engine {engine}: no such file; export one with export/to_onnx.py CKPT")
     stem = engine.name.split(".")[0]
     candidate = engine.parent / f"{stem}.json"
+    # A .plan that was never built (no TensorRT here) still names its export: the backend choice then
+    # falls back to the manifest's ONNX graphs, with a warning.
+    if not engine.exists() and not (engine.suffix == ".plan" and candidate.is_file()):
+        raise ManifestError(f"engine {engine}: no such file; export one with export/to_onnx.py CKPT")
     if candidate.is_file():
         return load_manifest(candidate)
     raise ManifestError(f"engine {engine}: no manifest {candidate} beside it; pass the manifest with --engine")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 from runtime.backends.base import Backend, BackendError, TensorSpec
@@ -43,9 +42,8 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
         if tensorrt_available() and manifest.data.get("engines"):
             return "tensorrt"
         reason = "TensorRT is not installed" if not tensorrt_available() else "the manifest lists no engines"
-        msg = f"warning: {engine_path}: {reason}; falling back to the ONNX graphs with ONNX Runtime"
-        logger.warning(msg)
-        print(msg, file=sys.stderr)
+        # The CLIs route warnings to stderr (logging.basicConfig); a library does not print.
+        logger.warning("%s: %s; falling back to the ONNX graphs with ONNX Runtime", engine_path, reason)
     return "onnxruntime"
 
 
