@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import atomic  # noqa: E402
-from runtime.backends import BACKENDS  # noqa: E402
+from runtime.cli import add_engine_arguments, run_cli  # noqa: E402
 from runtime.engine import ScanEngine  # noqa: E402
-from runtime.evaluate import full_sims, load_split  # noqa: E402
+from runtime.evaluate import DataError, full_sims, load_split  # noqa: E402
 from runtime.metrics import evaluate, evaluate_fold5, format_table  # noqa: E402
-from runtime.search import USER_ERRORS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,22 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--gallery-dtype", choices=("float32", "float16"), default="float32",
                    help="keep encoded images as a gallery cache of this dtype would (float16: half the memory)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    add_engine_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return _run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_run, build_parser().parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -66,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
         if sims is not None and sims.shape != s.shape:
-            raise ValueError(f"engines disagree on the data shape: {sims.shape} vs {s.shape}")
+            raise DataError(f"the engines read different splits: {sims.shape} vs {s.shape} similarities")
         sims = s if sims is None else sims + s
     sims = (sims / len(args.engine)).astype(np.float32)
     seconds = time.perf_counter() - t0

@@ -20,12 +20,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from runtime import atomic
-from runtime.features import FeatureError, check_regions, load_regions
+from runtime.features import FeatureError, check_layout, load_regions
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +180,6 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
     if isinstance(regions, (str, Path)):
         regions = load_regions(regions, cfg.img_dim)
     else:
-        from runtime.features import check_layout
-
         regions = check_layout(regions, cfg.img_dim)
     if repeated:
         regions = regions[::5]

@@ -24,18 +24,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.backends import BACKENDS, BackendError  # noqa: E402
+from runtime.cli import add_engine_arguments, run_cli  # noqa: E402
 from runtime.engine import ScanEngine  # noqa: E402
-from runtime.evaluate import DataError, read_captions  # noqa: E402
-from runtime.features import FeatureError, load_regions  # noqa: E402
+from runtime.evaluate import read_captions  # noqa: E402
+from runtime.features import load_regions  # noqa: E402
 from runtime.gallery import (MANIFEST, CaptionGallery, GalleryError, ImageGallery,  # noqa: E402
                              build_caption_gallery, build_image_gallery)
-from runtime.manifest import ManifestError  # noqa: E402
 from runtime.searcher import SearchError, Searcher  # noqa: E402
-from runtime.tokenizer import TokenizerError, VocabularyError  # noqa: E402
-
-USER_ERRORS = (BackendError, DataError, FeatureError, GalleryError, ManifestError, SearchError, TokenizerError,
-               VocabularyError)
+from runtime.tokenizer import TokenizerError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,22 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true")
+    add_engine_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return _run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_run, build_parser().parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,0 +1,38 @@
+"""What the serving CLIs (runtime/search.py, bench/recall.py) share: engine flags and error reporting."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from runtime.backends import BACKENDS, BackendError
+from runtime.evaluate import DataError
+from runtime.features import FeatureError
+from runtime.gallery import GalleryError
+from runtime.manifest import ManifestError
+from runtime.searcher import SearchError
+from runtime.tokenizer import TokenizerError, VocabularyError
+
+# Errors caused by the user's input or files: reported in one line, exit code 2, no traceback.
+USER_ERRORS = (BackendError, DataError, FeatureError, GalleryError, ManifestError, SearchError, TokenizerError,
+               VocabularyError)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: TensorRT for a .plan when installed, else ONNX Runtime")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_cli(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a CLI body with warnings on stderr and user errors as one line (exit 2)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
