@@ -49,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sims = None
     for path in args.engine:
-        with ScanEngine.open(path, backend=args.backend, precision=args.precision, threads=args.threads) as engine:
+        with ScanEngine.open(path, backend=args.backend, precision=args.precision, device=args.device,
+                        threads=args.threads) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)

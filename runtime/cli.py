@@ -24,6 +24,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT for a .plan when installed, else ONNX Runtime")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime device; cuda needs onnxruntime-gpu and keeps the image gallery on the GPU")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

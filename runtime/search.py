@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     queries = _text_queries(args)
-    with ScanEngine.open(args.engine, backend=args.backend, precision=args.precision, threads=args.threads) as engine:
+    with ScanEngine.open(args.engine, backend=args.backend, precision=args.precision, device=args.device,
+                        threads=args.threads) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")

@@ -34,7 +34,9 @@ class SearchError(ValueError):
 class Searcher:
     def __init__(self, engine: ScanEngine, images: ImageGallery | None = None, captions: CaptionGallery | None = None,
                  image_block: int = DEFAULT_IMAGE_BLOCK, caption_block: int = DEFAULT_CAPTION_BLOCK,
-                 query_batch: int = DEFAULT_QUERY_BATCH) -> None:
+                 query_batch: int = DEFAULT_QUERY_BATCH, resident: bool | None = None) -> None:
+        """``resident``: keep the image gallery's blocks uploaded in the backend's memory (the default
+        with ONNX Runtime on CUDA and with TensorRT); ``False`` reads blocks from the cache per search."""
         for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SearchError(f"{name} must be a positive integer, received {v!r}")
@@ -51,6 +53,23 @@ class Searcher:
             self.query_batch = min(query_batch, max_q, max_n)
         self._device: tuple | None = None
         self._device_lock = threading.Lock()
+        head_device = getattr(engine.head, "device", "cpu")
+        self._resident = head_device == "cuda" if resident is None else resident
+        self._blocks: list[tuple[int, dict]] | None = None
+
+    def _resident_blocks(self) -> list[tuple[int, dict]]:
+        """Image gallery blocks uploaded once as ONNX Runtime OrtValues (IOBinding inputs)."""
+        with self._device_lock:
+            if self._blocks is None:
+                head = self.engine.head
+                blocks = []
+                for offset, imgs, gram in self.images.blocks(self.image_block):
+                    feeds = {"images": head.to_device(imgs, "images")}
+                    if self.engine.needs_image_gram:
+                        feeds["image_gram"] = head.to_device(gram, "image_gram")
+                    blocks.append((offset, feeds))
+                self._blocks = blocks
+            return self._blocks
 
     def _device_gallery(self, k: int):
         """(top-k engine, resident gallery) when serving with TensorRT and a top-k engine exists, else None."""
@@ -70,7 +89,8 @@ class Searcher:
             return self._device
 
     def close(self) -> None:
-        """Free the GPU-resident gallery, if one was uploaded."""
+        """Free the device-resident gallery, if one was uploaded."""
+        self._blocks = None
         if self._device is not None:
             topk, resident = self._device
             resident.close()
@@ -141,6 +161,12 @@ class Searcher:
                 out = topk_backend.run_device({**resident.block_feeds(start, stop), **feeds})
                 idx = out["topk_index"].T[:, :k]  # (q, k) rows within the block
                 top.merge(out["topk_scores"].T[:, :k].astype(np.float32), np.asarray(gallery.ids)[start + idx])
+            return top.result()
+        if self._resident and hasattr(self.engine.head, "to_device"):
+            query = {"captions": words.astype(self.engine.head_dtype, copy=False), "lengths": lengths}
+            for offset, feeds in self._resident_blocks():
+                sims = self.engine.head.run({**feeds, **query})["sims"]  # (block, q)
+                top.add_block(sims.T.astype(np.float32, copy=False), gallery.ids[offset:offset + len(sims)])
             return top.result()
         for offset, imgs, gram in gallery.blocks(self.image_block):
             sims = self.engine.sims(imgs, gram, words, lengths)  # (block, q)

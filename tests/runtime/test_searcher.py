@@ -94,3 +94,16 @@ def test_missing_gallery_says_how_to_build(setup):
         Searcher(engine).search(["a dog"], 1)
     with pytest.raises(SearchError, match="--captions"):
         Searcher(engine).search(regions[:1], 1)
+
+
+def test_resident_blocks_equal_streamed_blocks(setup):
+    """The IOBinding path (the gallery uploaded once as OrtValues; CUDA with onnxruntime-gpu) on the CPU."""
+    engine, _, captions, images, _, _ = setup
+    streamed = Searcher(engine, images=images, image_block=5, resident=False).search(captions[:6], 4)
+    with Searcher(engine, images=images, image_block=5, resident=True) as searcher:
+        first = searcher.search(captions[:6], 4)
+        assert searcher._blocks is not None and len(searcher._blocks) == 5  # uploaded once, 23 images / 5
+        again = searcher.search(captions[6:9], 4)
+    np.testing.assert_array_equal(first[1], streamed[1])
+    np.testing.assert_allclose(first[0], streamed[0], atol=1e-6)
+    np.testing.assert_array_equal(again[1], Searcher(engine, images=images, resident=False).search(captions[6:9], 4)[1])
