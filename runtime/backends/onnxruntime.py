@@ -73,14 +73,6 @@ class OnnxRuntimeBackend(Backend):
         self._output_names = [o.name for o in self._outputs]
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def session(self):
         return self._session
 

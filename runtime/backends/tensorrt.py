@@ -388,14 +388,6 @@ class TensorRTBackend(Backend):
     # ------------------------------------------------------------------ interface
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def profile(self) -> dict[str, dict[str, list[int]]]:
         """The engine's optimization profile: ``{input: {"min", "opt", "max"}}``; calls must fit in it."""
         return self._profile
