@@ -207,8 +207,7 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
             blobs[key] = blob
             graphs[key] = {
                 "file": graph_file(name, spec.kind, precision), "sha256": hashlib.sha256(blob).hexdigest(),
-                "precision": precision, "inputs": _io_entries(spec, spec.inputs, blob, "input"),
-                "outputs": _io_entries(spec, spec.outputs, blob, "output"),
+                "precision": precision, **_io_entries(blob),
                 "parity": parity, "export_seconds": round(time.perf_counter() - t0, 3),
             }
             progress(f"{key}: max |onnx - torch| = {parity['max_abs_err']:.2e} (ok, tolerance {parity['atol']:g})")
@@ -234,19 +233,20 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
     return manifest
 
 
-def _io_entries(spec: GraphSpec, names: list[str], blob: bytes, which: str) -> list[dict[str, Any]]:
+def _io_entries(blob: bytes) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs and outputs with dtype and (symbolic) shape, for the manifest."""
     import onnx
 
-    proto = onnx.load_from_string(blob)
-    values = proto.graph.input if which == "input" else proto.graph.output
-    out = []
-    for v in values:
-        if v.name not in names:
-            continue
+    graph = onnx.load_from_string(blob).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def entry(v) -> dict[str, Any]:
         dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-        out.append({"name": v.name, "dtype": dtype, "shape": dims})
-    return out
+        return {"name": v.name, "dtype": dtype, "shape": dims}
+
+    return {"inputs": [entry(v) for v in graph.input if v.name not in initializers],
+            "outputs": [entry(v) for v in graph.output]}
 
 
 def _plain(x: Any) -> Any:

@@ -103,7 +103,8 @@ def _commit(folder: Path, manifest: dict[str, Any], extra_files: dict[str, Any])
     atomic.write_json(folder / MANIFEST, manifest)
     keep = {e["file"] for e in manifest["arrays"].values()} | set(extra_files) | {MANIFEST}
     for p in folder.iterdir():
-        if p.suffix == ".npy" and p.name not in keep:
+        old_side_file = p.suffix == ".json" and p.name.split(".")[0] in ("names", "texts")
+        if (p.suffix == ".npy" or old_side_file) and p.name not in keep:
             try:
                 p.unlink()
             except OSError:  # another reader may hold it on some platforms; harmless leftover
@@ -246,15 +247,8 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
                 "model": engine.manifest.name, "dtype": dtype, "regions": r, "embed_size": d, "arrays": entries,
                 "names_file": next(iter(extra), None)}
     _commit(folder, manifest, extra)
-    _remove_stale_side_files(folder, set(extra))
     logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
     return ImageGallery.load(folder)
-
-
-def _remove_stale_side_files(folder: Path, keep: set[str]) -> None:
-    for p in folder.glob("*.json"):
-        if p.name != MANIFEST and p.name not in keep and p.name.split(".")[0] in ("names", "texts"):
-            p.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -373,7 +367,6 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
                 "model": engine.manifest.name, "dtype": dtype, "embed_size": d, "arrays": entries,
                 "texts_file": texts_file}
     _commit(folder, manifest, {texts_file: texts})
-    _remove_stale_side_files(folder, {texts_file})
     logger.info("caption gallery %s: %d captions (%d new), %s", folder, len(texts), len(captions), dtype)
     return CaptionGallery.load(folder)
 

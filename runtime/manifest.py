@@ -14,7 +14,6 @@ from runtime.atomic import sha256_file
 from runtime.config import ConfigError, SCANConfig
 
 FORMAT = "scan-runtime/1"
-GRAPH_KINDS = ("image", "text", "head")
 
 
 class ManifestError(ValueError):

@@ -29,10 +29,6 @@ def _import_ort():
     return ort
 
 
-def available_providers() -> list[str]:
-    return list(_import_ort().get_available_providers())
-
-
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -71,10 +67,6 @@ class OnnxRuntimeBackend(Backend):
         self._outputs = [TensorSpec(o.name, np.dtype(_ORT_TYPES.get(o.type, np.float32)), tuple(o.shape))
                          for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
-
-    @property
-    def session(self):
-        return self._session
 
     def to_device(self, array: np.ndarray, name: str):
         """Upload ``array`` once, in input ``name``'s dtype, to the session's device (CUDA, or CPU).
