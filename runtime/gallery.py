@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from runtime import atomic
+from runtime.buckets import encode_by_length
 from runtime.features import FeatureError, check_layout, load_regions
 
 logger = logging.getLogger(__name__)
@@ -319,13 +320,9 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
     n_old = len(old) if old else 0
     d = engine.config.embed_size
     # Encode length-sorted batches (little padding), then keep each caption's unpadded words.
-    order = np.argsort(lengths, kind="stable")
     new_words: list[np.ndarray] = [np.zeros((0, d), np.float32)] * len(captions)
     with _progress(len(captions), "encoding captions", progress) as bar:
-        for a in range(0, len(order), batch):
-            idx = order[a:a + batch]
-            width = int(lengths[idx].max())
-            emb = engine.encode_ids(ids[idx, :width], lengths[idx])  # (B, width, d)
+        for idx, emb in encode_by_length(engine, ids, lengths, batch):  # emb (B, width, d)
             for row, j in enumerate(idx):
                 new_words[j] = emb[row, :lengths[j]]
             bar.update(len(idx))

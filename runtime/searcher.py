@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.buckets import encode_by_length
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
 from runtime.topk import RunningTopK
@@ -123,11 +124,7 @@ class Searcher:
         ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
         scores = np.empty((len(captions), k), np.float32)
         out_ids = np.empty((len(captions), k), np.int64)
-        order = np.argsort(lengths, kind="stable")  # bucket by length: each batch pads to its own max
-        for a in range(0, len(order), self.query_batch):
-            idx = order[a:a + self.query_batch]
-            width = int(lengths[idx].max())
-            words = self.engine.encode_ids(ids[idx, :width], lengths[idx])  # (q, L, d)
+        for idx, words in encode_by_length(self.engine, ids, lengths, self.query_batch):  # words (q, L, d)
             s, i = self._text_to_images(words, lengths[idx], k)
             scores[idx], out_ids[idx] = s, i
         return scores, out_ids
