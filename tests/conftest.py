@@ -1,8 +1,7 @@
-"""Shared fixtures: the golden cases from the original SCAN code and small exported models."""
+"""Shared fixtures: the golden cases from the original SCAN code (tests/golden/) and small exported models."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def golden_root() -> Path | None:
-    for candidate in (os.environ.get("SCAN_GOLDEN_DIR"), REPO.parent / "shared" / "golden", REPO / "shared" / "golden"):
-        if candidate and (Path(candidate) / "README.md").is_file():
-            return Path(candidate)
-    return None
+# Part of the repository: a missing case is a broken checkout, so it fails loudly instead of skipping.
+GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN_CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "case.json").is_file())
+if not GOLDEN_CASES:
+    raise RuntimeError(f"no golden cases under {GOLDEN}: the checkout is incomplete (see tests/golden/README.md)")
 
 
-GOLDEN = golden_root()
-GOLDEN_CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "case.json").is_file()) if GOLDEN else []
-
-
-@pytest.fixture(params=GOLDEN_CASES or [pytest.param(None, marks=pytest.mark.skip(reason="no shared/golden"))])
+@pytest.fixture(params=GOLDEN_CASES)
 def golden(request) -> Path:
     return GOLDEN / request.param
 

@@ -25,9 +25,10 @@ from runtime.metrics import (
     t2i_ranks,
     validate_sims,
 )
+from tests.conftest import GOLDEN
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN_SIMS = pathlib.Path("/work/shared/golden/t2i_lse_f30k/expected_sims.npy")
+GOLDEN_SIMS = GOLDEN / "t2i_lse_f30k" / "expected_sims.npy"
 
 
 # ---------------------------------------------------------------------------
@@ -394,8 +395,6 @@ def test_bad_dtype_errors():
 
 
 def test_golden_sims_match_oracle():
-    if not GOLDEN_SIMS.exists():
-        pytest.skip(f"{GOLDEN_SIMS} not available")
     sims = np.load(GOLDEN_SIMS)
     assert sims.shape == (12, 60)
     m = assert_matches_oracle(sims)

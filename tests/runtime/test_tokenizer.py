@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from runtime.tokenizer import (
     VocabularyError,
     tokenize,
 )
+from tests.conftest import GOLDEN
 
 WORDS = ["a", "dog", "cat", ",", ".", "running", "the", "'s", "ball", "do", "n't", "café"]
 
@@ -46,20 +46,6 @@ def vocab() -> Vocabulary:
 @pytest.fixture
 def tok(vocab: Vocabulary) -> Tokenizer:
     return Tokenizer(vocab)
-
-
-def _golden_dir() -> Path | None:
-    """The shared golden case, wherever this checkout sees it (env var, ./shared or ../shared)."""
-    root = Path(__file__).resolve().parents[2]
-    candidates = [
-        os.environ.get("SCAN_GOLDEN_DIR"),
-        root / "shared" / "golden",
-        root.parent / "shared" / "golden",
-    ]
-    for c in candidates:
-        if c and (Path(c) / "t2i_lse_f30k" / "vocab.json").is_file():
-            return Path(c) / "t2i_lse_f30k"
-    return None
 
 
 # ---------------------------------------------------------------- tokenize
@@ -294,9 +280,7 @@ def test_vocabulary_duplicate_word() -> None:
 
 
 def test_golden_captions() -> None:
-    golden = _golden_dir()
-    if golden is None:
-        pytest.skip("shared golden data not found (set SCAN_GOLDEN_DIR)")
+    golden = GOLDEN / "t2i_lse_f30k"
     vocab = Vocabulary.from_json(golden / "vocab.json")
     assert vocab.to_json_dict() == json.loads((golden / "vocab.json").read_text(encoding="utf-8"))
     tok = Tokenizer(vocab)

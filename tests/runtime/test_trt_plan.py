@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from runtime.backends.base import BackendError
+from tests.conftest import GOLDEN
 from runtime.manifest import ManifestError, load_manifest
 from runtime.trt_plan import (
     FP16_FLAG, FP32, STRONGLY_TYPED, EngineMismatchError, LayerInfo, PlanError, ProfileError, TensorRTVersionError,
@@ -36,21 +37,12 @@ TEXT = [{"name": "ids", "dtype": "int64", "shape": ["Q", "L"]}, {"name": "length
 IMAGE = [{"name": "regions", "dtype": "float32", "shape": ["N", "R", 64]}]
 
 
-def golden_root() -> Path | None:
-    for c in (os.environ.get("SCAN_GOLDEN_DIR"), ROOT / "shared" / "golden", ROOT.parent / "shared" / "golden"):
-        if c and (Path(c) / "t2i_lse_f30k" / "ckpt.pth.tar").is_file():
-            return Path(c)
-    return None
-
-
 def export_golden(case: str, out: Path) -> Path:
     """Export a golden checkpoint (tiny dimensions, ~1 s) and return its manifest path."""
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    golden = golden_root()
-    if golden is None:
-        pytest.skip("shared golden data not found (set SCAN_GOLDEN_DIR)")
+    golden = GOLDEN
     from export.checkpoint import load_checkpoint, load_vocab
     from export.exporter import export_all
 
