@@ -117,7 +117,7 @@ def graph_specs(model: SCAN, precision: str = "fp32") -> list[GraphSpec]:
 def export_graph(spec: GraphSpec) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but is the one that keeps ONNX GRU nodes (DESIGN.md 4).
+        # The TorchScript exporter is deprecated but is the one that keeps ONNX GRU nodes (docs/design.md section 3).
         warnings.simplefilter("ignore")
         torch.onnx.export(spec.module.eval(), spec.example, buf, input_names=spec.inputs, output_names=spec.outputs,
                           dynamic_axes=spec.dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)

@@ -12,7 +12,7 @@ networks) run the Linear and the GEMMs in float16 and keep float32 islands where
 the L2-norm statistics, the whole GRU (its state accumulates over time), softmax statistics and the
 log-sum-exp.
 
-The text graph avoids ``pack_padded_sequence`` (it does not export; DESIGN.md 4): every layer runs a
+The text graph avoids ``pack_padded_sequence`` (it does not export; docs/design.md section 3): every layer runs a
 forward GRU over the padded batch and, for a bi-GRU, a backward GRU over each sequence reversed
 *within its own length* by a gather and gathered back. Padding only ever follows the valid steps, so
 valid outputs equal the packed ones; padded outputs are zeroed at the end.

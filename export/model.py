@@ -7,7 +7,7 @@ Stacked Cross Attention for Image-Text Matching, Lee, Chen, Hua, Hu, He, ECCV 20
   load strictly; the text encoder runs the GRU over a packed sequence exactly as the original.
 * ``slow_sims`` follows the original per-caption loop (``xattn_score_t2i`` / ``xattn_score_i2t``,
   ``func_attention``, ``cosine_similarity``): it is the test oracle.
-* ``batched_sims`` is the exact batched head of DESIGN.md section 3: one GEMM for every
+* ``batched_sims`` is the exact batched head of docs/design.md section 2: one GEMM for every
   (region, word) logit, the weighted-context norm through a Gram matrix, finite masks and a
   max-subtracted log-sum-exp so the same code exports to ONNX/TensorRT and survives fp16.
 
