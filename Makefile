@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 deps: $(STAMP)
 
 demo: deps
-	$(PYTHON) -m export.demo
+	$(PYTHON) -m bench.demo
 
 # ruff: one style (pyproject.toml [tool.ruff]); `make format` applies what `make lint` checks.
 lint: deps

@@ -12,18 +12,15 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import atomic  # noqa: E402
-from runtime.cli import add_engine_arguments, run_cli  # noqa: E402
-from runtime.engine import ScanEngine  # noqa: E402
-from runtime.evaluate import DataError, full_sims, load_split  # noqa: E402
-from runtime.metrics import evaluate, evaluate_fold5, format_table  # noqa: E402
+from bench.evaluation import full_sims, load_split
+from bench.metrics import evaluate, evaluate_fold5, format_table
+from runtime import atomic
+from runtime.captions import DataError
+from runtime.cli import add_engine_arguments, run_cli
+from runtime.engine import ScanEngine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,16 +57,15 @@ def _run(args: argparse.Namespace) -> int:
     sims = (sims / len(args.engine)).astype(np.float32)
     seconds = time.perf_counter() - t0
     if args.save_sims:
-        with atomic.atomic_path(args.save_sims) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, sims)
+        with atomic.atomic_path(args.save_sims) as tmp, open(tmp, "wb") as f:
+            np.save(f, sims)
     metrics = evaluate_fold5(sims) if args.fold5 else evaluate(sims)
     if args.json:
         print(json.dumps({"metrics": metrics.to_dict(), "n_images": int(sims.shape[0]),
                           "n_captions": int(sims.shape[1]), "seconds": round(seconds, 3),
                           "engines": args.engine, "fold5": args.fold5}, indent=1))
     else:
-        title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions" + (" (5-fold 1K)" if args.fold5 else "")
+        title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions{' (5-fold 1K)' if args.fold5 else ''}"
         print(format_table(metrics, title=title))
         print(f"scored {sims.size:,} pairs in {seconds:.1f} s ({sims.size / seconds:,.0f} pairs/s)")
     return 0

@@ -1,4 +1,4 @@
-"""Load an original SCAN checkpoint and its vocabulary, safely.
+"""Original SCAN checkpoints: load them (and their vocabulary) safely, and write them.
 
 The original ``train.py`` saves ``{'epoch', 'model': [img_enc.state_dict(), txt_enc.state_dict()],
 'best_rsum', 'opt': argparse.Namespace, 'Eiters'}``, either in the legacy (PyTorch 0.3 / Python 2,
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from export.model import SCAN
-from runtime.atomic import sha256_file
+from runtime.atomic import atomic_path, sha256_file
 from runtime.config import ConfigError, SCANConfig
-from runtime.tokenizer import Vocabulary
+from runtime.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,22 @@ class LoadedCheckpoint:
     opt: dict[str, Any]
     epoch: Any = None
     best_rsum: Any = None
+
+
+def save_checkpoint(path: str | Path, model: SCAN, opt: argparse.Namespace, epoch: Any = 0,
+                    best_rsum: Any = 0.0, iters: int = 0, legacy: bool = False) -> Path:
+    """Write ``model`` to ``path`` in the original ``train.py`` layout, atomically.
+
+    ``opt`` is the training options as ``train.py`` pickles them (an ``argparse.Namespace`` holding every
+    model option of ``model.cfg``); ``legacy=True`` uses the pre-zip serialization of old checkpoints.
+    An interrupted write leaves the previous file, never a truncated one.
+    """
+    path = Path(path)
+    state = {"epoch": epoch, "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()],
+             "best_rsum": best_rsum, "opt": opt, "Eiters": iters}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp, _use_new_zipfile_serialization=not legacy)
+    return path
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:

@@ -13,12 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.checkpoint import CheckpointError, find_vocab, load_checkpoint, load_vocab  # noqa: E402
-from export.exporter import DEFAULT_MAX_WORDS, ParityError, export_all  # noqa: E402
-from runtime.tokenizer import VocabularyError  # noqa: E402
+from export.checkpoint import CheckpointError, find_vocab, load_checkpoint, load_vocab
+from export.exporter import DEFAULT_MAX_WORDS, ParityError, export_all
+from runtime.vocab import VocabularyError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,15 +4,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from runtime.backends import BACKENDS, BackendError
-from runtime.evaluate import DataError
+from runtime.captions import DataError
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
 from runtime.manifest import ManifestError
 from runtime.searcher import SearchError
-from runtime.tokenizer import TokenizerError, VocabularyError
+from runtime.tokenizer import TokenizerError
+from runtime.vocab import VocabularyError
 
 # Errors caused by the user's input or files: reported in one line, exit code 2, no traceback.
 USER_ERRORS = (BackendError, DataError, FeatureError, GalleryError, ManifestError, SearchError, TokenizerError,

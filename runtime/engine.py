@@ -13,7 +13,8 @@ import numpy as np
 from runtime.backends import Backend, BackendError, choose_backend, open_backend
 from runtime.features import check_regions
 from runtime.manifest import Manifest, resolve_manifest
-from runtime.tokenizer import Tokenizer, Vocabulary
+from runtime.tokenizer import Tokenizer
+from runtime.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 

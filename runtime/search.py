@@ -21,17 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime.cli import add_engine_arguments, run_cli  # noqa: E402
-from runtime.engine import ScanEngine  # noqa: E402
-from runtime.evaluate import read_captions  # noqa: E402
-from runtime.features import load_regions  # noqa: E402
-from runtime.gallery import (MANIFEST, CaptionGallery, GalleryError, ImageGallery,  # noqa: E402
-                             build_caption_gallery, build_image_gallery)
-from runtime.searcher import SearchError, Searcher  # noqa: E402
-from runtime.tokenizer import TokenizerError  # noqa: E402
+from runtime.captions import read_captions
+from runtime.cli import add_engine_arguments, run_cli
+from runtime.engine import ScanEngine
+from runtime.features import load_regions
+from runtime.gallery import (
+    MANIFEST,
+    CaptionGallery,
+    GalleryError,
+    ImageGallery,
+    build_caption_gallery,
+    build_image_gallery,
+)
+from runtime.searcher import Searcher, SearchError
+from runtime.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from export.checkpoint import save_checkpoint
 from export.model import SCAN
 from runtime.config import SCANConfig
 
@@ -38,11 +39,8 @@ def write_checkpoint(folder: Path, cfg: SCANConfig | None = None, seed: int = 0,
     cfg = cfg or small_config()
     torch.manual_seed(seed)
     model = SCAN(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model_best.pth.tar"
-    ckpt = {"epoch": 1, "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()], "best_rsum": 0.0,
-            "opt": original_opt(cfg, **opt_extra), "Eiters": 10}
-    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    path = save_checkpoint(folder / "model_best.pth.tar", model, original_opt(cfg, **opt_extra), epoch=1,
+                           iters=10, legacy=legacy)
     if with_vocab:
         (folder / "vocab").mkdir(exist_ok=True)
         (folder / "vocab" / "tiny_precomp_vocab.json").write_text(json.dumps(vocab_dict()))

@@ -7,7 +7,7 @@
 5. a few text queries, one image query, and the recall table through the runtime (``bench/recall.py``),
    in float32 and with the float16 graphs.
 
-    python -m export.demo [--out demo] [--retrain]
+    python -m bench.demo [--out demo] [--retrain]
 """
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from export.demo_data import data_dir, make_dataset
-from export.demo_train import train_demo
+from bench.demo.data import data_dir, make_dataset
+from bench.demo.train import train_demo
+from bench.recall import main as recall
+from export.to_onnx import main as to_onnx
+from runtime.search import main as search
 
 QUERIES = ["a red dog", "a small blue car next to a large tree", "a man on a bicycle"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo", help="working folder (default: demo)")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint matches")
     args = p.parse_args(argv)
@@ -34,10 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(msg: str) -> None:
         print(f"\n== [{time.perf_counter() - t0:5.0f}s] {msg}", flush=True)
-
-    from bench.recall import main as recall
-    from export.to_onnx import main as to_onnx
-    from runtime.search import main as search
 
     step("synthetic dataset")
     make_dataset(out)

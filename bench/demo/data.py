@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from runtime.atomic import atomic_path, sha256_file, write_json
-from runtime.tokenizer import SPECIAL_TOKENS, tokenize
+from runtime.tokenizer import tokenize
+from runtime.vocab import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ indistinguishable in layout from a real one:
   the (B, B) image x caption similarity of a batch of (image, caption) pairs, summed over positives
   for both caption retrieval and image retrieval, the diagonal masked;
 * Adam, gradient-norm clipping at 2.0, learning rate divided by 10 every ``lr_update`` epochs;
-* the best epoch by dev rsum (``runtime.metrics.evaluate``) is written, as the original does, to
+* the best epoch by dev rsum (``bench.metrics.evaluate``) is written, as the original does, to
   ``runs/demo/model_best.pth.tar`` = ``{'epoch', 'model': [img_enc, txt_enc state dicts],
   'best_rsum', 'opt': argparse.Namespace(every train.py option + vocab_size), 'Eiters'}``.
 
@@ -22,7 +22,7 @@ distinct images, each with one of its captions; an epoch visits every caption on
 Training is skipped when the checkpoint is there and the stamp beside it (``demo_stamp.json``) records
 the same dataset, configuration and hyper-parameters and the checkpoint's hash.
 
-    python -m export.demo_train --out demo   # dataset + training + test recall table
+    python -m bench.demo.train --out demo   # dataset + training + test recall table
 """
 from __future__ import annotations
 
@@ -32,25 +32,24 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.checkpoint import load_checkpoint  # noqa: E402
-from export.demo_data import DATA_NAME, data_dir, make_dataset, read_stamp, vocab_file  # noqa: E402
-from export.model import SCAN, batched_sims  # noqa: E402
-from runtime.atomic import atomic_path, sha256_file, write_json  # noqa: E402
-from runtime.config import SCANConfig  # noqa: E402
-from runtime.evaluate import read_captions  # noqa: E402
-from runtime.features import load_regions  # noqa: E402
-from runtime.metrics import RecallMetrics, evaluate, format_table  # noqa: E402
-from runtime.tokenizer import Tokenizer, Vocabulary  # noqa: E402
+from bench.demo.data import DATA_NAME, data_dir, make_dataset, read_stamp, vocab_file
+from bench.metrics import RecallMetrics, evaluate, format_table
+from export.checkpoint import load_checkpoint, save_checkpoint
+from export.model import SCAN, batched_sims
+from runtime.atomic import atomic_path, sha256_file, write_json
+from runtime.captions import read_captions
+from runtime.config import SCANConfig
+from runtime.features import load_regions
+from runtime.tokenizer import Tokenizer
+from runtime.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +250,7 @@ def train_demo(out_dir: str | Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
                learning_rate: float = 1e-3, lr_update: int | None = None, threads: int = 2) -> Path:
     """Make (or reuse) the demo dataset under ``out_dir``, train, and return the checkpoint path.
 
-    ``data``: keyword arguments for :func:`export.demo_data.make_dataset` (img_dim, n_train, n_dev,
+    ``data``: keyword arguments for :func:`bench.demo.data.make_dataset` (img_dim, n_train, n_dev,
     n_test); the dataset's seed is ``seed``. ``lr_update`` defaults to two thirds of ``epochs``.
     Reuses an existing checkpoint whose stamp matches everything that determines it, unless ``force``.
     """
@@ -369,16 +368,8 @@ def _train(out_dir: Path, seed: int, cfg: SCANConfig, hp: HParams, vocab: Vocabu
 
 
 def _save(path: Path, model: SCAN, cfg: SCANConfig, hp: HParams, epoch: int, best_rsum: float, iters: int) -> None:
-    state = {
-        "epoch": epoch,
-        "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()],
-        "best_rsum": best_rsum,
-        "opt": original_opt(cfg, hp),
-        "Eiters": iters,
-    }
     # Atomic: an interrupted run leaves the previous best checkpoint, never a truncated one.
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, model, original_opt(cfg, hp), epoch=epoch, best_rsum=best_rsum, iters=iters)
     logger.debug("saved %s (epoch %d, rsum %.1f)", path, epoch, best_rsum)
 
 
@@ -395,7 +386,7 @@ def evaluate_checkpoint(ckpt: str | Path, out_dir: str | Path, split: str = "tes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="demo_train.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo", help="output folder (default: demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo dataset (export.demo_data) and the demo training (export.demo_train).
+"""Tests for the synthetic demo dataset (bench.demo.data) and the demo training (bench.demo.train).
 
 Everything here runs on a tiny dataset (40 train / 10 dev / 10 test images, img_dim 32) and a tiny
 model, in a few seconds; the full-size demo training is marked slow.
@@ -15,14 +15,21 @@ import numpy as np
 import pytest
 import torch
 
+from bench.demo.data import CAPTIONS_PER_IMAGE, N_REGIONS, SPLITS, DemoDataError, data_dir, make_dataset, vocab_file
+from bench.demo.train import (
+    DemoTrainError,
+    _batches,
+    checkpoint_path,
+    contrastive_loss,
+    demo_config,
+    evaluate_checkpoint,
+    train_demo,
+)
 from export.checkpoint import find_vocab, load_checkpoint, read_checkpoint
-from export.demo_data import (CAPTIONS_PER_IMAGE, N_REGIONS, SPLITS, DemoDataError, data_dir, make_dataset,
-                              vocab_file)
-from export.demo_train import (DemoTrainError, _batches, checkpoint_path, contrastive_loss, demo_config,
-                               evaluate_checkpoint, train_demo)
 from runtime.atomic import sha256_file
 from runtime.config import SCANConfig
-from runtime.tokenizer import SPECIAL_TOKENS, Vocabulary, tokenize
+from runtime.tokenizer import tokenize
+from runtime.vocab import SPECIAL_TOKENS, Vocabulary
 
 TINY = {"img_dim": 32, "n_train": 40, "n_dev": 10, "n_test": 10}
 TINY_MODEL = {"embed_size": 16, "word_dim": 8, "batch_size": 16}

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 
+from bench.metrics import evaluate, format_table
 from bench.recall import main
-from runtime.metrics import evaluate, format_table
 from tests.conftest import golden_expected
 
 

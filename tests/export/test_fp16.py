@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
+from bench.evaluation import full_sims, load_split
 from export.exporter import FP16_ATOL
 from runtime.engine import ScanEngine
-from runtime.evaluate import full_sims, load_split
 from tests.conftest import golden_expected
 from tests.runtime.conftest import export_small, random_captions, random_regions
 

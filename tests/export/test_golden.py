@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bench.evaluation import full_sims, load_split
 from export.checkpoint import load_checkpoint, load_vocab
 from runtime.engine import ScanEngine
-from runtime.evaluate import full_sims, load_split
 from runtime.tokenizer import Tokenizer
 from tests.conftest import golden_expected
 

@@ -6,8 +6,8 @@ import concurrent.futures
 import numpy as np
 import pytest
 
+from bench.evaluation import full_sims
 from runtime.engine import ScanEngine
-from runtime.evaluate import full_sims
 from runtime.gallery import build_caption_gallery, build_image_gallery
 from runtime.searcher import SearchError, Searcher
 from tests.runtime.conftest import random_captions, random_regions

@@ -5,32 +5,16 @@ image; an .npy with 5N rows repeats each image 5 times and is de-duplicated as t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from bench.metrics import dedupe_repeated_images
+from runtime.buckets import encode_by_length
+from runtime.captions import DataError, read_captions
 from runtime.engine import ScanEngine
 from runtime.features import load_regions
-from runtime.metrics import dedupe_repeated_images
-
-
-class DataError(ValueError):
-    """A data folder that does not follow the original precomp layout."""
-
-
-def read_captions(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return [line.strip() for line in lines]
 
 
 def load_split(data: str | Path, split: str, img_dim: int) -> tuple[np.ndarray, list[str]]:
@@ -67,13 +51,9 @@ def full_sims(engine: ScanEngine, regions: np.ndarray, captions: Sequence[str], 
         images[a:a + 128], grams[a:a + 128] = engine.encode_images(np.asarray(regions[a:a + 128]),
                                                                      name=f"images[{a}:{a + 128}]")
     ids, lengths = engine.tokenizer.encode_batch(list(captions))
-    order = np.argsort(lengths, kind="stable")
     sims = np.empty((n, len(captions)), np.float32)
     with tqdm(total=len(captions), desc="scoring captions", disable=not progress, leave=False) as bar:
-        for a in range(0, len(order), caption_batch):
-            idx = order[a:a + caption_batch]
-            width = int(lengths[idx].max())
-            words = engine.encode_ids(ids[idx, :width], lengths[idx])
+        for idx, words in encode_by_length(engine, ids, lengths, caption_batch):
             for b in range(0, n, image_block):
                 sims[b:b + image_block, idx] = engine.sims(images[b:b + image_block], grams[b:b + image_block],
                                                            words, lengths[idx])

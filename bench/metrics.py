@@ -24,25 +24,25 @@ This module depends on numpy only (never torch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "MetricsError",
     "DirectionMetrics",
+    "MetricsError",
     "RecallMetrics",
-    "validate_sims",
     "dedupe_repeated_images",
-    "dedupe_image_rows",
-    "i2t_ranks",
-    "t2i_ranks",
-    "metrics_from_ranks",
     "evaluate",
-    "evaluate_folds",
     "evaluate_fold5",
+    "evaluate_folds",
     "format_table",
+    "i2t_ranks",
+    "metrics_from_ranks",
+    "t2i_ranks",
+    "validate_sims",
 ]
 
 CAPTIONS_PER_IMAGE = 5
@@ -79,7 +79,7 @@ class DirectionMetrics:
     def as_tuple(self) -> tuple:
         return (self.r1, self.r5, self.r10, self.medr, self.meanr)
 
-    def to_dict(self) -> Dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         return {
             "r1": float(self.r1),
             "r5": float(self.r5),
@@ -103,7 +103,7 @@ class RecallMetrics:
             + self.t2i.r1 + self.t2i.r5 + self.t2i.r10
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "i2t": self.i2t.to_dict(),
             "t2i": self.t2i.to_dict(),
@@ -199,17 +199,6 @@ def dedupe_repeated_images(
         f"either {c} image rows ({k}x repeated images) or {c / k:g} image rows "
         f"(one row per image, {k} captions per image)"
     )
-
-
-def dedupe_image_rows(
-    images: Any, n_captions: int, captions_per_image: int = CAPTIONS_PER_IMAGE
-) -> np.ndarray:
-    """Drop repeated image rows like the original ``evalrank`` (``img_embs[::5]``)."""
-    arr = np.asarray(images)
-    if arr.ndim < 1:
-        raise MetricsError(f"images must have at least 1 dimension, got shape {arr.shape}")
-    step = dedupe_repeated_images(arr.shape[0], n_captions, captions_per_image)
-    return arr if step == 1 else arr[::step]
 
 
 # ---------------------------------------------------------------------------
@@ -309,12 +298,8 @@ def metrics_from_ranks(ranks: Any) -> DirectionMetrics:
 # ---------------------------------------------------------------------------
 
 
-def evaluate(
-    sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE, *, fold5: bool = False
-) -> RecallMetrics:
-    """i2t and t2i metrics over the whole matrix (or the 5-fold mean if ``fold5``)."""
-    if fold5:
-        return evaluate_fold5(sims, captions_per_image)
+def evaluate(sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE) -> RecallMetrics:
+    """i2t and t2i metrics over the whole matrix (the 5-fold protocol: :func:`evaluate_fold5`)."""
     arr = validate_sims(sims, captions_per_image)
     return RecallMetrics(
         i2t=metrics_from_ranks(i2t_ranks(arr, captions_per_image)),
@@ -324,7 +309,7 @@ def evaluate(
 
 def evaluate_folds(
     sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE, n_folds: int = N_FOLDS
-) -> List[RecallMetrics]:
+) -> list[RecallMetrics]:
     """Per-fold metrics: fold i = images [i*f, (i+1)*f), captions [k*i*f, k*(i+1)*f)."""
     arr = validate_sims(sims, captions_per_image)
     k = int(captions_per_image)
@@ -365,7 +350,7 @@ def evaluate_fold5(sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE) -> R
 # ---------------------------------------------------------------------------
 
 
-def format_table(metrics: RecallMetrics, title: Optional[str] = None) -> str:
+def format_table(metrics: RecallMetrics, title: str | None = None) -> str:
     """Human-readable table of both directions and rsum."""
     header = f"{'':<15}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>9}"
     lines = []
