@@ -21,47 +21,39 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtime import atomic  # noqa: E402
+from bench.torch_cuda import torch_cuda_head, unavailable
+from runtime import atomic
+from runtime.config import SCANConfig
 
 
 def torch_cuda_baseline(n: int = 4096, q: int = 32, length: int = 14, r: int = 36, d: int = 1024,
                         repeats: int = 10) -> dict[str, Any]:
-    """pairs/s of the exact batched head in PyTorch on CUDA, fp32 and fp16, both cross_attn modes."""
-    try:
-        import torch
-    except ImportError:
-        return {"skipped": "PyTorch is not installed"}
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device visible to PyTorch"}
-    from export.model import batched_sims, gram
-    from runtime.config import SCANConfig
-
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "shapes": {"N": n, "Q": q, "L": length, "R": r, "d": d}}
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    """pairs/s of the exact batched head in PyTorch on CUDA (bench/torch_cuda.py), fp32 and fp16, both
+    cross_attn modes, on seeded random unit-norm embeddings of full size."""
+    reason = unavailable()
+    if reason:
+        return {"skipped": reason}
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((n, r, d), dtype=np.float32)
+    images /= np.linalg.norm(images, axis=-1, keepdims=True)
+    captions = rng.standard_normal((q, length, d), dtype=np.float32)
+    captions /= np.linalg.norm(captions, axis=-1, keepdims=True)
+    lengths = np.full(q, length, np.int64)
+    timing = dict(warmup=3, min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
+    out: dict[str, Any] = {"shapes": {"N": n, "Q": q, "L": length, "R": r, "d": d}}
     for mode, agg, lam in (("t2i", "LogSumExp", 9.0), ("i2t", "Mean", 4.0)):
         cfg = SCANConfig(vocab_size=10, embed_size=d, cross_attn=mode, agg_func=agg, lambda_softmax=lam)
-        for dtype in (torch.float32, torch.float16):
-            images = torch.nn.functional.normalize(torch.randn(n, r, d, device="cuda", generator=gen), dim=-1).to(dtype)
-            captions = torch.nn.functional.normalize(torch.randn(q, length, d, device="cuda", generator=gen), dim=-1).to(dtype)
-            lengths = torch.full((q,), length, device="cuda", dtype=torch.int64)
-            g = gram(images)
-            with torch.no_grad():
-                for _ in range(3):
-                    batched_sims(images, g, captions, lengths, None, cfg)
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    batched_sims(images, g, captions, lengths, None, cfg)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-            med = float(np.median(times))
-            out[f"{mode}_{str(dtype).split('.')[-1]}"] = {"pairs_per_s": n * q / med, "median_s": med,
-                                                          "p10_s": float(np.percentile(times, 10)),
-                                                          "p90_s": float(np.percentile(times, 90))}
+        for name, c in torch_cuda_head(images, None, captions, lengths, cfg, timing).items():
+            key = f"{mode}_{'float32' if name.endswith('fp32') else 'float16'}"
+            if c["status"] != "measured":
+                out[key] = {"failed": c["reason"]}
+                continue
+            s = c["seconds"]
+            out[key] = {"pairs_per_s": c["pairs_per_s"], "median_s": s["median"], "p10_s": s["p10"],
+                        "p90_s": s["p90"], "gemm_gflops": c["gemm_gflops"]}
+    import torch
+
+    out["device"] = torch.cuda.get_device_name(0)
     return out
 
 

@@ -49,11 +49,30 @@ def blas() -> str | None:
         return None
 
 
-def gpus() -> list[dict[str, Any]]:
-    """CUDA devices as PyTorch sees them (empty without torch or without a GPU)."""
+def optional_torch():
+    """The ``torch`` module, or None where it is not installed (the runtime never needs it)."""
     try:
         import torch
     except ImportError:
+        return None
+    return torch
+
+
+def mem_available() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def gpus() -> list[dict[str, Any]]:
+    """CUDA devices as PyTorch sees them (empty without torch or without a GPU)."""
+    torch = optional_torch()
+    if torch is None:
         return []
     try:
         if not torch.cuda.is_available():

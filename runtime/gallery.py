@@ -166,6 +166,26 @@ class ImageGallery:
                 raise GalleryError(f"{folder}: {len(names)} names for {len(arrays['ids'])} images")
         return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data)
 
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, image_gram: np.ndarray, names: Sequence[str] | None = None,
+                    folder: str | Path = "<memory>") -> "ImageGallery":
+        """An in-memory gallery of encoded images (nothing is written): ``images`` (N, R, d), ``image_gram``
+        (N, R, R) of the same dtype; ids are 0..N-1. For galleries that come from elsewhere than an engine
+        (benchmarks' synthetic ones) and are too large to write."""
+        if images.ndim != 3 or image_gram.shape != (images.shape[0], images.shape[1], images.shape[1]):
+            raise GalleryError(f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} "
+                               f"and {image_gram.shape}")
+        if images.dtype.name not in DTYPES or image_gram.dtype != images.dtype:
+            raise GalleryError(f"expected images and image_gram of one dtype in {DTYPES}, received "
+                               f"{images.dtype.name} and {image_gram.dtype.name}")
+        n, r, d = images.shape
+        if names is not None and len(names) != n:
+            raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
+        manifest = {"format": FORMAT, "kind": "images", "count": n, "dtype": images.dtype.name, "regions": r,
+                    "embed_size": d, "arrays": {}}
+        return cls(Path(folder), images, image_gram, np.arange(n, dtype=np.int64),
+                   None if names is None else list(names), manifest)
+
 
 def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | Path, names: Sequence[str] | None = None,
                         dtype: str = "float32", batch: int = 128, append: bool = False, progress: bool = True,
@@ -301,6 +321,33 @@ class CaptionGallery:
         if len(texts) != len(lengths) or offsets[-1] != arrays["words"].shape[0] or np.any(np.diff(lengths) < 0):
             raise GalleryError(f"{folder}: corrupted caption gallery (inconsistent lengths/offsets/texts)")
         return cls(folder, arrays["words"], offsets, lengths, np.asarray(arrays["ids"]), texts, data)
+
+    @classmethod
+    def from_arrays(cls, words: np.ndarray, lengths: np.ndarray, texts: Sequence[str], ids: np.ndarray | None = None,
+                    folder: str | Path = "<memory>") -> "CaptionGallery":
+        """An in-memory gallery of encoded captions (nothing is written), in the stored layout.
+
+        ``words`` (W, d): every stored caption's words, concatenated; ``lengths`` (M,): their lengths,
+        non-decreasing (the stored order); ``ids`` (M,): the caption id of each stored caption (default
+        0..M-1); ``texts``: the captions' texts by id.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        ids = np.arange(len(lengths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if words.ndim != 2 or words.dtype.name not in DTYPES:
+            raise GalleryError(f"words: expected a (W, d) array of a dtype in {DTYPES}, received "
+                               f"{words.dtype.name}{list(words.shape)}")
+        if lengths.ndim != 1 or np.any(lengths < 1) or np.any(np.diff(lengths) < 0):
+            raise GalleryError("lengths: expected positive caption lengths in non-decreasing order (the stored order)")
+        if int(lengths.sum()) != words.shape[0]:
+            raise GalleryError(f"words: expected {int(lengths.sum())} rows (the sum of lengths), received "
+                               f"{words.shape[0]}")
+        if ids.shape != lengths.shape or len(texts) != len(lengths):
+            raise GalleryError(f"expected one id and one text per caption ({len(lengths)}), received {len(ids)} ids "
+                               f"and {len(texts)} texts")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        manifest = {"format": FORMAT, "kind": "captions", "count": len(lengths), "dtype": words.dtype.name,
+                    "embed_size": int(words.shape[1]), "arrays": {}}
+        return cls(Path(folder), words, offsets, lengths, ids, list(texts), manifest)
 
 
 def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, dtype: str = "float32",

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from bench import latency
+from bench.head import CONTENDERS
+from bench.latency_cells import Deadline, estimate_seconds, skip_reason
+from bench.plan import QUICK, SCHEMA
+from bench.random_models import MODES, prepare_model
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the random models are exported with PyTorch
 pytest.importorskip("onnx")
-
-from bench import latency  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -31,7 +35,7 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_every_figure(quick, capsys):
     rc, tmp, r = quick
     assert rc == 0
-    assert r["schema"] == latency.SCHEMA and r["quick"] is True
+    assert r["schema"] == SCHEMA and r["quick"] is True
     for key in ("cpu_model", "cores", "numpy", "onnxruntime", "torch", "gpus", "load_average_at_start"):
         assert key in r["machine"]
     assert set(r["export"]) == {"t2i", "i2t"}
@@ -46,7 +50,7 @@ def test_quick_run_writes_every_figure(quick, capsys):
     for mode, h in head["modes"].items():
         assert h["config"]["cross_attn"] == mode
         assert _positive(h["ceiling_pairs_per_s"]) and _positive(h["flop_per_pair"])
-        assert set(h["contenders"]) == set(latency.CONTENDERS)
+        assert set(h["contenders"]) == set(CONTENDERS)
         for name in ("slow_torch_cpu", "batched_torch_cpu", "ort_cpu"):
             c = h["contenders"][name]
             assert c["status"] == "measured", (mode, name, c)
@@ -103,54 +107,26 @@ def test_quick_run_writes_every_figure(quick, capsys):
 def test_rerun_reuses_the_cached_export(quick, tmp_path):
     _, tmp, first = quick
     manifests = {m: e["manifest"] for m, e in first["export"].items()}
-    for mode in latency.MODES:
-        path, info = latency.prepare_model(latency.QUICK, mode, 0, tmp / "cache")
+    for mode in MODES:
+        path, info = prepare_model(QUICK, mode, 0, tmp / "cache")
         assert info["cached"] is True and str(path) == manifests[mode]
 
 
 def test_cells_over_the_cap_or_budget_are_skipped_with_a_reason():
-    plan = latency.QUICK
-    far = latency.Deadline(end=float("inf"))
-    assert latency.skip_reason(0.01, plan, far) is None
-    assert "per-cell cap" in latency.skip_reason(plan.cell_cap_s * 2, plan, far)
+    plan = QUICK
+    far = Deadline(end=float("inf"))
+    assert skip_reason(0.01, plan, far) is None
+    assert "per-cell cap" in skip_reason(plan.cell_cap_s * 2, plan, far)
     import time
 
-    assert "run budget" in latency.skip_reason(1.0, plan, latency.Deadline(end=time.monotonic() + 2.0))
-    assert "memory" in latency.skip_reason(0.01, plan, far, extra_bytes=10 * 2**30, available_bytes=2**30)
+    assert "run budget" in skip_reason(1.0, plan, Deadline(end=time.monotonic() + 2.0))
+    assert "memory" in skip_reason(0.01, plan, far, extra_bytes=10 * 2**30, available_bytes=2**30)
 
 
 def test_estimates_scale_from_the_nearest_measured_cell():
     done = [{"status": "measured", "gallery_size": 1000, "batch": 1, "p50_ms": 20.0},
             {"status": "measured", "gallery_size": 1000, "batch": 8, "p50_ms": 80.0},
             {"status": "skipped", "gallery_size": 1000, "batch": 32}]
-    assert latency.estimate_seconds(done, 10000, 1, 1e9) == pytest.approx(0.2)
-    assert latency.estimate_seconds(done, 1000, 32, 1e9) == pytest.approx(0.32)
-    assert latency.estimate_seconds([], 100, 2, 1000.0) == pytest.approx(0.2)
-
-
-@pytest.mark.parametrize("pooled", [False, True])
-def test_synthetic_caption_gallery_has_the_built_layout(pooled):
-    import numpy as np
-
-    pool = latency.VectorPool(0, 8) if pooled else None
-    g = latency.synthetic_caption_gallery(np.random.default_rng(0), 50, 8, pool)
-    assert np.all(np.diff(g.lengths) >= 0) and g.offsets[-1] == len(g.words) == g.lengths.sum()
-    assert sorted(g.ids.tolist()) == list(range(50)) and len(g.texts) == 50
-    assert g.lengths.min() >= 5 and g.lengths.max() <= 42  # 3..40 words + <start>/<end>
-    np.testing.assert_allclose(np.linalg.norm(g.words, axis=1), 1.0, rtol=1e-5)
-    total = sum(words.shape[0] for _, words, _ in g.blocks(16))
-    assert total == 50
-
-
-def test_image_store_rows_do_not_depend_on_the_final_size():
-    import numpy as np
-
-    a, b = latency.ImageStore(0, 3, 8), latency.ImageStore(0, 3, 8)
-    a.ensure(5)
-    a.ensure(1500)  # grown across a chunk boundary
-    b.ensure(1500)
-    np.testing.assert_array_equal(a.images, b.images)
-    g = a.gallery(1500)
-    np.testing.assert_allclose(g.image_gram, g.images @ g.images.transpose(0, 2, 1), atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(g.images, axis=2), 1.0, rtol=1e-5)
-    assert len(g) == 1500 and g.ids.tolist() == list(range(1500))
+    assert estimate_seconds(done, 10000, 1, 1e9) == pytest.approx(0.2)
+    assert estimate_seconds(done, 1000, 32, 1e9) == pytest.approx(0.32)
+    assert estimate_seconds([], 100, 2, 1000.0) == pytest.approx(0.2)
