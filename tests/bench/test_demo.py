@@ -259,3 +259,24 @@ def test_full_demo_is_far_above_chance(tmp_path):
     assert metrics.t2i.r1 > 30.0  # chance is 0.2% on 500 images
     assert metrics.i2t.r1 > 30.0
     assert os.path.isfile(vocab_file(tmp_path))
+
+
+# ----------------------------------------------------------------------------- python -m bench.demo
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, capsys):
+    """``make demo``'s steps (export, galleries, queries both ways, recall three ways) on the tiny model."""
+    import bench.demo.__main__ as demo
+
+    out, ckpt, _ = tiny_run
+    work = tmp_path / "demo"
+    shutil.copytree(out, work)
+    monkeypatch.setattr(demo, "make_dataset", lambda folder: make_dataset(folder, seed=0, **TINY))
+    monkeypatch.setattr(demo, "train_demo", lambda folder, force=False: checkpoint_path(folder))
+    assert demo.main(["--out", str(work)]) == 0
+    printed = capsys.readouterr().out
+    for step in ("exporting to ONNX", "text -> image queries", "image -> text", "recall on the test split",
+                 "float16 graphs", "done:"):
+        assert step in printed, step
+    assert printed.count("rsum:") == 3 and "test_image_0" in printed
+    assert (work / "engines" / "scan.json").is_file() and (work / "gallery" / "images" / "gallery.json").is_file()
