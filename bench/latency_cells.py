@@ -19,7 +19,7 @@ from bench.plan import Plan
 from bench.synthetic import ImageStore, VectorPool, caption_texts, rng_for, synthetic_caption_gallery
 from bench.timing import stats, time_calls
 from runtime.engine import ScanEngine
-from runtime.gallery import CaptionGallery
+from runtime.gallery import CaptionGallery, ImageGallery
 from runtime.searcher import Searcher
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ def skip_reason(estimate_s: float, plan: Plan, deadline: Deadline, extra_bytes: 
     return None
 
 
-def _cell(direction: str, gallery: int, batch: int) -> dict[str, Any]:
-    return {"direction": direction, "gallery_size": gallery, "batch": batch}
-
-
 def measure_cell(search: Callable[[int], Any], batch: int, plan: Plan, deadline: Deadline) -> dict[str, Any]:
     calls = iter(range(1 << 30))
     budget = min(plan.cell_budget_s, max(deadline.left() / 4, 0.0))
@@ -78,37 +74,42 @@ def measure_cell(search: Callable[[int], Any], batch: int, plan: Plan, deadline:
             "max_ms": s["max"] * 1e3, "queries_per_s": batch / s["mean"]}
 
 
+def run_cell(cells: list[dict[str, Any]], direction: str, gallery_size: int, batch: int, plan: Plan,
+             deadline: Deadline, pairs_per_s: float, extra_bytes: int, make_gallery: Callable[[], Any],
+             searcher_for: Callable[[Any], Callable[[int], Any]]) -> None:
+    """Estimate one cell; skip it with the reason, or make its gallery and time the ``i``-th search of
+    ``searcher_for(gallery)``; append the cell to ``cells``."""
+    cell = {"direction": direction, "gallery_size": gallery_size, "batch": batch}
+    est = estimate_seconds(cells, gallery_size, batch, pairs_per_s)
+    reason = skip_reason(est, plan, deadline, extra_bytes, mem_available())
+    if reason:
+        cells.append({**cell, "status": "skipped", "estimate_s": est, "reason": reason})
+        logger.info("%s %d x %d: skipped (%s)", direction, gallery_size, batch, reason)
+        return
+    t0 = time.perf_counter()
+    gallery = make_gallery()
+    made = time.perf_counter() - t0
+    result = measure_cell(searcher_for(gallery), batch, plan, deadline)
+    cells.append({**cell, **result, "estimate_s": est, "gallery_seconds": made})
+    logger.info("%s %d x %d: p50 %.1f ms", direction, gallery_size, batch, result["p50_ms"])
+
+
 def bench_text_to_image(engine: ScanEngine, plan: Plan, seed: int, deadline: Deadline,
                         pairs_per_s: float) -> list[dict[str, Any]]:
     pool = caption_texts(rng_for(seed, 2), 4 * max(plan.batches), plan.vocab_size)
     store = ImageStore(seed, plan.regions, plan.embed_size)
     cells: list[dict[str, Any]] = []
-    try:
-        for g in plan.image_galleries:
-            for batch in plan.batches:
-                cell = _cell("text_to_image", g, batch)
-                est = estimate_seconds(cells, g, batch, pairs_per_s)
-                # growing copies the rows drawn so far into a new array: both exist for a moment
-                extra = store.bytes_for(g) if g > len(store.images) else 0
-                reason = skip_reason(est, plan, deadline, extra, mem_available())
-                if reason:
-                    cells.append({**cell, "status": "skipped", "estimate_s": est, "reason": reason})
-                    logger.info("text->image %d x %d: skipped (%s)", g, batch, reason)
-                    continue
-                t0 = time.perf_counter()
-                gallery = store.gallery(g)
-                made = time.perf_counter() - t0
+    for g in plan.image_galleries:
+        for batch in plan.batches:
+
+            def searcher_for(gallery: ImageGallery, batch: int = batch) -> Callable[[int], Any]:
                 searcher = Searcher(engine, images=gallery)
+                return lambda i: searcher.search([pool[(i * batch + j) % len(pool)] for j in range(batch)], plan.k)
 
-                def search(i: int, batch: int = batch, searcher: Searcher = searcher) -> Any:
-                    start = (i * batch) % len(pool)
-                    return searcher.search([pool[(start + j) % len(pool)] for j in range(batch)], plan.k)
-
-                result = measure_cell(search, batch, plan, deadline)
-                cells.append({**cell, **result, "estimate_s": est, "gallery_seconds": made})
-                logger.info("text->image %d x %d: p50 %.1f ms", g, batch, result["p50_ms"])
-    finally:
-        del store
+            # growing copies the rows drawn so far into a new array: both exist for a moment
+            extra = store.bytes_for(g) if g > len(store.images) else 0
+            run_cell(cells, "text_to_image", g, batch, plan, deadline, pairs_per_s, extra,
+                     lambda g=g: store.gallery(g), searcher_for)
     return cells
 
 
@@ -117,32 +118,23 @@ def bench_image_to_text(engine: ScanEngine, plan: Plan, seed: int, deadline: Dea
     rng = rng_for(seed, 3)
     pool = rng.standard_normal((max(2 * max(plan.batches), 16), plan.regions, plan.img_dim), dtype=np.float32)
     cells: list[dict[str, Any]] = []
-    vectors: VectorPool | None = None
+    vectors: list[VectorPool] = []  # drawn once, on first use
     for g in plan.caption_galleries:
-        gallery: CaptionGallery | None = None
+        made: list[CaptionGallery] = []  # one gallery per size, shared by its batch sizes
+
+        def make_gallery(g: int = g, made: list[CaptionGallery] = made) -> CaptionGallery:
+            if not made:
+                vectors[:] = vectors or [VectorPool(seed, plan.embed_size)]
+                made.append(synthetic_caption_gallery(rng_for(seed, 4, g), g, plan.embed_size, vectors[0]))
+            return made[0]
+
         for batch in plan.batches:
-            cell = _cell("image_to_text", g, batch)
-            est = estimate_seconds(cells, g, batch, pairs_per_s)
-            need = 0 if gallery is not None else int(g * 14 * plan.embed_size * 4)
-            reason = skip_reason(est, plan, deadline, need, mem_available())
-            if reason:
-                cells.append({**cell, "status": "skipped", "estimate_s": est, "reason": reason})
-                logger.info("image->text %d x %d: skipped (%s)", g, batch, reason)
-                continue
-            t0 = time.perf_counter()
-            if gallery is None:
-                vectors = vectors or VectorPool(seed, plan.embed_size)
-                gallery = synthetic_caption_gallery(rng_for(seed, 4, g), g, plan.embed_size, vectors)
-            made = time.perf_counter() - t0
-            searcher = Searcher(engine, captions=gallery)
 
-            def search(i: int, batch: int = batch, searcher: Searcher = searcher) -> Any:
-                start = (i * batch) % len(pool)
-                idx = (start + np.arange(batch)) % len(pool)
-                return searcher.search(pool[idx], plan.k)
+            def searcher_for(gallery: CaptionGallery, batch: int = batch) -> Callable[[int], Any]:
+                searcher = Searcher(engine, captions=gallery)
+                return lambda i: searcher.search(pool[(i * batch + np.arange(batch)) % len(pool)], plan.k)
 
-            result = measure_cell(search, batch, plan, deadline)
-            cells.append({**cell, **result, "estimate_s": est, "gallery_seconds": made})
-            logger.info("image->text %d x %d: p50 %.1f ms", g, batch, result["p50_ms"])
-        del gallery  # free one caption gallery before drawing the next
+            need = 0 if made else int(g * 14 * plan.embed_size * 4)
+            run_cell(cells, "image_to_text", g, batch, plan, deadline, pairs_per_s, need, make_gallery, searcher_for)
+        made.clear()  # free one caption gallery before drawing the next
     return cells

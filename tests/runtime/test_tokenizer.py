@@ -14,24 +14,16 @@ import numpy as np
 import pytest
 
 from runtime.tokenizer import Tokenizer, TokenizerError, tokenize
-from runtime.vocab import SPECIAL_TOKENS, UNK_ID, Vocabulary
+from runtime.vocab import UNK_ID, Vocabulary
 from tests.conftest import GOLDEN
+from tests.helpers import vocab_dict
 
 WORDS = ["a", "dog", "cat", ",", ".", "running", "the", "'s", "ball", "do", "n't", "café"]
 
 
-def _vocab_dict(words: list[str] = WORDS) -> dict:
-    all_words = list(SPECIAL_TOKENS) + words
-    return {
-        "word2idx": {w: i for i, w in enumerate(all_words)},
-        "idx2word": {str(i): w for i, w in enumerate(all_words)},
-        "idx": len(all_words),
-    }
-
-
 @pytest.fixture
 def vocab() -> Vocabulary:
-    return Vocabulary.from_dict(_vocab_dict())
+    return Vocabulary.from_dict(vocab_dict(WORDS))
 
 
 @pytest.fixture

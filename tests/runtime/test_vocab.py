@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 
 from runtime.vocab import SPECIAL_TOKENS, UNK_ID, Vocabulary, VocabularyError
+from tests.helpers import vocab_dict
 
 WORDS = ["a", "dog", "cat", ",", ".", "running", "the", "'s", "ball", "do", "n't", "café"]
 
 
 def _vocab_dict(words: list[str] = WORDS) -> dict:
-    all_words = list(SPECIAL_TOKENS) + words
-    return {
-        "word2idx": {w: i for i, w in enumerate(all_words)},
-        "idx2word": {str(i): w for i, w in enumerate(all_words)},
-        "idx": len(all_words),
-    }
+    return vocab_dict(words)
 
 
 @pytest.fixture
