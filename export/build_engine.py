@@ -1,10 +1,10 @@
-"""Build TensorRT engines from an export's ONNX graphs and record them in its manifest.
+"""Build TensorRT plans from an export's ONNX graphs and record them in its manifest.
 
     python export/build_engine.py engines/scan.json [--out DIR] [--fp16 | --fp32] [--max-batch Q]
         [--max-words L] [--block N] [--regions R] [--timing-cache FILE] [--workspace-gb G] [--topk-max K]
 
 Writes ``scan.plan`` (similarity head), ``scan.text.plan``, ``scan.image.plan`` and ``scan.topk.plan``
-(the head with a device-side top-k, so a block returns (k, Q) results) and adds an ``engines`` record
+(the head with a device-side top-k, so a block returns (k, Q) results) and adds a ``plans`` record
 for each to the manifest. A plan runs only on the TensorRT version and GPU model that built it:
 build on the serving machine.
 
@@ -29,12 +29,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from runtime import atomic  # noqa: E402
 from runtime.backends.base import BackendError  # noqa: E402
-from runtime.manifest import Manifest, ManifestError, load_manifest  # noqa: E402
-from runtime.trt_plan import (  # noqa: E402
-    DEFAULT_BLOCK, DEFAULT_MAX_BATCH, DEFAULT_REGIONS, DEFAULT_TOPK_MAX, ENGINE_KINDS, FP16_FLAG, STRONGLY_TYPED,
-    EngineBuildError, LayerInfo, PlanError, TensorRTVersionError, add_topk_to_head, compute_profiles,
-    engine_file_name, engine_record, fp32_layers, precision_strategy, record_engines, relative_file,
-    source_graph_key, source_kind,
+from export.trt_build import (  # noqa: E402
+    DEFAULT_BLOCK, DEFAULT_MAX_BATCH, DEFAULT_REGIONS, DEFAULT_TOPK_MAX, FP16_FLAG, LayerInfo, PlanBuildError,
+    TensorRTVersionError, add_topk_to_head, compute_profiles, fp32_layers, plan_record, precision_strategy,
+    source_graph_key,
+)
+from runtime.backends.plan_check import PlanError  # noqa: E402
+from runtime.manifest import (  # noqa: E402
+    PLAN_KINDS, STRONGLY_TYPED, Manifest, ManifestError, load_manifest, plan_file_name, plan_graph_kind, record_plans,
+    relative_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
     p.add_argument("--topk-max", type=int, default=DEFAULT_TOPK_MAX, metavar="K",
                    help=f"largest k of the device top-k engine (default {DEFAULT_TOPK_MAX})")
-    p.add_argument("--kinds", default=",".join(ENGINE_KINDS),
-                   help=f"engines to build, comma-separated (default {','.join(ENGINE_KINDS)})")
+    p.add_argument("--kinds", default=",".join(PLAN_KINDS),
+                   help=f"engines to build, comma-separated (default {','.join(PLAN_KINDS)})")
     return p
 
 
@@ -85,7 +88,7 @@ def import_tensorrt():
 
 def open_gpu() -> tuple[str, str]:
     """(GPU name, compute capability) through the CUDA bindings the runtime also uses."""
-    from runtime.backends.tensorrt import open_allocator
+    from runtime.backends.cuda_memory import open_allocator
 
     try:
         return open_allocator().device_info()
@@ -165,10 +168,10 @@ def parse_network(trt, builder, tlog, source: Path | bytes, strategy: str, label
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     if network is None:
-        raise EngineBuildError(f"{label}: Builder.create_network returned None")
+        raise PlanBuildError(f"{label}: Builder.create_network returned None")
     parser = trt.OnnxParser(network, tlog)
     if parser is None:
-        raise EngineBuildError(f"{label}: trt.OnnxParser returned None")
+        raise PlanBuildError(f"{label}: trt.OnnxParser returned None")
     if isinstance(source, (bytes, bytearray)):
         ok = parser.parse(bytes(source))
         call = "OnnxParser.parse"
@@ -177,22 +180,22 @@ def parse_network(trt, builder, tlog, source: Path | bytes, strategy: str, label
         call = f"OnnxParser.parse_from_file({source})"
     if not ok:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or tlog.errors or ["(no message)"]
-        raise EngineBuildError(f"{label}: {call} failed with {len(errors)} error(s):\n  " + "\n  ".join(errors))
+        raise PlanBuildError(f"{label}: {call} failed with {len(errors)} error(s):\n  " + "\n  ".join(errors))
     return network, parser  # the parser owns weights the network refers to: keep it alive
 
 
 def load_timing_cache(config, blob: bytes, label: str):
     cache = config.create_timing_cache(blob)
     if cache is None:
-        raise EngineBuildError(f"{label}: IBuilderConfig.create_timing_cache returned None")
+        raise PlanBuildError(f"{label}: IBuilderConfig.create_timing_cache returned None")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         if not blob:
-            raise EngineBuildError(f"{label}: IBuilderConfig.set_timing_cache refused an empty cache")
+            raise PlanBuildError(f"{label}: IBuilderConfig.set_timing_cache refused an empty cache")
         # A cache from another GPU or TensorRT version: start a fresh one rather than fail the build.
         logger.warning("%s: the timing cache belongs to another GPU or TensorRT version; starting a new one", label)
         cache = config.create_timing_cache(b"")
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise EngineBuildError(f"{label}: IBuilderConfig.set_timing_cache failed on a new cache")
+            raise PlanBuildError(f"{label}: IBuilderConfig.set_timing_cache failed on a new cache")
     return cache
 
 
@@ -210,11 +213,11 @@ def build_serialized(trt, *, source: Path | bytes, strategy: str, profiles: dict
     network, _parser = parse_network(trt, builder, tlog, source, strategy, label)
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if sorted(names) != sorted(profiles):
-        raise EngineBuildError(f"{label}: the network's inputs {sorted(names)} differ from the manifest's "
+        raise PlanBuildError(f"{label}: the network's inputs {sorted(names)} differ from the manifest's "
                                f"{sorted(profiles)}; re-export the graphs")
     config = builder.create_builder_config()
     if config is None:
-        raise EngineBuildError(f"{label}: Builder.create_builder_config returned None")
+        raise PlanBuildError(f"{label}: Builder.create_builder_config returned None")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if hasattr(trt.BuilderFlag, "TF32"):
         # TF32 matmuls keep 10 mantissa bits: off, so fp32 engines match ONNX Runtime to ~1e-5 and the
@@ -231,16 +234,16 @@ def build_serialized(trt, *, source: Path | bytes, strategy: str, profiles: dict
         progress(f"{label}: FP16 with {pinned} of {network.num_layers} layers pinned to float32")
     profile = builder.create_optimization_profile()
     if profile is None:
-        raise EngineBuildError(f"{label}: Builder.create_optimization_profile returned None")
+        raise PlanBuildError(f"{label}: Builder.create_optimization_profile returned None")
     for name, p in profiles.items():
         profile.set_shape(name, p["min"], p["opt"], p["max"])
     if config.add_optimization_profile(profile) < 0:
-        raise EngineBuildError(f"{label}: IBuilderConfig.add_optimization_profile rejected {profiles}")
+        raise PlanBuildError(f"{label}: IBuilderConfig.add_optimization_profile rejected {profiles}")
     cache = load_timing_cache(config, timing_blob, label) if timing_blob is not None else None
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         detail = ("\n  " + "\n  ".join(tlog.errors[-10:])) if tlog.errors else " (see the TensorRT log above)"
-        raise EngineBuildError(f"{label}: Builder.build_serialized_network returned None{detail}")
+        raise PlanBuildError(f"{label}: Builder.build_serialized_network returned None{detail}")
     new_cache = bytes(memoryview(cache.serialize())) if cache is not None else None
     return bytes(memoryview(plan)), new_cache
 
@@ -254,9 +257,9 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
     strategy = precision_strategy(trt.__version__, fp32=args.fp32)
     progress(f"TensorRT {trt.__version__} on {gpu_name} (compute capability {cc}); strategy {strategy}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in ENGINE_KINDS]
+    unknown = [k for k in kinds if k not in PLAN_KINDS]
     if unknown or not kinds:
-        raise PlanError(f"--kinds: unknown engine kind(s) {unknown or kinds}; choose from {', '.join(ENGINE_KINDS)}")
+        raise PlanError(f"--kinds: unknown plan kind(s) {unknown or kinds}; choose from {', '.join(PLAN_KINDS)}")
     out = Path(args.out) if args.out else manifest.directory
     max_words = args.max_words if args.max_words is not None else manifest.max_words
     cache_path = Path(args.timing_cache) if args.timing_cache else None
@@ -268,7 +271,7 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
     for kind in kinds:
         key = source_graph_key(kind, strategy)
         try:
-            graph = manifest.graph(source_kind(kind), "fp16" if strategy == STRONGLY_TYPED else "fp32")
+            graph = manifest.graph(plan_graph_kind(kind), "fp16" if strategy == STRONGLY_TYPED else "fp32")
         except ManifestError as e:
             raise ManifestError(f"{e}; TensorRT {trt.__version__} builds FP16 only from the exported fp16 graphs: "
                                 "re-export with them, or build with --fp32") from e
@@ -287,17 +290,17 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
         plan, timing_blob = build_serialized(trt, source=source, strategy=strategy, profiles=profiles,
                                              workspace_gb=args.workspace_gb, timing_blob=timing_blob, label=label,
                                              progress=progress)
-        target = out / engine_file_name(manifest.name, kind)
+        target = out / plan_file_name(manifest.name, kind)
         atomic.write_bytes(target, plan)
         if cache_path is not None and timing_blob:
             atomic.write_bytes(cache_path, timing_blob)  # after every engine: a later failure keeps the tuning
-        records[kind] = engine_record(
+        records[kind] = plan_record(
             file=relative_file(manifest.directory, target), sha256=hashlib.sha256(plan).hexdigest(),
             source_key=key, source_graph=graph, strategy=strategy, tensorrt_version=trt.__version__,
             gpu_name=gpu_name, compute_capability=cc, profiles=profiles,
             build_seconds=round(time.perf_counter() - t0, 1), **extra)
-        # Record each engine as soon as its plan is complete, so an interrupted run keeps what it built.
-        record_engines(manifest.path, {kind: records[kind]})
+        # Record each plan as soon as it is complete, so an interrupted run keeps what it built.
+        record_plans(manifest.path, {kind: records[kind]})
         progress(f"{kind}: wrote {target} ({len(plan) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     return records
 
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, rec in records.items():
         print(f"  {rec['file']}  ({kind}, {rec['precision']} {rec['strategy']}, TensorRT {rec['tensorrt_version']}, "
               f"{rec['gpu_name']})")
-    print(f"  {args.manifest}  (manifest: engines recorded)")
+    print(f"  {args.manifest}  (manifest: plans recorded)")
     return 0
 
 

@@ -22,7 +22,8 @@ from export.checkpoint import LoadedCheckpoint
 from export.graphs import HeadGraph, ImageGraph, TextGraph, head_input_names
 from export.model import SCAN
 from runtime import atomic
-from runtime.manifest import FORMAT
+from runtime.backends.onnxruntime import open_session
+from runtime.manifest import FORMAT, graph_file_name, graph_key, vocab_file_name, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +75,6 @@ def random_captions(q: int, max_len: int, vocab_size: int, gen: torch.Generator,
     ids = torch.randint(4, max(vocab_size, 5), (q, int(lens.max())), generator=gen) % vocab_size
     ids = ids * (torch.arange(ids.shape[1]).unsqueeze(0) < lens.unsqueeze(1))
     return ids, lens
-
-
-def graph_key(kind: str, precision: str) -> str:
-    return kind if precision == "fp32" else f"{kind}.{precision}"
-
-
-def graph_file(name: str, kind: str, precision: str) -> str:
-    stem = name if kind == "head" else f"{name}.{kind}"
-    return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
 
 
 def _half_floats(feeds: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -163,11 +155,9 @@ def reference(model: SCAN, kind: str, feeds: dict[str, torch.Tensor]) -> list[np
 
 def check_parity(model: SCAN, kind: str, onnx_bytes: bytes, precision: str = "fp32") -> dict[str, Any]:
     """Run the graph in ONNX Runtime on ``parity_cases`` against the float32 PyTorch reference."""
-    import onnxruntime as ort
-
     atol, rtol = TOLERANCES[precision]
     name = graph_key(kind, precision)
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    session = open_session(onnx_bytes)
     worst = 0.0
     shapes = []
     for feeds in parity_cases(model, kind):
@@ -206,7 +196,7 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
             parity = check_parity(model, spec.kind, blob, precision)
             blobs[key] = blob
             graphs[key] = {
-                "file": graph_file(name, spec.kind, precision), "sha256": hashlib.sha256(blob).hexdigest(),
+                "file": graph_file_name(name, spec.kind, precision), "sha256": hashlib.sha256(blob).hexdigest(),
                 "precision": precision, **_io_entries(blob),
                 "parity": parity, "export_seconds": round(time.perf_counter() - t0, 3),
             }
@@ -221,15 +211,15 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
                        "best_rsum": _plain(ckpt.best_rsum)},
         "image_encoder_id": encoder_id(model.img_enc, {k: cfg_dict[k] for k in img_keys}),
         "text_encoder_id": encoder_id(model.txt_enc, {k: cfg_dict[k] for k in txt_keys}),
-        "vocab": {"file": f"{name}.vocab.json", "sha256": hashlib.sha256(vocab_bytes).hexdigest()},
-        "graphs": graphs, "engines": {},
+        "vocab": {"file": vocab_file_name(name), "sha256": hashlib.sha256(vocab_bytes).hexdigest()},
+        "graphs": graphs, "plans": {},
         "exported_with": {"torch": torch.__version__, "onnx_opset": OPSET},
     }
     for key, blob in blobs.items():
         atomic.write_bytes(out_dir / graphs[key]["file"], blob)
     atomic.write_bytes(out_dir / manifest["vocab"]["file"], vocab_bytes)
     # The manifest goes last: it only ever names files that are already complete.
-    atomic.write_json(out_dir / f"{name}.json", manifest)
+    write_manifest(out_dir / f"{name}.json", manifest)
     return manifest
 
 

@@ -27,7 +27,6 @@ class ScanEngine:
         self.manifest = manifest
         self.config = manifest.config
         self.backend_name = backend
-        self.precision = precision
         self.tokenizer = Tokenizer(Vocabulary.from_json(manifest.vocab_path()), max_words=manifest.max_words)
         self._backends: list[Backend] = []
         try:

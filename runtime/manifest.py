@@ -1,19 +1,79 @@
-"""The export manifest ``<name>.json``: what was exported, from what, and how it was verified.
+"""The export manifest ``<name>.json``, the one owner of its layout: what was exported, from what, and how
+it was verified.
 
-It binds the graphs, the vocabulary and any TensorRT engines to one checkpoint: every file is listed
-with its sha256, and a file that does not match is refused rather than served.
+It binds the graphs, the vocabulary and any TensorRT plans to one checkpoint: every file is listed with
+its sha256, and a file that does not match is refused rather than served. Everything else reads the
+manifest through :class:`Manifest` and writes it through :func:`write_manifest` / :func:`record_plans`;
+the naming rules (graph keys, graph and plan file names) live here too.
+
+Vocabulary: the *engine* is the exported model as served (what ``--engine`` names, ``ScanEngine``); a
+*graph* is an ONNX file; a *plan* is a TensorRT serialized engine file (``scan.plan``). The manifest key
+for plans is ``plans``; manifests written before the rename say ``engines`` and are still read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+from runtime import atomic
 from runtime.atomic import sha256_file
 from runtime.config import ConfigError, SCANConfig
 
 FORMAT = "scan-runtime/1"
+GRAPH_PRECISIONS = ("fp32", "fp16")
+# "topk" is the head graph with a TopK appended (export/trt_build.add_topk_to_head); it has no graph of its own.
+PLAN_KINDS = ("head", "text", "image", "topk")
+PLANS_KEY = "plans"
+LEGACY_PLANS_KEY = "engines"
+# The TensorRT build strategy that parses the fp16 graphs (TensorRT >= 11, strongly typed networks).
+STRONGLY_TYPED = "strongly-typed"
+PLAN_BUILD_SCRIPT = "export/build_engine.py"
+
+
+# ---------------------------------------------------------------------------------------------- naming rules
+
+
+def graph_key(kind: str, precision: str = "fp32") -> str:
+    """Manifest ``graphs`` key: ``head`` (fp32) or ``head.fp16``."""
+    if precision not in GRAPH_PRECISIONS:
+        raise ManifestError(f"precision must be one of {GRAPH_PRECISIONS}, received {precision!r}")
+    return kind if precision == "fp32" else f"{kind}.{precision}"
+
+
+def graph_file_name(name: str, kind: str, precision: str = "fp32") -> str:
+    """``scan.onnx`` (head), ``scan.text.onnx``, ``scan.image.fp16.onnx``, ..."""
+    stem = name if kind == "head" else f"{name}.{kind}"
+    return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
+
+
+def vocab_file_name(name: str) -> str:
+    return f"{name}.vocab.json"
+
+
+def check_plan_kind(kind: str) -> None:
+    if kind not in PLAN_KINDS:
+        raise ManifestError(f"unknown plan kind {kind!r}; expected one of {', '.join(PLAN_KINDS)}")
+
+
+def plan_file_name(name: str, kind: str) -> str:
+    """``scan.plan`` (head), ``scan.text.plan``, ``scan.image.plan``, ``scan.topk.plan``."""
+    check_plan_kind(kind)
+    return f"{name}.plan" if kind == "head" else f"{name}.{kind}.plan"
+
+
+def plan_graph_kind(kind: str) -> str:
+    """The manifest graph a plan kind is built from."""
+    check_plan_kind(kind)
+    return "head" if kind == "topk" else kind
+
+
+def plan_source_key(kind: str, strategy: str) -> str:
+    """Manifest ``graphs`` key a plan is parsed from: only the strongly typed path uses the fp16 graphs."""
+    return graph_key(plan_graph_kind(kind), "fp16" if strategy == STRONGLY_TYPED else "fp32")
 
 
 class ManifestError(ValueError):
@@ -52,12 +112,53 @@ class Manifest:
     def text_encoder_id(self) -> str:
         return str(self.data["text_encoder_id"])
 
+    @property
+    def graphs(self) -> dict[str, dict[str, Any]]:
+        """``{graph key: entry}``; an entry has ``file``, ``sha256``, ``inputs`` and ``outputs``."""
+        graphs = self.data.get("graphs")
+        return graphs if isinstance(graphs, dict) else {}
+
     def graph(self, kind: str, precision: str = "fp32") -> dict[str, Any]:
-        key = kind if precision == "fp32" else f"{kind}.{precision}"
-        graphs = self.data.get("graphs", {})
+        key = graph_key(kind, precision)
+        graphs = self.graphs
         if key not in graphs:
             raise ManifestError(f"manifest {self.path}: no {precision} {kind} graph (has {sorted(graphs)})")
         return graphs[key]
+
+    def dim_names(self, key: str) -> dict[str, list[Any]]:
+        """``{tensor: shape}`` of graph ``key``'s inputs and outputs (ints, or names of dynamic dimensions)."""
+        entry = self.graphs.get(key, {})
+        return {e["name"]: list(e.get("shape", [])) for e in entry.get("inputs", []) + entry.get("outputs", [])}
+
+    # ------------------------------------------------------------------ TensorRT plans
+
+    @property
+    def plans(self) -> dict[str, dict[str, Any]]:
+        """``{plan kind: record}`` of the TensorRT plans built for this export (empty when none)."""
+        plans = self.data.get(PLANS_KEY)
+        if not isinstance(plans, dict) or not plans:
+            plans = self.data.get(LEGACY_PLANS_KEY)
+        return plans if isinstance(plans, dict) else {}
+
+    def plan(self, kind: str) -> dict[str, Any]:
+        """The record of the ``kind`` plan; ManifestError saying how to build it when there is none."""
+        check_plan_kind(kind)
+        record = self.plans.get(kind)
+        if not isinstance(record, dict):
+            raise ManifestError(f"{self.path} lists no TensorRT {kind} plan (has {sorted(self.plans) or 'none'}); "
+                                f"build it with: python {PLAN_BUILD_SCRIPT} {self.path}")
+        return record
+
+    def plan_source_key(self, kind: str) -> str:
+        """The graph key the ``kind`` plan was built from."""
+        record = self.plan(kind)
+        return str(record.get("source_key") or plan_source_key(kind, str(record.get("strategy", "fp32"))))
+
+    @property
+    def topk_max(self) -> int:
+        """Largest k the device top-k plan returns; 0 when there is no top-k plan."""
+        record = self.plans.get("topk")
+        return int(record.get("topk_max", 0)) if isinstance(record, dict) else 0
 
     def file(self, entry: dict[str, Any], verify: bool = True) -> Path:
         """Resolve a listed file next to the manifest; refuse it if missing or if its sha256 differs."""
@@ -72,6 +173,67 @@ class Manifest:
 
     def vocab_path(self) -> Path:
         return self.file(self.data["vocab"])
+
+
+def write_manifest(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write a whole manifest atomically (the exporter; write it after the files it lists)."""
+    data = dict(data)
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"manifest {path}: expected format {FORMAT!r}, got {data.get('format')!r}")
+    data.setdefault(PLANS_KEY, {})
+    atomic.write_json(Path(path), data)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the manifest between processes (POSIX advisory lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still keeps the file whole
+        yield
+        return
+    lock_path = path.with_name(f".{path.name}.lock")
+    with open(lock_path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def record_plans(manifest_path: str | Path, records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Add or replace ``plans[kind]`` records in the manifest on disk; every other key is kept.
+
+    Re-reads the file under a lock rather than trusting an in-memory copy, since another tool may
+    have changed it since it was loaded, and replaces it in one atomic rename. Records of a legacy
+    ``engines`` key move to ``plans``.
+    """
+    path = Path(manifest_path)
+    for kind in records:
+        check_plan_kind(kind)
+    with _locked(path):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"manifest {path}: cannot re-read it to record the plans ({e})") from e
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest {path}: not a JSON object")
+        plans = data.get(PLANS_KEY)
+        legacy = data.pop(LEGACY_PLANS_KEY, None)
+        if not isinstance(plans, dict):
+            plans = {}
+        if isinstance(legacy, dict):
+            plans = {**legacy, **plans}
+        for kind, record in records.items():
+            plans[kind] = dict(record)
+        data[PLANS_KEY] = plans
+        atomic.write_json(path, data)
+    return data
+
+
+def relative_file(manifest_dir: Path, target: Path) -> str:
+    """Path of ``target`` as recorded in the manifest: relative to the manifest's folder."""
+    return os.path.relpath(Path(target).resolve(), Path(manifest_dir).resolve())
 
 
 def load_manifest(path: str | Path) -> Manifest:

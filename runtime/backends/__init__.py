@@ -34,14 +34,14 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
         if not tensorrt_available():
             raise BackendError("--backend tensorrt: TensorRT is not installed (pip install tensorrt, on a machine "
                                "with an NVIDIA GPU); --backend onnxruntime serves the ONNX graphs meanwhile")
-        if not manifest.data.get("engines"):
-            raise BackendError(f"--backend tensorrt: {manifest.path} lists no TensorRT engines; "
+        if not manifest.plans:
+            raise BackendError(f"--backend tensorrt: {manifest.path} lists no TensorRT plans; "
                                f"build them with export/build_engine.py {manifest.path}")
         return "tensorrt"
     if wants_plan:
-        if tensorrt_available() and manifest.data.get("engines"):
+        if tensorrt_available() and manifest.plans:
             return "tensorrt"
-        reason = "TensorRT is not installed" if not tensorrt_available() else "the manifest lists no engines"
+        reason = "TensorRT is not installed" if not tensorrt_available() else "the manifest lists no plans"
         # The CLIs route warnings to stderr (logging.basicConfig); a library does not print.
         logger.warning("%s: %s; falling back to the ONNX graphs with ONNX Runtime", engine_path, reason)
     return "onnxruntime"

@@ -1,11 +1,62 @@
-"""The one small interface every backend implements (Polygraphy's split of loading and running)."""
+"""The one small interface every backend implements (Polygraphy's split of loading and running).
+
+A backend runs one graph or plan (``run``) and owns *placement* for gallery search, the way faiss picks
+CPU or GPU by index type:
+
+* ``limits`` -- the largest size along axis 0 it accepts per input (a TensorRT profile's max; empty
+  when unlimited). Callers cap their blocks and batches to it.
+* ``upload(blocks, resident=None)`` -- take a gallery once, as blocks of head inputs, and keep it where
+  this backend scores best (``resident=False`` forces host arrays): host arrays streamed per search (the default), OrtValues on the CUDA device
+  (ONNX Runtime), device buffers (TensorRT; a future CuPy array backend: fp16 on the GPU). Returns a
+  :class:`GalleryBlocks` to ``close()`` when done.
+* ``block_topk(gallery, queries, k, axis)`` -- score query feeds against every block and yield the
+  block's top-k per query: ``(scores (q, k'), rows (q, k'))``, ``k' <= k``, scores float32 descending
+  with ties to the lower row, rows int64 positions in the gallery. ``axis`` is the gallery's axis of
+  the head's ``sims`` output (N images, Q captions): 0 when images are the gallery, 1 for captions.
+  The default runs ``run`` and ``runtime.topk.block_topk`` on the host; TensorRT runs its top-k plan
+  on the device so only (k, q) values come back. The caller merges blocks with ``RunningTopK``, so a
+  sharded service can implement the same two calls per shard.
+"""
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+
+from runtime.topk import block_topk
+
+# One gallery block: (offset of its first row in the gallery, head inputs for its rows).
+Block = tuple[int, Mapping[str, Any]]
+
+
+class GalleryBlocks:
+    """A gallery as a backend holds it: its blocks in order, re-iterable; ``close()`` frees what was uploaded.
+
+    ``blocks`` is either a sequence of blocks (uploaded once) or a callable returning a fresh iterator of
+    blocks (host arrays read per search, so memory stays bounded by one block).
+    """
+
+    def __init__(self, blocks: Callable[[], Iterable[Block]] | list[Block],
+                 release: Callable[[], None] | None = None) -> None:
+        self._blocks = blocks
+        self._release = release
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self._blocks() if callable(self._blocks) else self._blocks)
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        self._blocks = []
+        if release is not None:
+            release()
+
+    def __enter__(self) -> "GalleryBlocks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class BackendError(RuntimeError):
@@ -54,6 +105,37 @@ class Backend(abc.ABC):
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
+
+    # ------------------------------------------------------------------ placement (see the module docstring)
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """``{input: largest size along axis 0}``; an input not listed is unlimited."""
+        return {}
+
+    def host_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Numpy feeds cast to the inputs' dtypes; anything else (already on a device) is passed through."""
+        dtypes = {t.name: t.dtype for t in self.inputs}
+        return {k: (np.ascontiguousarray(v, dtype=dtypes[k]) if isinstance(v, np.ndarray) and k in dtypes else v)
+                for k, v in feeds.items()}
+
+    def upload(self, blocks: Callable[[], Iterable[Block]], resident: bool | None = None) -> GalleryBlocks:
+        """Hold a gallery for ``block_topk``; ``blocks()`` yields its blocks. ``resident``: keep it in the
+        backend's memory (True), read the host arrays per search (False), or the backend's choice (None).
+
+        The default keeps the host arrays (often memory-mapped) and reads them per search.
+        """
+        return GalleryBlocks(blocks)
+
+    def block_topk(self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int,
+                   output: str = "sims") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per block of ``gallery``: the top-k gallery rows of each query, ``(scores (q, k'), rows (q, k'))``."""
+        queries = self.host_feeds(queries)
+        for offset, feeds in gallery:
+            sims = self.run({**self.host_feeds(feeds), **queries})[output]  # (N, Q)
+            scores = sims.T if axis == 0 else sims  # (queries, block)
+            rows = np.arange(offset, offset + scores.shape[1], dtype=np.int64)
+            yield block_topk(scores.astype(np.float32, copy=False), k, rows)
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         expected = set(self.input_names)

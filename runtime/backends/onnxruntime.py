@@ -1,18 +1,19 @@
 """ONNX Runtime backend: CPU by default, CUDA when ``onnxruntime-gpu`` is installed.
 
-Providers are chosen explicitly and checked after the session opens, so a silent fallback to the
-CPU (ONNX Runtime's default when a provider fails to load) is reported instead of hidden.
+``open_session`` is the project's one ONNX Runtime session factory (serving, export parity checks,
+benchmarks). Providers are chosen explicitly and checked after the session opens, so a silent fallback
+to the CPU (ONNX Runtime's default when a provider fails to load) is reported instead of hidden.
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError, TensorSpec
+from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,34 +34,50 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def open_session(model: str | Path | bytes, device: str = "cpu", threads: int | None = None,
+                 inter_op_threads: int = 1, optimize: bool = True):
+    """An ``onnxruntime.InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
+
+    ``threads``: intra-op threads (default: the CPUs this process may use). ``optimize=False`` turns the
+    graph optimizations off. Raises BackendError naming the model when the session cannot open or when
+    the provider asked for did not load.
+    """
+    ort = _import_ort()
+    label = f"{len(model)}-byte model" if isinstance(model, (bytes, bytearray)) else str(model)
+    if device not in ("cpu", "cuda"):
+        raise BackendError(f"device must be 'cpu' or 'cuda', received {device!r}")
+    providers: Sequence[str] = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
+                               f"this ONNX Runtime has {ort.get_available_providers()}")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = inter_op_threads
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        session = ort.InferenceSession(source, sess_options=opts, providers=list(providers))
+    except Exception as e:  # ORT raises its own exception types (InvalidGraph, NoSuchFile, ...)
+        raise BackendError(f"ONNX Runtime cannot open {label}: {e}") from e
+    got = session.get_providers()
+    if providers[0] not in got:
+        raise BackendError(f"{label}: asked ONNX Runtime for {providers[0]}, the session has {got}")
+    return session
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None,
                  inter_op_threads: int = 1) -> None:
-        ort = _import_ort()
-        self._ort = ort
+        self._ort = _import_ort()
         self.path = Path(path)
-        if device not in ("cpu", "cuda"):
-            raise BackendError(f"device must be 'cpu' or 'cuda', received {device!r}")
-        providers: Sequence[str] = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
-                                   f"this ONNX Runtime has {ort.get_available_providers()}")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads or default_threads()
-        opts.inter_op_num_threads = inter_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(providers))
-        except Exception as e:  # ORT raises its own exception types (InvalidGraph, NoSuchFile, ...)
-            raise BackendError(f"ONNX Runtime cannot open {self.path}: {e}") from e
-        got = self._session.get_providers()
-        if providers[0] not in got:
-            raise BackendError(f"{self.path}: asked ONNX Runtime for {providers[0]}, the session has {got}")
+        self._session = open_session(self.path, device=device, threads=intra_op_threads,
+                                     inter_op_threads=inter_op_threads)
         self.device = device
         self._inputs = [TensorSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
                         for i in self._session.get_inputs()]
@@ -76,6 +93,15 @@ class OnnxRuntimeBackend(Backend):
         """
         dtype = {t.name: t.dtype for t in self._inputs}[name]
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=dtype), self.device, 0)
+
+    def upload(self, blocks: Callable[[], Iterable[Block]], resident: bool | None = None) -> GalleryBlocks:
+        """Resident (the default on CUDA): every block is uploaded once as OrtValues (IOBinding inputs) and
+        stays on the device; otherwise the host arrays are read per search (the default on the CPU, where an
+        OrtValue copy would only double the memory)."""
+        if not (self.device == "cuda" if resident is None else resident):
+            return super().upload(blocks, resident)
+        return GalleryBlocks([(offset, {k: self.to_device(v, k) for k, v in feeds.items()})
+                              for offset, feeds in blocks()])
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if self._session is None:

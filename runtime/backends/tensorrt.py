@@ -3,32 +3,35 @@
 TensorRT and the CUDA bindings are imported lazily, inside functions, so this module imports on
 machines without them (the development and CI machines cannot install TensorRT, DESIGN.md 5).
 
-* ``TensorRTBackend.from_manifest(manifest, kind)`` refuses an engine built by another TensorRT, for
-  another GPU, or from another graph (``runtime.trt_plan.check_engine_record``), then deserializes it.
+* ``TensorRTBackend.from_manifest(manifest, kind)`` refuses a plan built by another TensorRT, for
+  another GPU, or from another graph (``runtime.backends.plan_check.check_plan_record``), then
+  deserializes it.
 * One execution context and one CUDA stream per thread (TensorRT contexts are not thread-safe);
   device buffers and pinned host buffers are per thread too and grow as needed, never per call.
 * ``run(feeds)`` takes and returns numpy arrays; ``run_device(feeds)`` also accepts ``DeviceArray``
   inputs already on the GPU, such as the blocks of a ``ResidentGallery`` (uploaded once, then passed
   by pointer offset instead of copied per block).
-* Device memory goes through a small allocator: cuda-python (``cuda.bindings.runtime``, NVIDIA's
-  current samples) when installed, otherwise pycuda if that is installed.
+* Placement: ``upload`` keeps a gallery's blocks on the GPU (``ResidentGallery``); ``block_topk`` runs
+  the head's top-k plan on them (``scan.topk.plan``, opened on first use) when k fits its ``topk_max``,
+  so only (k, Q) values per block come back; otherwise the head plan and a host top-k.
+* Device memory goes through a small allocator (``runtime/backends/cuda_memory.py``).
 
 Every boolean TensorRT returns is checked and a failure raises BackendError naming the call.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError, TensorSpec
+from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
+from runtime.backends.cuda_memory import DeviceAllocator, DeviceArray, open_allocator
+from runtime.backends.plan_check import TOPK_OUTPUTS, check_plan_record, shape_in_profile
 from runtime.manifest import Manifest
-from runtime.trt_plan import TOPK_OUTPUTS, check_engine_record, shape_in_profile, source_kind
+from runtime.topk import block_topk
 
 logger = logging.getLogger(__name__)
 
@@ -45,264 +48,6 @@ def _import_trt():
     except ImportError as e:
         raise BackendError(f"TensorRT is not installed ({e}): {INSTALL_HINT}") from e
     return trt
-
-
-# ============================================================================================ allocators
-
-
-@dataclass(frozen=True)
-class DeviceArray:
-    """A tensor already in device memory: ``ptr`` is a CUDA device address (int)."""
-    ptr: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-class DeviceAllocator:
-    """The few CUDA operations the backend needs; ``open_allocator()`` picks an implementation."""
-
-    name = "none"
-
-    def device_info(self) -> tuple[str, str]:
-        """(GPU name, compute capability "major.minor") of the current device."""
-        raise NotImplementedError
-
-    def malloc(self, nbytes: int) -> int:
-        raise NotImplementedError
-
-    def free(self, ptr: int) -> None:
-        raise NotImplementedError
-
-    def malloc_host(self, nbytes: int) -> np.ndarray:
-        """Page-locked host memory as a uint8 array (async copies need it)."""
-        raise NotImplementedError
-
-    def free_host(self, buf: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def stream_create(self) -> Any:
-        raise NotImplementedError
-
-    def stream_handle(self, stream: Any) -> int:
-        """The ``cudaStream_t`` as an int, for ``execute_async_v3``."""
-        raise NotImplementedError
-
-    def stream_destroy(self, stream: Any) -> None:
-        raise NotImplementedError
-
-    def stream_synchronize(self, stream: Any) -> None:
-        raise NotImplementedError
-
-    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        raise NotImplementedError
-
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        raise NotImplementedError
-
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        """Synchronous upload (gallery uploads; pageable memory is fine)."""
-        raise NotImplementedError
-
-
-def _load_cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart  # older cuda-python layout; ImportError propagates when absent
-    return cudart
-
-
-class CudaPythonAllocator(DeviceAllocator):
-    """cuda-python's runtime API: every call returns ``(cudaError_t, *results)``."""
-
-    name = "cuda-python"
-
-    def __init__(self) -> None:
-        self.cudart = _load_cudart()
-        n = self._call("cudaGetDeviceCount", self.cudart.cudaGetDeviceCount())
-        if n < 1:
-            raise BackendError("no CUDA GPU is visible (cudaGetDeviceCount returned 0)")
-
-    def _call(self, what: str, result: Any) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if err != self.cudart.cudaError_t.cudaSuccess:
-            try:
-                msg = self.cudart.cudaGetErrorString(err)[1].decode()
-            except Exception:  # the error string is a courtesy; the code is what matters
-                msg = ""
-            raise BackendError(f"CUDA {what} failed: {getattr(err, 'name', err)} {msg}".rstrip())
-        if not rest:
-            return None
-        return rest[0] if len(rest) == 1 else tuple(rest)
-
-    def device_info(self) -> tuple[str, str]:
-        dev = self._call("cudaGetDevice", self.cudart.cudaGetDevice())
-        props = self._call("cudaGetDeviceProperties", self.cudart.cudaGetDeviceProperties(dev))
-        name = props.name
-        if isinstance(name, (bytes, bytearray)):
-            name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-        return str(name).strip(), f"{props.major}.{props.minor}"
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._call("cudaMalloc", self.cudart.cudaMalloc(max(int(nbytes), 1))))
-
-    def free(self, ptr: int) -> None:
-        self._call("cudaFree", self.cudart.cudaFree(ptr))
-
-    def malloc_host(self, nbytes: int) -> np.ndarray:
-        nbytes = max(int(nbytes), 1)
-        ptr = int(self._call("cudaMallocHost", self.cudart.cudaMallocHost(nbytes)))
-        return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=np.uint8)
-
-    def free_host(self, buf: np.ndarray) -> None:
-        self._call("cudaFreeHost", self.cudart.cudaFreeHost(buf.ctypes.data))
-
-    def stream_create(self) -> Any:
-        return self._call("cudaStreamCreate", self.cudart.cudaStreamCreate())
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream)
-
-    def stream_destroy(self, stream: Any) -> None:
-        self._call("cudaStreamDestroy", self.cudart.cudaStreamDestroy(stream))
-
-    def stream_synchronize(self, stream: Any) -> None:
-        self._call("cudaStreamSynchronize", self.cudart.cudaStreamSynchronize(stream))
-
-    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call("cudaMemcpyAsync(host->device)",
-                   self.cudart.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
-
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call("cudaMemcpyAsync(device->host)",
-                   self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
-
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call("cudaMemcpy(host->device)", self.cudart.cudaMemcpy(dst, src.ctypes.data, src.nbytes, kind))
-
-
-class PycudaAllocator(DeviceAllocator):
-    """pycuda, used only when cuda-python is absent (pycuda is source-only and needs the CUDA toolkit).
-
-    pycuda works on the driver API: each thread must make the device's primary context current,
-    the same context the CUDA runtime (and so TensorRT) uses.
-    """
-
-    name = "pycuda"
-
-    def __init__(self) -> None:
-        import pycuda.driver as cuda
-
-        self.cuda = cuda
-        try:
-            cuda.init()
-            if cuda.Device.count() < 1:
-                raise BackendError("no CUDA GPU is visible (pycuda Device.count() is 0)")
-            self.device = cuda.Device(0)
-            self.context = self.device.retain_primary_context()
-        except cuda.Error as e:
-            raise BackendError(f"pycuda cannot open the GPU: {e}") from e
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        # pycuda objects own their memory: keep them alive by address until freed.
-        self._device: dict[int, Any] = {}
-        self._host: dict[int, np.ndarray] = {}
-        self._streams: dict[int, Any] = {}
-
-    def _current(self) -> None:
-        if not getattr(self._local, "pushed", False):
-            self.context.push()
-            self._local.pushed = True
-
-    def device_info(self) -> tuple[str, str]:
-        major, minor = self.device.compute_capability()
-        return str(self.device.name()).strip(), f"{major}.{minor}"
-
-    def malloc(self, nbytes: int) -> int:
-        self._current()
-        alloc = self.cuda.mem_alloc(max(int(nbytes), 1))
-        with self._lock:
-            self._device[int(alloc)] = alloc
-        return int(alloc)
-
-    def free(self, ptr: int) -> None:
-        self._current()
-        with self._lock:
-            alloc = self._device.pop(int(ptr), None)
-        if alloc is not None:
-            alloc.free()
-
-    def malloc_host(self, nbytes: int) -> np.ndarray:
-        self._current()
-        buf = self.cuda.pagelocked_empty(max(int(nbytes), 1), np.uint8)
-        with self._lock:
-            self._host[buf.ctypes.data] = buf
-        return buf
-
-    def free_host(self, buf: np.ndarray) -> None:
-        with self._lock:
-            self._host.pop(buf.ctypes.data, None)  # pycuda frees page-locked memory with the array
-
-    def stream_create(self) -> Any:
-        self._current()
-        stream = self.cuda.Stream()
-        with self._lock:
-            self._streams[int(stream.handle)] = stream
-        return stream
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream.handle)
-
-    def stream_destroy(self, stream: Any) -> None:
-        with self._lock:
-            self._streams.pop(int(stream.handle), None)
-
-    def stream_synchronize(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self._current()
-        self.cuda.memcpy_htod_async(dst, src, stream)
-
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self._current()
-        self.cuda.memcpy_dtoh_async(dst, src, stream)
-
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        self._current()
-        self.cuda.memcpy_htod(dst, src)
-
-
-_ALLOCATOR: DeviceAllocator | None = None
-_ALLOCATOR_LOCK = threading.Lock()
-
-
-def open_allocator() -> DeviceAllocator:
-    """The process-wide allocator: cuda-python, else pycuda; BackendError saying what to install."""
-    global _ALLOCATOR
-    with _ALLOCATOR_LOCK:
-        if _ALLOCATOR is not None:
-            return _ALLOCATOR
-        try:
-            _ALLOCATOR = CudaPythonAllocator()
-            return _ALLOCATOR
-        except ImportError as e:
-            missing = e
-        try:
-            _ALLOCATOR = PycudaAllocator()
-        except ImportError:
-            raise BackendError(
-                f"the TensorRT backend needs CUDA Python bindings ({missing}): "
-                "pip install cuda-python (or pycuda, which needs the CUDA toolkit to build)") from missing
-        logger.info("cuda-python is not installed; using pycuda for device memory")
-        return _ALLOCATOR
 
 
 # ============================================================================================ backend
@@ -325,7 +70,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path, *, record: Mapping[str, Any] | None = None,
-                 dim_names: Mapping[str, list[Any]] | None = None, allocator: DeviceAllocator | None = None) -> None:
+                 dim_names: Mapping[str, list[Any]] | None = None, allocator: DeviceAllocator | None = None,
+                 topk: Callable[[], "TensorRTBackend"] | None = None, topk_max: int = 0) -> None:
+        """``topk``: opens the head's top-k plan (on first use), which serves ``block_topk`` for k <= ``topk_max``."""
         trt = _import_trt()
         self._trt = trt
         self.path = Path(plan_path)
@@ -367,6 +114,9 @@ class TensorRTBackend(Backend):
         self._states: list[_ThreadState] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._open_topk = topk
+        self._topk: TensorRTBackend | None = None
+        self.topk_max = int(topk_max) if topk is not None else 0
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, kind: str) -> "TensorRTBackend":
@@ -374,16 +124,20 @@ class TensorRTBackend(Backend):
         trt = _import_trt()
         allocator = open_allocator()
         gpu_name, cc = allocator.device_info()
-        plan = check_engine_record(manifest, kind, trt.__version__, gpu_name, cc)
-        record = manifest.data["engines"][kind]
-        graph = (manifest.data.get("graphs") or {}).get(record.get("source_key") or source_kind(kind), {})
-        dim_names = {e["name"]: list(e.get("shape", [])) for e in graph.get("inputs", []) + graph.get("outputs", [])}
+        plan = check_plan_record(manifest, kind, trt.__version__, gpu_name, cc)
+        record = manifest.plan(kind)
+        dim_names = manifest.dim_names(manifest.plan_source_key(kind))
         if kind == "topk":
-            q = next((e["shape"][1] for e in graph.get("outputs", []) if e.get("name") == "sims"), "Q")
+            q = dim_names.get("sims", ["N", "Q"])[1]
             dim_names.update({name: ["K", q] for name in TOPK_OUTPUTS})
-        logger.info("TensorRT %s engine %s (%s, %s) on %s", kind, plan, record.get("precision"),
+        logger.info("TensorRT %s plan %s (%s, %s) on %s", kind, plan, record.get("precision"),
                     record.get("strategy"), gpu_name)
-        return cls(plan, record=record, dim_names=dim_names, allocator=allocator)
+        topk = None
+        if kind == "head" and manifest.topk_max:
+            def topk() -> "TensorRTBackend":
+                return cls.from_manifest(manifest, "topk")
+        return cls(plan, record=record, dim_names=dim_names, allocator=allocator, topk=topk,
+                   topk_max=manifest.topk_max)
 
     # ------------------------------------------------------------------ interface
 
@@ -391,6 +145,56 @@ class TensorRTBackend(Backend):
     def profile(self) -> dict[str, dict[str, list[int]]]:
         """The engine's optimization profile: ``{input: {"min", "opt", "max"}}``; calls must fit in it."""
         return self._profile
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """Largest size along axis 0 per input: the profile's max (calls outside the profile fail)."""
+        return {name: int(p["max"][0]) for name, p in self._profile.items() if p["max"]}
+
+    def upload(self, blocks: Callable[[], Iterable[Block]], resident: bool | None = None) -> GalleryBlocks:
+        """Each block's arrays are copied to the GPU once (``ResidentGallery``) unless ``resident`` is False."""
+        if resident is False:
+            return super().upload(blocks, resident)
+        galleries: list[ResidentGallery] = []
+
+        def release() -> None:
+            for g in galleries:
+                g.close()
+
+        uploaded = []
+        try:
+            for offset, feeds in blocks():
+                gallery = ResidentGallery(self, feeds)
+                galleries.append(gallery)
+                uploaded.append((offset, gallery.block_feeds(0, len(gallery))))
+        except Exception:
+            release()
+            raise
+        return GalleryBlocks(uploaded, release)
+
+    def _topk_plan(self, k: int, axis: int) -> "TensorRTBackend | None":
+        """The top-k plan when it can serve this search (image gallery, k within its topk_max), else None."""
+        if self._open_topk is None or axis != 0 or k > self.topk_max:
+            return None
+        with self._lock:  # open once, even when the first searches arrive from several threads
+            if self._topk is None:
+                self._topk = self._open_topk()
+            return self._topk
+
+    def block_topk(self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int,
+                   output: str = "sims") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        topk = self._topk_plan(k, axis)
+        for offset, feeds in gallery:
+            if topk is not None:
+                # The top-k runs in the plan: only (k', q) results per block come back to the host.
+                out = topk.run_device({**feeds, **queries})
+                rows = out[TOPK_OUTPUTS[1]].T[:, :k].astype(np.int64) + offset  # (q, k')
+                yield out[TOPK_OUTPUTS[0]].T[:, :k].astype(np.float32), rows
+                continue
+            sims = self.run_device({**feeds, **queries})[output]  # (N, Q)
+            scores = sims.T if axis == 0 else sims
+            yield block_topk(scores.astype(np.float32, copy=False), k,
+                             np.arange(offset, offset + scores.shape[1], dtype=np.int64))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)
@@ -416,6 +220,9 @@ class TensorRTBackend(Backend):
                 return
             self._closed = True
             states, self._states = self._states, []
+            topk, self._topk = self._topk, None
+        if topk is not None:
+            topk.close()
         for state in states:
             try:
                 self.allocator.stream_synchronize(state.stream)

@@ -2,7 +2,7 @@
 
 Without TensorRT it must exit 2 saying what to install and that the ONNX graphs serve meanwhile.
 The build logic (strategy per TensorRT version, float32 pins, profiles, timing cache, parse errors,
-manifest records) is driven against the fake ``tensorrt`` of tests/runtime/test_tensorrt_backend.py;
+manifest records) is driven against the fake ``tensorrt`` of tests/fake_tensorrt.py;
 it checks this code's calls and bookkeeping, not TensorRT itself.
 """
 from __future__ import annotations
@@ -16,24 +16,19 @@ import pytest
 
 from export.build_engine import main
 from runtime.manifest import load_manifest
-from tests.runtime.test_tensorrt_backend import FakeAllocator, install_fakes, make_fake_trt
+from tests.fake_tensorrt import FakeAllocator, copy_export, export_golden, install_fakes, make_fake_trt
 
 ARGS = ["--max-batch", "16", "--block", "64", "--max-words", "40"]
 
 
 @pytest.fixture(scope="module")
 def t2i_export(tmp_path_factory) -> Path:
-    from tests.runtime.test_trt_plan import export_golden
-
     return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_build"))
 
 
 @pytest.fixture
 def manifest(t2i_export: Path, tmp_path: Path) -> Path:
-    for f in t2i_export.parent.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            (tmp_path / f.name).write_bytes(f.read_bytes())
-    return tmp_path / "scan.json"
+    return copy_export(t2i_export, tmp_path)
 
 
 def minimal_manifest(tmp_path: Path) -> Path:
@@ -41,7 +36,7 @@ def minimal_manifest(tmp_path: Path) -> Path:
     p = tmp_path / "scan.json"
     p.write_text(json.dumps({"format": "scan-runtime/1", "name": "scan", "config": {}, "graphs": {},
                              "vocab": {"file": "scan.vocab.json"}, "image_encoder_id": "i", "text_encoder_id": "t",
-                             "engines": {}}))
+                             "plans": {}}))
     return p
 
 
@@ -59,7 +54,7 @@ def test_without_tensorrt_exits_2_with_help(monkeypatch, tmp_path: Path, capsys)
 
 
 def test_without_gpu_exits_2(monkeypatch, tmp_path: Path, capsys) -> None:
-    import runtime.backends.tensorrt as backend_mod
+    import runtime.backends.cuda_memory as backend_mod
 
     monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
 
@@ -99,7 +94,7 @@ def test_tensorrt10_fp16_build(monkeypatch, manifest: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert "strategy fp16-flag" in out and "done" in out and "pinned to float32" in out
     m = load_manifest(manifest)
-    engines = m.data["engines"]
+    engines = m.plans
     assert sorted(engines) == ["head", "image", "text", "topk"]
     for kind, file in (("head", "scan.plan"), ("text", "scan.text.plan"), ("image", "scan.image.plan"),
                        ("topk", "scan.topk.plan")):
@@ -111,7 +106,7 @@ def test_tensorrt10_fp16_build(monkeypatch, manifest: Path, tmp_path: Path, caps
         assert rec["compute_capability"] == "9.0"
         source = "head" if kind == "topk" else kind
         assert rec["source_key"] == source
-        assert rec["source_sha256"] == m.data["graphs"][source]["sha256"]
+        assert rec["source_sha256"] == m.graphs[source]["sha256"]
     assert engines["topk"]["topk_max"] == 7
     assert engines["head"]["profiles"]["captions"] == {"min": [1, 1, 32], "opt": [8, 16, 32], "max": [16, 40, 32]}
     assert engines["text"]["profiles"]["ids"]["max"] == [16, 40]
@@ -141,7 +136,7 @@ def test_tensorrt10_fp16_build(monkeypatch, manifest: Path, tmp_path: Path, caps
 def test_fp32_build(monkeypatch, manifest: Path) -> None:
     trt, _ = install_fakes(monkeypatch)
     assert main([str(manifest), *ARGS, "--fp32", "--kinds", "head"]) == 0
-    rec = load_manifest(manifest).data["engines"]["head"]
+    rec = load_manifest(manifest).plans["head"]
     assert rec["precision"] == "fp32" and rec["strategy"] == "fp32"
     config = trt.builds[0]["config"]
     assert "FP16" not in config.flags and "TF32" not in config.flags
@@ -152,7 +147,7 @@ def test_out_folder_is_recorded_relative(monkeypatch, manifest: Path, tmp_path: 
     install_fakes(monkeypatch)
     out = tmp_path / "plans"
     assert main([str(manifest), *ARGS, "--kinds", "image", "--out", str(out)]) == 0
-    rec = load_manifest(manifest).data["engines"]["image"]
+    rec = load_manifest(manifest).plans["image"]
     assert (manifest.parent / rec["file"]).resolve() == (out / "scan.image.plan").resolve()
     from runtime.backends.tensorrt import TensorRTBackend
 
@@ -167,7 +162,7 @@ def test_parse_errors_are_all_reported(monkeypatch, manifest: Path, capsys) -> N
     err = capsys.readouterr().err
     assert "parse_from_file" in err and "failed with 2 error(s)" in err
     assert "GRU: sequence_lens not supported" in err and "Loop: bad trip count" in err
-    assert "engines" not in load_manifest(manifest).data or not load_manifest(manifest).data["engines"]
+    assert not load_manifest(manifest).plans
 
 
 def test_failed_build_is_reported(monkeypatch, manifest: Path, capsys) -> None:
@@ -186,7 +181,7 @@ def test_changed_graph_is_refused(monkeypatch, manifest: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--kinds", "head,vision"], "unknown engine kind"),
+    (["--kinds", "head,vision"], "unknown plan kind"),
     (["--block", "0"], "block"),
     (["--topk-max", "0", "--kinds", "topk"], "k_max"),
     (["--workspace-gb", "0"], "--workspace-gb"),
@@ -214,7 +209,7 @@ def test_tensorrt11_strongly_typed_from_fp16_graphs(monkeypatch, manifest: Path,
     trt, _ = install_fakes(monkeypatch, trt=make_fake_trt(version="11.0.1"))
     assert main([str(manifest), *ARGS]) == 0
     assert "strategy strongly-typed" in capsys.readouterr().out
-    engines = load_manifest(manifest).data["engines"]
+    engines = load_manifest(manifest).plans
     assert engines["head"]["source_graph"] == "scan.fp16.onnx" and engines["head"]["source_key"] == "head.fp16"
     assert engines["topk"]["source_key"] == "head.fp16" and engines["text"]["source_graph"] == "scan.text.fp16.onnx"
     assert {r["strategy"] for r in engines.values()} == {"strongly-typed"}
@@ -233,7 +228,7 @@ def test_engine_built_for_other_gpu_is_refused_after_build(monkeypatch, manifest
     assert main([str(manifest), *ARGS, "--kinds", "text"]) == 0
     install_fakes(monkeypatch, allocator=FakeAllocator(gpu=("NVIDIA A100-SXM4-80GB", "8.0")))
     from runtime.backends.tensorrt import TensorRTBackend
-    from runtime.trt_plan import EngineMismatchError
+    from runtime.backends.plan_check import PlanMismatchError
 
-    with pytest.raises(EngineMismatchError, match="A100"):
+    with pytest.raises(PlanMismatchError, match="A100"):
         TensorRTBackend.from_manifest(load_manifest(manifest), "text")

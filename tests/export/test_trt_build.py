@@ -1,5 +1,6 @@
-"""runtime/trt_plan.py: profiles, precision strategy, layer pinning, naming, engine records and their
-refusal, the atomic manifest update, and the device top-k graph (checked in ONNX Runtime).
+"""export/trt_build.py (profiles, precision strategy, layer pinning, plan records, the device top-k graph,
+checked in ONNX Runtime), the manifest's plan naming and atomic update (runtime/manifest.py), and the
+serve-time refusal of a plan that does not fit (runtime/backends/plan_check.py).
 
 No TensorRT needed: everything here is pure logic or ONNX.
 """
@@ -13,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.backends.base import BackendError
-from tests.conftest import GOLDEN
-from runtime.manifest import ManifestError, load_manifest
-from runtime.trt_plan import (
-    FP16_FLAG, FP32, STRONGLY_TYPED, EngineMismatchError, LayerInfo, PlanError, ProfileError, TensorRTVersionError,
-    add_topk_to_head, check_engine_record, compute_profiles, engine_file_name, engine_record, fp32_layers,
-    loop_body_layers, parse_trt_version, precision_strategy, record_engines, relative_file, source_graph_key,
+from export.trt_build import (
+    FP16_FLAG, FP32, STRONGLY_TYPED, LayerInfo, ProfileError, TensorRTVersionError, add_topk_to_head, compute_profiles,
+    fp32_layers, loop_body_layers, parse_trt_version, plan_record, precision_strategy, source_graph_key,
     strategy_precision,
 )
+from runtime.backends.base import BackendError
+from runtime.backends.onnxruntime import open_session
+from runtime.backends.plan_check import PlanError, PlanMismatchError, check_plan_record
+from runtime.manifest import ManifestError, load_manifest, plan_file_name, record_plans, relative_file
+from tests.fake_tensorrt import copy_export, export_golden
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,21 +37,6 @@ T2I_HEAD = [
 I2T_HEAD = [e for e in T2I_HEAD if e["name"] != "image_gram"]
 TEXT = [{"name": "ids", "dtype": "int64", "shape": ["Q", "L"]}, {"name": "lengths", "dtype": "int64", "shape": ["Q"]}]
 IMAGE = [{"name": "regions", "dtype": "float32", "shape": ["N", "R", 64]}]
-
-
-def export_golden(case: str, out: Path) -> Path:
-    """Export a golden checkpoint (tiny dimensions, ~1 s) and return its manifest path."""
-    pytest.importorskip("torch")
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    golden = GOLDEN
-    from export.checkpoint import load_checkpoint, load_vocab
-    from export.exporter import export_all
-
-    ckpt = load_checkpoint(golden / case / "ckpt.pth.tar")
-    vocab = load_vocab(golden / case / "vocab.json", ckpt.config)
-    export_all(ckpt, vocab.to_json_dict(), out)
-    return out / "scan.json"
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +129,7 @@ def test_source_graph_and_precision() -> None:
     assert source_graph_key("topk", STRONGLY_TYPED) == "head.fp16"
     assert source_graph_key("topk", FP32) == "head"
     assert [strategy_precision(s) for s in (FP16_FLAG, STRONGLY_TYPED, FP32)] == ["fp16", "fp16", "fp32"]
-    with pytest.raises(PlanError, match="unknown engine kind"):
+    with pytest.raises(PlanError, match="unknown plan kind"):
         source_graph_key("vision", FP32)
 
 
@@ -197,39 +184,35 @@ def test_gru_loop_body_is_pinned() -> None:
 # ------------------------------------------------------------------------------------------ names, records
 
 
-def test_engine_file_names() -> None:
-    assert engine_file_name("scan", "head") == "scan.plan"
-    assert engine_file_name("scan", "text") == "scan.text.plan"
-    assert engine_file_name("scan", "image") == "scan.image.plan"
-    assert engine_file_name("coco", "topk") == "coco.topk.plan"
-    with pytest.raises(PlanError):
-        engine_file_name("scan", "plan")
+def test_plan_file_names() -> None:
+    assert plan_file_name("scan", "head") == "scan.plan"
+    assert plan_file_name("scan", "text") == "scan.text.plan"
+    assert plan_file_name("scan", "image") == "scan.image.plan"
+    assert plan_file_name("coco", "topk") == "coco.topk.plan"
+    with pytest.raises(ManifestError, match="unknown plan kind"):
+        plan_file_name("scan", "plan")
 
 
 def _fake_plan(manifest_path: Path, kind: str, payload: bytes, **over) -> dict:
     """Write a plan file beside the manifest and record it as if build_engine.py had built it."""
     m = load_manifest(manifest_path)
-    target = m.directory / engine_file_name(m.name, kind)
+    target = m.directory / plan_file_name(m.name, kind)
     target.write_bytes(payload)
     key = over.pop("source_key", source_graph_key(kind, FP16_FLAG))
-    graph = m.data["graphs"].get(key) or m.data["graphs"][source_graph_key(kind, FP16_FLAG)]
-    rec = engine_record(file=relative_file(m.directory, target), sha256=hashlib.sha256(payload).hexdigest(),
-                        source_key=key, source_graph=graph, strategy=FP16_FLAG, tensorrt_version="10.9.0",
-                        gpu_name="NVIDIA H200", compute_capability="9.0",
-                        profiles=compute_profiles(graph["inputs"], max_words=m.max_words))
+    graph = m.graphs.get(key) or m.graphs[source_graph_key(kind, FP16_FLAG)]
+    rec = plan_record(file=relative_file(m.directory, target), sha256=hashlib.sha256(payload).hexdigest(),
+                      source_key=key, source_graph=graph, strategy=FP16_FLAG, tensorrt_version="10.9.0",
+                      gpu_name="NVIDIA H200", compute_capability="9.0",
+                      profiles=compute_profiles(graph["inputs"], max_words=m.max_words))
     rec.update(over)
-    record_engines(manifest_path, {kind: rec})
+    record_plans(manifest_path, {kind: rec})
     return rec
 
 
 @pytest.fixture
 def manifest_copy(t2i_manifest_path: Path, tmp_path: Path) -> Path:
     """A private copy of the export (manifest + graphs) that a test may modify."""
-    src = t2i_manifest_path.parent
-    for f in src.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            (tmp_path / f.name).write_bytes(f.read_bytes())
-    return tmp_path / "scan.json"
+    return copy_export(t2i_manifest_path, tmp_path)
 
 
 def test_record_round_trip_keeps_everything_else(manifest_copy: Path) -> None:
@@ -237,8 +220,8 @@ def test_record_round_trip_keeps_everything_else(manifest_copy: Path) -> None:
     rec = _fake_plan(manifest_copy, "head", b"plan-bytes")
     rec_text = _fake_plan(manifest_copy, "text", b"text-plan")
     after = json.loads(manifest_copy.read_text())
-    assert after["engines"] == {"head": rec, "text": rec_text}
-    assert {k: v for k, v in after.items() if k != "engines"} == {k: v for k, v in before.items() if k != "engines"}
+    assert after["plans"] == {"head": rec, "text": rec_text}
+    assert {k: v for k, v in after.items() if k != "plans"} == {k: v for k, v in before.items() if k != "plans"}
     assert rec["file"] == "scan.plan" and rec["source_graph"] == "scan.onnx"
     assert rec["source_sha256"] == before["graphs"]["head"]["sha256"]
     assert rec["precision"] == "fp16" and rec["strategy"] == FP16_FLAG
@@ -246,21 +229,35 @@ def test_record_round_trip_keeps_everything_else(manifest_copy: Path) -> None:
                         "tensorrt_version", "gpu_name", "compute_capability", "profiles", "built_at"}
     assert rec["profiles"]["images"]["max"] == [512, 36, 32]
     # the record verifies against the machine it was "built" on
-    plan = check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+    plan = check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
     assert plan == manifest_copy.parent / "scan.plan"
     # rebuilding replaces the record rather than adding another
     _fake_plan(manifest_copy, "head", b"plan-bytes-2")
-    assert sorted(json.loads(manifest_copy.read_text())["engines"]) == ["head", "text"]
+    assert sorted(json.loads(manifest_copy.read_text())["plans"]) == ["head", "text"]
     assert not list(manifest_copy.parent.glob("*.tmp"))
 
 
-def test_record_engines_rejects_unknown_kind_and_bad_json(tmp_path: Path) -> None:
+def test_record_plans_rejects_unknown_kind_and_bad_json(tmp_path: Path) -> None:
     p = tmp_path / "scan.json"
     p.write_text("{not json")
     with pytest.raises(ManifestError, match="cannot re-read"):
-        record_engines(p, {"head": {}})
-    with pytest.raises(PlanError, match="unknown engine kind"):
-        record_engines(p, {"vision": {}})
+        record_plans(p, {"head": {}})
+    with pytest.raises(ManifestError, match="unknown plan kind"):
+        record_plans(p, {"vision": {}})
+
+
+def test_legacy_engines_key_is_read_and_moved_to_plans(manifest_copy: Path) -> None:
+    """Manifests written before the rename list their plans under "engines": still served, moved on update."""
+    rec = _fake_plan(manifest_copy, "head", b"plan-bytes")
+    data = json.loads(manifest_copy.read_text())
+    data["engines"] = data.pop("plans")
+    manifest_copy.write_text(json.dumps(data))
+    m = load_manifest(manifest_copy)
+    assert m.plans == {"head": rec} and m.plan("head") == rec
+    assert check_plan_record(m, "head", "10.9.0", "NVIDIA H200", "9.0") == manifest_copy.parent / "scan.plan"
+    rec_text = _fake_plan(manifest_copy, "text", b"text-plan")
+    after = json.loads(manifest_copy.read_text())
+    assert "engines" not in after and after["plans"] == {"head": rec, "text": rec_text}
 
 
 def test_plan_outside_manifest_folder_is_relative(tmp_path: Path) -> None:
@@ -275,8 +272,8 @@ def test_plan_outside_manifest_folder_is_relative(tmp_path: Path) -> None:
 ])
 def test_mismatched_engine_is_refused(manifest_copy: Path, args, needles) -> None:
     _fake_plan(manifest_copy, "head", b"plan")
-    with pytest.raises(EngineMismatchError) as e:
-        check_engine_record(load_manifest(manifest_copy), "head", *args)
+    with pytest.raises(PlanMismatchError) as e:
+        check_plan_record(load_manifest(manifest_copy), "head", *args)
     msg = str(e.value)
     for n in needles:
         assert n in msg
@@ -289,8 +286,8 @@ def test_engine_from_another_graph_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     data["graphs"]["head"]["sha256"] = "ab" * 32  # as if the model had been re-exported
     manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(EngineMismatchError, match="re-exported.*build_engine.py"):
-        check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+    with pytest.raises(PlanMismatchError, match="re-exported.*build_engine.py"):
+        check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
 def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
@@ -298,23 +295,24 @@ def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     del data["graphs"]["head.fp16"]  # e.g. re-exported without fp16 graphs after the build
     manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(EngineMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
-        check_engine_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
+    with pytest.raises(PlanMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
+        check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
 def test_replaced_plan_file_is_refused(manifest_copy: Path) -> None:
     _fake_plan(manifest_copy, "text", b"plan")
     (manifest_copy.parent / "scan.text.plan").write_bytes(b"another plan")
-    with pytest.raises(EngineMismatchError, match="sha256 .* differs .*replaced or damaged"):
-        check_engine_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
+    with pytest.raises(PlanMismatchError, match="sha256 .* differs .*replaced or damaged"):
+        check_plan_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
     (manifest_copy.parent / "scan.text.plan").unlink()
-    with pytest.raises(EngineMismatchError, match="missing"):
-        check_engine_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
+    with pytest.raises(PlanMismatchError, match="missing"):
+        check_plan_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
 
 
-def test_no_engine_recorded(manifest_copy: Path) -> None:
-    with pytest.raises(EngineMismatchError, match="lists no TensorRT image engine.*build_engine.py"):
-        check_engine_record(load_manifest(manifest_copy), "image", "10.9.0", "NVIDIA H200", "9.0")
+def test_no_plan_recorded(manifest_copy: Path) -> None:
+    assert load_manifest(manifest_copy).topk_max == 0
+    with pytest.raises(PlanMismatchError, match="lists no TensorRT image plan.*build_engine.py"):
+        check_plan_record(load_manifest(manifest_copy), "image", "10.9.0", "NVIDIA H200", "9.0")
 
 
 # ------------------------------------------------------------------------------------------ device top-k
@@ -334,11 +332,9 @@ def _head_feeds(rng, n: int, q: int, lengths=None, gram: bool = True) -> dict:
 
 @pytest.mark.parametrize("n, k_max", [(40, 10), (7, 10), (10, 10), (1, 5), (25, 1)])
 def test_topk_head_matches_numpy(t2i_manifest_path: Path, n: int, k_max: int) -> None:
-    import onnxruntime as ort
-
     head = t2i_manifest_path.parent / "scan.onnx"
-    plain = ort.InferenceSession(str(head), providers=["CPUExecutionProvider"])
-    topk = ort.InferenceSession(add_topk_to_head(head, k_max).SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = open_session(head)
+    topk = open_session(add_topk_to_head(head, k_max).SerializeToString())
     assert [o.name for o in topk.get_outputs()] == ["topk_scores", "topk_index"]
     feeds = _head_feeds(np.random.default_rng(n * 100 + k_max), n, q=6)
     sims = plain.run(["sims"], feeds)[0]                          # (N, Q)
@@ -377,8 +373,6 @@ def test_topk_bad_arguments(t2i_manifest_path: Path) -> None:
 
 def test_topk_i2t_head(tmp_path_factory) -> None:
     """The i2t head (no image_gram input) gets the same top-k."""
-    import onnxruntime as ort
-
     path = export_golden("i2t_avg", tmp_path_factory.mktemp("i2t"))
     m = load_manifest(path)
     if "image_gram" in [e["name"] for e in m.graph("head")["inputs"]]:
@@ -386,8 +380,8 @@ def test_topk_i2t_head(tmp_path_factory) -> None:
     profiles = compute_profiles(m.graph("head")["inputs"], max_words=m.max_words)
     assert "image_gram" not in profiles
     head = path.parent / "scan.onnx"
-    topk = ort.InferenceSession(add_topk_to_head(head, 4).SerializeToString(), providers=["CPUExecutionProvider"])
-    plain = ort.InferenceSession(str(head), providers=["CPUExecutionProvider"])
+    topk = open_session(add_topk_to_head(head, 4).SerializeToString())
+    plain = open_session(head)
     cfg = m.config
     rng = np.random.default_rng(3)
     feeds = _head_feeds(rng, 9, 5, gram=False)

@@ -1,6 +1,7 @@
 """--backend auto|tensorrt|onnxruntime: selection and fallback, without TensorRT installed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -35,15 +36,18 @@ def test_tensorrt_requested_without_tensorrt_is_an_error(manifest, monkeypatch):
         choose_backend("tensorrt", manifest.directory / "scan.plan", manifest)
 
 
-def test_tensorrt_chosen_only_when_engines_are_recorded(manifest, monkeypatch, caplog):
+@pytest.mark.parametrize("key", ["plans", "engines"])  # "engines": manifests written before the rename
+def test_tensorrt_chosen_only_when_plans_are_recorded(manifest, monkeypatch, caplog, key):
     monkeypatch.setattr(backends, "tensorrt_available", lambda: True)
     assert choose_backend("auto", manifest.directory / "scan.plan", manifest) == "onnxruntime"
-    assert "lists no engines" in caplog.text
+    assert "lists no plans" in caplog.text
     with pytest.raises(BackendError, match="build_engine.py"):
         choose_backend("tensorrt", manifest.directory / "scan.plan", manifest)
-    manifest.data["engines"] = {"head": {"file": "scan.plan"}}
-    assert choose_backend("auto", manifest.directory / "scan.plan", manifest) == "tensorrt"
-    assert choose_backend("tensorrt", manifest.path, manifest) == "tensorrt"
+    data = {k: v for k, v in manifest.data.items() if k not in ("plans", "engines")}
+    built = dataclasses.replace(manifest, data={**data, key: {"head": {"file": "scan.plan"}}})
+    assert built.plans == {"head": {"file": "scan.plan"}}
+    assert choose_backend("auto", manifest.directory / "scan.plan", built) == "tensorrt"
+    assert choose_backend("tensorrt", manifest.path, built) == "tensorrt"
 
 
 def test_unknown_backend(manifest):

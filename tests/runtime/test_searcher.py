@@ -9,7 +9,7 @@ import pytest
 from bench.evaluation import full_sims
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.searcher import SearchError, Searcher
+from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import random_captions, random_regions
 
 
@@ -97,13 +97,23 @@ def test_missing_gallery_says_how_to_build(setup):
 
 
 def test_resident_blocks_equal_streamed_blocks(setup):
-    """The IOBinding path (the gallery uploaded once as OrtValues; CUDA with onnxruntime-gpu) on the CPU."""
-    engine, _, captions, images, _, _ = setup
+    """The IOBinding path (the galleries uploaded once as OrtValues; CUDA with onnxruntime-gpu) on the CPU."""
+    import onnxruntime as ort
+
+    engine, regions, captions, images, texts, _ = setup
     streamed = Searcher(engine, images=images, image_block=5, resident=False).search(captions[:6], 4)
-    with Searcher(engine, images=images, image_block=5, resident=True) as searcher:
+    streamed_i2t = Searcher(engine, captions=texts, caption_block=7, resident=False).search(regions[:5], 4)
+    with Searcher(engine, images=images, captions=texts, image_block=5, caption_block=7, resident=True) as searcher:
         first = searcher.search(captions[:6], 4)
-        assert searcher._blocks is not None and len(searcher._blocks) == 5  # uploaded once, 23 images / 5
+        blocks = list(searcher._uploaded["images"])
+        assert len(blocks) == 5 and [offset for offset, _ in blocks] == [0, 5, 10, 15, 20]  # 23 images / 5
+        assert all(isinstance(v, ort.OrtValue) for _, feeds in blocks for v in feeds.values())
         again = searcher.search(captions[6:9], 4)
+        assert list(searcher._uploaded["images"])[0][1] is blocks[0][1]  # uploaded once, not per search
+        i2t = searcher.search(regions[:5], 4)
+    assert searcher._uploaded == {}  # closed
     np.testing.assert_array_equal(first[1], streamed[1])
     np.testing.assert_allclose(first[0], streamed[0], atol=1e-6)
     np.testing.assert_array_equal(again[1], Searcher(engine, images=images, resident=False).search(captions[6:9], 4)[1])
+    np.testing.assert_array_equal(i2t[1], streamed_i2t[1])
+    np.testing.assert_allclose(i2t[0], streamed_i2t[0], atol=1e-6)
