@@ -21,22 +21,41 @@ import hashlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime import atomic  # noqa: E402
-from runtime.backends.base import BackendError  # noqa: E402
-from export.trt_build import (  # noqa: E402
-    DEFAULT_BLOCK, DEFAULT_MAX_BATCH, DEFAULT_REGIONS, DEFAULT_TOPK_MAX, FP16_FLAG, LayerInfo, PlanBuildError,
-    TensorRTVersionError, add_topk_to_head, compute_profiles, fp32_layers, plan_record, precision_strategy,
+from export.trt_build import (
+    DEFAULT_BLOCK,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_REGIONS,
+    DEFAULT_TOPK_MAX,
+    FP16_FLAG,
+    LayerInfo,
+    PlanBuildError,
+    TensorRTVersionError,
+    add_topk_to_head,
+    compute_profiles,
+    fp32_layers,
+    plan_record,
+    precision_strategy,
     source_graph_key,
 )
-from runtime.backends.plan_check import PlanError  # noqa: E402
-from runtime.manifest import (  # noqa: E402
-    PLAN_KINDS, STRONGLY_TYPED, Manifest, ManifestError, load_manifest, plan_file_name, plan_graph_kind, record_plans,
+from runtime import atomic
+from runtime.backends.base import BackendError
+from runtime.backends.plan_check import PlanError
+from runtime.manifest import (
+    PLAN_KINDS,
+    STRONGLY_TYPED,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    plan_file_name,
+    plan_graph_kind,
+    record_plans,
     relative_file,
 )
 

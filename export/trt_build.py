@@ -20,9 +20,10 @@ import datetime as _dt
 import logging
 import re
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from runtime.backends.plan_check import TOPK_OUTPUTS, PlanError
 from runtime.manifest import PLAN_KINDS, STRONGLY_TYPED, plan_source_key
@@ -278,9 +279,9 @@ def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str
     itself is no longer an output, so only (K, Q) values come back per block.
     Returns an ``onnx.ModelProto``; needs the ``onnx`` package (the export extra).
     """
+    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
 
     k_max = _positive_int("k_max (--topk-max)", k_max)
     if k_max > TRT_TOPK_LIMIT:

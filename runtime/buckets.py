@@ -4,7 +4,7 @@ One helper for every place that encodes many captions (search, caption gallery b
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -18,7 +18,8 @@ def length_batches(lengths: np.ndarray, batch: int) -> Iterator[np.ndarray]:
         yield order[a:a + int(batch)]
 
 
-def encode_by_length(engine, ids: np.ndarray, lengths: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_by_length(engine, ids: np.ndarray, lengths: np.ndarray,
+                     batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(idx, words)``: caption rows ``idx`` (see :func:`length_batches`) encoded by ``engine.encode_ids``,
     ``words`` (len(idx), width, d) padded to the batch's longest caption."""
     lengths = np.asarray(lengths)

@@ -5,8 +5,8 @@ Numpy and a backend only; PyTorch is never imported here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class ScanEngine:
 
     @classmethod
     def open(cls, engine: str | Path, backend: str = "auto", precision: str = "fp32", device: str = "cpu",
-             threads: int | None = None) -> "ScanEngine":
+             threads: int | None = None) -> ScanEngine:
         """``engine`` is the manifest or any file it lists; ``backend`` as ``runtime.backends.choose_backend``."""
         manifest = resolve_manifest(engine)
         concrete = choose_backend(backend, engine, manifest)
@@ -60,7 +60,7 @@ class ScanEngine:
             b.close()
         self._backends = []
 
-    def __enter__(self) -> "ScanEngine":
+    def __enter__(self) -> ScanEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,6 @@ Also the small helpers those tests share (a golden export, a build with the stan
 from __future__ import annotations
 
 import ctypes
-import json
 import pickle
 import sys
 import threading

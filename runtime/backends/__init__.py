@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
-__all__ = ["Backend", "BackendError", "TensorSpec", "BACKENDS", "choose_backend", "open_backend", "tensorrt_available"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "TensorSpec", "choose_backend", "open_backend", "tensorrt_available"]
 
 
 def tensorrt_available() -> bool:

@@ -6,9 +6,9 @@ CPU or GPU by index type:
 * ``limits`` -- the largest size along axis 0 it accepts per input (a TensorRT profile's max; empty
   when unlimited). Callers cap their blocks and batches to it.
 * ``upload(blocks, resident=None)`` -- take a gallery once, as blocks of head inputs, and keep it where
-  this backend scores best (``resident=False`` forces host arrays): host arrays streamed per search (the default), OrtValues on the CUDA device
-  (ONNX Runtime), device buffers (TensorRT; a future CuPy array backend: fp16 on the GPU). Returns a
-  :class:`GalleryBlocks` to ``close()`` when done.
+  this backend scores best (``resident=False`` forces host arrays): host arrays streamed per search
+  (the default), OrtValues on the CUDA device (ONNX Runtime), device buffers (TensorRT; a future
+  CuPy array backend: fp16 on the GPU). Returns a :class:`GalleryBlocks` to ``close()`` when done.
 * ``block_topk(gallery, queries, k, axis)`` -- score query feeds against every block and yield the
   block's top-k per query: ``(scores (q, k'), rows (q, k'))``, ``k' <= k``, scores float32 descending
   with ties to the lower row, rows int64 positions in the gallery. ``axis`` is the gallery's axis of
@@ -20,8 +20,9 @@ CPU or GPU by index type:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class GalleryBlocks:
         if release is not None:
             release()
 
-    def __enter__(self) -> "GalleryBlocks":
+    def __enter__(self) -> GalleryBlocks:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,7 +97,7 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release sessions, contexts and device memory; idempotent."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:

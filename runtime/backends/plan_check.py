@@ -5,8 +5,8 @@ The build-time side (profiles, precision strategy, layer pinning, the top-k grap
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from runtime import atomic
 from runtime.backends.base import BackendError

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class TensorRTBackend(Backend):
 
     def __init__(self, plan_path: str | Path, *, record: Mapping[str, Any] | None = None,
                  dim_names: Mapping[str, list[Any]] | None = None, allocator: DeviceAllocator | None = None,
-                 topk: Callable[[], "TensorRTBackend"] | None = None, topk_max: int = 0) -> None:
+                 topk: Callable[[], TensorRTBackend] | None = None, topk_max: int = 0) -> None:
         """``topk``: opens the head's top-k plan (on first use), which serves ``block_topk`` for k <= ``topk_max``."""
         trt = _import_trt()
         self._trt = trt
@@ -119,7 +120,7 @@ class TensorRTBackend(Backend):
         self.topk_max = int(topk_max) if topk is not None else 0
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, kind: str) -> "TensorRTBackend":
+    def from_manifest(cls, manifest: Manifest, kind: str) -> TensorRTBackend:
         """Open the recorded engine of ``kind`` ('image', 'text', 'head', 'topk') after checking it fits."""
         trt = _import_trt()
         allocator = open_allocator()
@@ -134,7 +135,7 @@ class TensorRTBackend(Backend):
                     record.get("strategy"), gpu_name)
         topk = None
         if kind == "head" and manifest.topk_max:
-            def topk() -> "TensorRTBackend":
+            def topk() -> TensorRTBackend:
                 return cls.from_manifest(manifest, "topk")
         return cls(plan, record=record, dim_names=dim_names, allocator=allocator, topk=topk,
                    topk_max=manifest.topk_max)
@@ -172,7 +173,7 @@ class TensorRTBackend(Backend):
             raise
         return GalleryBlocks(uploaded, release)
 
-    def _topk_plan(self, k: int, axis: int) -> "TensorRTBackend | None":
+    def _topk_plan(self, k: int, axis: int) -> TensorRTBackend | None:
         """The top-k plan when it can serve this search (image gallery, k within its topk_max), else None."""
         if self._open_topk is None or axis != 0 or k > self.topk_max:
             return None
@@ -386,7 +387,7 @@ class ResidentGallery:
         for d in arrays.values():
             self.allocator.free(d.ptr)
 
-    def __enter__(self) -> "ResidentGallery":
+    def __enter__(self) -> ResidentGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

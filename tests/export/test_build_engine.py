@@ -227,8 +227,8 @@ def test_engine_built_for_other_gpu_is_refused_after_build(monkeypatch, manifest
     install_fakes(monkeypatch)
     assert main([str(manifest), *ARGS, "--kinds", "text"]) == 0
     install_fakes(monkeypatch, allocator=FakeAllocator(gpu=("NVIDIA A100-SXM4-80GB", "8.0")))
-    from runtime.backends.tensorrt import TensorRTBackend
     from runtime.backends.plan_check import PlanMismatchError
+    from runtime.backends.tensorrt import TensorRTBackend
 
     with pytest.raises(PlanMismatchError, match="A100"):
         TensorRTBackend.from_manifest(load_manifest(manifest), "text")

@@ -15,8 +15,20 @@ import numpy as np
 import pytest
 
 from export.trt_build import (
-    FP16_FLAG, FP32, STRONGLY_TYPED, LayerInfo, ProfileError, TensorRTVersionError, add_topk_to_head, compute_profiles,
-    fp32_layers, loop_body_layers, parse_trt_version, plan_record, precision_strategy, source_graph_key,
+    FP16_FLAG,
+    FP32,
+    STRONGLY_TYPED,
+    LayerInfo,
+    ProfileError,
+    TensorRTVersionError,
+    add_topk_to_head,
+    compute_profiles,
+    fp32_layers,
+    loop_body_layers,
+    parse_trt_version,
+    plan_record,
+    precision_strategy,
+    source_graph_key,
     strategy_precision,
 )
 from runtime.backends.base import BackendError

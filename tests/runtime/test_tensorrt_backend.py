@@ -21,7 +21,13 @@ import pytest
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.manifest import load_manifest
-from tests.fake_tensorrt import FakeAllocator, build_with_fakes, copy_export, export_golden, install_fakes, make_fake_trt
+from tests.fake_tensorrt import (
+    FakeAllocator,
+    build_with_fakes,
+    copy_export,
+    export_golden,
+    install_fakes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,8 +164,8 @@ def test_undeserializable_plan(monkeypatch, export_copy: Path) -> None:
 def test_mismatched_gpu_refused_at_open(monkeypatch, export_copy: Path) -> None:
     build_with_fakes(monkeypatch, export_copy, "--kinds", "image")
     install_fakes(monkeypatch, allocator=FakeAllocator(gpu=("NVIDIA L4", "8.9")))
-    from runtime.backends.tensorrt import TensorRTBackend
     from runtime.backends.plan_check import PlanMismatchError
+    from runtime.backends.tensorrt import TensorRTBackend
 
     with pytest.raises(PlanMismatchError, match="compute capability 9.0.*NVIDIA L4.*8.9.*build_engine.py"):
         TensorRTBackend.from_manifest(load_manifest(export_copy), "image")
@@ -279,8 +285,8 @@ def _gpu_or_skip():
 def test_golden_engine_matches_onnxruntime(tmp_path_factory, precision: str, atol: float) -> None:
     trt = _gpu_or_skip()
     from export.build_engine import main
-    from runtime.backends.tensorrt import ResidentGallery, TensorRTBackend
     from export.trt_build import precision_strategy
+    from runtime.backends.tensorrt import ResidentGallery, TensorRTBackend
 
     path = export_golden("t2i_lse_f30k", tmp_path_factory.mktemp(f"trt_{precision}"))
     if precision == "fp16" and precision_strategy(trt.__version__) == "strongly-typed" \
@@ -311,3 +317,44 @@ def test_golden_engine_matches_onnxruntime(tmp_path_factory, precision: str, ato
         out = topk.run(feeds)
         assert out["topk_scores"].shape == (5, 7)
         np.testing.assert_allclose(out["topk_scores"], -np.sort(-expected, axis=0)[:5], atol=atol, rtol=0)
+
+
+# ================================================================================ placement: Searcher on TensorRT
+
+
+def test_searcher_on_tensorrt_equals_onnxruntime(monkeypatch, export_copy: Path, tmp_path: Path) -> None:
+    """Backend.upload/block_topk under TensorRT: the galleries stay in (fake) device memory, t2i runs the top-k
+    plan for k <= topk_max and the head plan past it, i2t the head plan; all equal ONNX Runtime's search."""
+    _, _, alloc = build_with_fakes(monkeypatch, export_copy, "--topk-max", "5")
+    from runtime.engine import ScanEngine
+    from runtime.gallery import build_caption_gallery, build_image_gallery
+    from runtime.searcher import Searcher
+
+    m = load_manifest(export_copy)
+    assert m.topk_max == 5
+    rng = np.random.default_rng(7)
+    regions = rng.standard_normal((150, 36, m.config.img_dim)).astype(np.float32)
+    words = ["a", "dog", "man", "on", "the", "beach", "two", "red", "car", "."]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 15))) for _ in range(90)]
+    with ScanEngine(m, backend="onnxruntime") as ref:
+        images = build_image_gallery(ref, regions, tmp_path / "images", progress=False)
+        captions = build_caption_gallery(ref, texts, tmp_path / "captions", progress=False)
+        with Searcher(ref, images=images, captions=captions, image_block=50, caption_block=40) as s:
+            want = {k: s.search(texts[:20], k) for k in (3, 9)}
+            want_i2t = s.search(regions[:20], 6)
+    with ScanEngine(m, backend="tensorrt") as eng:
+        assert eng.head.limits["images"] == 64 and eng.head.limits["captions"] == 16
+        with Searcher(eng, images=images, captions=captions, image_block=100, caption_block=40) as s:
+            assert (s.image_block, s.caption_block, s.query_batch) == (64, 16, 16)  # capped to the profile
+            got = {k: s.search(texts[:20], k) for k in (3, 9)}  # k=3: the top-k plan; k=9 > topk_max: the head
+            assert eng.head._topk is not None  # the top-k plan was opened for k=3
+            got_i2t = s.search(regions[:20], 6)
+            uploaded = list(s._uploaded["images"])
+            assert [offset for offset, _ in uploaded] == [0, 64, 128]
+            assert all(type(v).__name__ == "DeviceArray" for _, feeds in uploaded for v in feeds.values())
+    for k in (3, 9):
+        np.testing.assert_array_equal(got[k][1], want[k][1])
+        np.testing.assert_allclose(got[k][0], want[k][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_i2t[1], want_i2t[1])
+    np.testing.assert_allclose(got_i2t[0], want_i2t[0], rtol=1e-5, atol=1e-6)
+    assert not alloc.live and not alloc.host_live, "closing the Searcher and the engine frees the device galleries"
