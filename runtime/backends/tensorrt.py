@@ -1,4 +1,5 @@
-"""TensorRT backend: runs the ``.plan`` engines that ``export/build_engine.py`` recorded in the manifest.
+"""TensorRT backend: runs the ``.plan`` files (TensorRT serialized engines) that ``export/build_engine.py``
+recorded in the manifest.
 
 TensorRT and the CUDA bindings are imported lazily, inside functions, so this module imports on
 machines without them (the development and CI machines cannot install TensorRT, DESIGN.md 5).
@@ -87,7 +88,7 @@ class TensorRTBackend(Backend):
         try:
             blob = self.path.read_bytes()
         except OSError as e:
-            raise BackendError(f"{self.path}: cannot read the engine ({e})") from e
+            raise BackendError(f"{self.path}: cannot read the plan ({e})") from e
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         if self._engine is None:
             raise BackendError(f"{self.path}: Runtime.deserialize_cuda_engine returned None (built by another "
@@ -121,7 +122,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, kind: str) -> TensorRTBackend:
-        """Open the recorded engine of ``kind`` ('image', 'text', 'head', 'topk') after checking it fits."""
+        """Open the recorded plan of ``kind`` ('image', 'text', 'head', 'topk') after checking it fits."""
         trt = _import_trt()
         allocator = open_allocator()
         gpu_name, cc = allocator.device_info()
@@ -144,7 +145,7 @@ class TensorRTBackend(Backend):
 
     @property
     def profile(self) -> dict[str, dict[str, list[int]]]:
-        """The engine's optimization profile: ``{input: {"min", "opt", "max"}}``; calls must fit in it."""
+        """The plan's optimization profile: ``{input: {"min", "opt", "max"}}``; calls must fit in it."""
         return self._profile
 
     @property
@@ -208,7 +209,7 @@ class TensorRTBackend(Backend):
         for k, v in feeds.items():
             if isinstance(v, DeviceArray):
                 if np.dtype(v.dtype) != self._in_dtype[k]:
-                    raise BackendError(f"{self.path}: device input {k!r} is {np.dtype(v.dtype)}, the engine takes "
+                    raise BackendError(f"{self.path}: device input {k!r} is {np.dtype(v.dtype)}, the plan takes "
                                        f"{self._in_dtype[k]}")
                 prepared[k] = v
             else:
@@ -286,7 +287,7 @@ class TensorRTBackend(Backend):
             profile = self._profile[name]
             if not shape_in_profile(shape, profile):
                 raise BackendError(
-                    f"{self.path}: input {name!r} has shape {shape}, outside the engine's profile "
+                    f"{self.path}: input {name!r} has shape {shape}, outside the plan's profile "
                     f"min {tuple(profile['min'])} .. max {tuple(profile['max'])}; send smaller blocks or rebuild "
                     "with larger --max-batch / --block / --max-words (export/build_engine.py)")
             if not ctx.set_input_shape(name, shape):
