@@ -20,7 +20,7 @@ from bench.random_models import MODES
 from bench.synthetic import rng_for
 from bench.timing import skipped, stats, throughput, time_calls
 from bench.torch_cuda import torch_cuda_head
-from runtime.backends.onnxruntime import default_threads
+from runtime.backends.onnxruntime import open_session
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
 
@@ -51,14 +51,7 @@ def ort_matmul_session(threads: int | None, device: str = "cpu"):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # what every ONNX Runtime >= 1.10 reads, whatever onnx wrote by default
     onnx.checker.check_model(model)
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=providers)
+    return open_session(model.SerializeToString(), device=device, threads=threads)
 
 
 def measure_gemm(a: np.ndarray, b: np.ndarray, plan: Plan, threads: int | None) -> dict[str, Any]:
