@@ -1,4 +1,4 @@
-"""Gallery build throughput through ``build_image_gallery``: images/s and bytes per cached image, float32 and float16."""
+"""Gallery build throughput through ``build_image_gallery``: images/s and bytes per cached image (float32, float16)."""
 from __future__ import annotations
 
 import tempfile

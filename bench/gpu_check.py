@@ -86,6 +86,7 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
         sims_ref = ref.sims(images_ref, gram_ref, words_ref, lengths)
         sims_trt = trt.sims(images_ref, gram_ref, words_ref, lengths)
         result["max_abs_err"] = {"image": float(np.abs(images_ref - images_trt).max()),
+                                 "image_gram": float(np.abs(gram_ref - gram_trt).max()),
                                  "text": float(np.abs(words_ref - words_trt).max()),
                                  "head": float(np.abs(sims_ref - sims_trt).max())}
         result["top1_agreement"] = float((sims_ref.argmax(0) == sims_trt.argmax(0)).mean())

@@ -36,8 +36,9 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench import machine
 from bench.gallery_build import bench_build

@@ -16,7 +16,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"name": f"head_speedup_vs_slow_{mode}", "op": ">=", "target": TARGETS["head_speedup"],
                      "what": f"ONNX Runtime CPU head vs the original loop ({mode})",
                      "measured": c.get("speedup_vs_slow"), "unit": "x"})
-        rows.append({"name": f"head_fraction_of_ceiling_{mode}", "op": ">=", "target": TARGETS["head_fraction_of_ceiling"],
+        rows.append({"name": f"head_fraction_of_ceiling_{mode}", "op": ">=",
+                     "target": TARGETS["head_fraction_of_ceiling"],
                      "what": f"ONNX Runtime CPU head vs GEMM ceiling ({mode})",
                      "measured": c.get("fraction_of_ceiling"), "unit": "fraction"})
     cells = {(c["gallery_size"], c["batch"]): c for c in report["latency"]["text_to_image"]}

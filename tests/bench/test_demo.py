@@ -103,7 +103,8 @@ def test_deterministic_for_a_seed(tmp_path, tiny_data):
     make_dataset(tmp_path / "a", seed=0, **TINY)
     assert _files(tmp_path / "a") == _files(tiny_data)
     make_dataset(tmp_path / "b", seed=1, **TINY)
-    assert _files(tmp_path / "b")["data/demo_precomp/train_ims.npy"] != _files(tiny_data)["data/demo_precomp/train_ims.npy"]
+    train_ims = "data/demo_precomp/train_ims.npy"
+    assert _files(tmp_path / "b")[train_ims] != _files(tiny_data)[train_ims]
 
 
 def test_existing_dataset_is_reused_and_repaired(tmp_path):
@@ -268,7 +269,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, c
     """``make demo``'s steps (export, galleries, queries both ways, recall three ways) on the tiny model."""
     import bench.demo.__main__ as demo
 
-    out, ckpt, _ = tiny_run
+    out, _, _ = tiny_run
     work = tmp_path / "demo"
     shutil.copytree(out, work)
     monkeypatch.setattr(demo, "make_dataset", lambda folder: make_dataset(folder, seed=0, **TINY))

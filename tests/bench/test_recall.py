@@ -29,8 +29,8 @@ def test_save_sims_and_table_match_the_original(golden, exported, tmp_path, caps
 def test_ensemble_averages_similarities(exported, golden, tmp_path):
     engines = [str(p) for p in exported.values()]
     out = tmp_path / "ens.npy"
-    assert main([*sum((["--engine", e] for e in engines), []), "--data", str(golden), "--save-sims", str(out),
-                 "--no-progress"]) == 0
+    repeated = [arg for e in engines for arg in ("--engine", e)]
+    assert main([*repeated, "--data", str(golden), "--save-sims", str(out), "--no-progress"]) == 0
     singles = []
     for e in engines:
         main(["--engine", e, "--data", str(golden), "--save-sims", str(tmp_path / "one.npy"), "--no-progress"])
