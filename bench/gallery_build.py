@@ -1,4 +1,5 @@
 """Gallery build throughput through ``build_image_gallery``: images/s and bytes per cached image (float32, float16)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -26,7 +27,11 @@ def bench_build(engine: ScanEngine, plan: Plan, seed: int) -> dict[str, Any]:
             g = build_image_gallery(engine, regions, folder, dtype=dtype, progress=False)
             seconds = time.perf_counter() - t0
             disk = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-            out[dtype] = {"seconds": seconds, "images_per_s": plan.build_images / seconds,
-                          "bytes_per_image": float(g.nbytes_per_item()), "disk_bytes_per_image": disk / len(g)}
+            out[dtype] = {
+                "seconds": seconds,
+                "images_per_s": plan.build_images / seconds,
+                "bytes_per_image": float(g.nbytes_per_item()),
+                "disk_bytes_per_image": disk / len(g),
+            }
             del g
     return out

@@ -10,6 +10,7 @@
   pairs/s: the GPU baseline the benchmark compares against.
 Each part is skipped, with the reason in the JSON, when what it needs is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from runtime import atomic
 from runtime.config import SCANConfig
 
 
-def torch_cuda_baseline(n: int = 4096, q: int = 32, length: int = 14, r: int = 36, d: int = 1024,
-                        repeats: int = 10) -> dict[str, Any]:
+def torch_cuda_baseline(
+    n: int = 4096, q: int = 32, length: int = 14, r: int = 36, d: int = 1024, repeats: int = 10
+) -> dict[str, Any]:
     """pairs/s of the exact batched head in PyTorch on CUDA (bench/torch_cuda.py), fp32 and fp16, both
     cross_attn modes, on seeded random unit-norm embeddings of full size."""
     reason = unavailable()
@@ -49,8 +51,13 @@ def torch_cuda_baseline(n: int = 4096, q: int = 32, length: int = 14, r: int = 3
                 out[key] = {"failed": c["reason"]}
                 continue
             s = c["seconds"]
-            out[key] = {"pairs_per_s": c["pairs_per_s"], "median_s": s["median"], "p10_s": s["p10"],
-                        "p90_s": s["p90"], "gemm_gflops": c["gemm_gflops"]}
+            out[key] = {
+                "pairs_per_s": c["pairs_per_s"],
+                "median_s": s["median"],
+                "p10_s": s["p10"],
+                "p90_s": s["p90"],
+                "gemm_gflops": c["gemm_gflops"],
+            }
     import torch
 
     out["device"] = torch.cuda.get_device_name(0)
@@ -71,8 +78,10 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
         return {"failed": f"build_engine.py exited {rc}"}
     result: dict[str, Any] = {}
     rng = np.random.default_rng(0)
-    with ScanEngine.open(manifest_path, backend="onnxruntime") as ref, \
-            ScanEngine.open(manifest_path, backend="tensorrt") as trt:
+    with (
+        ScanEngine.open(manifest_path, backend="onnxruntime") as ref,
+        ScanEngine.open(manifest_path, backend="tensorrt") as trt,
+    ):
         cfg = ref.config
         regions = rng.standard_normal((64, 36, cfg.img_dim)).astype(np.float32)
         ids = rng.integers(4, cfg.vocab_size, (16, 14))
@@ -85,10 +94,12 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
         words_trt = trt.encode_ids(ids, lengths)
         sims_ref = ref.sims(images_ref, gram_ref, words_ref, lengths)
         sims_trt = trt.sims(images_ref, gram_ref, words_ref, lengths)
-        result["max_abs_err"] = {"image": float(np.abs(images_ref - images_trt).max()),
-                                 "image_gram": float(np.abs(gram_ref - gram_trt).max()),
-                                 "text": float(np.abs(words_ref - words_trt).max()),
-                                 "head": float(np.abs(sims_ref - sims_trt).max())}
+        result["max_abs_err"] = {
+            "image": float(np.abs(images_ref - images_trt).max()),
+            "image_gram": float(np.abs(gram_ref - gram_trt).max()),
+            "text": float(np.abs(words_ref - words_trt).max()),
+            "head": float(np.abs(sims_ref - sims_trt).max()),
+        }
         result["top1_agreement"] = float((sims_ref.argmax(0) == sims_trt.argmax(0)).mean())
         times = []
         for _ in range(20):

@@ -6,6 +6,7 @@ and ONNX Runtime CUDA. Each is given as a multiple of the original loop and as a
 ceiling: a plain float32 GEMM of the head's own shape ``(N*R, d) @ (d, Q*L)`` timed in numpy and in a
 one-node ONNX Runtime graph (the faster sets the ceiling).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,10 +45,15 @@ def ort_matmul_session(threads: int | None, device: str = "cpu"):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K"]),
-                               helper.make_tensor_value_info("b", TensorProto.FLOAT, ["K", "N"])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["M", "N"])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["K", "N"]),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["M", "N"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # what every ONNX Runtime >= 1.10 reads, whatever onnx wrote by default
     onnx.checker.check_model(model)
@@ -71,19 +77,25 @@ def measure_gemm(a: np.ndarray, b: np.ndarray, plan: Plan, threads: int | None) 
         binding.bind_cpu_input("b", b)
         binding.bind_output("c", "cpu", 0, np.float32, [m, n], c.ctypes.data)
         times = time_calls(lambda: sess.run_with_iobinding(binding), **plan.head_timing())
-        out["onnxruntime"] = {"status": "measured", "seconds": stats(times),
-                              "gflops": flop / float(np.median(times)) / 1e9}
+        out["onnxruntime"] = {
+            "status": "measured",
+            "seconds": stats(times),
+            "gflops": flop / float(np.median(times)) / 1e9,
+        }
     except Exception as e:  # no onnx package, or an ORT without IO binding: numpy alone sets the ceiling
         logger.warning("ONNX Runtime GEMM not measured: %s", e)
         out["onnxruntime"] = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
-    best = max((name for name in ("numpy", "onnxruntime") if out[name]["status"] == "measured"),
-               key=lambda name: out[name]["gflops"])
+    best = max(
+        (name for name in ("numpy", "onnxruntime") if out[name]["status"] == "measured"),
+        key=lambda name: out[name]["gflops"],
+    )
     out["ceiling"] = {"backend": best, "gflops": out[best]["gflops"], "seconds": out[best]["seconds"]["median"]}
     return out
 
 
-def bench_head(mode: str, manifest: Path, plan: Plan, seed: int, threads: int | None,
-               cpu_ceiling: dict[str, Any] | None) -> dict[str, Any]:
+def bench_head(
+    mode: str, manifest: Path, plan: Plan, seed: int, threads: int | None, cpu_ceiling: dict[str, Any] | None
+) -> dict[str, Any]:
     """Pairs/s of every contender on the same encoded images and captions."""
     n, q, length, r = plan.head_images, plan.head_captions, plan.head_len, plan.regions
     rng = rng_for(seed, 1, list(MODES).index(mode))
@@ -100,8 +112,11 @@ def bench_head(mode: str, manifest: Path, plan: Plan, seed: int, threads: int | 
         a = np.ascontiguousarray(images.reshape(n * r, d))
         b = np.ascontiguousarray(captions.reshape(q * length, d).T)
         result: dict[str, Any] = {
-            "config": cfg.to_dict(), "flop_per_pair": head_flop_per_pair(cfg, r, length),
-            "gemm_flop_per_pair": gemm_flop(r, d, length), "contenders": {}}
+            "config": cfg.to_dict(),
+            "flop_per_pair": head_flop_per_pair(cfg, r, length),
+            "gemm_flop_per_pair": gemm_flop(r, d, length),
+            "contenders": {},
+        }
         if cpu_ceiling is None:
             cpu_ceiling = measure_gemm(a, b, plan, threads)
         result["gemm_ceiling"] = cpu_ceiling
@@ -129,8 +144,17 @@ def bench_head(mode: str, manifest: Path, plan: Plan, seed: int, threads: int | 
                 ceilings[f"{name}_gemm_gflops"] = c.pop("gemm_gflops")
                 c["ceiling"] = name
             contenders[name] = c
-        contenders["ort_cuda"] = _ort_cuda(manifest, threads, (images, image_gram, captions, lengths), ort_sims,
-                                           timing, n * q, [n, q, length], (a, b), result)
+        contenders["ort_cuda"] = _ort_cuda(
+            manifest,
+            threads,
+            (images, image_gram, captions, lengths),
+            ort_sims,
+            timing,
+            n * q,
+            [n, q, length],
+            (a, b),
+            result,
+        )
     if not result["gpu_ceilings"]:
         del result["gpu_ceilings"]
     slow_rate = contenders["slow_torch_cpu"].get("pairs_per_s")
@@ -147,8 +171,9 @@ def bench_head(mode: str, manifest: Path, plan: Plan, seed: int, threads: int | 
     return result
 
 
-def _torch_cpu(torch, contenders: dict[str, Any], feeds: tuple, cfg: SCANConfig, plan: Plan,
-               timing: dict[str, Any]) -> np.ndarray:
+def _torch_cpu(
+    torch, contenders: dict[str, Any], feeds: tuple, cfg: SCANConfig, plan: Plan, timing: dict[str, Any]
+) -> np.ndarray:
     """The original loop on a slice and the batched PyTorch head on the CPU; returns the batched sims (N, Q)."""
     from export.model import batched_sims, slow_sims
 
@@ -159,15 +184,27 @@ def _torch_cpu(torch, contenders: dict[str, Any], feeds: tuple, cfg: SCANConfig,
         ref = batched_sims(ti, tg, tc, tl, None, cfg).numpy()
         slow = slow_sims(ti[:sn], tc[:sq], tl[:sq], cfg).numpy()
         times = time_calls(lambda: slow_sims(ti[:sn], tc[:sq], tl[:sq], cfg), **timing)
-        contenders["slow_torch_cpu"] = {**throughput(times, sn * sq), "shape": [sn, sq, length],
-                                        "max_abs_diff_vs_batched": float(np.abs(slow - ref[:sn, :sq]).max())}
+        contenders["slow_torch_cpu"] = {
+            **throughput(times, sn * sq),
+            "shape": [sn, sq, length],
+            "max_abs_diff_vs_batched": float(np.abs(slow - ref[:sn, :sq]).max()),
+        }
         times = time_calls(lambda: batched_sims(ti, tg, tc, tl, None, cfg), **timing)
         contenders["batched_torch_cpu"] = {**throughput(times, n * q), "shape": [n, q, length]}
     return ref
 
 
-def _ort_cuda(manifest: Path, threads: int | None, feeds: tuple, ref: np.ndarray, timing: dict[str, Any],
-              pairs: int, shape: list[int], gemm: tuple, result: dict[str, Any]) -> dict[str, Any]:
+def _ort_cuda(
+    manifest: Path,
+    threads: int | None,
+    feeds: tuple,
+    ref: np.ndarray,
+    timing: dict[str, Any],
+    pairs: int,
+    shape: list[int],
+    gemm: tuple,
+    result: dict[str, Any],
+) -> dict[str, Any]:
     if "CUDAExecutionProvider" not in machine.ort_providers():
         return skipped("ONNX Runtime has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
     try:
@@ -179,8 +216,12 @@ def _ort_cuda(manifest: Path, threads: int | None, feeds: tuple, ref: np.ndarray
         a, b = gemm
         gemm_times = time_calls(lambda: sess.run(None, {"a": a, "b": b}), **timing)
         result.setdefault("gpu_ceilings", {})["ort_cuda"] = pairs / float(np.median(gemm_times))
-        return {**throughput(times, pairs), "shape": shape, "ceiling": "ort_cuda",
-                "max_abs_diff_vs_batched": float(np.abs(got - ref).max()) if ref is not None else None}
+        return {
+            **throughput(times, pairs),
+            "shape": shape,
+            "ceiling": "ort_cuda",
+            "max_abs_diff_vs_batched": float(np.abs(got - ref).max()) if ref is not None else None,
+        }
     except Exception as e:
         logger.warning("ort_cuda failed: %s", e)
         return {"status": "failed", "reason": f"{type(e).__name__}: {e}"}

@@ -29,6 +29,7 @@ cells whose estimated single-batch cost exceeds a cap (or the run's remaining bu
 memory) are not run and are recorded as skipped with the estimate and the reason; no figure is ever
 extrapolated. ``--quick`` is a seconds-long smoke run with tiny dimensions and the same JSON keys.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny dimensions, same JSON keys")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file (atomically)")
     p.add_argument("--plots", type=Path, help="write PNG plots into this folder (needs matplotlib)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for ONNX Runtime and PyTorch "
-                   "(default: all usable cores; numpy's BLAS keeps its own setting)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for ONNX Runtime and PyTorch "
+        "(default: all usable cores; numpy's BLAS keeps its own setting)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                   help=f"exported models are kept here between runs (default {DEFAULT_CACHE})")
-    p.add_argument("--latency-model", choices=tuple(MODES), default="t2i",
-                   help="which model serves the query-latency cells (default t2i)")
-    p.add_argument("--cell-cap", type=float, default=None,
-                   help="skip latency cells whose estimated single-batch cost exceeds this many seconds")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"exported models are kept here between runs (default {DEFAULT_CACHE})",
+    )
+    p.add_argument(
+        "--latency-model",
+        choices=tuple(MODES),
+        default="t2i",
+        help="which model serves the query-latency cells (default t2i)",
+    )
+    p.add_argument(
+        "--cell-cap",
+        type=float,
+        default=None,
+        help="skip latency cells whose estimated single-batch cost exceeds this many seconds",
+    )
     p.add_argument("--budget", type=float, default=None, help="the run's time budget in seconds")
     return p
 
@@ -107,16 +125,32 @@ def run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)  # same thread count as ONNX Runtime: a like-for-like comparison
     try:
         report: dict[str, Any] = {
-            "schema": SCHEMA, "quick": bool(args.quick), "seed": args.seed, "threads": args.threads,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "_t0": t0, "machine": machine.describe(),
-            "plan": dataclasses.asdict(plan), "targets_definition": TARGETS, "export": {}}
+            "schema": SCHEMA,
+            "quick": bool(args.quick),
+            "seed": args.seed,
+            "threads": args.threads,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "_t0": t0,
+            "machine": machine.describe(),
+            "plan": dataclasses.asdict(plan),
+            "targets_definition": TARGETS,
+            "export": {},
+        }
         manifests = {}
         for mode in MODES:
             manifests[mode], report["export"][mode] = prepare_model(plan, mode, args.seed, Path(args.cache))
-        report["head"] = {"shapes": {"images": plan.head_images, "captions": plan.head_captions,
-                                     "caption_len": plan.head_len, "regions": plan.regions,
-                                     "embed_size": plan.embed_size, "slow_images": plan.slow_images,
-                                     "slow_captions": plan.slow_captions}, "modes": {}}
+        report["head"] = {
+            "shapes": {
+                "images": plan.head_images,
+                "captions": plan.head_captions,
+                "caption_len": plan.head_len,
+                "regions": plan.regions,
+                "embed_size": plan.embed_size,
+                "slow_images": plan.slow_images,
+                "slow_captions": plan.slow_captions,
+            },
+            "modes": {},
+        }
         ceiling = None
         for mode in MODES:
             logger.info("head throughput, %s", mode)
@@ -132,19 +166,27 @@ def run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         with ScanEngine.open(manifests[mode], backend="onnxruntime", threads=args.threads) as engine:
             searcher = Searcher(engine)
             report["latency"] = {
-                "model": mode, "k": plan.k, "searcher": {"image_block": searcher.image_block,
-                                                         "caption_block": searcher.caption_block,
-                                                         "query_batch": searcher.query_batch},
+                "model": mode,
+                "k": plan.k,
+                "searcher": {
+                    "image_block": searcher.image_block,
+                    "caption_block": searcher.caption_block,
+                    "query_batch": searcher.query_batch,
+                },
                 "latency_is": "wall time of one Searcher.search call on a batch of queries",
-                "cell_budget_s": plan.cell_budget_s, "cell_cap_s": plan.cell_cap_s}
+                "cell_budget_s": plan.cell_budget_s,
+                "cell_cap_s": plan.cell_cap_s,
+            }
             logger.info("text -> image latency")
             report["latency"]["text_to_image"] = bench_text_to_image(engine, plan, args.seed, deadline, rate)
             logger.info("image -> text latency")
             report["latency"]["image_to_text"] = bench_image_to_text(engine, plan, args.seed, deadline, rate)
         report["load_average_at_end"] = machine.load_average()
-        report["memory"] = {"peak_rss_bytes": machine.peak_rss_bytes(),
-                            "bytes_per_image_float32": report["gallery_build"]["float32"]["bytes_per_image"],
-                            "bytes_per_image_float16": report["gallery_build"]["float16"]["bytes_per_image"]}
+        report["memory"] = {
+            "peak_rss_bytes": machine.peak_rss_bytes(),
+            "bytes_per_image_float32": report["gallery_build"]["float32"]["bytes_per_image"],
+            "bytes_per_image_float16": report["gallery_build"]["float16"]["bytes_per_image"],
+        }
         report["targets"] = targets(report)
         return report
     finally:

@@ -5,6 +5,7 @@ Every cell has a time budget. A cell whose estimated single-batch cost exceeds t
 run's remaining budget or the free memory is not run: it is recorded as skipped with the estimate and
 the reason, never extrapolated.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,36 +49,61 @@ def estimate_seconds(done: list[dict[str, Any]], gallery: int, batch: int, pairs
     return gallery * batch / pairs_per_s
 
 
-def skip_reason(estimate_s: float, plan: Plan, deadline: Deadline, extra_bytes: int = 0,
-                available_bytes: int | None = None) -> str | None:
+def skip_reason(
+    estimate_s: float, plan: Plan, deadline: Deadline, extra_bytes: int = 0, available_bytes: int | None = None
+) -> str | None:
     """Why a cell must not run, or None. ``estimate_s`` is one batch; a cell runs warm-up + min repeats."""
     if estimate_s > plan.cell_cap_s:
-        return (f"estimated single-batch cost {estimate_s:.3g} s exceeds the per-cell cap {plan.cell_cap_s:g} s "
-                f"(a cell runs {plan.cell_warmup} warm-up + at least {plan.cell_min_repeats} timed batches)")
+        return (
+            f"estimated single-batch cost {estimate_s:.3g} s exceeds the per-cell cap {plan.cell_cap_s:g} s "
+            f"(a cell runs {plan.cell_warmup} warm-up + at least {plan.cell_min_repeats} timed batches)"
+        )
     cost = estimate_s * (plan.cell_warmup + plan.cell_min_repeats)
     if cost > deadline.left():
-        return (f"estimated cell cost {cost:.3g} s exceeds the {max(deadline.left(), 0):.0f} s left "
-                f"of the run budget ({plan.run_budget_s:g} s)")
+        return (
+            f"estimated cell cost {cost:.3g} s exceeds the {max(deadline.left(), 0):.0f} s left "
+            f"of the run budget ({plan.run_budget_s:g} s)"
+        )
     if available_bytes is not None and extra_bytes > 0.8 * available_bytes:
-        return (f"the gallery needs {extra_bytes / 2**30:.1f} GiB more memory; only "
-                f"{available_bytes / 2**30:.1f} GiB available")
+        return (
+            f"the gallery needs {extra_bytes / 2**30:.1f} GiB more memory; only "
+            f"{available_bytes / 2**30:.1f} GiB available"
+        )
     return None
 
 
 def measure_cell(search: Callable[[int], Any], batch: int, plan: Plan, deadline: Deadline) -> dict[str, Any]:
     calls = iter(range(1 << 30))
     budget = min(plan.cell_budget_s, max(deadline.left() / 4, 0.0))
-    times = time_calls(lambda: search(next(calls)), plan.cell_warmup, plan.cell_min_repeats, plan.cell_max_repeats,
-                       budget)
+    times = time_calls(
+        lambda: search(next(calls)), plan.cell_warmup, plan.cell_min_repeats, plan.cell_max_repeats, budget
+    )
     s = stats(times)
-    return {"status": "measured", "n": s["n"], "p50_ms": s["median"] * 1e3, "p95_ms": s["p95"] * 1e3,
-            "p99_ms": s["p99"] * 1e3, "mean_ms": s["mean"] * 1e3, "min_ms": s["min"] * 1e3,
-            "max_ms": s["max"] * 1e3, "queries_per_s": batch / s["mean"]}
+    return {
+        "status": "measured",
+        "n": s["n"],
+        "p50_ms": s["median"] * 1e3,
+        "p95_ms": s["p95"] * 1e3,
+        "p99_ms": s["p99"] * 1e3,
+        "mean_ms": s["mean"] * 1e3,
+        "min_ms": s["min"] * 1e3,
+        "max_ms": s["max"] * 1e3,
+        "queries_per_s": batch / s["mean"],
+    }
 
 
-def run_cell(cells: list[dict[str, Any]], direction: str, gallery_size: int, batch: int, plan: Plan,
-             deadline: Deadline, pairs_per_s: float, extra_bytes: int, make_gallery: Callable[[], Any],
-             searcher_for: Callable[[Any], Callable[[int], Any]]) -> None:
+def run_cell(
+    cells: list[dict[str, Any]],
+    direction: str,
+    gallery_size: int,
+    batch: int,
+    plan: Plan,
+    deadline: Deadline,
+    pairs_per_s: float,
+    extra_bytes: int,
+    make_gallery: Callable[[], Any],
+    searcher_for: Callable[[Any], Callable[[int], Any]],
+) -> None:
     """Estimate one cell; skip it with the reason, or make its gallery and time the ``i``-th search of
     ``searcher_for(gallery)``; append the cell to ``cells``."""
     cell = {"direction": direction, "gallery_size": gallery_size, "batch": batch}
@@ -95,8 +121,9 @@ def run_cell(cells: list[dict[str, Any]], direction: str, gallery_size: int, bat
     logger.info("%s %d x %d: p50 %.1f ms", direction, gallery_size, batch, result["p50_ms"])
 
 
-def bench_text_to_image(engine: ScanEngine, plan: Plan, seed: int, deadline: Deadline,
-                        pairs_per_s: float) -> list[dict[str, Any]]:
+def bench_text_to_image(
+    engine: ScanEngine, plan: Plan, seed: int, deadline: Deadline, pairs_per_s: float
+) -> list[dict[str, Any]]:
     pool = caption_texts(rng_for(seed, 2), 4 * max(plan.batches), plan.vocab_size)
     store = ImageStore(seed, plan.regions, plan.embed_size)
     cells: list[dict[str, Any]] = []
@@ -109,13 +136,24 @@ def bench_text_to_image(engine: ScanEngine, plan: Plan, seed: int, deadline: Dea
 
             # growing copies the rows drawn so far into a new array: both exist for a moment
             extra = store.bytes_for(g) if g > len(store.images) else 0
-            run_cell(cells, "text_to_image", g, batch, plan, deadline, pairs_per_s, extra,
-                     lambda g=g: store.gallery(g), searcher_for)
+            run_cell(
+                cells,
+                "text_to_image",
+                g,
+                batch,
+                plan,
+                deadline,
+                pairs_per_s,
+                extra,
+                lambda g=g: store.gallery(g),
+                searcher_for,
+            )
     return cells
 
 
-def bench_image_to_text(engine: ScanEngine, plan: Plan, seed: int, deadline: Deadline,
-                        pairs_per_s: float) -> list[dict[str, Any]]:
+def bench_image_to_text(
+    engine: ScanEngine, plan: Plan, seed: int, deadline: Deadline, pairs_per_s: float
+) -> list[dict[str, Any]]:
     rng = rng_for(seed, 3)
     pool = rng.standard_normal((max(2 * max(plan.batches), 16), plan.regions, plan.img_dim), dtype=np.float32)
     cells: list[dict[str, Any]] = []

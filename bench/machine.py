@@ -3,6 +3,7 @@
 Everything here is best effort: a missing ``/proc/cpuinfo``, library or GPU is recorded as such,
 never an error. PyTorch is imported only if it is installed (the runtime itself never needs it).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -80,8 +81,9 @@ def gpus() -> list[dict[str, Any]]:
         out = []
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            out.append({"index": i, "name": p.name, "memory_bytes": int(p.total_memory),
-                        "capability": f"{p.major}.{p.minor}"})
+            out.append(
+                {"index": i, "name": p.name, "memory_bytes": int(p.total_memory), "capability": f"{p.major}.{p.minor}"}
+            )
         return out
     except Exception as e:  # a broken driver should not stop a CPU benchmark
         logger.warning("cannot query CUDA devices: %s", e)
@@ -138,5 +140,7 @@ def peak_rss_bytes() -> int:
 
 def summary_line(m: dict[str, Any]) -> str:
     gpu = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
-    return (f"{m['cpu_model']}, {m['cores']} cores, load {m['load_average_at_start']}; numpy {m['numpy']} "
-            f"({m['blas']}), onnxruntime {m['onnxruntime']}, torch {m['torch']}; GPU: {gpu}")
+    return (
+        f"{m['cpu_model']}, {m['cores']} cores, load {m['load_average_at_start']}; numpy {m['numpy']} "
+        f"({m['blas']}), onnxruntime {m['onnxruntime']}, torch {m['torch']}; GPU: {gpu}"
+    )

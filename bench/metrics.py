@@ -98,10 +98,7 @@ class RecallMetrics:
 
     @property
     def rsum(self) -> float:
-        return float(
-            self.i2t.r1 + self.i2t.r5 + self.i2t.r10
-            + self.t2i.r1 + self.t2i.r5 + self.t2i.r10
-        )
+        return float(self.i2t.r1 + self.i2t.r5 + self.i2t.r10 + self.t2i.r1 + self.t2i.r5 + self.t2i.r10)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,22 +119,19 @@ def validate_sims(sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE) -> np
     Requires a finite, real-valued 2-D array of shape ``(n, captions_per_image * n)``
     with ``n >= 1``.
     """
-    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, (int, np.integer)) \
-            or captions_per_image < 1:
-        raise MetricsError(
-            f"captions_per_image must be a positive integer, got {captions_per_image!r}"
-        )
+    if (
+        isinstance(captions_per_image, bool)
+        or not isinstance(captions_per_image, (int, np.integer))
+        or captions_per_image < 1
+    ):
+        raise MetricsError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
     k = int(captions_per_image)
     try:
         arr = np.asarray(sims)
     except Exception as exc:  # pragma: no cover - exotic inputs
         raise MetricsError(f"sims could not be converted to an array: {exc}") from exc
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise MetricsError(
-            f"sims must hold real numbers, got dtype {arr.dtype}"
-        )
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise MetricsError(f"sims must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise MetricsError(
             f"sims must be 2-D (n_images, n_captions); received shape {tuple(arr.shape)} "
@@ -155,15 +149,11 @@ def validate_sims(sims: Any, captions_per_image: int = CAPTIONS_PER_IMAGE) -> np
         )
     if not np.all(np.isfinite(arr)):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise MetricsError(
-            f"sims of shape {tuple(arr.shape)} contains {bad} non-finite value(s) (NaN/inf)"
-        )
+        raise MetricsError(f"sims of shape {tuple(arr.shape)} contains {bad} non-finite value(s) (NaN/inf)")
     return arr
 
 
-def dedupe_repeated_images(
-    n_image_rows: int, n_captions: int, captions_per_image: int = CAPTIONS_PER_IMAGE
-) -> int:
+def dedupe_repeated_images(n_image_rows: int, n_captions: int, captions_per_image: int = CAPTIONS_PER_IMAGE) -> int:
     """Return the stride to take over image rows so that there is one row per image.
 
     * ``n_image_rows == n_captions`` -> ``captions_per_image`` (5): each image is
@@ -177,10 +167,7 @@ def dedupe_repeated_images(
     if k < 1:
         raise MetricsError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if r < 1 or c < 1:
-        raise MetricsError(
-            f"cannot infer image layout from {r} image row(s) and {c} caption(s): "
-            f"both must be >= 1"
-        )
+        raise MetricsError(f"cannot infer image layout from {r} image row(s) and {c} caption(s): both must be >= 1")
     if k == 1:
         if r == c:
             return 1
@@ -359,9 +346,7 @@ def format_table(metrics: RecallMetrics, title: str | None = None) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for name, d in (("Image to text", metrics.i2t), ("Text to image", metrics.t2i)):
-        lines.append(
-            f"{name:<15}{d.r1:>8.1f}{d.r5:>8.1f}{d.r10:>8.1f}{d.medr:>8.1f}{d.meanr:>9.1f}"
-        )
+        lines.append(f"{name:<15}{d.r1:>8.1f}{d.r5:>8.1f}{d.r10:>8.1f}{d.medr:>8.1f}{d.meanr:>9.1f}")
     lines.append("-" * len(header))
     lines.append(f"rsum: {metrics.rsum:.1f}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """PNG plots of a latency report: latency vs gallery size, throughput vs batch size, head throughput."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,11 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
         matplotlib.use("Agg")  # no display on servers and CI
         import matplotlib.pyplot as plt
     except ImportError:
-        return {"status": "skipped", "reason": "matplotlib is not installed (pip install 'scan-runtime[bench]')",
-                "files": []}
+        return {
+            "status": "skipped",
+            "reason": "matplotlib is not installed (pip install 'scan-runtime[bench]')",
+            "files": [],
+        }
     folder.mkdir(parents=True, exist_ok=True)
     lat = report["latency"]
     files = []
@@ -28,8 +32,9 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, title) in zip(axes, directions):
         for batch in report["plan"]["batches"]:
-            pts = sorted((c["gallery_size"], c["p50_ms"]) for c in lat[key]
-                         if c["batch"] == batch and c["status"] == "measured")
+            pts = sorted(
+                (c["gallery_size"], c["p50_ms"]) for c in lat[key] if c["batch"] == batch and c["status"] == "measured"
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"batch {batch}")
         ax.set(xscale="log", yscale="log", xlabel="gallery size", ylabel="p50 latency per batch (ms)", title=title)
@@ -42,8 +47,11 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, title) in zip(axes, directions):
         for size in sorted({c["gallery_size"] for c in lat[key]}):
-            pts = sorted((c["batch"], c["queries_per_s"]) for c in lat[key]
-                         if c["gallery_size"] == size and c["status"] == "measured")
+            pts = sorted(
+                (c["batch"], c["queries_per_s"])
+                for c in lat[key]
+                if c["gallery_size"] == size and c["status"] == "measured"
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"gallery {size:,}")
         ax.set(xscale="log", yscale="log", xlabel="query batch size", ylabel="queries/s", title=title)
@@ -62,8 +70,14 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     for j, m in enumerate(modes):
         ceiling = report["head"]["modes"][m].get("ceiling_pairs_per_s")
         if ceiling:
-            ax.hlines(ceiling, j - width / 2, j + 0.8, colors="k", linestyles="--",
-                      label="CPU GEMM ceiling" if j == 0 else None)
+            ax.hlines(
+                ceiling,
+                j - width / 2,
+                j + 0.8,
+                colors="k",
+                linestyles="--",
+                label="CPU GEMM ceiling" if j == 0 else None,
+            )
     ax.set_xticks(np.arange(len(modes)) + 0.4 - width / 2, modes)
     ax.set(yscale="log", ylabel="pairs/s", title="similarity head throughput")
     ax.legend(fontsize=7)

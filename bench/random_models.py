@@ -3,6 +3,7 @@
 Each model is exported with ``export_all`` into a cache folder keyed by its configuration, seed and the
 exporter's source, so reruns reuse it; a damaged cache entry is exported again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,22 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 def model_config(plan: Plan, mode: str) -> SCANConfig:
-    return SCANConfig(vocab_size=plan.vocab_size, img_dim=plan.img_dim, embed_size=plan.embed_size,
-                      word_dim=plan.word_dim, num_layers=1, bi_gru=True, raw_feature_norm="clipped_l2norm",
-                      **MODES[mode])
+    return SCANConfig(
+        vocab_size=plan.vocab_size,
+        img_dim=plan.img_dim,
+        embed_size=plan.embed_size,
+        word_dim=plan.word_dim,
+        num_layers=1,
+        bi_gru=True,
+        raw_feature_norm="clipped_l2norm",
+        **MODES[mode],
+    )
 
 
 def cache_key(cfg: SCANConfig, seed: int) -> str:
-    digest = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "seed": seed, "schema": SCHEMA},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps({"config": cfg.to_dict(), "seed": seed, "schema": SCHEMA}, sort_keys=True).encode()
+    )
     for rel in EXPORT_SOURCES:
         p = REPO / rel
         digest.update(p.read_bytes() if p.is_file() else b"")
@@ -73,9 +82,20 @@ def _export(cfg: SCANConfig, seed: int, folder: Path, plan: Plan) -> None:
     from export.model import SCAN
 
     torch.manual_seed(seed)
-    opt = argparse.Namespace(data_path="./data/", data_name="bench_precomp", vocab_path="./vocab/", margin=0.2,
-                             max_violation=True, **cfg.to_dict())
+    opt = argparse.Namespace(
+        data_path="./data/",
+        data_name="bench_precomp",
+        vocab_path="./vocab/",
+        margin=0.2,
+        max_violation=True,
+        **cfg.to_dict(),
+    )
     # The original layout, so the export goes through the same loader as a user's checkpoint.
     ckpt = save_checkpoint(folder / "model_best.pth.tar", SCAN(cfg), opt)
-    export_all(load_checkpoint(ckpt), vocab_json(plan.vocab_size), folder, name="scan",
-               progress=lambda s: logger.info("%s: %s", cfg.cross_attn, s))
+    export_all(
+        load_checkpoint(ckpt),
+        vocab_json(plan.vocab_size),
+        folder,
+        name="scan",
+        progress=lambda s: logger.info("%s: %s", cfg.cross_attn, s),
+    )

@@ -6,6 +6,7 @@
 Several engines form an ensemble: their similarity matrices are averaged, as in the paper
 ("t-i AVG + i-t LSE"). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,23 @@ from runtime.engine import ScanEngine
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recall.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", action="append", required=True,
-                   help="scan.json / scan.onnx / scan.plan; repeat for an ensemble (sims averaged)")
+    p.add_argument(
+        "--engine",
+        action="append",
+        required=True,
+        help="scan.json / scan.onnx / scan.plan; repeat for an ensemble (sims averaged)",
+    )
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
     p.add_argument("--split", default="test")
     p.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
     p.add_argument("--save-sims", help="write the float32 (n_images, n_captions) similarity matrix (.npy)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--gallery-dtype", choices=("float32", "float16"), default="float32",
-                   help="keep encoded images as a gallery cache of this dtype would (float16: half the memory)")
+    p.add_argument(
+        "--gallery-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="keep encoded images as a gallery cache of this dtype would (float16: half the memory)",
+    )
     add_engine_arguments(p)
     return p
 
@@ -46,8 +55,9 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sims = None
     for path in args.engine:
-        with ScanEngine.open(path, backend=args.backend, precision=args.precision, device=args.device,
-                        threads=args.threads) as engine:
+        with ScanEngine.open(
+            path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
+        ) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
@@ -61,9 +71,19 @@ def _run(args: argparse.Namespace) -> int:
             np.save(f, sims)
     metrics = evaluate_fold5(sims) if args.fold5 else evaluate(sims)
     if args.json:
-        print(json.dumps({"metrics": metrics.to_dict(), "n_images": int(sims.shape[0]),
-                          "n_captions": int(sims.shape[1]), "seconds": round(seconds, 3),
-                          "engines": args.engine, "fold5": args.fold5}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "metrics": metrics.to_dict(),
+                    "n_images": int(sims.shape[0]),
+                    "n_captions": int(sims.shape[1]),
+                    "seconds": round(seconds, 3),
+                    "engines": args.engine,
+                    "fold5": args.fold5,
+                },
+                indent=1,
+            )
+        )
     else:
         title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions{' (5-fold 1K)' if args.fold5 else ''}"
         print(format_table(metrics, title=title))

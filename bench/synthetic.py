@@ -4,6 +4,7 @@ Large galleries are not encoded (far too slow on a CPU): their arrays are random
 and the galleries are made by the gallery module (``ImageGallery.from_arrays`` /
 ``CaptionGallery.from_arrays``) in the layout it stores.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,11 @@ def caption_words(rng: np.random.Generator, n: int) -> np.ndarray:
 def vocab_json(size: int) -> dict[str, Any]:
     """A vocabulary of ``size`` words in the original layout: the four specials, then ``w0``, ``w1``, ..."""
     words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(size - 4)]
-    return {"word2idx": {w: i for i, w in enumerate(words)}, "idx2word": {str(i): w for i, w in enumerate(words)},
-            "idx": len(words)}
+    return {
+        "word2idx": {w: i for i, w in enumerate(words)},
+        "idx2word": {str(i): w for i, w in enumerate(words)},
+        "idx": len(words),
+    }
 
 
 def caption_texts(rng: np.random.Generator, n: int, vocab_size: int) -> list[str]:
@@ -106,7 +110,7 @@ class ImageStore:
         for c in range(have // self.CHUNK, math.ceil(n / self.CHUNK)):
             a, b = max(c * self.CHUNK, have), min((c + 1) * self.CHUNK, n)
             rng = rng_for(self.seed, 10, c)
-            idx = rng.integers(0, VectorPool.SIZE, (self.CHUNK, self.regions))[a - c * self.CHUNK:b - c * self.CHUNK]
+            idx = rng.integers(0, VectorPool.SIZE, (self.CHUNK, self.regions))[a - c * self.CHUNK : b - c * self.CHUNK]
             np.take(self.pool.vectors, idx, axis=0, out=images[a:b])
             gram_into(images[a:b], gram[a:b])
 
@@ -116,8 +120,9 @@ class ImageStore:
         return ImageGallery.from_arrays(self.images[:n], self.gram[:n], folder="<synthetic>")
 
 
-def synthetic_caption_gallery(rng: np.random.Generator, n: int, dim: int,
-                              pool: VectorPool | None = None) -> CaptionGallery:
+def synthetic_caption_gallery(
+    rng: np.random.Generator, n: int, dim: int, pool: VectorPool | None = None
+) -> CaptionGallery:
     """``n`` captions of Flickr30K-like lengths with random unit-norm word embeddings, in the stored layout."""
     lengths = caption_words(rng, n) + 2  # ids per caption, <start>/<end> included, as the encoder sees them
     order = np.argsort(lengths, kind="stable")  # the stored order: by length

@@ -1,4 +1,5 @@
 """Timing: seconds per call after a warm-up, repeated within a budget, summarised as median and spread."""
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,14 @@ def stats(samples: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, min_repeats: int, max_repeats: int, budget_s: float,
-               sync: Callable[[], None] | None = None) -> list[float]:
+def time_calls(
+    fn: Callable[[], Any],
+    warmup: int,
+    min_repeats: int,
+    max_repeats: int,
+    budget_s: float,
+    sync: Callable[[], None] | None = None,
+) -> list[float]:
     """Seconds per call after ``warmup`` calls: at least ``min_repeats``, then until ``budget_s`` or ``max_repeats``.
 
     ``sync`` waits for asynchronous work (a GPU stream) inside each timed call.
@@ -42,8 +49,14 @@ def time_calls(fn: Callable[[], Any], warmup: int, min_repeats: int, max_repeats
 def throughput(times: list[float], pairs: int) -> dict[str, Any]:
     """A measured contender: ``pairs`` scored per call, pairs/s at the median and at the p10..p90 spread."""
     s = stats(times)
-    return {"status": "measured", "pairs": pairs, "seconds": s, "pairs_per_s": pairs / s["median"],
-            "pairs_per_s_p10": pairs / s["p90"], "pairs_per_s_p90": pairs / s["p10"]}
+    return {
+        "status": "measured",
+        "pairs": pairs,
+        "seconds": s,
+        "pairs_per_s": pairs / s["median"],
+        "pairs_per_s_p10": pairs / s["p90"],
+        "pairs_per_s_p90": pairs / s["p10"],
+    }
 
 
 def skipped(reason: str, **extra: Any) -> dict[str, Any]:

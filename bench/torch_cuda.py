@@ -4,6 +4,7 @@ The one GPU baseline of the project: ``bench/latency.py`` reports it beside the 
 ``bench/gpu_check.py`` runs it on full-size shapes. Each dtype also times a plain GEMM of the head's shape
 ``(N*R, d) @ (d, Q*L)`` on the same device: the ceiling the head is measured against.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,15 @@ def unavailable() -> str | None:
     return None
 
 
-def torch_cuda_head(images: np.ndarray, image_gram: np.ndarray | None, captions: np.ndarray,
-                    lengths: np.ndarray, cfg: SCANConfig, timing: dict[str, Any],
-                    ref: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+def torch_cuda_head(
+    images: np.ndarray,
+    image_gram: np.ndarray | None,
+    captions: np.ndarray,
+    lengths: np.ndarray,
+    cfg: SCANConfig,
+    timing: dict[str, Any],
+    ref: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
     """``{name: figures}`` for ``torch_cuda_fp32`` and ``torch_cuda_fp16``, each skipped or failed with the reason.
 
     ``images`` (N, R, d), ``captions`` (Q, L, d), ``lengths`` (Q,) on the host; ``image_gram`` (N, R, R) or None
@@ -47,17 +54,26 @@ def torch_cuda_head(images: np.ndarray, image_gram: np.ndarray | None, captions:
     out: dict[str, dict[str, Any]] = {}
     for name, dtype in DTYPES.items():
         try:
-            out[name] = _time_on_gpu(torch, getattr(torch, dtype), images, image_gram, captions, lengths, cfg,
-                                     timing, ref)
+            out[name] = _time_on_gpu(
+                torch, getattr(torch, dtype), images, image_gram, captions, lengths, cfg, timing, ref
+            )
         except Exception as e:  # report a broken GPU path, keep the other figures
             logger.warning("%s failed: %s", name, e)
             out[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
     return out
 
 
-def _time_on_gpu(torch, dtype, images: np.ndarray, image_gram: np.ndarray | None, captions: np.ndarray,
-                 lengths: np.ndarray, cfg: SCANConfig, timing: dict[str, Any],
-                 ref: np.ndarray | None) -> dict[str, Any]:
+def _time_on_gpu(
+    torch,
+    dtype,
+    images: np.ndarray,
+    image_gram: np.ndarray | None,
+    captions: np.ndarray,
+    lengths: np.ndarray,
+    cfg: SCANConfig,
+    timing: dict[str, Any],
+    ref: np.ndarray | None,
+) -> dict[str, Any]:
     from export.model import batched_sims, gram
 
     n, r, d = images.shape
@@ -77,8 +93,12 @@ def _time_on_gpu(torch, dtype, images: np.ndarray, image_gram: np.ndarray | None
         times = time_calls(lambda: batched_sims(ti, tg, tc, tl, None, cfg), sync=torch.cuda.synchronize, **timing)
         gemm_times = time_calls(lambda: a @ b, sync=torch.cuda.synchronize, **timing)
     gemm_s = float(np.median(gemm_times))
-    out = {**throughput(times, pairs), "shape": [n, q, length], "gemm_pairs_per_s": pairs / gemm_s,
-           "gemm_gflops": 2.0 * n * r * d * q * length / gemm_s / 1e9}
+    out = {
+        **throughput(times, pairs),
+        "shape": [n, q, length],
+        "gemm_pairs_per_s": pairs / gemm_s,
+        "gemm_gflops": 2.0 * n * r * d * q * length / gemm_s / 1e9,
+    }
     if ref is not None:
         out["max_abs_diff_vs_batched"] = float(np.abs(got - ref).max())
     return out

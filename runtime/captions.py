@@ -1,4 +1,5 @@
 """Captions files: one caption per line, UTF-8, as in the original precomp layout (``{split}_caps.txt``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

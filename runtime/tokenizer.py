@@ -71,10 +71,7 @@ def _as_text(caption: Any, name: str = "caption") -> str:
                 f"{name} {quote(bytes(caption))}: expected UTF-8 text, received bytes that are "
                 f"not UTF-8 ({e.reason} at byte {e.start})"
             ) from None
-    raise TokenizerError(
-        f"{name}: expected a str (or UTF-8 bytes), received {type(caption).__name__} "
-        f"{quote(caption)}"
-    )
+    raise TokenizerError(f"{name}: expected a str (or UTF-8 bytes), received {type(caption).__name__} {quote(caption)}")
 
 
 def tokenize(caption: str) -> list[str]:
@@ -98,8 +95,7 @@ class Tokenizer:
         if max_words is not None and (isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 3):
             # 3 = <start> + one word + <end>: anything smaller would reject every caption.
             raise ValueError(
-                f"max_words must be None or an integer >= 3 (ids incl. <start>/<end>), "
-                f"received {max_words!r}"
+                f"max_words must be None or an integer >= 3 (ids incl. <start>/<end>), received {max_words!r}"
             )
         self.vocab = vocab
         self.max_words = max_words
@@ -108,9 +104,7 @@ class Tokenizer:
         text = _as_text(caption, name)
         tokens = tokenize(text)
         if not tokens:
-            raise TokenizerError(
-                f"empty query: {name} {quote(text)} has no words (expected at least one)"
-            )
+            raise TokenizerError(f"empty query: {name} {quote(text)} has no words (expected at least one)")
         n_ids = len(tokens) + 2
         if self.max_words is not None and n_ids > self.max_words:
             raise TokenizerError(

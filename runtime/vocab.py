@@ -82,8 +82,7 @@ class Vocabulary:
         for i, w in enumerate(words):
             if w in word2idx:
                 raise VocabularyError(
-                    f"{source}: expected each word once, received {quote(w)} at ids "
-                    f"{word2idx[w]} and {i}"
+                    f"{source}: expected each word once, received {quote(w)} at ids {word2idx[w]} and {i}"
                 )
             word2idx[w] = i
         object.__setattr__(self, "idx2word", words)
@@ -124,8 +123,7 @@ class Vocabulary:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise VocabularyError(
-                f"{source}: expected a JSON file, received invalid JSON ({e.msg} at line "
-                f"{e.lineno} column {e.colno})"
+                f"{source}: expected a JSON file, received invalid JSON ({e.msg} at line {e.lineno} column {e.colno})"
             ) from None
         return cls.from_dict(data, source=source)
 
@@ -138,8 +136,7 @@ class Vocabulary:
         """
         if not isinstance(d, Mapping):
             raise VocabularyError(
-                f"{source}: expected a JSON object with keys word2idx, idx2word, idx, "
-                f"received {type(d).__name__}"
+                f"{source}: expected a JSON object with keys word2idx, idx2word, idx, received {type(d).__name__}"
             )
         missing = [k for k in ("word2idx", "idx2word", "idx") if k not in d]
         if missing:
@@ -150,8 +147,7 @@ class Vocabulary:
         size = d["idx"]
         if not _is_int(size) or size < 0:
             raise VocabularyError(
-                f"{source}: expected 'idx' to be a non-negative integer (the number of words), "
-                f"received {quote(size)}"
+                f"{source}: expected 'idx' to be a non-negative integer (the number of words), received {quote(size)}"
             )
         words = _idx2word_list(d["idx2word"], size, source)
         vocab = cls(words, source=source)
@@ -203,8 +199,7 @@ def _idx2word_list(raw: Any, size: int, source: str) -> list[str]:
                 i = int(key)
             else:
                 raise VocabularyError(
-                    f"{source}: expected idx2word keys to be ids (\"0\", \"1\", ...), "
-                    f"received key {quote(key)}"
+                    f'{source}: expected idx2word keys to be ids ("0", "1", ...), received key {quote(key)}'
                 )
             if i in by_id:
                 raise VocabularyError(f"{source}: idx2word has id {i} more than once")
@@ -222,13 +217,10 @@ def _idx2word_list(raw: Any, size: int, source: str) -> list[str]:
         words = [by_id[i] for i in range(size)]
     else:
         raise VocabularyError(
-            f"{source}: expected idx2word to be an object mapping ids to words, "
-            f"received {type(raw).__name__}"
+            f"{source}: expected idx2word to be an object mapping ids to words, received {type(raw).__name__}"
         )
     if len(words) != size:
-        raise VocabularyError(
-            f"{source}: expected {size} words in idx2word ('idx' is {size}), received {len(words)}"
-        )
+        raise VocabularyError(f"{source}: expected {size} words in idx2word ('idx' is {size}), received {len(words)}")
     return list(words)
 
 
@@ -246,8 +238,7 @@ def _check_word2idx(raw: Any, words: list[str], source: str) -> None:
     """word2idx must be exactly the inverse of idx2word."""
     if not isinstance(raw, Mapping):
         raise VocabularyError(
-            f"{source}: expected word2idx to be an object mapping words to ids, "
-            f"received {type(raw).__name__}"
+            f"{source}: expected word2idx to be an object mapping words to ids, received {type(raw).__name__}"
         )
     if len(raw) != len(words):
         raise VocabularyError(
@@ -259,6 +250,5 @@ def _check_word2idx(raw: Any, words: list[str], source: str) -> None:
             got = words[i] if _is_int(i) and 0 <= i < len(words) else None
             raise VocabularyError(
                 f"{source}: word2idx and idx2word are inconsistent: word2idx maps {quote(word)} "
-                f"to {quote(i)}, but idx2word"
-                + (f"[{i}] is {quote(got)}" if got is not None else " has no such id")
+                f"to {quote(i)}, but idx2word" + (f"[{i}] is {quote(got)}" if got is not None else " has no such id")
             )

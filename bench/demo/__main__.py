@@ -9,6 +9,7 @@
 
     python -m bench.demo [--out demo] [--retrain]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,16 +53,45 @@ def main(argv: list[str] | None = None) -> int:
     test_ims = data / "test_ims.npy"
     names = out / "test_names.txt"
     names.write_text("\n".join(f"test_image_{i:04d}" for i in range(len(np.load(test_ims, mmap_mode="r")))) + "\n")
-    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "--images", str(test_ims),
-               "--names", str(names), "--captions", str(data / "test_caps.txt"), "--rebuild"]) != 0:
+    if (
+        search(
+            [
+                "--engine",
+                manifest,
+                "--gallery",
+                str(out / "gallery"),
+                "--images",
+                str(test_ims),
+                "--names",
+                str(names),
+                "--captions",
+                str(data / "test_caps.txt"),
+                "--rebuild",
+            ]
+        )
+        != 0
+    ):
         return 1
     step("text -> image queries")
     if search(["--engine", manifest, "--gallery", str(out / "gallery"), "-k", "3", *QUERIES]) != 0:
         return 1
     step("image -> text: test image 0 (its own captions are lines 0-4 of test_caps.txt)")
     np.save(out / "query_image.npy", np.load(test_ims)[:1])
-    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "-k", "5",
-               "--query-images", str(out / "query_image.npy")]) != 0:
+    if (
+        search(
+            [
+                "--engine",
+                manifest,
+                "--gallery",
+                str(out / "gallery"),
+                "-k",
+                "5",
+                "--query-images",
+                str(out / "query_image.npy"),
+            ]
+        )
+        != 0
+    ):
         return 1
     step("recall on the test split (float32 graphs, the original protocol)")
     if recall(["--engine", manifest, "--data", str(data), "--split", "test"]) != 0:
@@ -70,8 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     if recall(["--engine", manifest, "--data", str(data), "--split", "test", "--gallery-dtype", "float16"]) != 0:
         return 1
     step("recall with the float16 graphs (what a TensorRT FP16 engine computes)")
-    if recall(["--engine", manifest, "--data", str(data), "--split", "test", "--precision", "fp16",
-               "--gallery-dtype", "float16"]) != 0:
+    if (
+        recall(
+            [
+                "--engine",
+                manifest,
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--precision",
+                "fp16",
+                "--gallery-dtype",
+                "float16",
+            ]
+        )
+        != 0
+    ):
         return 1
     step(f"done: model {ckpt}, engines {engines}/, galleries {out / 'gallery'}/")
     return 0

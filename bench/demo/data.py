@@ -29,6 +29,7 @@ Layout written under ``out_dir`` (what the original ``train.py`` reads with ``--
 Generation is deterministic for a given seed and sizes; an existing dataset whose stamp matches the
 request is reused, not rewritten.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,24 @@ CAPTIONS_PER_IMAGE = 5
 GENERATOR_VERSION = 1
 STAMP_NAME = "demo_stamp.json"
 
-OBJECTS = ("dog", "cat", "car", "bicycle", "tree", "man", "woman", "horse", "boat", "ball",
-           "bird", "bus", "chair", "umbrella", "kite", "truck")
+OBJECTS = (
+    "dog",
+    "cat",
+    "car",
+    "bicycle",
+    "tree",
+    "man",
+    "woman",
+    "horse",
+    "boat",
+    "ball",
+    "bird",
+    "bus",
+    "chair",
+    "umbrella",
+    "kite",
+    "truck",
+)
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "orange")
 SIZES = ("small", "large")
 SCENES = ("grass", "road", "water", "beach", "snow", "street")
@@ -115,7 +132,7 @@ def _article(phrase: str) -> str:
 
 
 def _describe(rng: np.random.Generator, obj: int, colour: int, size: int) -> str:
-    """"[size] [colour] object" with each attribute mentioned or not, plus its article."""
+    """ "[size] [colour] object" with each attribute mentioned or not, plus its article."""
     words = []
     if rng.random() < 0.3:
         words.append(SIZES[size])
@@ -133,8 +150,17 @@ def _join(items: list[str]) -> str:
 
 # Whole-caption templates; {L} is the list of described objects, {S} the scene.
 # Short ones repeated: they are the most frequent, which keeps captions (and training) short.
-_TEMPLATES = ("{L}", "{L}", "{L} .", "{L} .", "there is {L} .", "a photo of {L}", "{L} in the picture",
-              "an image with {L} .", "this picture shows {L}")
+_TEMPLATES = (
+    "{L}",
+    "{L}",
+    "{L} .",
+    "{L} .",
+    "there is {L} .",
+    "a photo of {L}",
+    "{L} in the picture",
+    "an image with {L} .",
+    "this picture shows {L}",
+)
 _SCENE_SUFFIXES = (" on the {S}", " near the {S}", " by the {S}")
 
 
@@ -179,8 +205,12 @@ def _make_split(rng: np.random.Generator, world: World, n_images: int) -> tuple[
         n_zero = int(rng.integers(0, 5))
         n_noise = N_REGIONS - n_obj - n_scene - n_zero
 
-        obj = (_W_OBJECT * world.objects[obj_types] + _W_COLOUR * world.colours[colours]
-               + _W_SIZE * world.sizes[sizes] + _noise(rng, n_obj, dim))
+        obj = (
+            _W_OBJECT * world.objects[obj_types]
+            + _W_COLOUR * world.colours[colours]
+            + _W_SIZE * world.sizes[sizes]
+            + _noise(rng, n_obj, dim)
+        )
         scn = world.scenes[scene] + _noise(rng, n_scene, dim) * 1.5
         bg = rng.standard_normal((n_noise, dim))
         regions = np.concatenate([_unit(obj), _unit(scn), _unit(bg), np.zeros((n_zero, dim))])
@@ -201,20 +231,28 @@ def build_vocab(captions: list[str]) -> dict[str, Any]:
     for c in captions:
         counts.update(tokenize(c))
     words = list(SPECIAL_TOKENS) + sorted(w for w in counts if w not in SPECIAL_TOKENS)
-    return {"word2idx": {w: i for i, w in enumerate(words)},
-            "idx2word": {str(i): w for i, w in enumerate(words)},
-            "idx": len(words)}
+    return {
+        "word2idx": {w: i for i, w in enumerate(words)},
+        "idx2word": {str(i): w for i, w in enumerate(words)},
+        "idx": len(words),
+    }
 
 
 def _params(seed: int, img_dim: int, sizes: dict[str, int]) -> dict[str, Any]:
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "img_dim": img_dim,
-            "n_regions": N_REGIONS, "n_images": sizes}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "img_dim": img_dim,
+        "n_regions": N_REGIONS,
+        "n_images": sizes,
+    }
 
 
 def _files(out_dir: Path) -> list[Path]:
     folder = data_dir(out_dir)
-    return ([folder / f"{s}_ims.npy" for s in SPLITS] + [folder / f"{s}_caps.txt" for s in SPLITS]
-            + [vocab_file(out_dir)])
+    return (
+        [folder / f"{s}_ims.npy" for s in SPLITS] + [folder / f"{s}_caps.txt" for s in SPLITS] + [vocab_file(out_dir)]
+    )
 
 
 def read_stamp(out_dir: str | Path) -> dict[str, Any] | None:
@@ -238,8 +276,15 @@ def _stamp_matches(out_dir: Path, params: dict[str, Any]) -> bool:
     return True
 
 
-def make_dataset(out_dir: str | Path, seed: int = 0, img_dim: int = 256, n_train: int = 2000,
-                 n_dev: int = 200, n_test: int = 500, force: bool = False) -> Path:
+def make_dataset(
+    out_dir: str | Path,
+    seed: int = 0,
+    img_dim: int = 256,
+    n_train: int = 2000,
+    n_dev: int = 200,
+    n_test: int = 500,
+    force: bool = False,
+) -> Path:
     """Write the synthetic dataset under ``out_dir`` (layout in the module doc); return the data folder.
 
     Deterministic in (seed, img_dim, sizes). If a dataset with the same parameters and intact files is
@@ -248,8 +293,11 @@ def make_dataset(out_dir: str | Path, seed: int = 0, img_dim: int = 256, n_train
     out_dir = Path(out_dir)
     seed = _check_int("seed", seed, 0)
     img_dim = _check_int("img_dim", img_dim, 1)
-    sizes = {"train": _check_int("n_train", n_train, 1), "dev": _check_int("n_dev", n_dev, 1),
-             "test": _check_int("n_test", n_test, 1)}
+    sizes = {
+        "train": _check_int("n_train", n_train, 1),
+        "dev": _check_int("n_dev", n_dev, 1),
+        "test": _check_int("n_test", n_test, 1),
+    }
     params = _params(seed, img_dim, sizes)
     folder = data_dir(out_dir)
     if not force and _stamp_matches(out_dir, params):

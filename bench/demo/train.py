@@ -24,6 +24,7 @@ the same dataset, configuration and hyper-parameters and the checkpoint's hash.
 
     python -m bench.demo.train --out demo   # dataset + training + test recall table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,9 +84,19 @@ class HParams:
 
 def demo_config(vocab_size: int, img_dim: int = 256, embed_size: int = 128, word_dim: int = 64) -> SCANConfig:
     """The demo model: t2i, LogSumExp, clipped_l2norm, lambda_softmax 9, lambda_lse 6, bi-GRU, 1 layer."""
-    return SCANConfig(vocab_size=vocab_size, img_dim=img_dim, embed_size=embed_size, word_dim=word_dim,
-                      num_layers=1, bi_gru=True, raw_feature_norm="clipped_l2norm", agg_func="LogSumExp",
-                      cross_attn="t2i", lambda_lse=6.0, lambda_softmax=9.0)
+    return SCANConfig(
+        vocab_size=vocab_size,
+        img_dim=img_dim,
+        embed_size=embed_size,
+        word_dim=word_dim,
+        num_layers=1,
+        bi_gru=True,
+        raw_feature_norm="clipped_l2norm",
+        agg_func="LogSumExp",
+        cross_attn="t2i",
+        lambda_lse=6.0,
+        lambda_softmax=9.0,
+    )
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -96,12 +107,22 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 def original_opt(cfg: SCANConfig, hp: HParams) -> argparse.Namespace:
     """Every option of the original ``train.py`` (its defaults where the demo has no say) plus vocab_size."""
     opt = {
-        "data_path": "./data/", "data_name": DATA_NAME, "vocab_path": "./vocab/",
-        "margin": hp.margin, "num_epochs": hp.epochs, "batch_size": hp.batch_size,
-        "grad_clip": hp.grad_clip, "learning_rate": hp.learning_rate, "lr_update": hp.lr_update,
-        "workers": 10, "log_step": 10, "val_step": 500,
-        "logger_name": f"./runs/{RUN_NAME}/log", "model_name": f"./runs/{RUN_NAME}/checkpoint",
-        "resume": "", "max_violation": hp.max_violation,
+        "data_path": "./data/",
+        "data_name": DATA_NAME,
+        "vocab_path": "./vocab/",
+        "margin": hp.margin,
+        "num_epochs": hp.epochs,
+        "batch_size": hp.batch_size,
+        "grad_clip": hp.grad_clip,
+        "learning_rate": hp.learning_rate,
+        "lr_update": hp.lr_update,
+        "workers": 10,
+        "log_step": 10,
+        "val_step": 500,
+        "logger_name": f"./runs/{RUN_NAME}/log",
+        "model_name": f"./runs/{RUN_NAME}/checkpoint",
+        "resume": "",
+        "max_violation": hp.max_violation,
     }
     opt.update(cfg.to_dict())  # img_dim, embed_size, word_dim, num_layers, bi_gru, norms, lambdas, vocab_size
     return argparse.Namespace(**opt)
@@ -124,8 +145,9 @@ def load_demo_split(out_dir: Path, split: str, vocab: Vocabulary, img_dim: int) 
     regions = np.array(load_regions(folder / f"{split}_ims.npy", img_dim, mmap=False), dtype=np.float32)
     captions = read_captions(folder / f"{split}_caps.txt")
     if len(captions) != 5 * len(regions):
-        raise DemoTrainError(f"{folder} ({split}): {len(captions)} captions for {len(regions)} images; "
-                             f"expected 5 per image")
+        raise DemoTrainError(
+            f"{folder} ({split}): {len(captions)} captions for {len(regions)} images; expected 5 per image"
+        )
     ids, lengths = Tokenizer(vocab).encode_batch(captions)
     return Split(torch.from_numpy(regions), torch.from_numpy(ids), torch.from_numpy(lengths))
 
@@ -165,10 +187,10 @@ def split_sims(model: SCAN, split: Split, max_elems: int = _EVAL_ELEMS) -> np.nd
         chunk = max(1, max_elems // (n * r * lmax))
         out = np.empty((n, q), dtype=np.float32)
         for start in range(0, q, chunk):
-            lengths = split.lengths[start:start + chunk]
-            ids = _trim(split.ids[start:start + chunk], lengths)
+            lengths = split.lengths[start : start + chunk]
+            ids = _trim(split.ids[start : start + chunk], lengths)
             caps = model.txt_enc(ids, lengths)
-            out[:, start:start + chunk] = batched_sims(images, None, caps, lengths, None, model.cfg).numpy()
+            out[:, start : start + chunk] = batched_sims(images, None, caps, lengths, None, model.cfg).numpy()
         return out
     finally:
         model.train(was_training)
@@ -190,7 +212,7 @@ def _batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int) -> 
         caps = caps[rng.permutation(n_images)]
         caps = caps[np.argsort(lengths[caps], kind="stable")]
         for start in range(0, n_images, batch_size):
-            b = caps[start:start + batch_size]
+            b = caps[start : start + batch_size]
             if len(b) >= 2:  # a lone pair has no negatives and gives no signal
                 batches.append(b)
     return [batches[i] for i in rng.permutation(len(batches))]
@@ -244,10 +266,21 @@ def _cached(ckpt: Path, stamp_path: Path, key: dict[str, Any]) -> dict[str, Any]
     return stamp
 
 
-def train_demo(out_dir: str | Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS, force: bool = False,
-               log: Callable[[str], None] = print, *, data: Mapping[str, Any] | None = None,
-               embed_size: int = 128, word_dim: int = 64, batch_size: int = 128,
-               learning_rate: float = 1e-3, lr_update: int | None = None, threads: int = 2) -> Path:
+def train_demo(
+    out_dir: str | Path,
+    seed: int = 0,
+    epochs: int = DEFAULT_EPOCHS,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    *,
+    data: Mapping[str, Any] | None = None,
+    embed_size: int = 128,
+    word_dim: int = 64,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    lr_update: int | None = None,
+    threads: int = 2,
+) -> Path:
     """Make (or reuse) the demo dataset under ``out_dir``, train, and return the checkpoint path.
 
     ``data``: keyword arguments for :func:`bench.demo.data.make_dataset` (img_dim, n_train, n_dev,
@@ -262,14 +295,20 @@ def train_demo(out_dir: str | Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
         lr_update = max(1, (2 * epochs) // 3)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise DemoTrainError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    hp = HParams(epochs=epochs, batch_size=_check_positive_int("batch_size", batch_size),
-                 learning_rate=float(learning_rate), lr_update=_check_positive_int("lr_update", lr_update),
-                 threads=_check_positive_int("threads", threads))
+    hp = HParams(
+        epochs=epochs,
+        batch_size=_check_positive_int("batch_size", batch_size),
+        learning_rate=float(learning_rate),
+        lr_update=_check_positive_int("lr_update", lr_update),
+        threads=_check_positive_int("threads", threads),
+    )
     data = dict(data or {})
     unknown = sorted(set(data) - DATA_OPTIONS)
     if unknown:
-        raise DemoTrainError(f"unknown dataset options {unknown}; expected some of {sorted(DATA_OPTIONS)} "
-                             f"(the dataset's seed is the seed argument)")
+        raise DemoTrainError(
+            f"unknown dataset options {unknown}; expected some of {sorted(DATA_OPTIONS)} "
+            f"(the dataset's seed is the seed argument)"
+        )
 
     make_dataset(out_dir, seed=seed, **data)
     data_stamp = read_stamp(out_dir)
@@ -286,8 +325,10 @@ def train_demo(out_dir: str | Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
         stamp = _cached(ckpt, stamp_path, key)
         if stamp is not None:
             _vocab_beside(out_dir, ckpt)
-            log(f"cached: {ckpt} (epoch {stamp['best_epoch']}, dev rsum {stamp['best_rsum']:.1f}) matches "
-                f"seed {seed}, dataset and hyper-parameters; not retraining (force=True to retrain)")
+            log(
+                f"cached: {ckpt} (epoch {stamp['best_epoch']}, dev rsum {stamp['best_rsum']:.1f}) matches "
+                f"seed {seed}, dataset and hyper-parameters; not retraining (force=True to retrain)"
+            )
             return ckpt
 
     with cpu_settings(hp.threads):
@@ -311,8 +352,16 @@ def _vocab_beside(out_dir: Path, ckpt: Path) -> None:
             tmp.write_bytes(data)
 
 
-def _train(out_dir: Path, seed: int, cfg: SCANConfig, hp: HParams, vocab: Vocabulary, ckpt: Path,
-           stamp_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _train(
+    out_dir: Path,
+    seed: int,
+    cfg: SCANConfig,
+    hp: HParams,
+    vocab: Vocabulary,
+    ckpt: Path,
+    stamp_path: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The old stamp must not vouch for a checkpoint this run is about to overwrite.
     stamp_path.unlink(missing_ok=True)
@@ -320,9 +369,11 @@ def _train(out_dir: Path, seed: int, cfg: SCANConfig, hp: HParams, vocab: Vocabu
     dev = load_demo_split(out_dir, "dev", vocab, cfg.img_dim)
     n_train = len(train.regions)
     train_lengths = train.lengths.numpy()
-    log(f"training SCAN ({cfg.cross_attn} {cfg.agg_func}, embed {cfg.embed_size}, vocab {cfg.vocab_size}) on "
+    log(
+        f"training SCAN ({cfg.cross_attn} {cfg.agg_func}, embed {cfg.embed_size}, vocab {cfg.vocab_size}) on "
         f"{n_train} images / {len(train.lengths)} captions, {hp.epochs} epochs, batch {hp.batch_size}, "
-        f"{hp.threads} threads")
+        f"{hp.threads} threads"
+    )
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -358,13 +409,21 @@ def _train(out_dir: Path, seed: int, cfg: SCANConfig, hp: HParams, vocab: Vocabu
             best_rsum, best_epoch, best_dev = rsum, epoch + 1, metrics
             _save(ckpt, model, cfg, hp, epoch + 1, best_rsum, iters)
         history.append({"epoch": epoch + 1, "loss": total / max(steps, 1), "dev_rsum": rsum})
-        log(f"epoch {epoch + 1:>2}/{hp.epochs}  lr {lr:.0e}  loss {total / max(steps, 1):7.3f}  "
+        log(
+            f"epoch {epoch + 1:>2}/{hp.epochs}  lr {lr:.0e}  loss {total / max(steps, 1):7.3f}  "
             f"dev rsum {rsum:6.1f}  (R@1 i2t {metrics.i2t.r1:.1f} t2i {metrics.t2i.r1:.1f})"
-            f"{'  *best' if is_best else ''}  {time.perf_counter() - t0:6.1f}s")
+            f"{'  *best' if is_best else ''}  {time.perf_counter() - t0:6.1f}s"
+        )
     elapsed = time.perf_counter() - t0
     log(f"best epoch {best_epoch} (dev rsum {best_rsum:.1f}) saved to {ckpt}; {elapsed:.1f}s")
-    return {"best_epoch": best_epoch, "best_rsum": best_rsum, "dev": best_dev.to_dict(), "Eiters": iters,
-            "train_seconds": round(elapsed, 1), "history": history}
+    return {
+        "best_epoch": best_epoch,
+        "best_rsum": best_rsum,
+        "dev": best_dev.to_dict(),
+        "Eiters": iters,
+        "train_seconds": round(elapsed, 1),
+        "history": history,
+    }
 
 
 def _save(path: Path, model: SCAN, cfg: SCANConfig, hp: HParams, epoch: int, best_rsum: float, iters: int) -> None:
@@ -400,8 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n_test = int(read_stamp(args.out)["params"]["n_images"]["test"])
-    print(format_table(metrics, title=f"test split, {n_test} images / {5 * n_test} captions "
-                                      f"(chance: R@1 {100 / n_test:.2f}%, R@10 {1000 / n_test:.1f}%)"))
+    print(
+        format_table(
+            metrics,
+            title=f"test split, {n_test} images / {5 * n_test} captions "
+            f"(chance: R@1 {100 / n_test:.2f}%, R@10 {1000 / n_test:.1f}%)",
+        )
+    )
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -3,6 +3,7 @@
 Everything here runs on a tiny dataset (40 train / 10 dev / 10 test images, img_dim 32) and a tiny
 model, in a few seconds; the full-size demo training is marked slow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,24 @@ def test_vocab_original_layout(tiny_data):
 def test_captions_describe_regions(tiny_data):
     """Each caption names objects; some image's captions differ, i.e. subsets/orders vary."""
     caps = (data_dir(tiny_data) / "train_caps.txt").read_text(encoding="utf-8").lower().splitlines()
-    objects = {"dog", "cat", "car", "bicycle", "tree", "man", "woman", "horse", "boat", "ball", "bird",
-               "bus", "chair", "umbrella", "kite", "truck"}
+    objects = {
+        "dog",
+        "cat",
+        "car",
+        "bicycle",
+        "tree",
+        "man",
+        "woman",
+        "horse",
+        "boat",
+        "ball",
+        "bird",
+        "bus",
+        "chair",
+        "umbrella",
+        "kite",
+        "truck",
+    }
     assert all(objects & set(tokenize(c)) for c in caps)
     assert len(set(caps)) > len(caps) // 2
 
@@ -171,9 +188,16 @@ def test_tiny_training_writes_original_checkpoint(tiny_run, monkeypatch):
     assert loaded.config == expected
     assert SCANConfig.from_opt(loaded.opt) == expected
     assert {k: loaded.opt[k] for k in expected.to_dict()} == expected.to_dict()
-    for key, value in {"data_name": "demo_precomp", "vocab_path": "./vocab/", "data_path": "./data/",
-                       "margin": 0.2, "max_violation": True, "grad_clip": 2.0, "batch_size": 16,
-                       "num_epochs": 1}.items():
+    for key, value in {
+        "data_name": "demo_precomp",
+        "vocab_path": "./vocab/",
+        "data_path": "./data/",
+        "margin": 0.2,
+        "max_violation": True,
+        "grad_clip": 2.0,
+        "batch_size": 16,
+        "num_epochs": 1,
+    }.items():
         assert loaded.opt[key] == value, key
 
     # A copy of the vocabulary beside the checkpoint: found from any working folder.
@@ -276,8 +300,14 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, c
     monkeypatch.setattr(demo, "train_demo", lambda folder, force=False: checkpoint_path(folder))
     assert demo.main(["--out", str(work)]) == 0
     printed = capsys.readouterr().out
-    for step in ("exporting to ONNX", "text -> image queries", "image -> text", "recall on the test split",
-                 "float16 graphs", "done:"):
+    for step in (
+        "exporting to ONNX",
+        "text -> image queries",
+        "image -> text",
+        "recall on the test split",
+        "float16 graphs",
+        "done:",
+    ):
         assert step in printed, step
     assert printed.count("rsum:") == 3 and "test_image_0" in printed
     assert (work / "engines" / "scan.json").is_file() and (work / "gallery" / "images" / "gallery.json").is_file()

@@ -1,4 +1,5 @@
 """bench/gpu_check.py on a machine without a GPU: every part reports why it was skipped."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """bench/latency.py --quick runs end to end and reports every figure; no timing thresholds (CI machines vary)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,8 +55,14 @@ def test_quick_run_writes_every_figure(quick, capsys):
         for name in ("slow_torch_cpu", "batched_torch_cpu", "ort_cpu"):
             c = h["contenders"][name]
             assert c["status"] == "measured", (mode, name, c)
-            for key in ("pairs_per_s", "pairs_per_s_p10", "pairs_per_s_p90", "speedup_vs_slow",
-                        "fraction_of_ceiling", "gflops"):
+            for key in (
+                "pairs_per_s",
+                "pairs_per_s_p10",
+                "pairs_per_s_p90",
+                "speedup_vs_slow",
+                "fraction_of_ceiling",
+                "gflops",
+            ):
                 assert _positive(c[key]), (mode, name, key, c[key])
             s = c["seconds"]
             assert s["n"] >= 3 and 0 < s["p10"] <= s["median"] <= s["p90"]
@@ -89,8 +96,14 @@ def test_quick_run_writes_every_figure(quick, capsys):
     assert _positive(r["memory"]["peak_rss_bytes"]) and _positive(r["wall_seconds"])
 
     names = {t["name"] for t in r["targets"]}
-    assert {"head_speedup_vs_slow_t2i", "head_speedup_vs_slow_i2t", "head_fraction_of_ceiling_t2i",
-            "head_fraction_of_ceiling_i2t", "text_query_1k_p50_ms", "text_query_50k_p50_ms"} <= names
+    assert {
+        "head_speedup_vs_slow_t2i",
+        "head_speedup_vs_slow_i2t",
+        "head_fraction_of_ceiling_t2i",
+        "head_fraction_of_ceiling_i2t",
+        "text_query_1k_p50_ms",
+        "text_query_50k_p50_ms",
+    } <= names
     for t in r["targets"]:
         assert t["met"] is None if t["measured"] is None else isinstance(t["met"], bool)
         if t["measured"] is None:
@@ -124,9 +137,11 @@ def test_cells_over_the_cap_or_budget_are_skipped_with_a_reason():
 
 
 def test_estimates_scale_from_the_nearest_measured_cell():
-    done = [{"status": "measured", "gallery_size": 1000, "batch": 1, "p50_ms": 20.0},
-            {"status": "measured", "gallery_size": 1000, "batch": 8, "p50_ms": 80.0},
-            {"status": "skipped", "gallery_size": 1000, "batch": 32}]
+    done = [
+        {"status": "measured", "gallery_size": 1000, "batch": 1, "p50_ms": 20.0},
+        {"status": "measured", "gallery_size": 1000, "batch": 8, "p50_ms": 80.0},
+        {"status": "skipped", "gallery_size": 1000, "batch": 32},
+    ]
     assert estimate_seconds(done, 10000, 1, 1e9) == pytest.approx(0.2)
     assert estimate_seconds(done, 1000, 32, 1e9) == pytest.approx(0.32)
     assert estimate_seconds([], 100, 2, 1000.0) == pytest.approx(0.2)

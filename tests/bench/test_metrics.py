@@ -87,7 +87,7 @@ def oracle_fold5(sims):
     n = sims.shape[0] // 5
     results = []
     for i in range(5):
-        sub = sims[i * n:(i + 1) * n, i * 5 * n:(i + 1) * 5 * n]
+        sub = sims[i * n : (i + 1) * n, i * 5 * n : (i + 1) * 5 * n]
         r, _ = oracle_i2t(sub)
         ri, _ = oracle_t2i(sub)
         ar = (r[0] + r[1] + r[2]) / 3
@@ -127,7 +127,7 @@ def test_random_matches_oracle(seed, n, dtype):
     sims = rng.standard_normal((n, 5 * n)).astype(dtype)
     # make the task easier so recalls are not all ~0
     for i in range(n):
-        sims[i, 5 * i:5 * i + 5] += dtype(1.5)
+        sims[i, 5 * i : 5 * i + 5] += dtype(1.5)
     assert_matches_oracle(sims)
 
 
@@ -137,7 +137,7 @@ def test_ties_rounded_matches_oracle(seed, n):
     rng = np.random.default_rng(100 + seed)
     sims = np.round(rng.uniform(-1, 1, (n, 5 * n)), 1)
     for i in range(n):
-        sims[i, 5 * i:5 * i + 5] = np.round(sims[i, 5 * i:5 * i + 5] + 0.3, 1)
+        sims[i, 5 * i : 5 * i + 5] = np.round(sims[i, 5 * i : 5 * i + 5] + 0.3, 1)
     assert_matches_oracle(sims)
     assert_matches_oracle(sims.astype(np.float32))
 
@@ -190,8 +190,7 @@ def test_other_captions_per_image(k):
 
 
 def test_accepts_lists():
-    sims = [[0.9, 0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
-            [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.6, 0.7, 0.8, 0.95]]
+    sims = [[0.9, 0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.6, 0.7, 0.8, 0.95]]
     m = evaluate(sims)
     assert m.i2t.r1 == 100.0
 
@@ -232,7 +231,7 @@ def test_perfect_retrieval():
     n = 12
     sims = np.zeros((n, 5 * n))
     for i in range(n):
-        sims[i, 5 * i:5 * i + 5] = 1.0 + np.arange(5) * 0.01
+        sims[i, 5 * i : 5 * i + 5] = 1.0 + np.arange(5) * 0.01
     m = evaluate(sims)
     for d in (m.i2t, m.t2i):
         assert (d.r1, d.r5, d.r10, d.medr, d.meanr) == (100.0, 100.0, 100.0, 1.0, 1.0)
@@ -257,7 +256,7 @@ def test_fold5_mean_matches_original_and_rsum_is_sum_of_means():
     n = 50  # 5 folds of 10 images / 50 captions
     sims = np.round(rng.standard_normal((n, 5 * n)), 1)
     for i in range(n):
-        sims[i, 5 * i:5 * i + 5] += 1.0
+        sims[i, 5 * i : 5 * i + 5] += 1.0
     rows = oracle_fold5(sims)
     mean = rows.mean(axis=0).flatten()
 
@@ -275,7 +274,7 @@ def test_fold5_mean_matches_original_and_rsum_is_sum_of_means():
     folds = evaluate_folds(sims)
     assert len(folds) == 5
     for i, f in enumerate(folds):
-        sub = sims[i * 10:(i + 1) * 10, i * 50:(i + 1) * 50]
+        sub = sims[i * 10 : (i + 1) * 10, i * 50 : (i + 1) * 50]
         assert f == evaluate(sub)
         assert f.i2t.as_tuple() == tuple(float(x) for x in rows[i, 0:5])
         assert f.t2i.as_tuple() == tuple(float(x) for x in rows[i, 5:10])
@@ -398,9 +397,7 @@ def test_to_dict_and_frozen():
     assert set(d["t2i"]) == {"r1", "r5", "r10", "medr", "meanr"}
     for v in list(d["i2t"].values()) + list(d["t2i"].values()) + [d["rsum"]]:
         assert type(v) is float
-    assert d["rsum"] == pytest.approx(
-        sum(d["i2t"][x] + d["t2i"][x] for x in ("r1", "r5", "r10"))
-    )
+    assert d["rsum"] == pytest.approx(sum(d["i2t"][x] + d["t2i"][x] for x in ("r1", "r5", "r10")))
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.i2t.r1 = 0.0  # type: ignore[misc]
     assert isinstance(m, RecallMetrics)
@@ -427,8 +424,5 @@ def test_format_table():
 
 
 def test_does_not_import_torch():
-    code = (
-        "import sys; import bench.metrics; "
-        "assert 'torch' not in sys.modules, 'torch imported'"
-    )
+    code = "import sys; import bench.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

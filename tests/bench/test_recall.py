@@ -1,4 +1,5 @@
 """bench/recall.py reproduces the original's similarities and recall table on the golden cases."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,22 @@ from tests.conftest import golden_expected
 
 def test_save_sims_and_table_match_the_original(golden, exported, tmp_path, capsys):
     out = tmp_path / "sims.npy"
-    assert main(["--engine", str(exported[golden.name]), "--data", str(golden), "--split", "test",
-                 "--save-sims", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--engine",
+                str(exported[golden.name]),
+                "--data",
+                str(golden),
+                "--split",
+                "test",
+                "--save-sims",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     expected = golden_expected(golden)
     sims = np.load(out)
@@ -52,6 +67,18 @@ def test_caption_count_must_be_five_per_image(golden, exported, tmp_path, capsys
 def test_repeated_image_layout(golden, exported, tmp_path):
     np.save(tmp_path / "test_ims.npy", np.repeat(np.load(golden / "test_ims.npy"), 5, axis=0))
     shutil.copy(golden / "test_caps.txt", tmp_path / "test_caps.txt")
-    assert main(["--engine", str(exported[golden.name]), "--data", str(tmp_path), "--save-sims",
-                 str(tmp_path / "s.npy"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--engine",
+                str(exported[golden.name]),
+                "--data",
+                str(tmp_path),
+                "--save-sims",
+                str(tmp_path / "s.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert np.abs(np.load(tmp_path / "s.npy") - golden_expected(golden)).max() <= 1e-5

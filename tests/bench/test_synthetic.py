@@ -1,4 +1,5 @@
 """Synthetic benchmark data: galleries made through the gallery module, reproducible whatever their size."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,10 +71,13 @@ def test_galleries_from_arrays_search_like_the_built_ones(golden, exported, tmp_
         built_images = build_image_gallery(engine, regions, tmp_path / "images", progress=False)
         built_captions = build_caption_gallery(engine, captions, tmp_path / "captions", progress=False)
         images = ImageGallery.from_arrays(np.asarray(built_images.images), np.asarray(built_images.image_gram))
-        texts = CaptionGallery.from_arrays(np.asarray(built_captions.words), built_captions.lengths,
-                                           built_captions.texts, ids=built_captions.ids)
-        for built, memory, queries in ((built_images, images, captions[:7]),
-                                       (built_captions, texts, np.asarray(regions[:3]))):
+        texts = CaptionGallery.from_arrays(
+            np.asarray(built_captions.words), built_captions.lengths, built_captions.texts, ids=built_captions.ids
+        )
+        for built, memory, queries in (
+            (built_images, images, captions[:7]),
+            (built_captions, texts, np.asarray(regions[:3])),
+        ):
             kind = "images" if built is built_images else "captions"
             want = Searcher(engine, **{kind: built}).search(queries, 5)
             got = Searcher(engine, **{kind: memory}).search(queries, 5)

@@ -23,7 +23,6 @@ def vocab() -> Vocabulary:
     return Vocabulary.from_dict(_vocab_dict())
 
 
-
 def test_vocabulary_basics(vocab: Vocabulary) -> None:
     assert len(vocab) == 4 + len(WORDS)
     assert vocab("dog") == vocab.word2idx["dog"] == vocab.idx2word.index("dog")
