@@ -54,9 +54,8 @@ def torch_cuda_head(
     out: dict[str, dict[str, Any]] = {}
     for name, dtype in DTYPES.items():
         try:
-            out[name] = _time_on_gpu(
-                torch, getattr(torch, dtype), images, image_gram, captions, lengths, cfg, timing, ref
-            )
+            feeds = (images, image_gram, captions, lengths)
+            out[name] = _time_on_gpu(torch, getattr(torch, dtype), feeds, cfg, timing, ref)
         except Exception as e:  # report a broken GPU path, keep the other figures
             logger.warning("%s failed: %s", name, e)
             out[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
@@ -64,18 +63,11 @@ def torch_cuda_head(
 
 
 def _time_on_gpu(
-    torch,
-    dtype,
-    images: np.ndarray,
-    image_gram: np.ndarray | None,
-    captions: np.ndarray,
-    lengths: np.ndarray,
-    cfg: SCANConfig,
-    timing: dict[str, Any],
-    ref: np.ndarray | None,
+    torch, dtype, feeds: tuple, cfg: SCANConfig, timing: dict[str, Any], ref: np.ndarray | None
 ) -> dict[str, Any]:
     from export.model import batched_sims, gram
 
+    images, image_gram, captions, lengths = feeds  # host arrays, as torch_cuda_head takes them
     n, r, d = images.shape
     q, length = captions.shape[:2]
     pairs = n * q

@@ -49,75 +49,37 @@ def main(argv: list[str] | None = None) -> int:
     if to_onnx([str(ckpt), "--out", str(engines)]) != 0:
         return 1
     manifest = str(engines / "scan.json")
-    step("building the test galleries")
     test_ims = data / "test_ims.npy"
     names = out / "test_names.txt"
     names.write_text("\n".join(f"test_image_{i:04d}" for i in range(len(np.load(test_ims, mmap_mode="r")))) + "\n")
-    if (
-        search(
-            [
-                "--engine",
-                manifest,
-                "--gallery",
-                str(out / "gallery"),
-                "--images",
-                str(test_ims),
-                "--names",
-                str(names),
-                "--captions",
-                str(data / "test_caps.txt"),
-                "--rebuild",
-            ]
-        )
-        != 0
-    ):
-        return 1
-    step("text -> image queries")
-    if search(["--engine", manifest, "--gallery", str(out / "gallery"), "-k", "3", *QUERIES]) != 0:
-        return 1
-    step("image -> text: test image 0 (its own captions are lines 0-4 of test_caps.txt)")
     np.save(out / "query_image.npy", np.load(test_ims)[:1])
-    if (
-        search(
-            [
-                "--engine",
-                manifest,
-                "--gallery",
-                str(out / "gallery"),
-                "-k",
-                "5",
-                "--query-images",
-                str(out / "query_image.npy"),
-            ]
-        )
-        != 0
-    ):
-        return 1
-    step("recall on the test split (float32 graphs, the original protocol)")
-    if recall(["--engine", manifest, "--data", str(data), "--split", "test"]) != 0:
-        return 1
-    step("recall with a float16 gallery cache (half the memory), float32 graphs")
-    if recall(["--engine", manifest, "--data", str(data), "--split", "test", "--gallery-dtype", "float16"]) != 0:
-        return 1
-    step("recall with the float16 graphs (what a TensorRT FP16 engine computes)")
-    if (
-        recall(
-            [
-                "--engine",
-                manifest,
-                "--data",
-                str(data),
-                "--split",
-                "test",
-                "--precision",
-                "fp16",
-                "--gallery-dtype",
-                "float16",
-            ]
-        )
-        != 0
-    ):
-        return 1
+    gallery = ["--engine", manifest, "--gallery", str(out / "gallery")]
+    split = ["--engine", manifest, "--data", str(data), "--split", "test"]
+    sources = ["--images", str(test_ims), "--names", str(names), "--captions", str(data / "test_caps.txt")]
+    runs = [
+        ("building the test galleries", search, [*gallery, "--rebuild", *sources]),
+        ("text -> image queries", search, [*gallery, "-k", "3", *QUERIES]),
+        (
+            "image -> text: test image 0 (its own captions are lines 0-4 of test_caps.txt)",
+            search,
+            [*gallery, "-k", "5", "--query-images", str(out / "query_image.npy")],
+        ),
+        ("recall on the test split (float32 graphs, the original protocol)", recall, split),
+        (
+            "recall with a float16 gallery cache (half the memory), float32 graphs",
+            recall,
+            [*split, "--gallery-dtype", "float16"],
+        ),
+        (
+            "recall with the float16 graphs (what a TensorRT FP16 engine computes)",
+            recall,
+            [*split, "--precision", "fp16", "--gallery-dtype", "float16"],
+        ),
+    ]
+    for message, cli, cli_args in runs:
+        step(message)
+        if cli(cli_args) != 0:
+            return 1
     step(f"done: model {ckpt}, engines {engines}/, galleries {out / 'gallery'}/")
     return 0
 
