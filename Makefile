@@ -26,10 +26,10 @@ format: deps
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-test: deps
+test: lint
 	$(PYTHON) -m pytest -q -m "not slow"
 
-test-all: deps
+test-all: lint
 	$(PYTHON) -m pytest -q
 
 bench: deps

@@ -35,7 +35,7 @@ def gemm_flop(m: int, k: int, n: int) -> float:
 
 
 def head_flop_per_pair(cfg: SCANConfig, regions: int, length: int) -> float:
-    """The GEMM (2 d R L) plus the weighted-context norm through the Gram matrix (docs/design.md)."""
+    """The GEMM (2 d R L) plus the weighted-context norm through the Gram matrix (docs/design.md section 7)."""
     extra = 2.0 * regions * regions * length if cfg.cross_attn == "t2i" else 2.0 * length * length * regions
     return 2.0 * cfg.embed_size * regions * length + extra
 

@@ -14,6 +14,7 @@ parses the exported fp16 graphs (whose fp32 islands are in the ONNX) into a stro
 
 Exit status: 0 built; 1 bad manifest or a failed build; 2 TensorRT, CUDA bindings or a GPU missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,21 +74,54 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp16", dest="fp32", action="store_false", help="FP16 engines with fp32 islands (default)")
     prec.add_argument("--fp32", dest="fp32", action="store_true", help="float32 engines (TF32 off)")
     p.set_defaults(fp32=False)
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="Q",
-                   help=f"most captions per call, dimension Q (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--max-words", type=int, default=None, metavar="L",
-                   help="longest caption in tokens, dimension L (default: the manifest's max_words)")
-    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, metavar="N",
-                   help=f"most images per call, dimension N (default {DEFAULT_BLOCK})")
-    p.add_argument("--regions", type=int, default=DEFAULT_REGIONS, metavar="R",
-                   help=f"regions per image, fixed in the engine (default {DEFAULT_REGIONS})")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="Q",
+        help=f"most captions per call, dimension Q (default {DEFAULT_MAX_BATCH})",
+    )
+    p.add_argument(
+        "--max-words",
+        type=int,
+        default=None,
+        metavar="L",
+        help="longest caption in tokens, dimension L (default: the manifest's max_words)",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=DEFAULT_BLOCK,
+        metavar="N",
+        help=f"most images per call, dimension N (default {DEFAULT_BLOCK})",
+    )
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=DEFAULT_REGIONS,
+        metavar="R",
+        help=f"regions per image, fixed in the engine (default {DEFAULT_REGIONS})",
+    )
     p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache: loaded if present, saved after")
-    p.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, metavar="G",
-                   help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})")
-    p.add_argument("--topk-max", type=int, default=DEFAULT_TOPK_MAX, metavar="K",
-                   help=f"largest k of the device top-k engine (default {DEFAULT_TOPK_MAX})")
-    p.add_argument("--kinds", default=",".join(PLAN_KINDS),
-                   help=f"engines to build, comma-separated (default {','.join(PLAN_KINDS)})")
+    p.add_argument(
+        "--workspace-gb",
+        type=float,
+        default=DEFAULT_WORKSPACE_GB,
+        metavar="G",
+        help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})",
+    )
+    p.add_argument(
+        "--topk-max",
+        type=int,
+        default=DEFAULT_TOPK_MAX,
+        metavar="K",
+        help=f"largest k of the device top-k engine (default {DEFAULT_TOPK_MAX})",
+    )
+    p.add_argument(
+        "--kinds",
+        default=",".join(PLAN_KINDS),
+        help=f"engines to build, comma-separated (default {','.join(PLAN_KINDS)})",
+    )
     return p
 
 
@@ -157,12 +191,17 @@ def network_layers(trt, network) -> list[LayerInfo]:
         layer = network.get_layer(i)
         ins = [layer.get_input(j) for j in range(layer.num_inputs)]
         outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        infos.append(LayerInfo(
-            index=i, name=layer.name, type=layer.type.name, op=_layer_op(trt, layer),
-            inputs=tuple(t.name for t in ins if t is not None),
-            outputs=tuple(t.name for t in outs if t is not None),
-            float_outputs=bool(outs) and all(t is not None and t.dtype in float_types for t in outs),
-        ))
+        infos.append(
+            LayerInfo(
+                index=i,
+                name=layer.name,
+                type=layer.type.name,
+                op=_layer_op(trt, layer),
+                inputs=tuple(t.name for t in ins if t is not None),
+                outputs=tuple(t.name for t in outs if t is not None),
+                float_outputs=bool(outs) and all(t is not None and t.dtype in float_types for t in outs),
+            )
+        )
     return infos
 
 
@@ -215,9 +254,17 @@ def load_timing_cache(config, blob: bytes, label: str):
     return cache
 
 
-def build_serialized(trt, *, source: Path | bytes, strategy: str, profiles: dict[str, dict[str, list[int]]],
-                     workspace_gb: float, timing_blob: bytes | None, label: str,
-                     progress: Callable[[str], None]) -> tuple[bytes, bytes | None]:
+def build_serialized(
+    trt,
+    *,
+    source: Path | bytes,
+    strategy: str,
+    profiles: dict[str, dict[str, list[int]]],
+    workspace_gb: float,
+    timing_blob: bytes | None,
+    label: str,
+    progress: Callable[[str], None],
+) -> tuple[bytes, bytes | None]:
     """Parse and build one engine; returns (plan bytes, updated timing cache bytes or None)."""
     tlog = make_logger(trt)
     try:
@@ -229,8 +276,10 @@ def build_serialized(trt, *, source: Path | bytes, strategy: str, profiles: dict
     network, _parser = parse_network(trt, builder, tlog, source, strategy, label)
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if sorted(names) != sorted(profiles):
-        raise PlanBuildError(f"{label}: the network's inputs {sorted(names)} differ from the manifest's "
-                               f"{sorted(profiles)}; re-export the graphs")
+        raise PlanBuildError(
+            f"{label}: the network's inputs {sorted(names)} differ from the manifest's "
+            f"{sorted(profiles)}; re-export the graphs"
+        )
     config = builder.create_builder_config()
     if config is None:
         raise PlanBuildError(f"{label}: Builder.create_builder_config returned None")
@@ -241,8 +290,10 @@ def build_serialized(trt, *, source: Path | bytes, strategy: str, profiles: dict
         config.clear_flag(trt.BuilderFlag.TF32)
     if strategy == FP16_FLAG:
         if not hasattr(trt.BuilderFlag, "FP16"):
-            raise TensorRTVersionError(f"TensorRT {trt.__version__} has no BuilderFlag.FP16; use the strongly "
-                                       "typed path (TensorRT 11+) or --fp32")
+            raise TensorRTVersionError(
+                f"TensorRT {trt.__version__} has no BuilderFlag.FP16; use the strongly "
+                "typed path (TensorRT 11+) or --fp32"
+            )
         config.set_flag(trt.BuilderFlag.FP16)
         # OBEY, not PREFER: a silently ignored float32 pin is exactly the overflow this avoids.
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -282,39 +333,59 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
     timing_blob: bytes | None = None
     if cache_path is not None:
         timing_blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        progress(f"timing cache {cache_path} ({'loaded, %d bytes' % len(timing_blob) if timing_blob else 'new'})")
+        progress(f"timing cache {cache_path} ({f'loaded, {len(timing_blob)} bytes' if timing_blob else 'new'})")
     records: dict[str, Any] = {}
     for kind in kinds:
         key = source_graph_key(kind, strategy)
         try:
             graph = manifest.graph(plan_graph_kind(kind), "fp16" if strategy == STRONGLY_TYPED else "fp32")
         except ManifestError as e:
-            raise ManifestError(f"{e}; TensorRT {trt.__version__} builds FP16 only from the exported fp16 graphs: "
-                                "re-export with them, or build with --fp32") from e
+            raise ManifestError(
+                f"{e}; TensorRT {trt.__version__} builds FP16 only from the exported fp16 graphs: "
+                "re-export with them, or build with --fp32"
+            ) from e
         path = manifest.file(graph)  # refuses a graph whose sha256 differs from the manifest's
-        profiles = compute_profiles(graph["inputs"], max_batch=args.max_batch, max_words=max_words,
-                                    block=args.block, regions=args.regions)
+        profiles = compute_profiles(
+            graph["inputs"], max_batch=args.max_batch, max_words=max_words, block=args.block, regions=args.regions
+        )
         source: Path | bytes = path
         extra: dict[str, Any] = {}
         if kind == "topk":
             source = add_topk_to_head(path, args.topk_max).SerializeToString()
             extra["topk_max"] = args.topk_max
         label = f"{kind} engine"
-        progress(f"building {label} from {path.name} ({strategy}); profiles "
-                 + ", ".join(f"{n} {p['min']}..{p['max']}" for n, p in profiles.items()))
+        progress(
+            f"building {label} from {path.name} ({strategy}); profiles "
+            + ", ".join(f"{n} {p['min']}..{p['max']}" for n, p in profiles.items())
+        )
         t0 = time.perf_counter()
-        plan, timing_blob = build_serialized(trt, source=source, strategy=strategy, profiles=profiles,
-                                             workspace_gb=args.workspace_gb, timing_blob=timing_blob, label=label,
-                                             progress=progress)
+        plan, timing_blob = build_serialized(
+            trt,
+            source=source,
+            strategy=strategy,
+            profiles=profiles,
+            workspace_gb=args.workspace_gb,
+            timing_blob=timing_blob,
+            label=label,
+            progress=progress,
+        )
         target = out / plan_file_name(manifest.name, kind)
         atomic.write_bytes(target, plan)
         if cache_path is not None and timing_blob:
             atomic.write_bytes(cache_path, timing_blob)  # after every engine: a later failure keeps the tuning
         records[kind] = plan_record(
-            file=relative_file(manifest.directory, target), sha256=hashlib.sha256(plan).hexdigest(),
-            source_key=key, source_graph=graph, strategy=strategy, tensorrt_version=trt.__version__,
-            gpu_name=gpu_name, compute_capability=cc, profiles=profiles,
-            build_seconds=round(time.perf_counter() - t0, 1), **extra)
+            file=relative_file(manifest.directory, target),
+            sha256=hashlib.sha256(plan).hexdigest(),
+            source_key=key,
+            source_graph=graph,
+            strategy=strategy,
+            tensorrt_version=trt.__version__,
+            gpu_name=gpu_name,
+            compute_capability=cc,
+            profiles=profiles,
+            build_seconds=round(time.perf_counter() - t0, 1),
+            **extra,
+        )
         # Record each plan as soon as it is complete, so an interrupted run keeps what it built.
         record_plans(manifest.path, {kind: records[kind]})
         progress(f"{kind}: wrote {target} ({len(plan) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
@@ -335,19 +406,23 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.manifest)
         records = build_all(manifest, args, progress)
     except (MissingDependency, TensorRTVersionError) as e:
-        print(f"error: {e}\n"
-              "TensorRT engines need an NVIDIA GPU and driver with TensorRT 10+ and CUDA Python bindings: "
-              "pip install tensorrt cuda-python (on that machine).\n"
-              f"Meanwhile the ONNX graphs serve: python runtime/search.py --engine {args.manifest} ...",
-              file=sys.stderr)
+        print(
+            f"error: {e}\n"
+            "TensorRT engines need an NVIDIA GPU and driver with TensorRT 10+ and CUDA Python bindings: "
+            "pip install tensorrt cuda-python (on that machine).\n"
+            f"Meanwhile the ONNX graphs serve: python runtime/search.py --engine {args.manifest} ...",
+            file=sys.stderr,
+        )
         return 2
     except (ManifestError, PlanError, BackendError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     progress("done")
     for kind, rec in records.items():
-        print(f"  {rec['file']}  ({kind}, {rec['precision']} {rec['strategy']}, TensorRT {rec['tensorrt_version']}, "
-              f"{rec['gpu_name']})")
+        print(
+            f"  {rec['file']}  ({kind}, {rec['precision']} {rec['strategy']}, TensorRT {rec['tensorrt_version']}, "
+            f"{rec['gpu_name']})"
+        )
     print(f"  {args.manifest}  (manifest: plans recorded)")
     return 0
 

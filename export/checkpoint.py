@@ -5,6 +5,7 @@ The original ``train.py`` saves ``{'epoch', 'model': [img_enc.state_dict(), txt_
 non-zip) or the zip serialization. Both load with ``weights_only=True`` and an explicit allow-list;
 a pickle that needs any other global is refused (nothing is executed) unless the user opts in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ class LoadedCheckpoint:
     best_rsum: Any = None
 
 
-def save_checkpoint(path: str | Path, model: SCAN, opt: argparse.Namespace, epoch: Any = 0,
-                    best_rsum: Any = 0.0, iters: int = 0, legacy: bool = False) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: SCAN,
+    opt: argparse.Namespace,
+    epoch: Any = 0,
+    best_rsum: Any = 0.0,
+    iters: int = 0,
+    legacy: bool = False,
+) -> Path:
     """Write ``model`` to ``path`` in the original ``train.py`` layout, atomically.
 
     ``opt`` is the training options as ``train.py`` pickles them (an ``argparse.Namespace`` holding every
@@ -53,8 +61,13 @@ def save_checkpoint(path: str | Path, model: SCAN, opt: argparse.Namespace, epoc
     An interrupted write leaves the previous file, never a truncated one.
     """
     path = Path(path)
-    state = {"epoch": epoch, "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()],
-             "best_rsum": best_rsum, "opt": opt, "Eiters": iters}
+    state = {
+        "epoch": epoch,
+        "model": [model.img_enc.state_dict(), model.txt_enc.state_dict()],
+        "best_rsum": best_rsum,
+        "opt": opt,
+        "Eiters": iters,
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp, _use_new_zipfile_serialization=not legacy)
     return path
@@ -87,7 +100,8 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     if not isinstance(raw, dict) or "model" not in raw or "opt" not in raw:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(
-            f"checkpoint {path}: expected the original layout, a dict with 'model' and 'opt' keys; got {got}")
+            f"checkpoint {path}: expected the original layout, a dict with 'model' and 'opt' keys; got {got}"
+        )
     return raw
 
 
@@ -98,7 +112,8 @@ def load_checkpoint(path: str | Path, trust: bool = False, vocab_size: int | Non
     if not isinstance(states, (list, tuple)) or len(states) != 2:
         raise CheckpointError(
             f"checkpoint {path}: 'model' must be [img_enc_state_dict, txt_enc_state_dict]; got "
-            f"{type(states).__name__} of length {len(states) if hasattr(states, '__len__') else '?'}")
+            f"{type(states).__name__} of length {len(states) if hasattr(states, '__len__') else '?'}"
+        )
     img_sd, txt_sd = (_text_keys(sd) for sd in states)
     if vocab_size is None and "embed.weight" in txt_sd:
         vocab_size = int(txt_sd["embed.weight"].shape[0])
@@ -112,8 +127,15 @@ def load_checkpoint(path: str | Path, trust: bool = False, vocab_size: int | Non
     _load_strict(model.img_enc, img_sd, "image encoder", path)
     _load_strict(model.txt_enc, txt_sd, "text encoder", path)
     model.eval()
-    return LoadedCheckpoint(path=path, sha256=sha256_file(path), config=cfg, model=model, opt=opt_dict,
-                            epoch=raw.get("epoch"), best_rsum=raw.get("best_rsum"))
+    return LoadedCheckpoint(
+        path=path,
+        sha256=sha256_file(path),
+        config=cfg,
+        model=model,
+        opt=opt_dict,
+        epoch=raw.get("epoch"),
+        best_rsum=raw.get("best_rsum"),
+    )
 
 
 def _text_keys(d: Any) -> Any:
@@ -129,8 +151,11 @@ def _load_strict(module: torch.nn.Module, state: Any, what: str, path: Path) -> 
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -140,7 +165,8 @@ def _load_strict(module: torch.nn.Module, state: Any, what: str, path: Path) -> 
         if shapes:
             parts.append("mis-shaped " + "; ".join(shapes))
         raise CheckpointError(
-            f"checkpoint {path}: the {what} does not match the configuration in its opt: " + ", ".join(parts))
+            f"checkpoint {path}: the {what} does not match the configuration in its opt: " + ", ".join(parts)
+        )
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
@@ -158,8 +184,13 @@ def find_vocab(ckpt_path: str | Path, opt: dict[str, Any], explicit: str | Path 
     name = f"{data_name}_vocab.json"
     ckpt_dir = Path(ckpt_path).resolve().parent
     # The original layout is runs/<run>/model_best.pth.tar beside ./vocab/, run from the repo root.
-    candidates = [ckpt_dir / vocab_path / name, ckpt_dir / name, ckpt_dir.parent / vocab_path / name,
-                  ckpt_dir.parent.parent / vocab_path / name, Path.cwd() / vocab_path / name]
+    candidates = [
+        ckpt_dir / vocab_path / name,
+        ckpt_dir / name,
+        ckpt_dir.parent / vocab_path / name,
+        ckpt_dir.parent.parent / vocab_path / name,
+        Path.cwd() / vocab_path / name,
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -171,5 +202,6 @@ def load_vocab(path: Path, cfg: SCANConfig) -> Vocabulary:
     vocab = Vocabulary.from_json(path)
     if len(vocab) != cfg.vocab_size:
         raise CheckpointError(
-            f"vocabulary {path} has {len(vocab)} words but the checkpoint's embedding has {cfg.vocab_size} rows")
+            f"vocabulary {path} has {len(vocab)} words but the checkpoint's embedding has {cfg.vocab_size} rows"
+        )
     return vocab

@@ -3,6 +3,7 @@
 Parity is checked in ONNX Runtime on shapes *other* than the export example (caption length 1, a
 1-image block, long captions), because a graph can silently freeze a traced dimension.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,9 @@ def encoder_id(module: torch.nn.Module, cfg_items: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def random_captions(q: int, max_len: int, vocab_size: int, gen: torch.Generator,
-                    lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_captions(
+    q: int, max_len: int, vocab_size: int, gen: torch.Generator, lengths: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if lengths is None:
         lengths = torch.randint(1, max_len + 1, (q,), generator=gen).tolist()
         lengths[0] = max_len  # the padded length must be reached by some caption
@@ -92,18 +94,42 @@ def graph_specs(model: SCAN, precision: str = "fp32") -> list[GraphSpec]:
         captions = model.txt_enc(ids, lens)
     head_feeds = {"images": images, "image_gram": image_gram, "captions": captions, "lengths": lens}
     head_inputs = head_input_names(cfg)
-    head_dyn = {"images": {0: "N", 1: "R"}, "image_gram": {0: "N", 1: "R", 2: "R"},
-                "captions": {0: "Q", 1: "L"}, "lengths": {0: "Q"}, "sims": {0: "N", 1: "Q"}}
+    head_dyn = {
+        "images": {0: "N", 1: "R"},
+        "image_gram": {0: "N", 1: "R", 2: "R"},
+        "captions": {0: "Q", 1: "L"},
+        "lengths": {0: "Q"},
+        "sims": {0: "N", 1: "Q"},
+    }
     cast = _half_floats if precision == "fp16" else (lambda t: t)
     return [
-        GraphSpec("image", precision, ImageGraph(model, precision), ["regions"], ["images", "image_gram"],
-                  {"regions": {0: "N", 1: "R"}, "images": {0: "N", 1: "R"}, "image_gram": {0: "N", 1: "R", 2: "R"}},
-                  cast((regions,))),
-        GraphSpec("text", precision, TextGraph(model, precision), ["ids", "lengths"], ["captions"],
-                  {"ids": {0: "Q", 1: "L"}, "lengths": {0: "Q"}, "captions": {0: "Q", 1: "L"}}, (ids, lens)),
-        GraphSpec("head", precision, HeadGraph(cfg), head_inputs, ["sims"],
-                  {k: v for k, v in head_dyn.items() if k in head_inputs or k == "sims"},
-                  cast(tuple(head_feeds[k] for k in head_inputs))),
+        GraphSpec(
+            "image",
+            precision,
+            ImageGraph(model, precision),
+            ["regions"],
+            ["images", "image_gram"],
+            {"regions": {0: "N", 1: "R"}, "images": {0: "N", 1: "R"}, "image_gram": {0: "N", 1: "R", 2: "R"}},
+            cast((regions,)),
+        ),
+        GraphSpec(
+            "text",
+            precision,
+            TextGraph(model, precision),
+            ["ids", "lengths"],
+            ["captions"],
+            {"ids": {0: "Q", 1: "L"}, "lengths": {0: "Q"}, "captions": {0: "Q", 1: "L"}},
+            (ids, lens),
+        ),
+        GraphSpec(
+            "head",
+            precision,
+            HeadGraph(cfg),
+            head_inputs,
+            ["sims"],
+            {k: v for k, v in head_dyn.items() if k in head_inputs or k == "sims"},
+            cast(tuple(head_feeds[k] for k in head_inputs)),
+        ),
     ]
 
 
@@ -112,8 +138,17 @@ def export_graph(spec: GraphSpec) -> bytes:
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but is the one that keeps ONNX GRU nodes (docs/design.md section 3).
         warnings.simplefilter("ignore")
-        torch.onnx.export(spec.module.eval(), spec.example, buf, input_names=spec.inputs, output_names=spec.outputs,
-                          dynamic_axes=spec.dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            spec.module.eval(),
+            spec.example,
+            buf,
+            input_names=spec.inputs,
+            output_names=spec.outputs,
+            dynamic_axes=spec.dynamic,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buf.getvalue()
 
 
@@ -131,13 +166,22 @@ def parity_cases(model: SCAN, kind: str, seed: int = 1) -> list[dict[str, torch.
             cases.append({"ids": ids, "lengths": lengths})
         return cases
     cases = []
-    for n, r, q, max_len, lens in ((1, 36, 1, 1, [1]), (5, 36, 4, 30, None), (3, 4, 7, 12, None), (1, 2, 2, 50, [50, 1])):
+    for n, r, q, max_len, lens in (
+        (1, 36, 1, 1, [1]),
+        (5, 36, 4, 30, None),
+        (3, 4, 7, 12, None),
+        (1, 2, 2, 50, [50, 1]),
+    ):
         ids, lengths = random_captions(q, max_len, cfg.vocab_size, gen, lens)
         with torch.no_grad():
             images = model.img_enc(torch.randn(n, r, cfg.img_dim, generator=gen))
             captions = model.txt_enc(ids, lengths)
-        feeds = {"images": images, "image_gram": images @ images.transpose(1, 2), "captions": captions,
-                 "lengths": lengths}
+        feeds = {
+            "images": images,
+            "image_gram": images @ images.transpose(1, 2),
+            "captions": captions,
+            "lengths": lengths,
+        }
         cases.append({k: feeds[k] for k in head_input_names(cfg)})
     return cases
 
@@ -151,6 +195,7 @@ def reference(model: SCAN, kind: str, feeds: dict[str, torch.Tensor]) -> list[np
         if kind == "text":
             return [model.txt_enc(feeds["ids"], feeds["lengths"]).numpy()]
         from export.model import slow_sims
+
         return [slow_sims(feeds["images"], feeds["captions"], feeds["lengths"], model.cfg).numpy()]
 
 
@@ -163,25 +208,41 @@ def check_parity(model: SCAN, kind: str, onnx_bytes: bytes, precision: str = "fp
     shapes = []
     for feeds in parity_cases(model, kind):
         expected = reference(model, kind, feeds)
-        onnx_feeds = {k: (v.half() if precision == "fp16" and v.is_floating_point() else v).numpy()
-                      for k, v in feeds.items()}
+        onnx_feeds = {
+            k: (v.half() if precision == "fp16" and v.is_floating_point() else v).numpy() for k, v in feeds.items()
+        }
         got = [g.astype(np.float32) if g.dtype == np.float16 else g for g in session.run(None, onnx_feeds)]
         shapes.append({k: list(v.shape) for k, v in feeds.items()})
         for out_name, e, g in zip((o.name for o in session.get_outputs()), expected, got):
             if e.shape != g.shape:
-                raise ParityError(f"{name} graph: output {out_name} has shape {g.shape}, reference {e.shape} "
-                                  f"(inputs {shapes[-1]})")
+                raise ParityError(
+                    f"{name} graph: output {out_name} has shape {g.shape}, reference {e.shape} (inputs {shapes[-1]})"
+                )
             err = float(np.max(np.abs(e - g))) if e.size else 0.0
             if not np.all(np.isfinite(g)) or not np.allclose(g, e, atol=atol, rtol=rtol):
-                raise ParityError(f"{name} graph: output {out_name} differs from the PyTorch reference by {err:.3g} "
-                                  f"(tolerance {atol:g} + {rtol:g} rel) on inputs {shapes[-1]}")
+                raise ParityError(
+                    f"{name} graph: output {out_name} differs from the PyTorch reference by {err:.3g} "
+                    f"(tolerance {atol:g} + {rtol:g} rel) on inputs {shapes[-1]}"
+                )
             worst = max(worst, err)
-    return {"max_abs_err": worst, "atol": atol, "rtol": rtol, "cases": shapes, "passed": True,
-            "reference": "PyTorch float32"}
+    return {
+        "max_abs_err": worst,
+        "atol": atol,
+        "rtol": rtol,
+        "cases": shapes,
+        "passed": True,
+        "reference": "PyTorch float32",
+    }
 
 
-def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path, name: str = "scan",
-               max_words: int = DEFAULT_MAX_WORDS, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def export_all(
+    ckpt: LoadedCheckpoint,
+    vocab_json: dict[str, Any],
+    out_dir: Path,
+    name: str = "scan",
+    max_words: int = DEFAULT_MAX_WORDS,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """Export, verify, then write the graphs, vocabulary and manifest atomically. Returns the manifest."""
     model = ckpt.model
     cfg = model.cfg
@@ -197,9 +258,12 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
             parity = check_parity(model, spec.kind, blob, precision)
             blobs[key] = blob
             graphs[key] = {
-                "file": graph_file_name(name, spec.kind, precision), "sha256": hashlib.sha256(blob).hexdigest(),
-                "precision": precision, **_io_entries(blob),
-                "parity": parity, "export_seconds": round(time.perf_counter() - t0, 3),
+                "file": graph_file_name(name, spec.kind, precision),
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "precision": precision,
+                **_io_entries(blob),
+                "parity": parity,
+                "export_seconds": round(time.perf_counter() - t0, 3),
             }
             progress(f"{key}: max |onnx - torch| = {parity['max_abs_err']:.2e} (ok, tolerance {parity['atol']:g})")
     img_keys = ["img_dim", "embed_size", "precomp_enc_type", "no_imgnorm"]
@@ -207,13 +271,22 @@ def export_all(ckpt: LoadedCheckpoint, vocab_json: dict[str, Any], out_dir: Path
     cfg_dict = cfg.to_dict()
     vocab_bytes = (json.dumps(vocab_json, ensure_ascii=False) + "\n").encode("utf-8")
     manifest = {
-        "format": FORMAT, "name": name, "config": cfg_dict, "opset": OPSET, "max_words": max_words,
-        "checkpoint": {"file": str(ckpt.path), "sha256": ckpt.sha256, "epoch": _plain(ckpt.epoch),
-                       "best_rsum": _plain(ckpt.best_rsum)},
+        "format": FORMAT,
+        "name": name,
+        "config": cfg_dict,
+        "opset": OPSET,
+        "max_words": max_words,
+        "checkpoint": {
+            "file": str(ckpt.path),
+            "sha256": ckpt.sha256,
+            "epoch": _plain(ckpt.epoch),
+            "best_rsum": _plain(ckpt.best_rsum),
+        },
         "image_encoder_id": encoder_id(model.img_enc, {k: cfg_dict[k] for k in img_keys}),
         "text_encoder_id": encoder_id(model.txt_enc, {k: cfg_dict[k] for k in txt_keys}),
         "vocab": {"file": vocab_file_name(name), "sha256": hashlib.sha256(vocab_bytes).hexdigest()},
-        "graphs": graphs, "plans": {},
+        "graphs": graphs,
+        "plans": {},
         "exported_with": {"torch": torch.__version__, "onnx_opset": OPSET},
     }
     for key, blob in blobs.items():
@@ -236,8 +309,10 @@ def _io_entries(blob: bytes) -> dict[str, list[dict[str, Any]]]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
         return {"name": v.name, "dtype": dtype, "shape": dims}
 
-    return {"inputs": [entry(v) for v in graph.input if v.name not in initializers],
-            "outputs": [entry(v) for v in graph.output]}
+    return {
+        "inputs": [entry(v) for v in graph.input if v.name not in initializers],
+        "outputs": [entry(v) for v in graph.output],
+    }
 
 
 def _plain(x: Any) -> Any:

@@ -17,6 +17,7 @@ forward GRU over the padded batch and, for a bi-GRU, a backward GRU over each se
 *within its own length* by a gather and gathered back. Padding only ever follows the valid steps, so
 valid outputs equal the packed ones; padded outputs are zeroed at the end.
 """
+
 from __future__ import annotations
 
 import torch

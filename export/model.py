@@ -20,6 +20,7 @@ island; in float32 the casts are no-ops.
 
 Shapes: N images of R regions, Q captions of at most L words, d = embed_size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -192,8 +193,9 @@ def masked_softmax(x: torch.Tensor, dim: int, mask: torch.Tensor | None) -> torc
     return e / e.sum(dim=dim, keepdim=True)
 
 
-def masked_aggregate(cos: torch.Tensor, dim: int, mask: torch.Tensor | None, lengths: torch.Tensor | None,
-                     cfg: SCANConfig) -> torch.Tensor:
+def masked_aggregate(
+    cos: torch.Tensor, dim: int, mask: torch.Tensor | None, lengths: torch.Tensor | None, cfg: SCANConfig
+) -> torch.Tensor:
     """Aggregate cosines over ``dim`` counting only valid items (mask None: all valid)."""
     if cfg.agg_func in ("LogSumExp", "Max"):
         x = cos * cfg.lambda_lse if cfg.agg_func == "LogSumExp" else cos
@@ -223,8 +225,14 @@ BOUNDED_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1nor
 MAX_BOUNDED_LAMBDA = 30.0
 
 
-def _attention_weights(s: torch.Tensor, norm_dim: int, norm_mask: torch.Tensor | None, soft_dim: int,
-                       soft_mask: torch.Tensor | None, cfg: SCANConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_weights(
+    s: torch.Tensor,
+    norm_dim: int,
+    norm_mask: torch.Tensor | None,
+    soft_dim: int,
+    soft_mask: torch.Tensor | None,
+    cfg: SCANConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised softmax weights ``e`` along ``soft_dim`` and their sum ``z``: softmax = e / z.
 
     The head never divides the full tensor by ``z``: both the weighted-context dot product and its norm
@@ -251,8 +259,14 @@ def _attention_weights(s: torch.Tensor, norm_dim: int, norm_mask: torch.Tensor |
     return e, e.sum(dim=soft_dim)
 
 
-def batched_sims(images: torch.Tensor, image_gram: torch.Tensor | None, captions: torch.Tensor,
-                 lengths: torch.Tensor, caption_gram: torch.Tensor | None, cfg: SCANConfig) -> torch.Tensor:
+def batched_sims(
+    images: torch.Tensor,
+    image_gram: torch.Tensor | None,
+    captions: torch.Tensor,
+    lengths: torch.Tensor,
+    caption_gram: torch.Tensor | None,
+    cfg: SCANConfig,
+) -> torch.Tensor:
     """Exact batched SCAN head. images (N, R, d), captions (Q, L, d) zero past ``lengths`` -> sims (N, Q).
 
     t2i needs ``image_gram`` (N, R, R); i2t needs ``caption_gram`` (Q, L, L); either may be None and is

@@ -6,6 +6,7 @@ Writes ``<name>.image.onnx``, ``<name>.text.onnx``, ``<name>.onnx`` (similarity 
 ``<name>.vocab.json`` and the manifest ``<name>.json``; exits non-zero, naming the graph, if any graph
 disagrees with the PyTorch reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="vocabulary JSON (default: <vocab_path>/<data_name>_vocab.json from the opt)")
     p.add_argument("--out", default="engines", help="output folder (default: engines)")
     p.add_argument("--name", default="scan", help="file name stem (default: scan)")
-    p.add_argument("--max-words", type=int, default=DEFAULT_MAX_WORDS,
-                   help=f"longest caption served, in tokens incl. <start>/<end> (default {DEFAULT_MAX_WORDS})")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint without the allow-list (may execute code; only for files you trust)")
+    p.add_argument(
+        "--max-words",
+        type=int,
+        default=DEFAULT_MAX_WORDS,
+        help=f"longest caption served, in tokens incl. <start>/<end> (default {DEFAULT_MAX_WORDS})",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint without the allow-list (may execute code; only for files you trust)",
+    )
     return p
 
 
@@ -57,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(cfg) -> str:
-    return (f"{cfg.cross_attn} {cfg.agg_func} {cfg.raw_feature_norm}, embed {cfg.embed_size}, "
-            f"{'bi-' if cfg.bi_gru else ''}GRU x{cfg.num_layers}, img_dim {cfg.img_dim}, vocab {cfg.vocab_size}")
+    return (
+        f"{cfg.cross_attn} {cfg.agg_func} {cfg.raw_feature_norm}, embed {cfg.embed_size}, "
+        f"{'bi-' if cfg.bi_gru else ''}GRU x{cfg.num_layers}, img_dim {cfg.img_dim}, vocab {cfg.vocab_size}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ What lives here (``export/build_engine.py`` does the TensorRT calls; serving che
 * ``add_topk_to_head``: the head graph with a TopK appended, so a block returns (k, Q) results
   instead of (N, Q) similarities.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -76,8 +77,9 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def dimension_bounds(max_batch: int, max_words: int, block: int, regions: int = DEFAULT_REGIONS
-                     ) -> dict[str, tuple[int, int, int]]:
+def dimension_bounds(
+    max_batch: int, max_words: int, block: int, regions: int = DEFAULT_REGIONS
+) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) for each named dynamic dimension of the exported graphs."""
     q = _positive_int("max_batch (--max-batch)", max_batch)
     words = _positive_int("max_words (--max-words)", max_words)
@@ -94,9 +96,14 @@ def dimension_bounds(max_batch: int, max_words: int, block: int, regions: int = 
     }
 
 
-def compute_profiles(inputs: Sequence[Mapping[str, Any]], *, max_batch: int = DEFAULT_MAX_BATCH,
-                     max_words: int, block: int = DEFAULT_BLOCK, regions: int = DEFAULT_REGIONS
-                     ) -> dict[str, dict[str, list[int]]]:
+def compute_profiles(
+    inputs: Sequence[Mapping[str, Any]],
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_words: int,
+    block: int = DEFAULT_BLOCK,
+    regions: int = DEFAULT_REGIONS,
+) -> dict[str, dict[str, list[int]]]:
     """``{input: {"min": [...], "opt": [...], "max": [...]}}`` for a manifest graph entry's ``inputs``.
 
     Every input is listed with ``name`` and ``shape`` (ints, or names for dynamic dimensions).
@@ -112,14 +119,18 @@ def compute_profiles(inputs: Sequence[Mapping[str, Any]], *, max_batch: int = DE
         for axis, dim in enumerate(shape):
             if isinstance(dim, str):
                 if dim not in bounds:
-                    raise ProfileError(f"input {name!r} axis {axis}: dynamic dimension {dim!r} is not one of "
-                                       f"{', '.join(bounds)}; the graph was not exported by export/to_onnx.py")
+                    raise ProfileError(
+                        f"input {name!r} axis {axis}: dynamic dimension {dim!r} is not one of "
+                        f"{', '.join(bounds)}; the graph was not exported by export/to_onnx.py"
+                    )
                 a, b, c = bounds[dim]
             elif isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
                 a = b = c = dim
             else:
-                raise ProfileError(f"input {name!r} axis {axis}: dimension {dim!r} is neither a positive size "
-                                   "nor a named dynamic dimension")
+                raise ProfileError(
+                    f"input {name!r} axis {axis}: dimension {dim!r} is neither a positive size "
+                    "nor a named dynamic dimension"
+                )
             lo.append(a)
             opt.append(b)
             hi.append(c)
@@ -149,7 +160,8 @@ def precision_strategy(trt_version: str, fp32: bool = False) -> str:
     if major < MIN_TRT_MAJOR:
         raise TensorRTVersionError(
             f"TensorRT {trt_version} is not supported: the engines need TensorRT 10.x or newer "
-            "(name-based tensor API, execute_async_v3). Upgrade with: pip install --upgrade tensorrt")
+            "(name-based tensor API, execute_async_v3). Upgrade with: pip install --upgrade tensorrt"
+        )
     if fp32:
         return FP32
     # TensorRT 11 removed BuilderFlag.FP16 and the precision constraints: the network is strongly
@@ -175,7 +187,7 @@ def source_graph_key(kind: str, strategy: str) -> str:
 # Layer types kept in float32 on the TensorRT 10 FP16-flag path. Reductions accumulate (sums over
 # 1024 features or 36 regions lose digits in fp16), softmax and normalisation exponentiate.
 SENSITIVE_LAYER_TYPES = frozenset({"REDUCE", "SOFTMAX", "RAGGED_SOFTMAX", "NORMALIZATION", "RNN_V2"})
-# Unary ops that overflow or lose precision in fp16: exp(20 * cos) overflows (DESIGN.md 3), log and
+# Unary ops that overflow or lose precision in fp16: exp(20 * cos) overflows (docs/design.md section 2), log and
 # sqrt of the sums they follow, reciprocals of norms.
 SENSITIVE_UNARY_OPS = frozenset({"EXP", "LOG", "SQRT", "RECIP", "POW"})
 # Element-wise ops of the norms: x^2 before the sum, division by the norm.
@@ -190,13 +202,14 @@ NEVER_CONSTRAINED_TYPES = frozenset({"CAST", "CONSTANT", "SHAPE", "ASSERTION", "
 @dataclass(frozen=True)
 class LayerInfo:
     """A parsed network layer, reduced to what the precision rule needs (see build_engine.py)."""
+
     index: int
     name: str
-    type: str                  # LayerType member name, e.g. "REDUCE"
-    op: str | None             # UnaryOperation / ElementWiseOperation name, or None when unknown
-    inputs: tuple[str, ...]    # tensor names
+    type: str  # LayerType member name, e.g. "REDUCE"
+    op: str | None  # UnaryOperation / ElementWiseOperation name, or None when unknown
+    inputs: tuple[str, ...]  # tensor names
     outputs: tuple[str, ...]
-    float_outputs: bool        # every output is float32 or float16 (so a precision applies)
+    float_outputs: bool  # every output is float32 or float16 (so a precision applies)
 
 
 def loop_body_layers(layers: Sequence[LayerInfo]) -> set[int]:
@@ -250,16 +263,31 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def plan_record(*, file: str, sha256: str, source_key: str, source_graph: Mapping[str, Any], strategy: str,
-                  tensorrt_version: str, gpu_name: str, compute_capability: str,
-                  profiles: Mapping[str, Mapping[str, Sequence[int]]], built_at: str | None = None,
-                  **extra: Any) -> dict[str, Any]:
+def plan_record(
+    *,
+    file: str,
+    sha256: str,
+    source_key: str,
+    source_graph: Mapping[str, Any],
+    strategy: str,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profiles: Mapping[str, Mapping[str, Sequence[int]]],
+    built_at: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One ``plans`` entry of the manifest."""
     record = {
-        "file": file, "sha256": sha256,
-        "source_graph": source_graph["file"], "source_key": source_key, "source_sha256": source_graph["sha256"],
-        "precision": strategy_precision(strategy), "strategy": strategy,
-        "tensorrt_version": str(tensorrt_version), "gpu_name": str(gpu_name),
+        "file": file,
+        "sha256": sha256,
+        "source_graph": source_graph["file"],
+        "source_key": source_key,
+        "source_sha256": source_graph["sha256"],
+        "precision": strategy_precision(strategy),
+        "strategy": strategy,
+        "tensorrt_version": str(tensorrt_version),
+        "gpu_name": str(gpu_name),
         "compute_capability": str(compute_capability),
         "profiles": {k: {b: [int(x) for x in v[b]] for b in ("min", "opt", "max")} for k, v in profiles.items()},
         "built_at": built_at or utc_now(),
@@ -269,6 +297,7 @@ def plan_record(*, file: str, sha256: str, source_key: str, source_graph: Mappin
 
 
 # ---------------------------------------------------------------------------------------------- device top-k
+
 
 def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str = "sims"):
     """The head graph with ``TopK`` over the image axis (axis 0) of ``sims`` (N, Q) appended.
@@ -294,8 +323,9 @@ def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str
         model = onnx.ModelProto()
         model.CopyFrom(onnx_model)
     else:
-        raise PlanError("add_topk_to_head: expected ONNX bytes, a path or a ModelProto, "
-                        f"received {type(onnx_model).__name__}")
+        raise PlanError(
+            f"add_topk_to_head: expected ONNX bytes, a path or a ModelProto, received {type(onnx_model).__name__}"
+        )
     graph = model.graph
     outputs = {o.name: o for o in graph.output}
     if sims not in outputs:
@@ -316,25 +346,32 @@ def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str
 
     c_axis0, c_kmax, c_one = fresh("topk/axis0"), fresh("topk/k_max"), fresh("topk/shape1")
     t_shape, t_n, t_min, t_k = fresh("topk/sims_shape"), fresh("topk/n"), fresh("topk/k_scalar"), fresh("topk/k")
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(0, np.int64), c_axis0),
-        numpy_helper.from_array(np.array(k_max, np.int64), c_kmax),
-        numpy_helper.from_array(np.array([1], np.int64), c_one),
-    ])
-    graph.node.extend([
-        helper.make_node("Shape", [sims], [t_shape], name=fresh("topk/Shape")),
-        helper.make_node("Gather", [t_shape, c_axis0], [t_n], name=fresh("topk/Gather"), axis=0),
-        helper.make_node("Min", [t_n, c_kmax], [t_min], name=fresh("topk/Min")),
-        helper.make_node("Reshape", [t_min, c_one], [t_k], name=fresh("topk/Reshape")),
-        helper.make_node("TopK", [sims, t_k], list(TOPK_OUTPUTS), name=fresh("topk/TopK"),
-                         axis=0, largest=1, sorted=1),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(0, np.int64), c_axis0),
+            numpy_helper.from_array(np.array(k_max, np.int64), c_kmax),
+            numpy_helper.from_array(np.array([1], np.int64), c_one),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Shape", [sims], [t_shape], name=fresh("topk/Shape")),
+            helper.make_node("Gather", [t_shape, c_axis0], [t_n], name=fresh("topk/Gather"), axis=0),
+            helper.make_node("Min", [t_n, c_kmax], [t_min], name=fresh("topk/Min")),
+            helper.make_node("Reshape", [t_min, c_one], [t_k], name=fresh("topk/Reshape")),
+            helper.make_node(
+                "TopK", [sims, t_k], list(TOPK_OUTPUTS), name=fresh("topk/TopK"), axis=0, largest=1, sorted=1
+            ),
+        ]
+    )
     q_dim = dims[1]
     del graph.output[:]
-    graph.output.extend([
-        helper.make_tensor_value_info(TOPK_OUTPUTS[0], sims_type.elem_type, ["K", q_dim]),
-        helper.make_tensor_value_info(TOPK_OUTPUTS[1], TensorProto.INT64, ["K", q_dim]),
-    ])
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(TOPK_OUTPUTS[0], sims_type.elem_type, ["K", q_dim]),
+            helper.make_tensor_value_info(TOPK_OUTPUTS[1], TensorProto.INT64, ["K", q_dim]),
+        ]
+    )
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:

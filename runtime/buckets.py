@@ -2,6 +2,7 @@
 
 One helper for every place that encodes many captions (search, caption gallery build, evaluation).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ def length_batches(lengths: np.ndarray, batch: int) -> Iterator[np.ndarray]:
         raise ValueError(f"batch must be a positive integer, received {batch!r}")
     order = np.argsort(np.asarray(lengths), kind="stable")
     for a in range(0, len(order), int(batch)):
-        yield order[a:a + int(batch)]
+        yield order[a : a + int(batch)]
 
 
-def encode_by_length(engine, ids: np.ndarray, lengths: np.ndarray,
-                     batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_by_length(
+    engine, ids: np.ndarray, lengths: np.ndarray, batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(idx, words)``: caption rows ``idx`` (see :func:`length_batches`) encoded by ``engine.encode_ids``,
     ``words`` (len(idx), width, d) padded to the batch's longest caption."""
     lengths = np.asarray(lengths)

@@ -1,4 +1,5 @@
 """What the serving CLIs (runtime/search.py, bench/recall.py) share: engine flags and error reporting."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,17 +17,37 @@ from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
 
 # Errors caused by the user's input or files: reported in one line, exit code 2, no traceback.
-USER_ERRORS = (BackendError, DataError, FeatureError, GalleryError, ManifestError, SearchError, TokenizerError,
-               VocabularyError)
+USER_ERRORS = (
+    BackendError,
+    DataError,
+    FeatureError,
+    GalleryError,
+    ManifestError,
+    SearchError,
+    TokenizerError,
+    VocabularyError,
+)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: TensorRT for a .plan when installed, else ONNX Runtime")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="ONNX Runtime device; cuda needs onnxruntime-gpu and keeps the image gallery on the GPU")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: TensorRT for a .plan when installed, else ONNX Runtime",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="ONNX Runtime device; cuda needs onnxruntime-gpu and keeps the image gallery on the GPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -4,12 +4,14 @@ The option names and defaults are those of the original ``train.py`` (kuanghuei/
 values are refused by name so that a typo never silently selects another model.
 No torch here: the runtime reads the same configuration from the export manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class SCANConfig:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
 
     @classmethod
-    def from_opt(cls, opt: Any, vocab_size: int | None = None) -> "SCANConfig":
+    def from_opt(cls, opt: Any, vocab_size: int | None = None) -> SCANConfig:
         """Build from the original ``argparse.Namespace`` (or a dict of the same keys).
 
         Options missing from an older checkpoint take the original ``train.py`` defaults (logged).
@@ -84,7 +86,7 @@ class SCANConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SCANConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SCANConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

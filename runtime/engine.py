@@ -2,6 +2,7 @@
 
 Numpy and a backend only; PyTorch is never imported here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,14 @@ logger = logging.getLogger(__name__)
 class ScanEngine:
     """Owns the three backends of one export; use as a context manager or call ``close()``."""
 
-    def __init__(self, manifest: Manifest, backend: str = "onnxruntime", precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
         self.manifest = manifest
         self.config = manifest.config
         self.backend_name = backend
@@ -41,8 +48,14 @@ class ScanEngine:
         self.head_dtype = {t.name: t.dtype for t in self.head.inputs}["images"]
 
     @classmethod
-    def open(cls, engine: str | Path, backend: str = "auto", precision: str = "fp32", device: str = "cpu",
-             threads: int | None = None) -> ScanEngine:
+    def open(
+        cls,
+        engine: str | Path,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> ScanEngine:
         """``engine`` is the manifest or any file it lists; ``backend`` as ``runtime.backends.choose_backend``."""
         manifest = resolve_manifest(engine)
         concrete = choose_backend(backend, engine, manifest)
@@ -84,8 +97,9 @@ class ScanEngine:
 
     # ------------------------------------------------------------------ head
 
-    def sims(self, images: np.ndarray, image_gram: np.ndarray | None, captions: np.ndarray,
-             lengths: np.ndarray) -> np.ndarray:
+    def sims(
+        self, images: np.ndarray, image_gram: np.ndarray | None, captions: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
         """Similarities (N, Q) of N encoded images and Q encoded captions (zero-padded)."""
         feeds = {"images": images, "captions": captions, "lengths": lengths}
         if self.needs_image_gram:

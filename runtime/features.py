@@ -1,4 +1,5 @@
 """Validation of user-supplied region features: clear errors instead of tracebacks from deep inside numpy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,13 +28,17 @@ def check_layout(x: object, img_dim: int, name: str = "regions") -> np.ndarray:
     if x.dtype.kind != "f":
         raise FeatureError(f"{name}: expected floating-point features, received dtype {x.dtype}")
     if x.ndim == 2 and x.shape[1] == img_dim:
-        raise FeatureError(f"{name}: expected (N, R, {img_dim}) region features, received a 2-D array {x.shape}; "
-                           f"for a single image pass x[None]")
+        raise FeatureError(
+            f"{name}: expected (N, R, {img_dim}) region features, received a 2-D array {x.shape}; "
+            f"for a single image pass x[None]"
+        )
     if x.ndim != 3:
         raise FeatureError(f"{name}: expected rank 3 (N, R, {img_dim}), received rank {x.ndim} shape {x.shape}")
     if x.shape[2] != img_dim:
-        raise FeatureError(f"{name}: expected {img_dim} features per region (the model's img_dim), "
-                           f"received {x.shape[2]} (shape {x.shape})")
+        raise FeatureError(
+            f"{name}: expected {img_dim} features per region (the model's img_dim), "
+            f"received {x.shape[2]} (shape {x.shape})"
+        )
     if x.shape[1] < 1:
         raise FeatureError(f"{name}: expected at least one region per image, received shape {x.shape}")
     return x

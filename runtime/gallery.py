@@ -13,14 +13,17 @@ A cache is a folder with ``gallery.json`` and ``.npy`` arrays, loaded memory-map
 atomic: array files carry a generation number and ``gallery.json`` is replaced last, so an
 interrupted build or append leaves the previous cache intact.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +45,14 @@ class GalleryError(ValueError):
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img" if "image" in desc else "cap", disable=not enabled,
-                leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img" if "image" in desc else "cap",
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- common
@@ -52,14 +61,18 @@ def _progress(total: int, desc: str, enabled: bool):
 def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
-        raise GalleryError(f"{folder}: no gallery here ({MANIFEST} missing); build one with "
-                           f"runtime/search.py --engine ENGINE --gallery {folder} --images FEATS.npy")
+        raise GalleryError(
+            f"{folder}: no gallery here ({MANIFEST} missing); build one with "
+            f"runtime/search.py --engine ENGINE --gallery {folder} --images FEATS.npy"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GalleryError(f"{path}: corrupted gallery manifest ({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise GalleryError(f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}")
+        raise GalleryError(
+            f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
+        )
     if data.get("kind") != kind:
         raise GalleryError(f"{path}: this is a {data.get('kind')} gallery, expected a {kind} gallery")
     return data
@@ -74,8 +87,10 @@ def _open_array(folder: Path, entry: dict[str, Any], name: str) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise GalleryError(f"{path}: truncated or corrupted gallery file ({e})") from e
     if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
-        raise GalleryError(f"{path}: corrupted gallery file: {name} is {arr.dtype.name}{list(arr.shape)}, "
-                           f"the manifest says {entry['dtype']}{list(entry['shape'])}")
+        raise GalleryError(
+            f"{path}: corrupted gallery file: {name} is {arr.dtype.name}{list(arr.shape)}, "
+            f"the manifest says {entry['dtype']}{list(entry['shape'])}"
+        )
     return arr
 
 
@@ -83,16 +98,16 @@ def _check_binding(data: dict[str, Any], key: str, expected: str, folder: Path) 
     if data.get(key) != expected:
         raise GalleryError(
             f"{folder}: this gallery was built by another model ({key} {str(data.get(key))[:12]}..., the engine's is "
-            f"{expected[:12]}...); rebuild it with this engine, or pass the engine that built it")
+            f"{expected[:12]}...); rebuild it with this engine, or pass the engine that built it"
+        )
 
 
 def _save_arrays(folder: Path, generation: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     entries = {}
     for name, arr in arrays.items():
         fname = f"{name}.{generation}.npy"
-        with atomic.atomic_path(folder / fname) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        with atomic.atomic_path(folder / fname) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         entries[name] = {"file": fname, "shape": list(arr.shape), "dtype": arr.dtype.name}
     return entries
 
@@ -106,10 +121,8 @@ def _commit(folder: Path, manifest: dict[str, Any], extra_files: dict[str, Any])
     for p in folder.iterdir():
         old_side_file = p.suffix == ".json" and p.name.split(".")[0] in ("names", "texts")
         if (p.suffix == ".npy" or old_side_file) and p.name not in keep:
-            try:
+            with contextlib.suppress(OSError):  # another reader may hold it on some platforms; harmless leftover
                 p.unlink()
-            except OSError:  # another reader may hold it on some platforms; harmless leftover
-                pass
 
 
 def _next_generation(folder: Path) -> int:
@@ -147,10 +160,10 @@ class ImageGallery:
     def blocks(self, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(offset, images view, gram view) for consecutive blocks: slices of the memory map, no copies."""
         for start in range(0, len(self), block):
-            yield start, self.images[start:start + block], self.image_gram[start:start + block]
+            yield start, self.images[start : start + block], self.image_gram[start : start + block]
 
     @classmethod
-    def load(cls, folder: str | Path, image_encoder_id: str | None = None) -> "ImageGallery":
+    def load(cls, folder: str | Path, image_encoder_id: str | None = None) -> ImageGallery:
         folder = Path(folder)
         data = _read_manifest(folder, "images")
         if image_encoder_id is not None:
@@ -167,29 +180,58 @@ class ImageGallery:
         return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data)
 
     @classmethod
-    def from_arrays(cls, images: np.ndarray, image_gram: np.ndarray, names: Sequence[str] | None = None,
-                    folder: str | Path = "<memory>") -> "ImageGallery":
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        image_gram: np.ndarray,
+        names: Sequence[str] | None = None,
+        folder: str | Path = "<memory>",
+    ) -> ImageGallery:
         """An in-memory gallery of encoded images (nothing is written): ``images`` (N, R, d), ``image_gram``
         (N, R, R) of the same dtype; ids are 0..N-1. For galleries that come from elsewhere than an engine
         (benchmarks' synthetic ones) and are too large to write."""
         if images.ndim != 3 or image_gram.shape != (images.shape[0], images.shape[1], images.shape[1]):
-            raise GalleryError(f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} "
-                               f"and {image_gram.shape}")
+            raise GalleryError(
+                f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} and {image_gram.shape}"
+            )
         if images.dtype.name not in DTYPES or image_gram.dtype != images.dtype:
-            raise GalleryError(f"expected images and image_gram of one dtype in {DTYPES}, received "
-                               f"{images.dtype.name} and {image_gram.dtype.name}")
+            raise GalleryError(
+                f"expected images and image_gram of one dtype in {DTYPES}, received "
+                f"{images.dtype.name} and {image_gram.dtype.name}"
+            )
         n, r, d = images.shape
         if names is not None and len(names) != n:
             raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
-        manifest = {"format": FORMAT, "kind": "images", "count": n, "dtype": images.dtype.name, "regions": r,
-                    "embed_size": d, "arrays": {}}
-        return cls(Path(folder), images, image_gram, np.arange(n, dtype=np.int64),
-                   None if names is None else list(names), manifest)
+        manifest = {
+            "format": FORMAT,
+            "kind": "images",
+            "count": n,
+            "dtype": images.dtype.name,
+            "regions": r,
+            "embed_size": d,
+            "arrays": {},
+        }
+        return cls(
+            Path(folder),
+            images,
+            image_gram,
+            np.arange(n, dtype=np.int64),
+            None if names is None else list(names),
+            manifest,
+        )
 
 
-def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | Path, names: Sequence[str] | None = None,
-                        dtype: str = "float32", batch: int = 128, append: bool = False, progress: bool = True,
-                        repeated: bool | None = None) -> ImageGallery:
+def build_image_gallery(
+    engine,
+    regions: np.ndarray | str | Path,
+    folder: str | Path,
+    names: Sequence[str] | None = None,
+    dtype: str = "float32",
+    batch: int = 128,
+    append: bool = False,
+    progress: bool = True,
+    repeated: bool | None = None,
+) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
     ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
@@ -214,11 +256,15 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
         if old.dtype.name != dtype:
             raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
         if old.images.shape[1] != regions.shape[1]:
-            raise GalleryError(f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
-                               f"the new features have {regions.shape[1]}")
+            raise GalleryError(
+                f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
+                f"the new features have {regions.shape[1]}"
+            )
         if (old.names is None) != (names is None):
-            raise GalleryError(f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
-                               f"append {'with' if old.names else 'without'} --names")
+            raise GalleryError(
+                f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
+                f"append {'with' if old.names else 'without'} --names"
+            )
     n_old = len(old) if old else 0
     n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,13 +283,13 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
                 out["image_gram"][start:stop] = old.image_gram[start:stop]
         with _progress(n_new, "encoding images", progress) as bar:
             for start in range(0, n_new, batch):
-                chunk = np.asarray(regions[start:start + batch])
+                chunk = np.asarray(regions[start : start + batch])
                 try:
                     emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
                 except FeatureError as e:
                     raise GalleryError(f"cannot build the gallery: {e}") from e
-                out["images"][n_old + start:n_old + start + len(chunk)] = emb
-                out["image_gram"][n_old + start:n_old + start + len(chunk)] = gram
+                out["images"][n_old + start : n_old + start + len(chunk)] = emb
+                out["image_gram"][n_old + start : n_old + start + len(chunk)] = gram
                 bar.update(len(chunk))
         entries = {}
         for name, arr in out.items():
@@ -253,8 +299,9 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
             os.replace(tmp_paths[name], final)
             entries[name] = {"file": final.name, "shape": list(files[name]), "dtype": dtype}
         out = {}
-        ids = np.concatenate([np.asarray(old.ids) if old else np.zeros(0, np.int64),
-                              np.arange(n_old, n, dtype=np.int64)])
+        ids = np.concatenate(
+            [np.asarray(old.ids) if old else np.zeros(0, np.int64), np.arange(n_old, n, dtype=np.int64)]
+        )
         entries.update(_save_arrays(folder, generation, {"ids": ids}))
     finally:
         out = {}
@@ -263,10 +310,20 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
                 p.unlink()
     all_names = (list(old.names) if old and old.names else []) + list(names) if names is not None else None
     extra = {f"names.{generation}.json": all_names} if all_names is not None else {}
-    manifest = {"format": FORMAT, "kind": "images", "generation": generation, "count": n,
-                "image_encoder_id": engine.manifest.image_encoder_id, "config": cfg.to_dict(),
-                "model": engine.manifest.name, "dtype": dtype, "regions": r, "embed_size": d, "arrays": entries,
-                "names_file": next(iter(extra), None)}
+    manifest = {
+        "format": FORMAT,
+        "kind": "images",
+        "generation": generation,
+        "count": n,
+        "image_encoder_id": engine.manifest.image_encoder_id,
+        "config": cfg.to_dict(),
+        "model": engine.manifest.name,
+        "dtype": dtype,
+        "regions": r,
+        "embed_size": d,
+        "arrays": entries,
+        "names_file": next(iter(extra), None),
+    }
     _commit(folder, manifest, extra)
     logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
     return ImageGallery.load(folder)
@@ -306,7 +363,7 @@ class CaptionGallery:
             start = stop
 
     @classmethod
-    def load(cls, folder: str | Path, text_encoder_id: str | None = None) -> "CaptionGallery":
+    def load(cls, folder: str | Path, text_encoder_id: str | None = None) -> CaptionGallery:
         folder = Path(folder)
         data = _read_manifest(folder, "captions")
         if text_encoder_id is not None:
@@ -323,8 +380,14 @@ class CaptionGallery:
         return cls(folder, arrays["words"], offsets, lengths, np.asarray(arrays["ids"]), texts, data)
 
     @classmethod
-    def from_arrays(cls, words: np.ndarray, lengths: np.ndarray, texts: Sequence[str], ids: np.ndarray | None = None,
-                    folder: str | Path = "<memory>") -> "CaptionGallery":
+    def from_arrays(
+        cls,
+        words: np.ndarray,
+        lengths: np.ndarray,
+        texts: Sequence[str],
+        ids: np.ndarray | None = None,
+        folder: str | Path = "<memory>",
+    ) -> CaptionGallery:
         """An in-memory gallery of encoded captions (nothing is written), in the stored layout.
 
         ``words`` (W, d): every stored caption's words, concatenated; ``lengths`` (M,): their lengths,
@@ -334,24 +397,41 @@ class CaptionGallery:
         lengths = np.asarray(lengths, dtype=np.int64)
         ids = np.arange(len(lengths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if words.ndim != 2 or words.dtype.name not in DTYPES:
-            raise GalleryError(f"words: expected a (W, d) array of a dtype in {DTYPES}, received "
-                               f"{words.dtype.name}{list(words.shape)}")
+            raise GalleryError(
+                f"words: expected a (W, d) array of a dtype in {DTYPES}, received {words.dtype.name}{list(words.shape)}"
+            )
         if lengths.ndim != 1 or np.any(lengths < 1) or np.any(np.diff(lengths) < 0):
             raise GalleryError("lengths: expected positive caption lengths in non-decreasing order (the stored order)")
         if int(lengths.sum()) != words.shape[0]:
-            raise GalleryError(f"words: expected {int(lengths.sum())} rows (the sum of lengths), received "
-                               f"{words.shape[0]}")
+            raise GalleryError(
+                f"words: expected {int(lengths.sum())} rows (the sum of lengths), received {words.shape[0]}"
+            )
         if ids.shape != lengths.shape or len(texts) != len(lengths):
-            raise GalleryError(f"expected one id and one text per caption ({len(lengths)}), received {len(ids)} ids "
-                               f"and {len(texts)} texts")
+            raise GalleryError(
+                f"expected one id and one text per caption ({len(lengths)}), received {len(ids)} ids "
+                f"and {len(texts)} texts"
+            )
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        manifest = {"format": FORMAT, "kind": "captions", "count": len(lengths), "dtype": words.dtype.name,
-                    "embed_size": int(words.shape[1]), "arrays": {}}
+        manifest = {
+            "format": FORMAT,
+            "kind": "captions",
+            "count": len(lengths),
+            "dtype": words.dtype.name,
+            "embed_size": int(words.shape[1]),
+            "arrays": {},
+        }
         return cls(Path(folder), words, offsets, lengths, ids, list(texts), manifest)
 
 
-def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, dtype: str = "float32",
-                          batch: int = 256, append: bool = False, progress: bool = True) -> CaptionGallery:
+def build_caption_gallery(
+    engine,
+    captions: Sequence[str],
+    folder: str | Path,
+    dtype: str = "float32",
+    batch: int = 256,
+    append: bool = False,
+    progress: bool = True,
+) -> CaptionGallery:
     """Encode ``captions`` into a ragged, length-sorted caption gallery (or append to one), atomically."""
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -371,11 +451,12 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
     with _progress(len(captions), "encoding captions", progress) as bar:
         for idx, emb in encode_by_length(engine, ids, lengths, batch):  # emb (B, width, d)
             for row, j in enumerate(idx):
-                new_words[j] = emb[row, :lengths[j]]
+                new_words[j] = emb[row, : lengths[j]]
             bar.update(len(idx))
     all_lengths = np.concatenate([old.lengths if old else np.zeros(0, np.int64), lengths]).astype(np.int64)
-    all_ids = np.concatenate([old.ids if old else np.zeros(0, np.int64),
-                              np.arange(n_old, n_old + len(captions), dtype=np.int64)])
+    all_ids = np.concatenate(
+        [old.ids if old else np.zeros(0, np.int64), np.arange(n_old, n_old + len(captions), dtype=np.int64)]
+    )
     sort = np.argsort(all_lengths, kind="stable")
     total = int(all_lengths.sum())
     generation = _next_generation(folder) if folder.exists() else 1
@@ -387,10 +468,10 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
         for s in sort:
             length = int(all_lengths[s])
             if s < n_old:  # s is a stored position of the old gallery
-                src = old.words[int(old.offsets[s]):int(old.offsets[s]) + length]
+                src = old.words[int(old.offsets[s]) : int(old.offsets[s]) + length]
             else:
                 src = new_words[s - n_old]
-            words[pos:pos + length] = src
+            words[pos : pos + length] = src
             pos += length
         words.flush()
         del words
@@ -402,15 +483,24 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
     sorted_lengths = all_lengths[sort]
     offsets = np.concatenate([[0], np.cumsum(sorted_lengths)]).astype(np.int64)
     entries = {"words": {"file": final.name, "shape": [total, d], "dtype": dtype}}
-    entries.update(_save_arrays(folder, generation, {"offsets": offsets, "lengths": sorted_lengths,
-                                                     "ids": all_ids[sort]}))
+    entries.update(
+        _save_arrays(folder, generation, {"offsets": offsets, "lengths": sorted_lengths, "ids": all_ids[sort]})
+    )
     texts = (list(old.texts) if old else []) + [str(c) for c in captions]
     texts_file = f"texts.{generation}.json"
-    manifest = {"format": FORMAT, "kind": "captions", "generation": generation, "count": len(texts),
-                "text_encoder_id": engine.manifest.text_encoder_id, "config": engine.config.to_dict(),
-                "model": engine.manifest.name, "dtype": dtype, "embed_size": d, "arrays": entries,
-                "texts_file": texts_file}
+    manifest = {
+        "format": FORMAT,
+        "kind": "captions",
+        "generation": generation,
+        "count": len(texts),
+        "text_encoder_id": engine.manifest.text_encoder_id,
+        "config": engine.config.to_dict(),
+        "model": engine.manifest.name,
+        "dtype": dtype,
+        "embed_size": d,
+        "arrays": entries,
+        "texts_file": texts_file,
+    }
     _commit(folder, manifest, {texts_file: texts})
     logger.info("caption gallery %s: %d captions (%d new), %s", folder, len(texts), len(captions), dtype)
     return CaptionGallery.load(folder)
-

@@ -10,6 +10,7 @@ Vocabulary: the *engine* is the exported model as served (what ``--engine`` name
 *graph* is an ONNX file; a *plan* is a TensorRT serialized engine file (``scan.plan``). The manifest key
 for plans is ``plans``; manifests written before the rename say ``engines`` and are still read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,10 @@ class Manifest:
         check_plan_kind(kind)
         record = self.plans.get(kind)
         if not isinstance(record, dict):
-            raise ManifestError(f"{self.path} lists no TensorRT {kind} plan (has {sorted(self.plans) or 'none'}); "
-                                f"build it with: python {PLAN_BUILD_SCRIPT} {self.path}")
+            raise ManifestError(
+                f"{self.path} lists no TensorRT {kind} plan (has {sorted(self.plans) or 'none'}); "
+                f"build it with: python {PLAN_BUILD_SCRIPT} {self.path}"
+            )
         return record
 
     def plan_source_key(self, kind: str) -> str:
@@ -169,7 +172,8 @@ class Manifest:
         if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
             raise ManifestError(
                 f"{path}: sha256 differs from the one recorded in {self.path}; the file was changed or "
-                f"belongs to another export. Re-export rather than mixing artifacts.")
+                f"belongs to another export. Re-export rather than mixing artifacts."
+            )
         return path
 
     def vocab_path(self) -> Path:

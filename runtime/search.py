@@ -11,6 +11,7 @@
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", help="text file, one name per image of --images")
     p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
     p.add_argument("--rebuild", action="store_true", help="replace the gallery instead of extending it")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="gallery storage (float32 exact; float16 halves memory)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="gallery storage (float32 exact; float16 halves memory)",
+    )
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
@@ -62,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     queries = _text_queries(args)
-    with ScanEngine.open(args.engine, backend=args.backend, precision=args.precision, device=args.device,
-                        threads=args.threads) as engine:
+    with ScanEngine.open(
+        args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
+    ) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
@@ -71,24 +77,36 @@ def _run(args: argparse.Namespace) -> int:
         images = captions = None
         if args.images:
             names = _read_lines(args.names, "names") if args.names else None
-            images = build_image_gallery(engine, args.images, gallery / "images", names=names, dtype=args.dtype,
-                                         append=not args.rebuild, progress=progress)
+            images = build_image_gallery(
+                engine,
+                args.images,
+                gallery / "images",
+                names=names,
+                dtype=args.dtype,
+                append=not args.rebuild,
+                progress=progress,
+            )
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
             texts = read_captions(args.captions)
-            captions = build_caption_gallery(engine, texts, gallery / "captions", dtype=args.dtype,
-                                             append=not args.rebuild, progress=progress)
+            captions = build_caption_gallery(
+                engine, texts, gallery / "captions", dtype=args.dtype, append=not args.rebuild, progress=progress
+            )
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
             if not (args.images or args.captions):
-                raise SearchError("nothing to do: give text queries, --queries-file or --query-images "
-                                  "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)")
+                raise SearchError(
+                    "nothing to do: give text queries, --queries-file or --query-images "
+                    "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)"
+                )
             return 0
         if gallery is None or not any((gallery / sub / MANIFEST).is_file() for sub in ("images", "captions")):
             where = gallery if gallery else "(no --gallery given)"
-            raise GalleryError(f"no gallery at {where}. Build one first: runtime/search.py --engine {args.engine} "
-                               f"--gallery DIR --images FEATS.npy (text -> image) or --captions CAPTIONS.txt "
-                               f"(image -> text)")
+            raise GalleryError(
+                f"no gallery at {where}. Build one first: runtime/search.py --engine {args.engine} "
+                f"--gallery DIR --images FEATS.npy (text -> image) or --captions CAPTIONS.txt "
+                f"(image -> text)"
+            )
         results = []
         if queries:
             if images is None and (gallery / "images" / MANIFEST).is_file():
@@ -100,18 +118,25 @@ def _run(args: argparse.Namespace) -> int:
                     logging.getLogger(__name__).info("unknown word %r in %r", word, q)
             scores, ids = Searcher(engine, images=images).search(queries, args.k)
             for q, s, i in zip(queries, scores, ids):
-                results.append({"query": q, "results": [_item("name", images.names, j, v) for j, v in zip(i, s) if j >= 0]})
+                results.append(
+                    {"query": q, "results": [_item("name", images.names, j, v) for j, v in zip(i, s) if j >= 0]}
+                )
         if args.query_images:
             if captions is None and (gallery / "captions" / MANIFEST).is_file():
                 captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id)
             if captions is None:
-                raise GalleryError(f"{gallery / 'captions'}: no caption gallery for image queries; build it with "
-                                   f"--captions")
+                raise GalleryError(
+                    f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
+                )
             regions = load_regions(args.query_images, engine.config.img_dim)
             scores, ids = Searcher(engine, captions=captions).search(np.asarray(regions), args.k)
             for n, (s, i) in enumerate(zip(scores, ids)):
-                results.append({"query": f"{args.query_images}[{n}]",
-                                "results": [_item("text", captions.texts, j, v) for j, v in zip(i, s) if j >= 0]})
+                results.append(
+                    {
+                        "query": f"{args.query_images}[{n}]",
+                        "results": [_item("text", captions.texts, j, v) for j, v in zip(i, s) if j >= 0],
+                    }
+                )
     _print(results, args.json)
     return 0
 

@@ -10,6 +10,7 @@ a block is scored is the head backend's choice (``Backend.upload`` / ``Backend.b
 galleries are uploaded once, under a lock, on the first search; the backends are thread-safe, so one
 Searcher serves several threads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,16 @@ class SearchError(ValueError):
 
 
 class Searcher:
-    def __init__(self, engine: ScanEngine, images: ImageGallery | None = None, captions: CaptionGallery | None = None,
-                 image_block: int = DEFAULT_IMAGE_BLOCK, caption_block: int = DEFAULT_CAPTION_BLOCK,
-                 query_batch: int = DEFAULT_QUERY_BATCH, resident: bool | None = None) -> None:
+    def __init__(
+        self,
+        engine: ScanEngine,
+        images: ImageGallery | None = None,
+        captions: CaptionGallery | None = None,
+        image_block: int = DEFAULT_IMAGE_BLOCK,
+        caption_block: int = DEFAULT_CAPTION_BLOCK,
+        query_batch: int = DEFAULT_QUERY_BATCH,
+        resident: bool | None = None,
+    ) -> None:
         """``resident``: keep the galleries in the head backend's memory (None: the backend's choice, e.g.
         on the GPU with ONNX Runtime CUDA and TensorRT); ``False`` reads blocks from the cache per search."""
         for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
@@ -63,7 +71,8 @@ class Searcher:
         with self._upload_lock:  # upload once, even when the first searches arrive from several threads
             if kind not in self._uploaded:
                 self._uploaded[kind] = self.engine.head.upload(
-                    self._image_blocks if kind == "images" else self._caption_blocks, self.resident)
+                    self._image_blocks if kind == "images" else self._caption_blocks, self.resident
+                )
             return self._uploaded[kind]
 
     def _image_blocks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -103,8 +112,10 @@ class Searcher:
     def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         k = _check_k(k)
         if self.images is None:
-            raise SearchError("text -> image search needs an image gallery; build one with "
-                              "runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy")
+            raise SearchError(
+                "text -> image search needs an image gallery; build one with "
+                "runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy"
+            )
         if len(captions) == 0:
             raise SearchError("queries: expected at least one caption, received none")
         ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
@@ -118,8 +129,10 @@ class Searcher:
     def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = _check_k(k)
         if self.captions is None:
-            raise SearchError("image -> text search needs a caption gallery; build one with "
-                              "runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt")
+            raise SearchError(
+                "image -> text search needs a caption gallery; build one with "
+                "runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt"
+            )
         images, gram = self.engine.encode_images(regions, name="query regions")
         scores = np.empty((len(images), k), np.float32)
         out_ids = np.empty((len(images), k), np.int64)
@@ -133,8 +146,9 @@ class Searcher:
 
     # ------------------------------------------------------------------ scoring
 
-    def _score(self, kind: str, gallery_ids: np.ndarray, query: dict[str, np.ndarray], k: int,
-               axis: int) -> tuple[np.ndarray, np.ndarray]:
+    def _score(
+        self, kind: str, gallery_ids: np.ndarray, query: dict[str, np.ndarray], k: int, axis: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The one scoring loop: per-block top-k from the backend, merged into a running top-k.
 
         ``axis``: the gallery's axis of the head's (N images, Q captions) similarities.

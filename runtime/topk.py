@@ -3,6 +3,7 @@
 Scores are float32 (n, k), descending; ids int64; ties go to the lower id; where the gallery holds
 fewer than k items the tail is score -inf, id -1.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ MISSING_ID = -1
 
 def block_topk(scores: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of one block ``scores`` (n, B) whose column j is gallery id ``ids[j]`` (ids ascending)."""
-    n, b = scores.shape
+    b = scores.shape[1]
     if b <= k:
         order = np.argsort(-scores, axis=1, kind="stable")  # stable: equal scores keep id order
     else:

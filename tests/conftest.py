@@ -1,4 +1,5 @@
 """Shared fixtures: the golden cases from the original SCAN code (tests/golden/) and small exported models."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ A fake ``tensorrt`` module whose "engine" is the ONNX graph run by ONNX Runtime,
 "device memory" is host memory: they check our code against TensorRT's documented API, not TensorRT.
 Also the small helpers those tests share (a golden export, a build with the stand-ins).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -69,13 +70,29 @@ def _ns(**members) -> types.SimpleNamespace:
 
 # ONNX op -> (LayerType name, op name) roughly as onnx-tensorrt imports it.
 _ONNX_TO_LAYER = {
-    "MatMul": ("MATRIX_MULTIPLY", None), "ReduceSum": ("REDUCE", None), "ReduceMax": ("REDUCE", None),
-    "ReduceL2": ("REDUCE", None), "Softmax": ("SOFTMAX", None), "Exp": ("UNARY", "EXP"), "Log": ("UNARY", "LOG"),
-    "Sqrt": ("UNARY", "SQRT"), "Not": ("UNARY", "NOT"), "Div": ("ELEMENTWISE", "DIV"), "Pow": ("ELEMENTWISE", "POW"),
-    "Mul": ("ELEMENTWISE", "PROD"), "Add": ("ELEMENTWISE", "SUM"), "Sub": ("ELEMENTWISE", "SUB"),
-    "Less": ("ELEMENTWISE", "LESS"), "Shape": ("SHAPE", None), "Cast": ("CAST", None), "Gather": ("GATHER", None),
-    "LeakyRelu": ("ACTIVATION", None), "Clip": ("ACTIVATION", None), "Where": ("SELECT", None),
-    "TopK": ("TOPK", None), "GRU": ("RECURRENCE", None),
+    "MatMul": ("MATRIX_MULTIPLY", None),
+    "ReduceSum": ("REDUCE", None),
+    "ReduceMax": ("REDUCE", None),
+    "ReduceL2": ("REDUCE", None),
+    "Softmax": ("SOFTMAX", None),
+    "Exp": ("UNARY", "EXP"),
+    "Log": ("UNARY", "LOG"),
+    "Sqrt": ("UNARY", "SQRT"),
+    "Not": ("UNARY", "NOT"),
+    "Div": ("ELEMENTWISE", "DIV"),
+    "Pow": ("ELEMENTWISE", "POW"),
+    "Mul": ("ELEMENTWISE", "PROD"),
+    "Add": ("ELEMENTWISE", "SUM"),
+    "Sub": ("ELEMENTWISE", "SUB"),
+    "Less": ("ELEMENTWISE", "LESS"),
+    "Shape": ("SHAPE", None),
+    "Cast": ("CAST", None),
+    "Gather": ("GATHER", None),
+    "LeakyRelu": ("ACTIVATION", None),
+    "Clip": ("ACTIVATION", None),
+    "Where": ("SELECT", None),
+    "TopK": ("TOPK", None),
+    "GRU": ("RECURRENCE", None),
 }
 _INT_LAYERS = {"SHAPE", "GATHER", "CAST"}
 
@@ -242,10 +259,12 @@ class FakeEngine:
         self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
         self.profile = spec["profile"]
         types_ = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-        self.io = [(i.name, trt.TensorIOMode.INPUT, np.dtype(types_[i.type]), i.shape)
-                   for i in self.session.get_inputs()]
-        self.io += [(o.name, trt.TensorIOMode.OUTPUT, np.dtype(types_[o.type]), o.shape)
-                    for o in self.session.get_outputs()]
+        self.io = [
+            (i.name, trt.TensorIOMode.INPUT, np.dtype(types_[i.type]), i.shape) for i in self.session.get_inputs()
+        ]
+        self.io += [
+            (o.name, trt.TensorIOMode.OUTPUT, np.dtype(types_[o.type]), o.shape) for o in self.session.get_outputs()
+        ]
         self.contexts = []
 
     num_io_tensors = property(lambda self: len(self.io))
@@ -301,8 +320,11 @@ class FakeContext:
 
     def _compute(self):
         if self.out is None:
-            feeds = {n: _read(self.addresses[n], self.shapes[n], dt) for n, mode, dt, _ in self.engine.io
-                     if mode.name == "INPUT"}
+            feeds = {
+                n: _read(self.addresses[n], self.shapes[n], dt)
+                for n, mode, dt, _ in self.engine.io
+                if mode.name == "INPUT"
+            }
             names = [n for n, mode, *_ in self.engine.io if mode.name == "OUTPUT"]
             self.out = dict(zip(names, self.engine.session.run(names, feeds)))
         return self.out
@@ -364,7 +386,7 @@ def make_fake_trt(version: str = "10.9.0", has_gpu: bool = True) -> types.Module
 
 
 class FakeAllocator:
-    """"Device" memory is host memory, so pointers and offsets are real and checkable."""
+    """ "Device" memory is host memory, so pointers and offsets are real and checkable."""
 
     name = "fake"
 
@@ -407,10 +429,7 @@ class FakeAllocator:
         pass
 
     def _owned(self, ptr, nbytes, pool):
-        for base, buf in pool.items():
-            if base <= ptr and ptr + nbytes <= base + buf.nbytes:
-                return True
-        return False
+        return any(base <= ptr and ptr + nbytes <= base + buf.nbytes for base, buf in pool.items())
 
     def htod_async(self, dst, src, stream):
         assert self._owned(dst, src.nbytes, self.live), "copy outside a device allocation"

@@ -1,4 +1,5 @@
 """Small seeded SCAN checkpoints in the original layout, for tests that need a model of their own."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,12 @@ WORDS = ["a", "dog", "cat", "man", "woman", "red", "blue", "on", "the", "beach",
 
 
 def vocab_dict(words: list[str] = WORDS) -> dict:
-    idx2word = ["<pad>", "<start>", "<end>", "<unk>"] + list(words)
-    return {"word2idx": {w: i for i, w in enumerate(idx2word)},
-            "idx2word": {str(i): w for i, w in enumerate(idx2word)}, "idx": len(idx2word)}
+    idx2word = ["<pad>", "<start>", "<end>", "<unk>", *words]
+    return {
+        "word2idx": {w: i for i, w in enumerate(idx2word)},
+        "idx2word": {str(i): w for i, w in enumerate(idx2word)},
+        "idx": len(idx2word),
+    }
 
 
 def small_config(**overrides) -> SCANConfig:
@@ -27,20 +31,35 @@ def small_config(**overrides) -> SCANConfig:
 
 
 def original_opt(cfg: SCANConfig, **extra) -> argparse.Namespace:
-    opt = dict(data_path="./data/", data_name="tiny_precomp", vocab_path="./vocab/", margin=0.2,
-               max_violation=True, batch_size=128, num_epochs=30, **cfg.to_dict())
+    opt = dict(
+        data_path="./data/",
+        data_name="tiny_precomp",
+        vocab_path="./vocab/",
+        margin=0.2,
+        max_violation=True,
+        batch_size=128,
+        num_epochs=30,
+        **cfg.to_dict(),
+    )
     opt.update(extra)
     return argparse.Namespace(**opt)
 
 
-def write_checkpoint(folder: Path, cfg: SCANConfig | None = None, seed: int = 0, legacy: bool = False,
-                     with_vocab: bool = True, **opt_extra) -> Path:
+def write_checkpoint(
+    folder: Path,
+    cfg: SCANConfig | None = None,
+    seed: int = 0,
+    legacy: bool = False,
+    with_vocab: bool = True,
+    **opt_extra,
+) -> Path:
     """``folder/model_best.pth.tar`` (+ ``folder/vocab/tiny_precomp_vocab.json``) in the original layout."""
     cfg = cfg or small_config()
     torch.manual_seed(seed)
     model = SCAN(cfg)
-    path = save_checkpoint(folder / "model_best.pth.tar", model, original_opt(cfg, **opt_extra), epoch=1,
-                           iters=10, legacy=legacy)
+    path = save_checkpoint(
+        folder / "model_best.pth.tar", model, original_opt(cfg, **opt_extra), epoch=1, iters=10, legacy=legacy
+    )
     if with_vocab:
         (folder / "vocab").mkdir(exist_ok=True)
         (folder / "vocab" / "tiny_precomp_vocab.json").write_text(json.dumps(vocab_dict()))

@@ -3,6 +3,7 @@
 ``auto`` serves a ``.plan`` with TensorRT when it is installed and falls back to the manifest's ONNX
 graphs with a warning otherwise; ``tensorrt`` without TensorRT is an error.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,11 +33,15 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
         return "onnxruntime"
     if requested == "tensorrt":
         if not tensorrt_available():
-            raise BackendError("--backend tensorrt: TensorRT is not installed (pip install tensorrt, on a machine "
-                               "with an NVIDIA GPU); --backend onnxruntime serves the ONNX graphs meanwhile")
+            raise BackendError(
+                "--backend tensorrt: TensorRT is not installed (pip install tensorrt, on a machine "
+                "with an NVIDIA GPU); --backend onnxruntime serves the ONNX graphs meanwhile"
+            )
         if not manifest.plans:
-            raise BackendError(f"--backend tensorrt: {manifest.path} lists no TensorRT plans; "
-                               f"build them with export/build_engine.py {manifest.path}")
+            raise BackendError(
+                f"--backend tensorrt: {manifest.path} lists no TensorRT plans; "
+                f"build them with export/build_engine.py {manifest.path}"
+            )
         return "tensorrt"
     if wants_plan:
         if tensorrt_available() and manifest.plans:
@@ -47,8 +52,14 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
     return "onnxruntime"
 
 
-def open_backend(manifest: Manifest, kind: str, backend: str = "onnxruntime", precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None) -> Backend:
+def open_backend(
+    manifest: Manifest,
+    kind: str,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Backend:
     """Open the ``kind`` graph ('image', 'text', 'head') of ``manifest`` on a concrete backend."""
     if backend == "tensorrt":
         from runtime.backends.tensorrt import TensorRTBackend

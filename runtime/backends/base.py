@@ -17,6 +17,7 @@ CPU or GPU by index type:
   on the device so only (k, q) values come back. The caller merges blocks with ``RunningTopK``, so a
   sharded service can implement the same two calls per shard.
 """
+
 from __future__ import annotations
 
 import abc
@@ -39,8 +40,9 @@ class GalleryBlocks:
     blocks (host arrays read per search, so memory stays bounded by one block).
     """
 
-    def __init__(self, blocks: Callable[[], Iterable[Block]] | list[Block],
-                 release: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, blocks: Callable[[], Iterable[Block]] | list[Block], release: Callable[[], None] | None = None
+    ) -> None:
         self._blocks = blocks
         self._release = release
 
@@ -94,7 +96,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by default: a backend without resources need not override it
         """Release sessions, contexts and device memory; idempotent."""
 
     def __enter__(self) -> Backend:
@@ -117,8 +119,10 @@ class Backend(abc.ABC):
     def host_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Numpy feeds cast to the inputs' dtypes; anything else (already on a device) is passed through."""
         dtypes = {t.name: t.dtype for t in self.inputs}
-        return {k: (np.ascontiguousarray(v, dtype=dtypes[k]) if isinstance(v, np.ndarray) and k in dtypes else v)
-                for k, v in feeds.items()}
+        return {
+            k: (np.ascontiguousarray(v, dtype=dtypes[k]) if isinstance(v, np.ndarray) and k in dtypes else v)
+            for k, v in feeds.items()
+        }
 
     def upload(self, blocks: Callable[[], Iterable[Block]], resident: bool | None = None) -> GalleryBlocks:
         """Hold a gallery for ``block_topk``; ``blocks()`` yields its blocks. ``resident``: keep it in the
@@ -128,8 +132,9 @@ class Backend(abc.ABC):
         """
         return GalleryBlocks(blocks)
 
-    def block_topk(self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int,
-                   output: str = "sims") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def block_topk(
+        self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int, output: str = "sims"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Per block of ``gallery``: the top-k gallery rows of each query, ``(scores (q, k'), rows (q, k'))``."""
         queries = self.host_feeds(queries)
         for offset, feeds in gallery:

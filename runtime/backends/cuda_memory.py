@@ -3,6 +3,7 @@
 cuda-python (``cuda.bindings.runtime``, NVIDIA's current samples) when installed, otherwise pycuda if
 that is installed; both imported lazily, so this module imports on machines without them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DeviceArray:
     """A tensor already in device memory: ``ptr`` is a CUDA device address (int)."""
+
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -143,13 +145,15 @@ class CudaPythonAllocator(DeviceAllocator):
 
     def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call("cudaMemcpyAsync(host->device)",
-                   self.cudart.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
+        self._call(
+            "cudaMemcpyAsync(host->device)", self.cudart.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream)
+        )
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call("cudaMemcpyAsync(device->host)",
-                   self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
+        self._call(
+            "cudaMemcpyAsync(device->host)", self.cudart.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream)
+        )
 
     def htod(self, dst: int, src: np.ndarray) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -268,6 +272,7 @@ def open_allocator() -> DeviceAllocator:
         except ImportError:
             raise BackendError(
                 f"the TensorRT backend needs CUDA Python bindings ({missing}): "
-                "pip install cuda-python (or pycuda, which needs the CUDA toolkit to build)") from missing
+                "pip install cuda-python (or pycuda, which needs the CUDA toolkit to build)"
+            ) from missing
         logger.info("cuda-python is not installed; using pycuda for device memory")
         return _ALLOCATOR

@@ -4,6 +4,7 @@
 benchmarks). Providers are chosen explicitly and checked after the session opens, so a silent fallback
 to the CPU (ONNX Runtime's default when a provider fails to load) is reported instead of hidden.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,16 +19,22 @@ from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, T
 
 logger = logging.getLogger(__name__)
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(double)": np.float64}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+}
 
 
 def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendError("ONNX Runtime is not installed: pip install 'scan-runtime[cpu]' "
-                           "(or [gpu] for onnxruntime-gpu)") from e
+        raise BackendError(
+            "ONNX Runtime is not installed: pip install 'scan-runtime[cpu]' (or [gpu] for onnxruntime-gpu)"
+        ) from e
     return ort
 
 
@@ -35,8 +42,13 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def open_session(model: str | Path | bytes, device: str = "cpu", threads: int | None = None,
-                 inter_op_threads: int = 1, optimize: bool = True):
+def open_session(
+    model: str | Path | bytes,
+    device: str = "cpu",
+    threads: int | None = None,
+    inter_op_threads: int = 1,
+    optimize: bool = True,
+):
     """An ``onnxruntime.InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
 
     ``threads``: intra-op threads (default: the CPUs this process may use). ``optimize=False`` turns the
@@ -50,14 +62,17 @@ def open_session(model: str | Path | bytes, device: str = "cpu", threads: int | 
     providers: Sequence[str] = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendError("device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
-                               f"this ONNX Runtime has {ort.get_available_providers()}")
+            raise BackendError(
+                "device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
+                f"this ONNX Runtime has {ort.get_available_providers()}"
+            )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = inter_op_threads
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.log_severity_level = 3
     source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
     try:
@@ -73,17 +88,23 @@ def open_session(model: str | Path | bytes, device: str = "cpu", threads: int | 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None,
-                 inter_op_threads: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None, inter_op_threads: int = 1
+    ) -> None:
         self._ort = _import_ort()
         self.path = Path(path)
-        self._session = open_session(self.path, device=device, threads=intra_op_threads,
-                                     inter_op_threads=inter_op_threads)
+        self._session = open_session(
+            self.path, device=device, threads=intra_op_threads, inter_op_threads=inter_op_threads
+        )
         self.device = device
-        self._inputs = [TensorSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
-                        for i in self._session.get_inputs()]
-        self._outputs = [TensorSpec(o.name, np.dtype(_ORT_TYPES.get(o.type, np.float32)), tuple(o.shape))
-                         for o in self._session.get_outputs()]
+        self._inputs = [
+            TensorSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
+            for i in self._session.get_inputs()
+        ]
+        self._outputs = [
+            TensorSpec(o.name, np.dtype(_ORT_TYPES.get(o.type, np.float32)), tuple(o.shape))
+            for o in self._session.get_outputs()
+        ]
         self._output_names = [o.name for o in self._outputs]
 
     def to_device(self, array: np.ndarray, name: str):
@@ -101,8 +122,9 @@ class OnnxRuntimeBackend(Backend):
         OrtValue copy would only double the memory)."""
         if not (self.device == "cuda" if resident is None else resident):
             return super().upload(blocks, resident)
-        return GalleryBlocks([(offset, {k: self.to_device(v, k) for k, v in feeds.items()})
-                              for offset, feeds in blocks()])
+        return GalleryBlocks(
+            [(offset, {k: self.to_device(v, k) for k, v in feeds.items()}) for offset, feeds in blocks()]
+        )
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if self._session is None:

@@ -2,7 +2,7 @@
 recorded in the manifest.
 
 TensorRT and the CUDA bindings are imported lazily, inside functions, so this module imports on
-machines without them (the development and CI machines cannot install TensorRT, DESIGN.md 5).
+machines without them (the development and CI machines cannot install TensorRT, docs/design.md section 5).
 
 * ``TensorRTBackend.from_manifest(manifest, kind)`` refuses a plan built by another TensorRT, for
   another GPU, or from another graph (``runtime.backends.plan_check.check_plan_record``), then
@@ -19,13 +19,14 @@ machines without them (the development and CI machines cannot install TensorRT, 
 
 Every boolean TensorRT returns is checked and a failure raises BackendError naming the call.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,10 @@ from runtime.topk import block_topk
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("pip install tensorrt cuda-python, on a machine with an NVIDIA GPU and driver; "
-                "meanwhile --backend onnxruntime serves the ONNX graphs")
+INSTALL_HINT = (
+    "pip install tensorrt cuda-python, on a machine with an NVIDIA GPU and driver; "
+    "meanwhile --backend onnxruntime serves the ONNX graphs"
+)
 
 # Device buffers grow to the next multiple of this, so small shape changes do not reallocate.
 _ALIGN = 1 << 16
@@ -61,19 +64,26 @@ class _ThreadState:
     def __init__(self, context: Any, stream: Any) -> None:
         self.context = context
         self.stream = stream
-        self.device: dict[str, tuple[int, int]] = {}      # tensor -> (ptr, capacity bytes)
-        self.host: dict[str, np.ndarray] = {}             # tensor -> pinned uint8 buffer
+        self.device: dict[str, tuple[int, int]] = {}  # tensor -> (ptr, capacity bytes)
+        self.host: dict[str, np.ndarray] = {}  # tensor -> pinned uint8 buffer
 
 
-Feed = Union[np.ndarray, DeviceArray]
+Feed = np.ndarray | DeviceArray
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, *, record: Mapping[str, Any] | None = None,
-                 dim_names: Mapping[str, list[Any]] | None = None, allocator: DeviceAllocator | None = None,
-                 topk: Callable[[], TensorRTBackend] | None = None, topk_max: int = 0) -> None:
+    def __init__(
+        self,
+        plan_path: str | Path,
+        *,
+        record: Mapping[str, Any] | None = None,
+        dim_names: Mapping[str, list[Any]] | None = None,
+        allocator: DeviceAllocator | None = None,
+        topk: Callable[[], TensorRTBackend] | None = None,
+        topk_max: int = 0,
+    ) -> None:
         """``topk``: opens the head's top-k plan (on first use), which serves ``block_topk`` for k <= ``topk_max``."""
         trt = _import_trt()
         self._trt = trt
@@ -91,9 +101,11 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{self.path}: cannot read the plan ({e})") from e
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         if self._engine is None:
-            raise BackendError(f"{self.path}: Runtime.deserialize_cuda_engine returned None (built by another "
-                               f"TensorRT or for another GPU? see the TensorRT log above); rebuild it with "
-                               f"export/build_engine.py")
+            raise BackendError(
+                f"{self.path}: Runtime.deserialize_cuda_engine returned None (built by another "
+                f"TensorRT or for another GPU? see the TensorRT log above); rebuild it with "
+                f"export/build_engine.py"
+            )
         dim_names = dict(dim_names or {})
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
@@ -132,14 +144,16 @@ class TensorRTBackend(Backend):
         if kind == "topk":
             q = dim_names.get("sims", ["N", "Q"])[1]
             dim_names.update({name: ["K", q] for name in TOPK_OUTPUTS})
-        logger.info("TensorRT %s plan %s (%s, %s) on %s", kind, plan, record.get("precision"),
-                    record.get("strategy"), gpu_name)
+        logger.info(
+            "TensorRT %s plan %s (%s, %s) on %s", kind, plan, record.get("precision"), record.get("strategy"), gpu_name
+        )
         topk = None
         if kind == "head" and manifest.topk_max:
+
             def topk() -> TensorRTBackend:
                 return cls.from_manifest(manifest, "topk")
-        return cls(plan, record=record, dim_names=dim_names, allocator=allocator, topk=topk,
-                   topk_max=manifest.topk_max)
+
+        return cls(plan, record=record, dim_names=dim_names, allocator=allocator, topk=topk, topk_max=manifest.topk_max)
 
     # ------------------------------------------------------------------ interface
 
@@ -183,8 +197,9 @@ class TensorRTBackend(Backend):
                 self._topk = self._open_topk()
             return self._topk
 
-    def block_topk(self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int,
-                   output: str = "sims") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def block_topk(
+        self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int, output: str = "sims"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         topk = self._topk_plan(k, axis)
         for offset, feeds in gallery:
             if topk is not None:
@@ -195,8 +210,9 @@ class TensorRTBackend(Backend):
                 continue
             sims = self.run_device({**feeds, **queries})[output]  # (N, Q)
             scores = sims.T if axis == 0 else sims
-            yield block_topk(scores.astype(np.float32, copy=False), k,
-                             np.arange(offset, offset + scores.shape[1], dtype=np.int64))
+            yield block_topk(
+                scores.astype(np.float32, copy=False), k, np.arange(offset, offset + scores.shape[1], dtype=np.int64)
+            )
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)
@@ -209,8 +225,9 @@ class TensorRTBackend(Backend):
         for k, v in feeds.items():
             if isinstance(v, DeviceArray):
                 if np.dtype(v.dtype) != self._in_dtype[k]:
-                    raise BackendError(f"{self.path}: device input {k!r} is {np.dtype(v.dtype)}, the plan takes "
-                                       f"{self._in_dtype[k]}")
+                    raise BackendError(
+                        f"{self.path}: device input {k!r} is {np.dtype(v.dtype)}, the plan takes {self._in_dtype[k]}"
+                    )
                 prepared[k] = v
             else:
                 prepared[k] = np.ascontiguousarray(v, dtype=self._in_dtype[k])
@@ -250,8 +267,7 @@ class TensorRTBackend(Backend):
                 raise BackendError(f"{self.path}: backend is closed")
             context = self._engine.create_execution_context()
         if context is None:
-            raise BackendError(f"{self.path}: ICudaEngine.create_execution_context returned None "
-                               "(out of GPU memory?)")
+            raise BackendError(f"{self.path}: ICudaEngine.create_execution_context returned None (out of GPU memory?)")
         state = _ThreadState(context, self.allocator.stream_create())
         with self._lock:
             self._states.append(state)
@@ -289,7 +305,8 @@ class TensorRTBackend(Backend):
                 raise BackendError(
                     f"{self.path}: input {name!r} has shape {shape}, outside the plan's profile "
                     f"min {tuple(profile['min'])} .. max {tuple(profile['max'])}; send smaller blocks or rebuild "
-                    "with larger --max-batch / --block / --max-words (export/build_engine.py)")
+                    "with larger --max-batch / --block / --max-words (export/build_engine.py)"
+                )
             if not ctx.set_input_shape(name, shape):
                 raise BackendError(f"{self.path}: IExecutionContext.set_input_shape({name!r}, {shape}) failed")
         unresolved = ctx.infer_shapes()
@@ -301,7 +318,7 @@ class TensorRTBackend(Backend):
             else:
                 # Stage through pinned memory: async copies from pageable memory are not truly async.
                 host = self._host_buffer(state, name, value.nbytes)
-                staged = host[:value.nbytes].view(value.dtype).reshape(value.shape)
+                staged = host[: value.nbytes].view(value.dtype).reshape(value.shape)
                 np.copyto(staged, value)
                 ptr = self._device_buffer(state, name, value.nbytes)
                 self.allocator.htod_async(ptr, staged, state.stream)
@@ -353,8 +370,9 @@ class ResidentGallery:
         try:
             for name, array in arrays.items():
                 if name not in dtypes:
-                    raise BackendError(f"ResidentGallery: {backend.path} has no input {name!r} "
-                                       f"(inputs {sorted(dtypes)})")
+                    raise BackendError(
+                        f"ResidentGallery: {backend.path} has no input {name!r} (inputs {sorted(dtypes)})"
+                    )
                 dtype = np.dtype(dtypes[name])
                 shape = tuple(int(s) for s in array.shape)
                 row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -364,24 +382,30 @@ class ResidentGallery:
                 # Upload in chunks so a memory-mapped gallery is never fully copied (or cast) in RAM.
                 rows = max(1, chunk_bytes // max(row_bytes, 1))
                 for a in range(0, self.n, rows):
-                    chunk = np.ascontiguousarray(array[a:a + rows], dtype=dtype)
+                    chunk = np.ascontiguousarray(array[a : a + rows], dtype=dtype)
                     self.allocator.htod(ptr + a * row_bytes, chunk)
         except Exception:
             self.close()
             raise
-        logger.info("resident gallery: %d rows, %.1f MiB on the GPU", self.n,
-                    sum(d.nbytes for d in self._arrays.values()) / 2**20)
+        logger.info(
+            "resident gallery: %d rows, %.1f MiB on the GPU",
+            self.n,
+            sum(d.nbytes for d in self._arrays.values()) / 2**20,
+        )
 
     def __len__(self) -> int:
         return self.n
 
     def block_feeds(self, start: int, stop: int) -> dict[str, DeviceArray]:
-        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
-                and 0 <= start < stop <= self.n):
+        if not (
+            isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer)) and 0 <= start < stop <= self.n
+        ):
             raise BackendError(f"ResidentGallery.block_feeds({start!r}, {stop!r}): need 0 <= start < stop <= {self.n}")
         rows = int(stop - start)
-        return {name: DeviceArray(d.ptr + int(start) * self._row_bytes[name], (rows,) + d.shape[1:], d.dtype)
-                for name, d in self._arrays.items()}
+        return {
+            name: DeviceArray(d.ptr + int(start) * self._row_bytes[name], (rows, *d.shape[1:]), d.dtype)
+            for name, d in self._arrays.items()
+        }
 
     def close(self) -> None:
         arrays, self._arrays = self._arrays, {}

@@ -5,6 +5,7 @@ The build logic (strategy per TensorRT version, float32 pins, profiles, timing c
 manifest records) is driven against the fake ``tensorrt`` of tests/fake_tensorrt.py;
 it checks this code's calls and bookkeeping, not TensorRT itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,20 @@ def manifest(t2i_export: Path, tmp_path: Path) -> Path:
 def minimal_manifest(tmp_path: Path) -> Path:
     """A manifest that loads (no graphs needed: the TensorRT check comes before any graph is read)."""
     p = tmp_path / "scan.json"
-    p.write_text(json.dumps({"format": "scan-runtime/1", "name": "scan", "config": {}, "graphs": {},
-                             "vocab": {"file": "scan.vocab.json"}, "image_encoder_id": "i", "text_encoder_id": "t",
-                             "plans": {}}))
+    p.write_text(
+        json.dumps(
+            {
+                "format": "scan-runtime/1",
+                "name": "scan",
+                "config": {},
+                "graphs": {},
+                "vocab": {"file": "scan.vocab.json"},
+                "image_encoder_id": "i",
+                "text_encoder_id": "t",
+                "plans": {},
+            }
+        )
+    )
     return p
 
 
@@ -96,8 +108,12 @@ def test_tensorrt10_fp16_build(monkeypatch, manifest: Path, tmp_path: Path, caps
     m = load_manifest(manifest)
     engines = m.plans
     assert sorted(engines) == ["head", "image", "text", "topk"]
-    for kind, file in (("head", "scan.plan"), ("text", "scan.text.plan"), ("image", "scan.image.plan"),
-                       ("topk", "scan.topk.plan")):
+    for kind, file in (
+        ("head", "scan.plan"),
+        ("text", "scan.text.plan"),
+        ("image", "scan.image.plan"),
+        ("topk", "scan.topk.plan"),
+    ):
         rec = engines[kind]
         plan = manifest.parent / file
         assert rec["file"] == file and hashlib.sha256(plan.read_bytes()).hexdigest() == rec["sha256"]
@@ -180,12 +196,15 @@ def test_changed_graph_is_refused(monkeypatch, manifest: Path, capsys) -> None:
     assert "sha256 differs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--kinds", "head,vision"], "unknown plan kind"),
-    (["--block", "0"], "block"),
-    (["--topk-max", "0", "--kinds", "topk"], "k_max"),
-    (["--workspace-gb", "0"], "--workspace-gb"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--kinds", "head,vision"], "unknown plan kind"),
+        (["--block", "0"], "block"),
+        (["--topk-max", "0", "--kinds", "topk"], "k_max"),
+        (["--workspace-gb", "0"], "--workspace-gb"),
+    ],
+)
 def test_bad_flags_exit_1(monkeypatch, manifest: Path, capsys, argv, needle) -> None:
     install_fakes(monkeypatch)
     assert main([str(manifest), *ARGS, *argv]) == 1

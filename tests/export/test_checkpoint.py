@@ -1,9 +1,10 @@
 """Loading original checkpoints: both serializations, the allow-list, strict state dicts, the vocabulary."""
+
 from __future__ import annotations
 
+import fractions
 import json
 import os
-import fractions
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_refusal_names_an_arbitrary_global(tmp_path):
     ckpt = torch.load(write_checkpoint(tmp_path / "ck"), weights_only=False)
     ckpt["extra"] = fractions.Fraction(1, 3)  # harmless, but not something the allow-list knows
     torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match="fractions.Fraction"):
+    with pytest.raises(CheckpointError, match=r"fractions\.Fraction"):
         load_checkpoint(path)
 
 
@@ -63,7 +64,7 @@ def test_state_dict_mismatches_are_named(tmp_path):
     del txt["rnn.bias_hh_l0"]
     txt["embed.weight"] = torch.zeros(17, 99)
     torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match="unexpected keys \\['fc.extra'\\]"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['fc\.extra'\]"):
         load_checkpoint(path)
     img.pop("fc.extra")
     torch.save(ckpt, path)
@@ -91,7 +92,8 @@ def test_vocab_found_like_the_original_and_checked(tmp_path, monkeypatch):
     bare = write_checkpoint(tmp_path / "bare", with_vocab=False)
     (tmp_path / "cwd" / "vocab").mkdir(parents=True)
     (tmp_path / "cwd" / "vocab" / "tiny_precomp_vocab.json").write_text(
-        (tmp_path / "run" / "vocab" / "tiny_precomp_vocab.json").read_text())
+        (tmp_path / "run" / "vocab" / "tiny_precomp_vocab.json").read_text()
+    )
     monkeypatch.chdir(tmp_path / "cwd")
     assert find_vocab(bare, ckpt.opt).resolve() == (tmp_path / "cwd" / "vocab" / "tiny_precomp_vocab.json").resolve()
     monkeypatch.chdir(tmp_path)
@@ -101,7 +103,8 @@ def test_vocab_found_like_the_original_and_checked(tmp_path, monkeypatch):
     nested = write_checkpoint(tmp_path / "repo" / "runs" / "run1", with_vocab=False)
     (tmp_path / "repo" / "vocab").mkdir()
     (tmp_path / "repo" / "vocab" / "tiny_precomp_vocab.json").write_text(
-        (tmp_path / "run" / "vocab" / "tiny_precomp_vocab.json").read_text())
+        (tmp_path / "run" / "vocab" / "tiny_precomp_vocab.json").read_text()
+    )
     assert find_vocab(nested, ckpt.opt) == (tmp_path / "repo" / "vocab" / "tiny_precomp_vocab.json").resolve()
 
 
@@ -113,7 +116,7 @@ def test_vocab_size_mismatch_is_refused(tmp_path):
     data["word2idx"]["extra"] = 17
     data["idx"] = 18
     vocab.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="18 words .* 17 rows"):
+    with pytest.raises(CheckpointError, match=r"18 words .* 17 rows"):
         load_vocab(vocab, load_checkpoint(path).config)
 
 

@@ -4,6 +4,7 @@ Tolerance: 5e-3 on similarities (10 float16 ulps at 1.0; the errors seen are < 5
 must agree: the float16 top-1 is the float32 top-1 wherever float32's top-2 gap exceeds that tolerance,
 and top-5 sets overlap by at least 4 of 5.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def test_golden_fp16_matches_float32(golden, exported):
 @pytest.mark.parametrize("cross_attn", ["i2t", "t2i"])
 def test_lambda_lse_20_does_not_overflow_in_fp16(tmp_path, cross_attn):
     """exp(20 * cos) overflows float16 (max 65504 < e^20); the graph's max-subtracted float32 LSE must not."""
-    manifest = export_small(tmp_path, cross_attn=cross_attn, agg_func="LogSumExp", lambda_lse=20.0,
-                            no_imgnorm=True)  # unnormalised features: larger logits
+    manifest = export_small(
+        tmp_path, cross_attn=cross_attn, agg_func="LogSumExp", lambda_lse=20.0, no_imgnorm=True
+    )  # unnormalised features: larger logits
     regions, captions = random_regions(9, seed=3) * 5, random_captions(20, seed=4)
     with ScanEngine.open(manifest, backend="onnxruntime") as e32:
         s32 = full_sims(e32, regions, captions, progress=False)

@@ -3,6 +3,7 @@
 The original runs in float32 and the expected matrices are its float64 copies, so a faithful
 float32 implementation agrees to ~1e-7; 1e-5 leaves room for other summation orders only.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,9 @@ TOL = 1e-5
 def _encode(golden):
     ckpt = load_checkpoint(golden / "ckpt.pth.tar")
     tok = Tokenizer(load_vocab(golden / "vocab.json", ckpt.config))
-    ids, lengths = tok.encode_batch([line.strip() for line in open(golden / "test_caps.txt", encoding="utf-8")])
+    ids, lengths = tok.encode_batch(
+        [line.strip() for line in (golden / "test_caps.txt").read_text(encoding="utf-8").splitlines()]
+    )
     regions = torch.from_numpy(np.load(golden / "test_ims.npy"))
     return ckpt, regions, torch.from_numpy(ids), torch.from_numpy(lengths)
 

@@ -5,6 +5,7 @@ imgnorm/txtnorm x basic/weight_norm encoders; random caption lengths including 1
 and of several images. Tolerance 2e-5 absolute (+2e-5 relative, for Sum over long captions): both are
 float32 with different summation orders; errors seen are ~1e-7.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -23,10 +24,22 @@ ENCODER_OPTIONS = list(itertools.product((True, False), (1, 2), (False, True), (
 @pytest.mark.parametrize("norm", RAW_FEATURE_NORMS)
 def test_batched_equals_slow_for_every_option(cross_attn, agg_func, norm):
     for case, (bi_gru, layers, no_imgnorm, no_txtnorm, enc) in enumerate(ENCODER_OPTIONS):
-        cfg = SCANConfig(vocab_size=20, img_dim=10, embed_size=8, word_dim=5, num_layers=layers, bi_gru=bi_gru,
-                         no_imgnorm=no_imgnorm, no_txtnorm=no_txtnorm, precomp_enc_type=enc,
-                         raw_feature_norm=norm, agg_func=agg_func, cross_attn=cross_attn,
-                         lambda_lse=20.0 if case % 2 else 6.0, lambda_softmax=(4.0, 9.0, 50.0)[case % 3])
+        cfg = SCANConfig(
+            vocab_size=20,
+            img_dim=10,
+            embed_size=8,
+            word_dim=5,
+            num_layers=layers,
+            bi_gru=bi_gru,
+            no_imgnorm=no_imgnorm,
+            no_txtnorm=no_txtnorm,
+            precomp_enc_type=enc,
+            raw_feature_norm=norm,
+            agg_func=agg_func,
+            cross_attn=cross_attn,
+            lambda_lse=20.0 if case % 2 else 6.0,
+            lambda_softmax=(4.0, 9.0, 50.0)[case % 3],
+        )
         gen = torch.Generator().manual_seed(case)
         torch.manual_seed(case)
         model = SCAN(cfg).eval()
@@ -42,5 +55,6 @@ def test_batched_equals_slow_for_every_option(cross_attn, agg_func, norm):
             slow = slow_sims(images, captions, lengths, cfg)
             fast = batched_sims(images, None, captions, lengths, None, cfg)
             assert fast.shape == (n_images, len(lengths))
-            torch.testing.assert_close(fast, slow, atol=2e-5, rtol=2e-5,
-                                       msg=lambda m: f"{cfg} with {n_images} image(s): {m}")
+            torch.testing.assert_close(
+                fast, slow, atol=2e-5, rtol=2e-5, msg=lambda m, cfg=cfg, n=n_images: f"{cfg} with {n} image(s): {m}"
+            )

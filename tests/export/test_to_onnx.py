@@ -1,4 +1,5 @@
 """export/to_onnx.py: graphs, manifest, parity on unseen shapes, TensorRT-friendliness, errors."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,23 @@ from export.to_onnx import main
 from tests.helpers import small_config, write_checkpoint
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(cross_attn="i2t", raw_feature_norm="softmax", agg_func="LogSumExp", lambda_lse=20.0, bi_gru=False,
-         num_layers=2, precomp_enc_type="weight_norm", no_txtnorm=True),
-    dict(cross_attn="t2i", raw_feature_norm="softmax", agg_func="Max", bi_gru=True, num_layers=2, no_imgnorm=True),
-    dict(cross_attn="t2i", raw_feature_norm="clipped_l1norm", agg_func="Sum", bi_gru=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(
+            cross_attn="i2t",
+            raw_feature_norm="softmax",
+            agg_func="LogSumExp",
+            lambda_lse=20.0,
+            bi_gru=False,
+            num_layers=2,
+            precomp_enc_type="weight_norm",
+            no_txtnorm=True,
+        ),
+        dict(cross_attn="t2i", raw_feature_norm="softmax", agg_func="Max", bi_gru=True, num_layers=2, no_imgnorm=True),
+        dict(cross_attn="t2i", raw_feature_norm="clipped_l1norm", agg_func="Sum", bi_gru=False),
+    ],
+)
 def test_export_variants_pass_parity_and_write_manifest(tmp_path, capsys, overrides):
     ckpt = write_checkpoint(tmp_path / "run", small_config(**overrides))
     assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 0
@@ -40,8 +52,11 @@ def test_export_variants_pass_parity_and_write_manifest(tmp_path, capsys, overri
     text_ops = {n.op_type for n in onnx.load(tmp_path / "out" / "scan.text.onnx").graph.node}
     assert "GRU" in text_ops and "Loop" not in text_ops
     head_inputs = [i["name"] for i in manifest["graphs"]["head"]["inputs"]]
-    expected = ["images", "image_gram", "captions", "lengths"] if overrides["cross_attn"] == "t2i" else \
-        ["images", "captions", "lengths"]
+    expected = (
+        ["images", "image_gram", "captions", "lengths"]
+        if overrides["cross_attn"] == "t2i"
+        else ["images", "captions", "lengths"]
+    )
     assert head_inputs == expected
 
 

@@ -4,6 +4,7 @@ serve-time refusal of a plan that does not fit (runtime/backends/plan_check.py).
 
 No TensorRT needed: everything here is pure logic or ONNX.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,10 @@ def test_profiles_i2t_head_has_no_gram() -> None:
 
 def test_profiles_text_and_image_graphs() -> None:
     text = compute_profiles(TEXT, max_batch=256, max_words=64, block=512)
-    assert text == {"ids": {"min": [1, 1], "opt": [8, 16], "max": [256, 64]},
-                    "lengths": {"min": [1], "opt": [8], "max": [256]}}
+    assert text == {
+        "ids": {"min": [1, 1], "opt": [8, 16], "max": [256, 64]},
+        "lengths": {"min": [1], "opt": [8], "max": [256]},
+    }
     image = compute_profiles(IMAGE, max_batch=256, max_words=64, block=128)
     assert image == {"regions": {"min": [1, 36, 64], "opt": [128, 36, 64], "max": [128, 36, 64]}}
 
@@ -93,10 +96,16 @@ def test_profiles_from_a_real_manifest(t2i_manifest_path: Path) -> None:
             assert all(a <= b <= c for a, b, c in zip(bounds["min"], bounds["opt"], bounds["max"]))
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"max_batch": 0}, "max_batch"), ({"max_batch": True}, "max_batch"), ({"block": -1}, "block"),
-    ({"max_words": 2.5}, "max_words"), ({"regions": 0}, "regions"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batch": True}, "max_batch"),
+        ({"block": -1}, "block"),
+        ({"max_words": 2.5}, "max_words"),
+        ({"regions": 0}, "regions"),
+    ],
+)
 def test_profile_flags_are_validated(kwargs, needle) -> None:
     args = {"max_batch": 8, "max_words": 16, "block": 8, **kwargs}
     with pytest.raises(ProfileError, match=needle):
@@ -113,10 +122,17 @@ def test_profile_unknown_dimension_is_named() -> None:
 # ------------------------------------------------------------------------------------------ precision
 
 
-@pytest.mark.parametrize("version, strategy", [
-    ("10.9.0", FP16_FLAG), ("10.0.1.6", FP16_FLAG), ("10.13.3.9+cuda12.9", FP16_FLAG),
-    ("11.0.1", STRONGLY_TYPED), ("11.4.0rc1", STRONGLY_TYPED), ("12.0", STRONGLY_TYPED),
-])
+@pytest.mark.parametrize(
+    "version, strategy",
+    [
+        ("10.9.0", FP16_FLAG),
+        ("10.0.1.6", FP16_FLAG),
+        ("10.13.3.9+cuda12.9", FP16_FLAG),
+        ("11.0.1", STRONGLY_TYPED),
+        ("11.4.0rc1", STRONGLY_TYPED),
+        ("12.0", STRONGLY_TYPED),
+    ],
+)
 def test_precision_strategy_per_version(version, strategy) -> None:
     assert precision_strategy(version) == strategy
     assert precision_strategy(version, fp32=True) == FP32
@@ -149,8 +165,7 @@ def test_source_graph_and_precision() -> None:
 
 
 def _layer(i, type_, op=None, ins=(), outs=None, float_outputs=True):
-    return LayerInfo(i, f"l{i}", type_, op, tuple(ins), tuple(outs if outs is not None else (f"t{i}",)),
-                     float_outputs)
+    return LayerInfo(i, f"l{i}", type_, op, tuple(ins), tuple(outs if outs is not None else (f"t{i}",)), float_outputs)
 
 
 def test_sensitive_layers_pinned_and_gemm_left_fp16() -> None:
@@ -166,8 +181,8 @@ def test_sensitive_layers_pinned_and_gemm_left_fp16() -> None:
         _layer(8, "ELEMENTWISE", "PROD", ins=("t7",)),
         _layer(9, "ACTIVATION", ins=("t8",)),
         _layer(10, "SHAPE", ins=("t9",), float_outputs=False),
-        _layer(11, "REDUCE", ins=("mask",), float_outputs=False),   # an int reduction: no float precision
-        _layer(12, "UNARY", None, ins=("t9",)),                     # op unreadable: pinned to be safe
+        _layer(11, "REDUCE", ins=("mask",), float_outputs=False),  # an int reduction: no float precision
+        _layer(12, "UNARY", None, ins=("t9",)),  # op unreadable: pinned to be safe
         _layer(13, "CAST", ins=("t9",)),
         _layer(14, "UNARY", "ABS", ins=("t9",)),
     ]
@@ -212,10 +227,17 @@ def _fake_plan(manifest_path: Path, kind: str, payload: bytes, **over) -> dict:
     target.write_bytes(payload)
     key = over.pop("source_key", source_graph_key(kind, FP16_FLAG))
     graph = m.graphs.get(key) or m.graphs[source_graph_key(kind, FP16_FLAG)]
-    rec = plan_record(file=relative_file(m.directory, target), sha256=hashlib.sha256(payload).hexdigest(),
-                      source_key=key, source_graph=graph, strategy=FP16_FLAG, tensorrt_version="10.9.0",
-                      gpu_name="NVIDIA H200", compute_capability="9.0",
-                      profiles=compute_profiles(graph["inputs"], max_words=m.max_words))
+    rec = plan_record(
+        file=relative_file(m.directory, target),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        source_key=key,
+        source_graph=graph,
+        strategy=FP16_FLAG,
+        tensorrt_version="10.9.0",
+        gpu_name="NVIDIA H200",
+        compute_capability="9.0",
+        profiles=compute_profiles(graph["inputs"], max_words=m.max_words),
+    )
     rec.update(over)
     record_plans(manifest_path, {kind: rec})
     return rec
@@ -237,8 +259,19 @@ def test_record_round_trip_keeps_everything_else(manifest_copy: Path) -> None:
     assert rec["file"] == "scan.plan" and rec["source_graph"] == "scan.onnx"
     assert rec["source_sha256"] == before["graphs"]["head"]["sha256"]
     assert rec["precision"] == "fp16" and rec["strategy"] == FP16_FLAG
-    assert set(rec) >= {"file", "sha256", "source_graph", "source_sha256", "precision", "strategy",
-                        "tensorrt_version", "gpu_name", "compute_capability", "profiles", "built_at"}
+    assert set(rec) >= {
+        "file",
+        "sha256",
+        "source_graph",
+        "source_sha256",
+        "precision",
+        "strategy",
+        "tensorrt_version",
+        "gpu_name",
+        "compute_capability",
+        "profiles",
+        "built_at",
+    }
     assert rec["profiles"]["images"]["max"] == [512, 36, 32]
     # the record verifies against the machine it was "built" on
     plan = check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
@@ -277,11 +310,14 @@ def test_plan_outside_manifest_folder_is_relative(tmp_path: Path) -> None:
     assert rel == os.path.join("..", "plans", "scan.plan")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (("11.0.1", "NVIDIA H200", "9.0"), ["built by TensorRT 10.9.0", "this is TensorRT 11.0.1"]),
-    (("10.9.0", "NVIDIA A100-SXM4-80GB", "8.0"), ["compute capability 9.0", "A100", "compute capability 8.0"]),
-    (("10.9.0", "NVIDIA H100 80GB HBM3", "9.0"), ["built on a NVIDIA H200", "H100"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (("11.0.1", "NVIDIA H200", "9.0"), ["built by TensorRT 10.9.0", "this is TensorRT 11.0.1"]),
+        (("10.9.0", "NVIDIA A100-SXM4-80GB", "8.0"), ["compute capability 9.0", "A100", "compute capability 8.0"]),
+        (("10.9.0", "NVIDIA H100 80GB HBM3", "9.0"), ["built on a NVIDIA H200", "H100"]),
+    ],
+)
 def test_mismatched_engine_is_refused(manifest_copy: Path, args, needles) -> None:
     _fake_plan(manifest_copy, "head", b"plan")
     with pytest.raises(PlanMismatchError) as e:
@@ -298,7 +334,7 @@ def test_engine_from_another_graph_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     data["graphs"]["head"]["sha256"] = "ab" * 32  # as if the model had been re-exported
     manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(PlanMismatchError, match="re-exported.*build_engine.py"):
+    with pytest.raises(PlanMismatchError, match=r"re-exported.*build_engine\.py"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
@@ -307,14 +343,14 @@ def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     del data["graphs"]["head.fp16"]  # e.g. re-exported without fp16 graphs after the build
     manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(PlanMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
+    with pytest.raises(PlanMismatchError, match=r"head\.fp16 graph, which scan\.json no longer lists"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
 def test_replaced_plan_file_is_refused(manifest_copy: Path) -> None:
     _fake_plan(manifest_copy, "text", b"plan")
     (manifest_copy.parent / "scan.text.plan").write_bytes(b"another plan")
-    with pytest.raises(PlanMismatchError, match="sha256 .* differs .*replaced or damaged"):
+    with pytest.raises(PlanMismatchError, match=r"sha256 .* differs .*replaced or damaged"):
         check_plan_record(load_manifest(manifest_copy), "text", "10.9.0", "NVIDIA H200", "9.0")
     (manifest_copy.parent / "scan.text.plan").unlink()
     with pytest.raises(PlanMismatchError, match="missing"):
@@ -323,7 +359,7 @@ def test_replaced_plan_file_is_refused(manifest_copy: Path) -> None:
 
 def test_no_plan_recorded(manifest_copy: Path) -> None:
     assert load_manifest(manifest_copy).topk_max == 0
-    with pytest.raises(PlanMismatchError, match="lists no TensorRT image plan.*build_engine.py"):
+    with pytest.raises(PlanMismatchError, match=r"lists no TensorRT image plan.*build_engine\.py"):
         check_plan_record(load_manifest(manifest_copy), "image", "10.9.0", "NVIDIA H200", "9.0")
 
 
@@ -349,11 +385,11 @@ def test_topk_head_matches_numpy(t2i_manifest_path: Path, n: int, k_max: int) ->
     topk = open_session(add_topk_to_head(head, k_max).SerializeToString())
     assert [o.name for o in topk.get_outputs()] == ["topk_scores", "topk_index"]
     feeds = _head_feeds(np.random.default_rng(n * 100 + k_max), n, q=6)
-    sims = plain.run(["sims"], feeds)[0]                          # (N, Q)
+    sims = plain.run(["sims"], feeds)[0]  # (N, Q)
     scores, index = topk.run(None, feeds)
     k = min(k_max, n)
     assert scores.shape == (k, 6) and index.shape == (k, 6) and index.dtype == np.int64
-    expected = np.argsort(-sims, axis=0, kind="stable")[:k]       # best image first, per caption
+    expected = np.argsort(-sims, axis=0, kind="stable")[:k]  # best image first, per caption
     np.testing.assert_array_equal(index, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(sims, expected, axis=0), rtol=1e-6, atol=1e-6)
 
@@ -399,7 +435,8 @@ def test_topk_i2t_head(tmp_path_factory) -> None:
     feeds = _head_feeds(rng, 9, 5, gram=False)
     feeds["images"] = np.ascontiguousarray(np.resize(feeds["images"], (9, 36, cfg.embed_size)), np.float32)
     feeds["captions"] = np.ascontiguousarray(
-        np.resize(feeds["captions"], feeds["captions"].shape[:2] + (cfg.embed_size,)), np.float32)
+        np.resize(feeds["captions"], (*feeds["captions"].shape[:2], cfg.embed_size)), np.float32
+    )
     sims = plain.run(["sims"], feeds)[0]
-    scores, index = topk.run(None, feeds)
+    _scores, index = topk.run(None, feeds)
     np.testing.assert_array_equal(index, np.argsort(-sims, axis=0, kind="stable")[:4])

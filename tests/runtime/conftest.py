@@ -1,4 +1,5 @@
 """Small exported models (t2i and i2t) and seeded data for the runtime tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,15 @@ def export_small(folder, seed=0, **overrides):
 
 @pytest.fixture(scope="session")
 def small_engines(tmp_path_factory):
-    return {mode: export_small(tmp_path_factory.mktemp(f"small_{mode}"), seed=int(mode == "i2t"), cross_attn=mode,
-                               agg_func="LogSumExp" if mode == "t2i" else "Mean")
-            for mode in ("t2i", "i2t")}
+    return {
+        mode: export_small(
+            tmp_path_factory.mktemp(f"small_{mode}"),
+            seed=int(mode == "i2t"),
+            cross_attn=mode,
+            agg_func="LogSumExp" if mode == "t2i" else "Mean",
+        )
+        for mode in ("t2i", "i2t")
+    }
 
 
 @pytest.fixture(scope="session", params=["t2i", "i2t"])

@@ -1,4 +1,5 @@
 """--backend auto|tensorrt|onnxruntime: selection and fallback, without TensorRT installed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,7 @@ def test_tensorrt_chosen_only_when_plans_are_recorded(manifest, monkeypatch, cap
     monkeypatch.setattr(backends, "tensorrt_available", lambda: True)
     assert choose_backend("auto", manifest.directory / "scan.plan", manifest) == "onnxruntime"
     assert "lists no plans" in caplog.text
-    with pytest.raises(BackendError, match="build_engine.py"):
+    with pytest.raises(BackendError, match=r"build_engine\.py"):
         choose_backend("tensorrt", manifest.directory / "scan.plan", manifest)
     data = {k: v for k, v in json.loads(manifest.path.read_text()).items() if k not in ("plans", "engines")}
     built = dataclasses.replace(manifest, data={**data, key: {"head": {"file": "scan.plan"}}})
@@ -63,8 +64,20 @@ def test_search_cli_with_unbuilt_plan_serves_onnx(small_engines, tmp_path, monke
     np.save(tmp_path / "ims.npy", np.random.default_rng(0).standard_normal((4, 5, 12)).astype(np.float32))
     plan = small_engines["t2i"].parent / "scan.plan"
     assert not plan.exists()
-    assert search(["--engine", str(plan), "--gallery", str(tmp_path / "g"), "--images", str(tmp_path / "ims.npy"),
-                   "--no-progress"]) == 0
+    assert (
+        search(
+            [
+                "--engine",
+                str(plan),
+                "--gallery",
+                str(tmp_path / "g"),
+                "--images",
+                str(tmp_path / "ims.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert search(["--engine", str(plan), "--gallery", str(tmp_path / "g"), "--json", "-k", "2", "a dog"]) == 0
     assert "falling back" in caplog.text
     assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 2

@@ -35,6 +35,6 @@ def test_encode_by_length_pads_each_batch_to_its_own_max():
     for idx, words in encode_by_length(Engine(), ids, lengths, 2):
         assert words.shape == (len(idx), lengths[idx].max(), 2)
         for row, j in enumerate(idx):
-            seen[int(j)] = words[row, :lengths[j], 0]
+            seen[int(j)] = words[row, : lengths[j], 0]
     for j in range(4):
-        np.testing.assert_array_equal(seen[j], ids[j, :lengths[j]])
+        np.testing.assert_array_equal(seen[j], ids[j, : lengths[j]])

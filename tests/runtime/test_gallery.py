@@ -1,4 +1,5 @@
 """Gallery caches: build, append, memory-mapped load, model binding, corruption and interruption."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.gallery import (CaptionGallery, GalleryError, ImageGallery, build_caption_gallery,
-                             build_image_gallery)
+from runtime.gallery import CaptionGallery, GalleryError, ImageGallery, build_caption_gallery, build_image_gallery
 from tests.runtime.conftest import random_captions, random_regions
 
 
@@ -36,7 +36,8 @@ def test_image_gallery_roundtrip_and_append(engines, tmp_path):
     np.testing.assert_allclose(whole.image_gram, gram, atol=1e-6)
     # only the current generation's files remain
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(
-        ["gallery.json", "images.2.npy", "image_gram.2.npy", "ids.2.npy", "names.2.json"])
+        ["gallery.json", "images.2.npy", "image_gram.2.npy", "ids.2.npy", "names.2.json"]
+    )
 
 
 def test_float16_gallery(engines, tmp_path):
@@ -63,11 +64,11 @@ def test_caption_gallery_is_ragged_sorted_and_appendable(engines, tmp_path):
         np.testing.assert_array_equal(np.sort(g.ids), np.arange(15))
         np.testing.assert_array_equal(g.lengths, lengths[g.ids])
         for pos, cid in enumerate(g.ids):
-            expected = engine.encode_ids(ids[cid:cid + 1, :lengths[cid]], lengths[cid:cid + 1])[0]
-            np.testing.assert_allclose(g.words[g.offsets[pos]:g.offsets[pos + 1]], expected, atol=1e-6)
+            expected = engine.encode_ids(ids[cid : cid + 1, : lengths[cid]], lengths[cid : cid + 1])[0]
+            np.testing.assert_allclose(g.words[g.offsets[pos] : g.offsets[pos + 1]], expected, atol=1e-6)
     blocks = list(whole.blocks(2))
     assert sum(len(b[2]) for b in blocks) == 15
-    for pos, words, lens in blocks:
+    for _pos, words, lens in blocks:
         assert (lens == lens[0]).all() and words.shape[:2] == (len(lens), lens[0])
         assert np.shares_memory(words, whole.words)  # a view, not a copy
 

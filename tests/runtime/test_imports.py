@@ -1,4 +1,5 @@
 """runtime/ is serve-time code: every module imports with torch and onnx made unimportable."""
+
 from __future__ import annotations
 
 import subprocess
@@ -40,8 +41,15 @@ def test_every_runtime_module_imports_without_torch_and_onnx() -> None:
     names = names.split()
     # the walk must have seen the package, including the backends, or the test proves nothing
     assert int(count) == len(names) >= 10
-    for expected in ("runtime.engine", "runtime.searcher", "runtime.manifest", "runtime.backends.tensorrt",
-                     "runtime.backends.plan_check", "runtime.backends.cuda_memory", "runtime.backends.onnxruntime"):
+    for expected in (
+        "runtime.engine",
+        "runtime.searcher",
+        "runtime.manifest",
+        "runtime.backends.tensorrt",
+        "runtime.backends.plan_check",
+        "runtime.backends.cuda_memory",
+        "runtime.backends.onnxruntime",
+    ):
         assert expected in names
 
 

@@ -1,4 +1,5 @@
 """runtime/search.py: in-process for behaviour and errors, in a subprocess with torch made unimportable."""
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,13 @@ runpy.run_path(script, run_name="__main__")
 
 
 def run_without_torch(script: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO / script), *args], input=stdin,
-                          capture_output=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(REPO / script), *args],
+        input=stdin,
+        capture_output=True,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -42,20 +48,50 @@ def data(tmp_path):
 
 def test_cli_works_without_torch(engine_path, data):
     gal = str(data / "gal")
-    r = run_without_torch("runtime/search.py", "--engine", str(engine_path), "--gallery", gal, "--images",
-                          str(data / "ims.npy"), "--names", str(data / "names.txt"), "--captions",
-                          str(data / "caps.txt"), "--no-progress")
+    r = run_without_torch(
+        "runtime/search.py",
+        "--engine",
+        str(engine_path),
+        "--gallery",
+        gal,
+        "--images",
+        str(data / "ims.npy"),
+        "--names",
+        str(data / "names.txt"),
+        "--captions",
+        str(data / "caps.txt"),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr.decode()
-    r = run_without_torch("runtime/search.py", "--engine", str(engine_path), "--gallery", gal, "--json", "-k", "2",
-                          "a red dog on the beach .", "--query-images", str(data / "ims.npy"))
+    r = run_without_torch(
+        "runtime/search.py",
+        "--engine",
+        str(engine_path),
+        "--gallery",
+        gal,
+        "--json",
+        "-k",
+        "2",
+        "a red dog on the beach .",
+        "--query-images",
+        str(data / "ims.npy"),
+    )
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
     assert out[0]["query"] == "a red dog on the beach ." and len(out[0]["results"]) == 2
     assert out[0]["results"][0]["name"].startswith("photo_")
     assert len(out) == 7 and "text" in out[1]["results"][0]
     # queries from stdin
-    r = run_without_torch("runtime/search.py", "--engine", str(engine_path), "--gallery", gal, "-k", "1",
-                          stdin="a cat .\nthe man running .\n".encode())
+    r = run_without_torch(
+        "runtime/search.py",
+        "--engine",
+        str(engine_path),
+        "--gallery",
+        gal,
+        "-k",
+        "1",
+        stdin=b"a cat .\nthe man running .\n",
+    )
     assert r.returncode == 0, r.stderr.decode()
     assert "a cat ." in r.stdout.decode() and "the man running ." in r.stdout.decode()
 
@@ -70,8 +106,9 @@ def test_recall_cli_works_without_torch(engine_path, data):
 
 def test_table_output_and_unknown_words(engine_path, data, capsys, caplog):
     gal = str(data / "gal")
-    assert main(["--engine", str(engine_path), "--gallery", gal, "--images", str(data / "ims.npy"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["--engine", str(engine_path), "--gallery", gal, "--images", str(data / "ims.npy"), "--no-progress"]) == 0
+    )
     capsys.readouterr()
     assert main(["--engine", str(engine_path), "--gallery", gal, "-k", "3", "zebra giraffe"]) == 0
     out = capsys.readouterr().out
@@ -97,7 +134,8 @@ def test_bad_inputs(engine_path, data, capsys, tmp_path, monkeypatch):
     assert "not UTF-8" in _error(["--engine", eng, "--gallery", gal, "--queries-file", str(tmp_path / "q.txt")], capsys)
     np.save(tmp_path / "bad.npy", np.zeros((2, 5, 3), np.float32))
     assert "expected 12 features per region" in _error(
-        ["--engine", eng, "--gallery", gal, "--images", str(tmp_path / "bad.npy")], capsys)
+        ["--engine", eng, "--gallery", gal, "--images", str(tmp_path / "bad.npy")], capsys
+    )
     assert "no such file" in _error(["--engine", str(tmp_path / "missing.onnx"), "a dog"], capsys)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert "nothing to do" in _error(["--engine", eng, "--gallery", gal], capsys)
@@ -116,7 +154,19 @@ def test_mismatched_engine_file_is_refused(engine_path, tmp_path, capsys):
 
 def test_gallery_of_another_model_via_cli(small_engines, data, capsys):
     gal = str(data / "gal")
-    assert main(["--engine", str(small_engines["t2i"]), "--gallery", gal, "--images", str(data / "ims.npy"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--engine",
+                str(small_engines["t2i"]),
+                "--gallery",
+                gal,
+                "--images",
+                str(data / "ims.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = _error(["--engine", str(small_engines["i2t"]), "--gallery", gal, "a dog"], capsys)
     assert "built by another model" in err

@@ -1,4 +1,5 @@
 """Search results equal a brute-force argsort of the full similarity matrix, in both directions."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -72,16 +73,16 @@ def test_thread_safe(setup):
     searcher = Searcher(engine, images=images, captions=caps, image_block=5, caption_block=6)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         text = [pool.submit(searcher.search, [c], 3) for c in captions[:12]]
-        imgs = [pool.submit(searcher.search, regions[i:i + 1], 3) for i in range(8)]
+        imgs = [pool.submit(searcher.search, regions[i : i + 1], 3) for i in range(8)]
     for j, f in enumerate(text):
-        assert_same_ranking(*f.result(), sims[:, j:j + 1].T, 3)
+        assert_same_ranking(*f.result(), sims[:, j : j + 1].T, 3)
     for i, f in enumerate(imgs):
-        assert_same_ranking(*f.result(), sims[i:i + 1], 3)
+        assert_same_ranking(*f.result(), sims[i : i + 1], 3)
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
 def test_bad_k(setup, k):
-    engine, regions, captions, images, caps, _ = setup
+    engine, regions, _captions, images, caps, _ = setup
     with pytest.raises(SearchError, match="k must be a positive integer"):
         Searcher(engine, images=images).search(["a dog"], k)
     with pytest.raises(SearchError, match="k must be a positive integer"):
@@ -109,7 +110,7 @@ def test_resident_blocks_equal_streamed_blocks(setup):
         assert len(blocks) == 5 and [offset for offset, _ in blocks] == [0, 5, 10, 15, 20]  # 23 images / 5
         assert all(isinstance(v, ort.OrtValue) for _, feeds in blocks for v in feeds.values())
         again = searcher.search(captions[6:9], 4)
-        assert list(searcher._uploaded["images"])[0][1] is blocks[0][1]  # uploaded once, not per search
+        assert next(iter(searcher._uploaded["images"]))[1] is blocks[0][1]  # uploaded once, not per search
         i2t = searcher.search(regions[:5], 4)
     assert searcher._uploaded == {}  # closed
     np.testing.assert_array_equal(first[1], streamed[1])

@@ -7,6 +7,7 @@ pointers with offsets for a resident gallery, the manifest checks) runs against 
 "device memory" is host memory. The stand-in checks this code, not TensorRT; the ``tensorrt``-marked
 tests at the end build and run real engines where TensorRT and a GPU exist.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,11 @@ def ort_run(path: Path, feeds):
 
 
 def test_module_imports_without_tensorrt() -> None:
-    code = ("import sys, runtime.backends.tensorrt as m, runtime.backends.plan_check, runtime.backends.cuda_memory;"
-            "assert 'tensorrt' not in sys.modules and 'cuda' not in sys.modules and 'pycuda' not in sys.modules;"
-            "print(m.TensorRTBackend.name)")
+    code = (
+        "import sys, runtime.backends.tensorrt as m, runtime.backends.plan_check, runtime.backends.cuda_memory;"
+        "assert 'tensorrt' not in sys.modules and 'cuda' not in sys.modules and 'pycuda' not in sys.modules;"
+        "print(m.TensorRTBackend.name)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tensorrt"
@@ -71,9 +74,20 @@ def test_module_imports_without_tensorrt() -> None:
 def test_from_manifest_without_tensorrt_is_helpful(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes ``import tensorrt`` raise ImportError
     manifest = tmp_path / "scan.json"
-    manifest.write_text(json.dumps({"format": "scan-runtime/1", "name": "scan", "config": {}, "graphs": {},
-                                    "vocab": {"file": "v.json"}, "image_encoder_id": "i", "text_encoder_id": "t",
-                                    "plans": {}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "format": "scan-runtime/1",
+                "name": "scan",
+                "config": {},
+                "graphs": {},
+                "vocab": {"file": "v.json"},
+                "image_encoder_id": "i",
+                "text_encoder_id": "t",
+                "plans": {},
+            }
+        )
+    )
     from runtime.backends.tensorrt import TensorRTBackend
 
     with pytest.raises(BackendError) as e:
@@ -106,7 +120,7 @@ def test_device_array_nbytes() -> None:
 
 
 def test_build_then_serve_with_stand_ins(monkeypatch, export_copy: Path) -> None:
-    rc, trt, alloc = build_with_fakes(monkeypatch, export_copy)
+    rc, _trt, alloc = build_with_fakes(monkeypatch, export_copy)
     assert rc == 0
     m = load_manifest(export_copy)
     assert sorted(m.plans) == ["head", "image", "text", "topk"]
@@ -126,8 +140,9 @@ def test_build_then_serve_with_stand_ins(monkeypatch, export_copy: Path) -> None
         np.testing.assert_allclose(got, ort_run(export_copy.parent / "scan.onnx", feeds)["sims"], rtol=1e-6, atol=1e-6)
         # a second call with other shapes reuses or grows the buffers
         feeds2 = head_feeds(rng, 3, 16, max_len=40)
-        np.testing.assert_allclose(head.run(feeds2)["sims"], ort_run(export_copy.parent / "scan.onnx", feeds2)["sims"],
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            head.run(feeds2)["sims"], ort_run(export_copy.parent / "scan.onnx", feeds2)["sims"], rtol=1e-6, atol=1e-6
+        )
     assert not alloc.live and not alloc.host_live and alloc.streams == 0, "close() must free everything"
 
 
@@ -168,12 +183,12 @@ def test_mismatched_gpu_refused_at_open(monkeypatch, export_copy: Path) -> None:
     from runtime.backends.plan_check import PlanMismatchError
     from runtime.backends.tensorrt import TensorRTBackend
 
-    with pytest.raises(PlanMismatchError, match="compute capability 9.0.*NVIDIA L4.*8.9.*build_engine.py"):
+    with pytest.raises(PlanMismatchError, match=r"compute capability 9\.0.*NVIDIA L4.*8\.9.*build_engine\.py"):
         TensorRTBackend.from_manifest(load_manifest(export_copy), "image")
 
 
 def test_threads_get_their_own_contexts(monkeypatch, export_copy: Path) -> None:
-    _, trt, alloc = build_with_fakes(monkeypatch, export_copy, "--kinds", "text")
+    _, _trt, alloc = build_with_fakes(monkeypatch, export_copy, "--kinds", "text")
     from runtime.backends.tensorrt import TensorRTBackend
 
     m = load_manifest(export_copy)
@@ -189,8 +204,9 @@ def test_threads_get_their_own_contexts(monkeypatch, export_copy: Path) -> None:
                 ids = rng.integers(4, m.config.vocab_size, (4, int(lengths.max()))).astype(np.int64)
                 ids *= np.arange(ids.shape[1])[None, :] < lengths[:, None]
                 got = backend.run({"ids": ids, "lengths": lengths})["captions"]
-                np.testing.assert_allclose(got, ort_run(text_onnx, {"ids": ids, "lengths": lengths})["captions"],
-                                           rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(
+                    got, ort_run(text_onnx, {"ids": ids, "lengths": lengths})["captions"], rtol=1e-6, atol=1e-6
+                )
             results[i] = True
         except Exception as e:  # surfaced below
             errors.append(e)
@@ -211,7 +227,7 @@ def test_threads_get_their_own_contexts(monkeypatch, export_copy: Path) -> None:
 
 
 def test_resident_gallery_blocks_by_pointer_offset(monkeypatch, export_copy: Path) -> None:
-    _, trt, alloc = build_with_fakes(monkeypatch, export_copy, "--kinds", "head,topk", "--topk-max", "5")
+    _, _trt, alloc = build_with_fakes(monkeypatch, export_copy, "--kinds", "head,topk", "--topk-max", "5")
     from runtime.backends.cuda_memory import DeviceArray
     from runtime.backends.tensorrt import ResidentGallery, TensorRTBackend
 
@@ -220,33 +236,50 @@ def test_resident_gallery_blocks_by_pointer_offset(monkeypatch, export_copy: Pat
     gallery = head_feeds(rng, 150, 1)
     query = head_feeds(rng, 1, 6)
     head_onnx = export_copy.parent / "scan.onnx"
-    full = ort_run(head_onnx, {"images": gallery["images"], "image_gram": gallery["image_gram"],
-                               "captions": query["captions"], "lengths": query["lengths"]})["sims"]
-    with TensorRTBackend.from_manifest(m, "head") as head, TensorRTBackend.from_manifest(m, "topk") as topk:
-        with ResidentGallery(head, {"images": gallery["images"], "image_gram": gallery["image_gram"]},
-                             chunk_bytes=50_000) as resident:
-            assert len(resident) == 150
-            base = resident.block_feeds(0, 150)["images"].ptr
-            for start, stop in ((0, 64), (64, 128), (128, 150), (37, 38)):
-                block = resident.block_feeds(start, stop)
-                assert isinstance(block["images"], DeviceArray)
-                assert block["images"].ptr == base + start * 36 * 32 * 4  # an offset, not a copy
-                assert block["images"].shape == (stop - start, 36, 32)
-                feeds = {**block, "captions": query["captions"], "lengths": query["lengths"]}
-                sims = head.run_device(feeds)["sims"]
-                np.testing.assert_allclose(sims, full[start:stop], rtol=1e-6, atol=1e-6)
-                # the same resident block through the top-k engine: only (k, Q) comes back
-                out = topk.run_device(feeds)
-                k = min(5, stop - start)
-                assert out["topk_scores"].shape == (k, 6)
-                expected = np.argsort(-full[start:stop], axis=0, kind="stable")[:k]
-                np.testing.assert_array_equal(out["topk_index"], expected)
-            with pytest.raises(BackendError, match="block_feeds"):
-                resident.block_feeds(100, 151)
-            wrong = DeviceArray(base, (2, 36, 32), np.dtype(np.float16))
-            with pytest.raises(BackendError, match="device input 'images' is float16"):
-                head.run_device({**resident.block_feeds(0, 2), "images": wrong, "captions": query["captions"],
-                                 "lengths": query["lengths"]})
+    full = ort_run(
+        head_onnx,
+        {
+            "images": gallery["images"],
+            "image_gram": gallery["image_gram"],
+            "captions": query["captions"],
+            "lengths": query["lengths"],
+        },
+    )["sims"]
+    with (
+        TensorRTBackend.from_manifest(m, "head") as head,
+        TensorRTBackend.from_manifest(m, "topk") as topk,
+        ResidentGallery(
+            head, {"images": gallery["images"], "image_gram": gallery["image_gram"]}, chunk_bytes=50_000
+        ) as resident,
+    ):
+        assert len(resident) == 150
+        base = resident.block_feeds(0, 150)["images"].ptr
+        for start, stop in ((0, 64), (64, 128), (128, 150), (37, 38)):
+            block = resident.block_feeds(start, stop)
+            assert isinstance(block["images"], DeviceArray)
+            assert block["images"].ptr == base + start * 36 * 32 * 4  # an offset, not a copy
+            assert block["images"].shape == (stop - start, 36, 32)
+            feeds = {**block, "captions": query["captions"], "lengths": query["lengths"]}
+            sims = head.run_device(feeds)["sims"]
+            np.testing.assert_allclose(sims, full[start:stop], rtol=1e-6, atol=1e-6)
+            # the same resident block through the top-k engine: only (k, Q) comes back
+            out = topk.run_device(feeds)
+            k = min(5, stop - start)
+            assert out["topk_scores"].shape == (k, 6)
+            expected = np.argsort(-full[start:stop], axis=0, kind="stable")[:k]
+            np.testing.assert_array_equal(out["topk_index"], expected)
+        with pytest.raises(BackendError, match="block_feeds"):
+            resident.block_feeds(100, 151)
+        wrong = DeviceArray(base, (2, 36, 32), np.dtype(np.float16))
+        with pytest.raises(BackendError, match="device input 'images' is float16"):
+            head.run_device(
+                {
+                    **resident.block_feeds(0, 2),
+                    "images": wrong,
+                    "captions": query["captions"],
+                    "lengths": query["lengths"],
+                }
+            )
     assert not alloc.live and not alloc.host_live
 
 
@@ -290,11 +323,27 @@ def test_golden_engine_matches_onnxruntime(tmp_path_factory, precision: str, ato
     from runtime.backends.tensorrt import ResidentGallery, TensorRTBackend
 
     path = export_golden("t2i_lse_f30k", tmp_path_factory.mktemp(f"trt_{precision}"))
-    if precision == "fp16" and precision_strategy(trt.__version__) == "strongly-typed" \
-            and "head.fp16" not in load_manifest(path).graphs:
+    if (
+        precision == "fp16"
+        and precision_strategy(trt.__version__) == "strongly-typed"
+        and "head.fp16" not in load_manifest(path).graphs
+    ):
         pytest.skip("TensorRT 11 builds FP16 only from exported fp16 graphs, which this export lacks")
-    args = [str(path), "--max-batch", "16", "--block", "64", "--max-words", "40", "--topk-max", "5",
-            "--timing-cache", str(path.parent / "timing.cache"), "--workspace-gb", "1"]
+    args = [
+        str(path),
+        "--max-batch",
+        "16",
+        "--block",
+        "64",
+        "--max-words",
+        "40",
+        "--topk-max",
+        "5",
+        "--timing-cache",
+        str(path.parent / "timing.cache"),
+        "--workspace-gb",
+        "1",
+    ]
     assert main(args + (["--fp32"] if precision == "fp32" else [])) == 0
     m = load_manifest(path)
     rng = np.random.default_rng(0)
@@ -304,16 +353,21 @@ def test_golden_engine_matches_onnxruntime(tmp_path_factory, precision: str, ato
         expected = ort_run(path.parent / "scan.onnx", feeds)["sims"]
         np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
         with ResidentGallery(head, {"images": feeds["images"], "image_gram": feeds["image_gram"]}) as g:
-            part = head.run_device({**g.block_feeds(10, 40), "captions": feeds["captions"],
-                                    "lengths": feeds["lengths"]})["sims"]
+            part = head.run_device(
+                {**g.block_feeds(10, 40), "captions": feeds["captions"], "lengths": feeds["lengths"]}
+            )["sims"]
             np.testing.assert_allclose(part, expected[10:40], atol=atol, rtol=0)
     with TensorRTBackend.from_manifest(m, "text") as text:
         lengths = np.array([1, 9, 20, 4], np.int64)
         ids = rng.integers(4, m.config.vocab_size, (4, 20)).astype(np.int64)
         ids *= np.arange(20)[None, :] < lengths[:, None]
         feeds_text = {"ids": ids, "lengths": lengths}
-        np.testing.assert_allclose(text.run(feeds_text)["captions"],
-                                   ort_run(path.parent / "scan.text.onnx", feeds_text)["captions"], atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            text.run(feeds_text)["captions"],
+            ort_run(path.parent / "scan.text.onnx", feeds_text)["captions"],
+            atol=atol,
+            rtol=0,
+        )
     with TensorRTBackend.from_manifest(m, "topk") as topk:
         out = topk.run(feeds)
         assert out["topk_scores"].shape == (5, 7)

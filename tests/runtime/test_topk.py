@@ -1,4 +1,5 @@
 """Blocked running top-k equals a brute-force stable argsort of the full matrix."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,7 @@ def test_blocked_equals_brute_force(block, k, ties):
         sims = np.round(sims, 0)  # many exact ties, across block boundaries too
     top = RunningTopK(6, k)
     for start in range(0, 49, block):
-        top.add_block(sims[:, start:start + block], np.arange(start, min(start + block, 49)))
+        top.add_block(sims[:, start : start + block], np.arange(start, min(start + block, 49)))
     scores, ids = top.result()
     want_s, want_i = brute(sims, k)
     np.testing.assert_array_equal(ids, want_i)
