@@ -34,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
     p.add_argument("--split", default="test")
-    p.add_argument("--fold5", action="store_true", help="COCO 1K protocol: mean over 5 folds of 1000 images")
-    p.add_argument("--save-sims", help="write the float32 (n_images, n_captions) similarity matrix (.npy)")
+    p.add_argument(
+        "--fold5",
+        action="store_true",
+        help="mean over 5 folds of a fifth of the images each (COCO 1K protocol on the 5000-image test set)",
+    )
+    p.add_argument(
+        "--save-sims",
+        help="write the float32 (n_images, n_captions) similarity matrix (.npy) to this file; its folder must exist",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument(
         "--gallery-dtype",
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.save_sims and not Path(args.save_sims).resolve().parent.is_dir():
+        raise DataError(f"--save-sims {args.save_sims}: the folder {Path(args.save_sims).parent} does not exist")
     t0 = time.perf_counter()
     sims = None
     for path in args.engine:
@@ -69,7 +78,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.save_sims:
         with atomic.atomic_path(args.save_sims) as tmp, open(tmp, "wb") as f:
             np.save(f, sims)
+    if args.fold5 and sims.shape[0] % 5:
+        raise DataError(f"--fold5: {sims.shape[0]} images do not split into 5 equal folds")
     metrics = evaluate_fold5(sims) if args.fold5 else evaluate(sims)
+    fold = sims.shape[0] // 5 if args.fold5 else None
     if args.json:
         print(
             json.dumps(
@@ -80,12 +92,14 @@ def _run(args: argparse.Namespace) -> int:
                     "seconds": round(seconds, 3),
                     "engines": args.engine,
                     "fold5": args.fold5,
+                    "fold_images": fold,
                 },
                 indent=1,
             )
         )
     else:
-        title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions{' (5-fold 1K)' if args.fold5 else ''}"
+        protocol = "" if fold is None else " (5-fold 1K)" if fold == 1000 else f" (mean of 5 folds of {fold} images)"
+        title = f"{args.split}: {sims.shape[0]} images, {sims.shape[1]} captions{protocol}"
         print(format_table(metrics, title=title))
         print(f"scored {sims.size:,} pairs in {seconds:.1f} s ({sims.size / seconds:,.0f} pairs/s)")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from runtime.backends import BACKENDS, BackendError
@@ -52,11 +54,34 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that ``finally`` blocks remove temporary files."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run_cli(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a CLI body with warnings on stderr and user errors as one line (exit 2)."""
+    """Run a CLI body with warnings on stderr and user errors as one line (exit 2).
+
+    Ctrl-C exits 130 and SIGTERM 143, quietly, after the body's cleanup ran (an interrupted gallery write
+    leaves the previous gallery and no temporary files).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

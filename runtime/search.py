@@ -27,14 +27,17 @@ from runtime.cli import add_engine_arguments, run_cli
 from runtime.engine import ScanEngine
 from runtime.features import load_regions
 from runtime.gallery import (
+    DEFAULT_LOCK_TIMEOUT,
     MANIFEST,
+    VERIFY_ON_OPEN_BYTES,
     CaptionGallery,
     GalleryError,
     ImageGallery,
     build_caption_gallery,
     build_image_gallery,
+    verify_gallery,
 )
-from runtime.searcher import Searcher, SearchError
+from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.tokenizer import TokenizerError
 
 
@@ -55,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
-    p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
+    p.add_argument("-k", type=int, default=5, help=f"results per query (default 5, at most {MAX_K})")
+    p.add_argument("--verify", action="store_true",
+                   help="check the galleries' checksums and values (done on open anyway up to "
+                        f"{VERIFY_ON_OPEN_BYTES >> 30} GiB); with nothing else to do, verify and exit")
+    p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
+                   help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
     return p
@@ -66,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not 1 <= args.k <= MAX_K:
+        raise SearchError(f"-k must be a positive integer at most {MAX_K}, received {args.k}")
+    if args.gallery and Path(args.gallery).exists() and not Path(args.gallery).is_dir():
+        raise SearchError(f"--gallery {args.gallery}: expected a folder (it holds images/ and captions/), found a file")
+    if args.verify and not args.gallery:
+        raise SearchError("--verify needs --gallery DIR")
     queries = _text_queries(args)
     with ScanEngine.open(
         args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
@@ -77,23 +91,19 @@ def _run(args: argparse.Namespace) -> int:
         images = captions = None
         if args.images:
             names = _read_lines(args.names, "names") if args.names else None
-            images = build_image_gallery(
-                engine,
-                args.images,
-                gallery / "images",
-                names=names,
-                dtype=args.dtype,
-                append=not args.rebuild,
-                progress=progress,
-            )
+            images = build_image_gallery(engine, args.images, gallery / "images", names=names, dtype=args.dtype,
+                                         append=not args.rebuild, progress=progress, lock_timeout=args.lock_timeout)
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
             texts = read_captions(args.captions)
-            captions = build_caption_gallery(
-                engine, texts, gallery / "captions", dtype=args.dtype, append=not args.rebuild, progress=progress
-            )
+            captions = build_caption_gallery(engine, texts, gallery / "captions", dtype=args.dtype,
+                                             append=not args.rebuild, progress=progress,
+                                             lock_timeout=args.lock_timeout)
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
+            if args.verify:
+                _verify(gallery)
+                return 0
             if not (args.images or args.captions):
                 raise SearchError(
                     "nothing to do: give text queries, --queries-file or --query-images "
@@ -110,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         results = []
         if queries:
             if images is None and (gallery / "images" / MANIFEST).is_file():
-                images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id)
+                images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id,
+                                           verify=True if args.verify else None)
             if images is None:
                 raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
             for q in queries:
@@ -123,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
                 )
         if args.query_images:
             if captions is None and (gallery / "captions" / MANIFEST).is_file():
-                captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id)
+                captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id,
+                                               verify=True if args.verify else None)
             if captions is None:
                 raise GalleryError(
                     f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
@@ -139,6 +151,16 @@ def _run(args: argparse.Namespace) -> int:
                 )
     _print(results, args.json)
     return 0
+
+
+def _verify(gallery: Path) -> None:
+    """Every check on every cache under ``gallery``; one line each on stderr."""
+    found = [gallery / sub for sub in ("images", "captions") if (gallery / sub / MANIFEST).is_file()]
+    if not found:
+        raise GalleryError(f"{gallery}: no gallery to verify (no images/{MANIFEST} or captions/{MANIFEST})")
+    for folder in found:
+        with verify_gallery(folder) as g:
+            print(f"verified {folder}: {len(g)} {folder.name} (checksums, finite values, ids)", file=sys.stderr)
 
 
 def _item(key: str, labels: list[str] | None, idx: int, score: float) -> dict:

@@ -23,13 +23,16 @@ from runtime.backends.base import GalleryBlocks
 from runtime.buckets import encode_by_length
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
-from runtime.topk import RunningTopK
+from runtime.topk import NonFiniteScore, RunningTopK
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_BLOCK = 512
 DEFAULT_CAPTION_BLOCK = 2048
 DEFAULT_QUERY_BATCH = 32
+# Results are (n, k) arrays whatever the gallery holds (faiss's contract), so k is bounded: 10^5 results of
+# 12 bytes are 1.2 MB per query. The running top-k itself keeps only min(k, gallery) candidates.
+MAX_K = 100_000
 
 
 class SearchError(ValueError):
@@ -119,6 +122,7 @@ class Searcher:
         if len(captions) == 0:
             raise SearchError("queries: expected at least one caption, received none")
         ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
+        _warn_if_empty(self.images)
         scores = np.empty((len(captions), k), np.float32)
         out_ids = np.empty((len(captions), k), np.int64)
         for idx, words in encode_by_length(self.engine, ids, lengths, self.query_batch):  # words (q, L, d)
@@ -134,6 +138,7 @@ class Searcher:
                 "runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt"
             )
         images, gram = self.engine.encode_images(regions, name="query regions")
+        _warn_if_empty(self.captions)
         scores = np.empty((len(images), k), np.float32)
         out_ids = np.empty((len(images), k), np.int64)
         for a in range(0, len(images), self.query_batch):
@@ -153,14 +158,26 @@ class Searcher:
 
         ``axis``: the gallery's axis of the head's (N images, Q captions) similarities.
         """
-        top = RunningTopK(len(next(iter(query.values()))), k)
         ids = np.asarray(gallery_ids)
-        for scores, rows in self.engine.head.block_topk(self._gallery(kind), query, k, axis):
-            top.merge(scores, ids[rows])
+        top = RunningTopK(len(next(iter(query.values()))), k, len(ids))
+        try:
+            for scores, rows in self.engine.head.block_topk(self._gallery(kind), query, k, axis):
+                top.merge(scores, ids[rows])
+        except NonFiniteScore as e:  # never a silent drop: name the item
+            gallery = self.images if kind == "images" else self.captions
+            raise SearchError(f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
+                              f"check the gallery with runtime/search.py --verify and rebuild it") from e
         return top.result()
 
 
 def _check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise SearchError(f"k must be a positive integer, received {k!r}")
+    if k > MAX_K:
+        raise SearchError(f"k must be at most {MAX_K}, received {k}")
     return int(k)
+
+
+def _warn_if_empty(gallery: ImageGallery | CaptionGallery) -> None:
+    if gallery is not None and len(gallery) == 0:
+        logger.warning("the gallery %s is empty: every result is -1", gallery.folder)
