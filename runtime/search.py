@@ -186,7 +186,7 @@ def _text_queries(args: argparse.Namespace) -> list[str]:
     queries = list(args.queries)
     if args.queries_file:
         queries += _read_lines(args.queries_file, "queries file")
-    elif not queries and not args.query_images and not (args.images or args.captions) and not sys.stdin.isatty():
+    elif not (queries or args.query_images or args.images or args.captions or args.verify) and not sys.stdin.isatty():
         data = sys.stdin.buffer.read()
         try:
             text = data.decode("utf-8")
