@@ -4,6 +4,11 @@ The original ``train.py`` saves ``{'epoch', 'model': [img_enc.state_dict(), txt_
 'best_rsum', 'opt': argparse.Namespace, 'Eiters'}``, either in the legacy (PyTorch 0.3 / Python 2,
 non-zip) or the zip serialization. Both load with ``weights_only=True`` and an explicit allow-list;
 a pickle that needs any other global is refused (nothing is executed) unless the user opts in.
+
+Before unpickling, the file's size is bounded: a zip checkpoint's declared record sizes must fit the file
+(PyTorch stores records uncompressed, so a deflated record that unpacks to far more than the file is a
+decompression bomb) and a limit (``MAX_CHECKPOINT_BYTES``, raised with ``max_bytes``). A legacy (non-zip)
+checkpoint is read from the file as it is: its size is held to the same limit.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import logging
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,11 @@ logger = logging.getLogger(__name__)
 # What an original checkpoint legitimately needs beyond tensors and containers (which torch's
 # weights-only unpickler already allows, legacy storages included).
 ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
+# Unpacked size allowed by default: original SCAN checkpoints hold tens of MB; the largest plausible ones
+# (big vocabularies, 2048-d embeddings) a few hundred.
+MAX_CHECKPOINT_BYTES = 4 << 30
+# A zip of uncompressed records is its records plus headers; allow some slack for a re-zipped file.
+_UNPACKED_SLACK = (2, 1 << 20)
 
 
 class CheckpointError(ValueError):
@@ -73,11 +84,43 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """Unpickle ``path`` with the allow-list (``trust=True``: full pickle, for checkpoints you trust)."""
+def check_size(path: str | Path, max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> int:
+    """The bytes loading ``path`` unpacks, checked against the file and ``max_bytes`` (None: no limit)
+    before anything is decompressed or unpickled."""
+    path = Path(path)
+    size = path.stat().st_size
+    unpacked = size
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                records = z.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise CheckpointError(f"checkpoint {path}: corrupted zip archive ({e})") from e
+        unpacked = sum(r.file_size for r in records)
+        factor, slack = _UNPACKED_SLACK
+        if unpacked > factor * size + slack:
+            big = max(records, key=lambda r: r.file_size)
+            raise CheckpointError(
+                f"checkpoint {path}: the archive declares {unpacked:,} bytes unpacked in a file of {size:,} bytes "
+                f"({big.filename}: {big.file_size:,} bytes compressed to {big.compress_size:,}); PyTorch stores "
+                f"checkpoints uncompressed, so this is refused before loading (a decompression bomb). If you "
+                f"trust this file, pass --trust-checkpoint.")
+    if max_bytes is not None and unpacked > max_bytes:
+        raise CheckpointError(
+            f"checkpoint {path}: {unpacked:,} bytes to load, more than the limit of {max_bytes:,} bytes "
+            f"({max_bytes / 2**30:g} GiB); for a genuinely larger model raise it (--max-checkpoint-gb)")
+    return unpacked
+
+
+def read_checkpoint(path: str | Path, trust: bool = False,
+                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> dict[str, Any]:
+    """Unpickle ``path`` with the allow-list (``trust=True``: full pickle and no size checks, for checkpoints
+    you trust); ``max_bytes``: see :func:`check_size`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if not trust:
+        check_size(path, max_bytes)
     try:
         if trust:
             logger.warning("loading %s with full pickle (--trust-checkpoint): it may run code", path)
@@ -105,9 +148,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     return raw
 
 
-def load_checkpoint(path: str | Path, trust: bool = False, vocab_size: int | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, trust: bool = False, vocab_size: int | None = None,
+                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> LoadedCheckpoint:
     path = Path(path)
-    raw = read_checkpoint(path, trust=trust)
+    raw = read_checkpoint(path, trust=trust, max_bytes=max_bytes)
     states = raw["model"]
     if not isinstance(states, (list, tuple)) or len(states) != 2:
         raise CheckpointError(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from export.checkpoint import CheckpointError, find_vocab, load_checkpoint, load_vocab
+from export.to_onnx import main as to_onnx_main
 from tests.helpers import small_config, write_checkpoint
 
 
@@ -123,3 +124,44 @@ def test_vocab_size_mismatch_is_refused(tmp_path):
 def test_weight_norm_encoder_keys(tmp_path):
     ck = load_checkpoint(write_checkpoint(tmp_path, small_config(precomp_enc_type="weight_norm")))
     assert set(ck.model.img_enc.state_dict()) == {"fc.weight_g", "fc.weight_v", "fc.bias"}
+
+
+def _deflation_bomb(src, dst, unpacked: int):
+    """``src`` with its first storage record replaced by ``unpacked`` zero bytes, deflated (small on disk)."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if re.search(r"/data/0$", info.filename):
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type = zipfile.ZIP_DEFLATED
+                with zout.open(record, "w", force_zip64=True) as f:
+                    for _ in range(unpacked >> 20):
+                        f.write(bytes(1 << 20))
+            else:
+                zout.writestr(info, zin.read(info))
+    return dst
+
+
+def test_deflation_bomb_is_refused_before_loading(tmp_path, monkeypatch):
+    bomb = _deflation_bomb(write_checkpoint(tmp_path / "run"), tmp_path / "bomb.pth.tar", 256 << 20)
+    assert bomb.stat().st_size < 2 << 20  # 256 MiB unpacked, under 1 MiB on disk
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))  # nothing may reach the unpickler
+    with pytest.raises(CheckpointError, match=r"declares 268,[0-9,]+ bytes unpacked in a file of [0-9,]+ bytes "
+                                              r"\(.*data/0: 268,435,456 bytes compressed to [0-9,]+\).*bomb"):
+        load_checkpoint(bomb)
+    assert not loads
+    assert to_onnx_main([str(bomb), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_checkpoint_size_limit_and_its_opt_out(tmp_path, capsys):
+    zip_path = write_checkpoint(tmp_path / "zip")
+    legacy_path = write_checkpoint(tmp_path / "legacy", legacy=True)
+    for path in (zip_path, legacy_path):
+        with pytest.raises(CheckpointError, match=r"[0-9,]+ bytes to load, more than the limit of 1,000 bytes"):
+            load_checkpoint(path, max_bytes=1000)
+        assert load_checkpoint(path, max_bytes=None).config == small_config()
+    assert to_onnx_main([str(zip_path), "--out", str(tmp_path / "out"), "--max-checkpoint-gb", "0.000001"]) == 1
+    assert "--max-checkpoint-gb" in capsys.readouterr().err
