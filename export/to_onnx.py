@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle the checkpoint without the allow-list or size checks (may execute code; only for "
                         "files you trust)")
     p.add_argument("--max-checkpoint-gb", type=float, default=MAX_CHECKPOINT_BYTES / 2**30,
-                   help=f"refuse a checkpoint that unpacks to more than this (default {MAX_CHECKPOINT_BYTES / 2**30:g})")
+                   help="refuse a checkpoint that unpacks to more than this many GiB "
+                        f"(default {MAX_CHECKPOINT_BYTES / 2**30:g})")
     return p
 
 

@@ -39,9 +39,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def checksum_file(path: str | Path) -> str:
                 view = memoryview(m)
                 try:
                     for a in range(0, size, 16 << 20):
-                        digest.update(view[a:a + (16 << 20)])
+                        digest.update(view[a : a + (16 << 20)])
                 finally:
                     view.release()
     return digest.hexdigest()
@@ -157,9 +158,11 @@ def writer_lock(folder: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> It
                     raise GalleryError(f"{path}: cannot lock the gallery ({e})") from e
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-                raise GalleryError(f"{folder}: another writer (pid {holder}) has held the gallery lock {path} for "
-                                   f"more than {timeout:g} s; wait for it to finish, or allow longer "
-                                   f"(--lock-timeout)")
+                raise GalleryError(
+                    f"{folder}: another writer (pid {holder}) has held the gallery lock {path} for "
+                    f"more than {timeout:g} s; wait for it to finish, or allow longer "
+                    f"(--lock-timeout)"
+                )
             if not announced:
                 logger.warning("%s: waiting for another writer to finish (lock %s)", folder, path)
                 announced = True
@@ -225,8 +228,12 @@ def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
         raise GalleryError(f"{path}: this is a {data.get('kind')} gallery, expected a {kind} gallery")
     arrays = data.get("arrays")
     if not isinstance(arrays, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("shape"), list)
-            and isinstance(e.get("dtype"), str) for e in arrays.values()):
+        isinstance(e, dict)
+        and isinstance(e.get("file"), str)
+        and isinstance(e.get("shape"), list)
+        and isinstance(e.get("dtype"), str)
+        for e in arrays.values()
+    ):
         raise GalleryError(f"{path}: corrupted gallery manifest (arrays must map names to file, shape and dtype)")
     return data
 
@@ -244,8 +251,9 @@ def _load_consistent(folder: Path, kind: str, load: Callable[[dict[str, Any]], T
                 newer = False
             if not newer or attempt == _LOAD_ATTEMPTS - 1:
                 raise
-            logger.info("%s: generation %s was replaced while opening it; opening the new one", folder,
-                        data.get("generation"))
+            logger.info(
+                "%s: generation %s was replaced while opening it; opening the new one", folder, data.get("generation")
+            )
     raise AssertionError("unreachable")
 
 
@@ -258,8 +266,10 @@ def _open_array(folder: Path, entry: dict[str, Any], name: str) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise GalleryError(f"{path}: truncated or corrupted gallery file ({e})") from e
     if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
-        raise GalleryError(f"{path}: corrupted gallery file: {name} is {arr.dtype.name}{list(arr.shape)}, "
-                           f"the manifest says {entry['dtype']}{list(entry['shape'])}")
+        raise GalleryError(
+            f"{path}: corrupted gallery file: {name} is {arr.dtype.name}{list(arr.shape)}, "
+            f"the manifest says {entry['dtype']}{list(entry['shape'])}"
+        )
     _register(path, arr)
     return arr
 
@@ -277,7 +287,9 @@ def _read_side_file(folder: Path, fname: Any, what: str) -> list:
     return values
 
 
-def _open_arrays(folder: Path, data: dict[str, Any], expected: Sequence[str], verify: bool | None) -> dict[str, np.ndarray]:
+def _open_arrays(
+    folder: Path, data: dict[str, Any], expected: Sequence[str], verify: bool | None
+) -> dict[str, np.ndarray]:
     missing = set(expected) - set(data["arrays"])
     if missing:
         raise GalleryError(f"{folder / MANIFEST}: corrupted gallery manifest (no {', '.join(sorted(missing))} array)")
@@ -288,12 +300,15 @@ def _open_arrays(folder: Path, data: dict[str, Any], expected: Sequence[str], ve
     ids = arrays["ids"]
     count = len(ids)
     if ids.ndim != 1 or ids.dtype != np.int64 or data.get("count") != count:
-        raise GalleryError(f"{folder}: corrupted gallery: ids is {ids.dtype.name}{list(ids.shape)} for "
-                           f"count {data.get('count')!r}")
+        raise GalleryError(
+            f"{folder}: corrupted gallery: ids is {ids.dtype.name}{list(ids.shape)} for count {data.get('count')!r}"
+        )
     if count and (int(ids.min()) < 0 or int(ids.max()) >= count):
         bad = int(np.flatnonzero((ids < 0) | (ids >= count))[0])
-        raise GalleryError(f"{folder / data['arrays']['ids']['file']}: corrupted gallery file: ids[{bad}] = "
-                           f"{int(ids[bad])} is outside 0..{count - 1}")
+        raise GalleryError(
+            f"{folder / data['arrays']['ids']['file']}: corrupted gallery file: ids[{bad}] = "
+            f"{int(ids[bad])} is outside 0..{count - 1}"
+        )
     return arrays
 
 
@@ -302,16 +317,20 @@ def _verify_checksum(folder: Path, entry: dict[str, Any], required: bool) -> Non
     want = entry.get(CHECKSUM)
     if want is None:
         if required:
-            raise GalleryError(f"{path}: cannot verify: {MANIFEST} records no {CHECKSUM} checksum (a gallery "
-                               f"built before checksums); rebuild it with --rebuild")
+            raise GalleryError(
+                f"{path}: cannot verify: {MANIFEST} records no {CHECKSUM} checksum (a gallery "
+                f"built before checksums); rebuild it with --rebuild"
+            )
         return
     try:
         got = checksum_file(path)
     except FileNotFoundError as e:
         raise _FileGone(f"{path}: gallery file missing (listed in {folder / MANIFEST})") from e
     if got != want:
-        raise GalleryError(f"{path}: corrupted gallery file: {CHECKSUM} is {got}, {MANIFEST} records {want}; "
-                           f"rebuild the gallery (runtime/search.py ... --rebuild)")
+        raise GalleryError(
+            f"{path}: corrupted gallery file: {CHECKSUM} is {got}, {MANIFEST} records {want}; "
+            f"rebuild the gallery (runtime/search.py ... --rebuild)"
+        )
 
 
 def _check_binding(data: dict[str, Any], key: str, expected: str, folder: Path) -> None:
@@ -329,11 +348,13 @@ def _check_finite(folder: Path, data: dict[str, Any], arrays: dict[str, np.ndarr
             continue
         flat = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(-1, 1)
         for a in range(0, len(flat), 4096):
-            ok = np.isfinite(flat[a:a + 4096]).all(axis=1)
+            ok = np.isfinite(flat[a : a + 4096]).all(axis=1)
             if not ok.all():
                 row = a + int(np.flatnonzero(~ok)[0])
-                raise GalleryError(f"{folder / data['arrays'][name]['file']}: corrupted gallery file: {name} row "
-                                   f"{row} holds NaN or inf")
+                raise GalleryError(
+                    f"{folder / data['arrays'][name]['file']}: corrupted gallery file: {name} row "
+                    f"{row} holds NaN or inf"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -346,7 +367,9 @@ def _temporary(folder: Path, name: str, generation: int) -> Path:
     return Path(tmp)
 
 
-def _finish_array(folder: Path, tmp: Path, name: str, generation: int, shape: Sequence[int], dtype: str) -> dict[str, Any]:
+def _finish_array(
+    folder: Path, tmp: Path, name: str, generation: int, shape: Sequence[int], dtype: str
+) -> dict[str, Any]:
     """fsync ``tmp``, checksum it and move it to its generation's name: the manifest entry."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -425,14 +448,14 @@ class ImageGallery:
         """Drop this gallery's memory maps; files of a superseded generation go once nothing maps them."""
         _close(self, ("images", "image_gram", "ids"))
 
-    def __enter__(self) -> "ImageGallery":
+    def __enter__(self) -> ImageGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     @classmethod
-    def load(cls, folder: str | Path, image_encoder_id: str | None = None, verify: bool | None = None) -> "ImageGallery":
+    def load(cls, folder: str | Path, image_encoder_id: str | None = None, verify: bool | None = None) -> ImageGallery:
         """Open the cache in ``folder`` memory-mapped. ``verify``: check every array's checksum (and that all
         values are finite); None checks checksums only when the arrays total at most ``VERIFY_ON_OPEN_BYTES``."""
         folder = Path(folder)
@@ -455,7 +478,7 @@ class ImageGallery:
 
 def _close(gallery: Any, fields: Sequence[str]) -> None:
     for f in fields:
-        setattr(gallery, f, np.zeros((0,) + getattr(gallery, f).shape[1:], getattr(gallery, f).dtype))
+        setattr(gallery, f, np.zeros((0, *getattr(gallery, f).shape[1:]), getattr(gallery, f).dtype))
     folder = Path(gallery.folder)
     if (folder / MANIFEST).is_file():
         _sweep(folder)
@@ -502,9 +525,18 @@ def _close(gallery: Any, fields: Sequence[str]) -> None:
         )
 
 
-def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | Path, names: Sequence[str] | None = None,
-                        dtype: str = "float32", batch: int = 128, append: bool = False, progress: bool = True,
-                        repeated: bool | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> ImageGallery:
+def build_image_gallery(
+    engine,
+    regions: np.ndarray | str | Path,
+    folder: str | Path,
+    names: Sequence[str] | None = None,
+    dtype: str = "float32",
+    batch: int = 128,
+    append: bool = False,
+    progress: bool = True,
+    repeated: bool | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
     ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
@@ -524,8 +556,9 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
         regions = regions[::5]
     n_new = int(regions.shape[0])
     if n_new == 0:
-        raise GalleryError(f"{source}: expected at least one image, received none; the gallery {folder} is left "
-                           f"as it was")
+        raise GalleryError(
+            f"{source}: expected at least one image, received none; the gallery {folder} is left as it was"
+        )
     if names is not None and len(names) != n_new:
         raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
     with writer_lock(folder, lock_timeout):
@@ -535,19 +568,25 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
             if old.dtype.name != dtype:
                 raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
             if old.images.shape[1] != regions.shape[1]:
-                raise GalleryError(f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
-                                   f"the new features have {regions.shape[1]}")
+                raise GalleryError(
+                    f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
+                    f"the new features have {regions.shape[1]}"
+                )
             if (old.names is None) != (names is None):
-                raise GalleryError(f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
-                                   f"append {'with' if old.names else 'without'} --names")
+                raise GalleryError(
+                    f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
+                    f"append {'with' if old.names else 'without'} --names"
+                )
         n_old = len(old) if old else 0
         n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
         generation = _current_generation(folder) + 1
         files = {"images": (n, r, d), "image_gram": (n, r, r)}
         tmp_paths = {name: _temporary(folder, name, generation) for name in files}
         try:
-            out = {name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
-                   for name, shape in files.items()}
+            out = {
+                name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
+                for name, shape in files.items()
+            }
             if old is not None:
                 for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
                     stop = min(start + 4096, n_old)
@@ -555,21 +594,23 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
                     out["image_gram"][start:stop] = old.image_gram[start:stop]
             with _progress(n_new, "encoding images", progress) as bar:
                 for start in range(0, n_new, batch):
-                    chunk = np.asarray(regions[start:start + batch])
+                    chunk = np.asarray(regions[start : start + batch])
                     try:
                         emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
                     except FeatureError as e:
                         raise GalleryError(f"cannot build the gallery: {e}") from e
-                    out["images"][n_old + start:n_old + start + len(chunk)] = emb
-                    out["image_gram"][n_old + start:n_old + start + len(chunk)] = gram
+                    out["images"][n_old + start : n_old + start + len(chunk)] = emb
+                    out["image_gram"][n_old + start : n_old + start + len(chunk)] = gram
                     bar.update(len(chunk))
             for arr in out.values():
                 arr.flush()
             out = {}  # unmap before the files move
-            entries = {name: _finish_array(folder, tmp_paths[name], name, generation, files[name], dtype)
-                       for name in files}
-            ids = np.concatenate([np.asarray(old.ids) if old else np.zeros(0, np.int64),
-                                  np.arange(n_old, n, dtype=np.int64)])
+            entries = {
+                name: _finish_array(folder, tmp_paths[name], name, generation, files[name], dtype) for name in files
+            }
+            ids = np.concatenate(
+                [np.asarray(old.ids) if old else np.zeros(0, np.int64), np.arange(n_old, n, dtype=np.int64)]
+            )
             entries.update(_save_arrays(folder, generation, {"ids": ids}))
         finally:
             out = {}
@@ -578,10 +619,20 @@ def build_image_gallery(engine, regions: np.ndarray | str | Path, folder: str | 
                     p.unlink()
         all_names = (list(old.names) if old and old.names else []) + list(names) if names is not None else None
         extra = {f"names.{generation}.json": all_names} if all_names is not None else {}
-        manifest = {"format": FORMAT, "kind": "images", "generation": generation, "count": n,
-                    "image_encoder_id": engine.manifest.image_encoder_id, "config": cfg.to_dict(),
-                    "model": engine.manifest.name, "dtype": dtype, "regions": r, "embed_size": d, "arrays": entries,
-                    "names_file": next(iter(extra), None)}
+        manifest = {
+            "format": FORMAT,
+            "kind": "images",
+            "generation": generation,
+            "count": n,
+            "image_encoder_id": engine.manifest.image_encoder_id,
+            "config": cfg.to_dict(),
+            "model": engine.manifest.name,
+            "dtype": dtype,
+            "regions": r,
+            "embed_size": d,
+            "arrays": entries,
+            "names_file": next(iter(extra), None),
+        }
         _commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
         _sweep(folder)
@@ -631,14 +682,14 @@ class CaptionGallery:
         """Drop this gallery's memory maps; files of a superseded generation go once nothing maps them."""
         _close(self, ("words", "offsets", "lengths", "ids"))
 
-    def __enter__(self) -> "CaptionGallery":
+    def __enter__(self) -> CaptionGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     @classmethod
-    def load(cls, folder: str | Path, text_encoder_id: str | None = None, verify: bool | None = None) -> "CaptionGallery":
+    def load(cls, folder: str | Path, text_encoder_id: str | None = None, verify: bool | None = None) -> CaptionGallery:
         """Open the cache in ``folder`` memory-mapped; ``verify`` as in :meth:`ImageGallery.load`."""
         folder = Path(folder)
 
@@ -651,8 +702,13 @@ class CaptionGallery:
             texts = _read_side_file(folder, data.get("texts_file"), "captions")
             lengths = np.asarray(arrays["lengths"])
             offsets = np.asarray(arrays["offsets"])
-            if (len(texts) != len(lengths) or len(offsets) != len(lengths) + 1 or offsets[-1] != arrays["words"].shape[0]
-                    or np.any(np.diff(lengths) < 0) or np.any(np.diff(offsets) != lengths)):
+            if (
+                len(texts) != len(lengths)
+                or len(offsets) != len(lengths) + 1
+                or offsets[-1] != arrays["words"].shape[0]
+                or np.any(np.diff(lengths) < 0)
+                or np.any(np.diff(offsets) != lengths)
+            ):
                 raise GalleryError(f"{folder}: corrupted caption gallery (inconsistent lengths/offsets/texts)")
             return cls(folder, arrays["words"], offsets, lengths, np.asarray(arrays["ids"]), texts, data)
 
@@ -702,9 +758,16 @@ class CaptionGallery:
         return cls(Path(folder), words, offsets, lengths, ids, list(texts), manifest)
 
 
-def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, dtype: str = "float32",
-                          batch: int = 256, append: bool = False, progress: bool = True,
-                          lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> CaptionGallery:
+def build_caption_gallery(
+    engine,
+    captions: Sequence[str],
+    folder: str | Path,
+    dtype: str = "float32",
+    batch: int = 256,
+    append: bool = False,
+    progress: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> CaptionGallery:
     """Encode ``captions`` into a ragged, length-sorted caption gallery (or append to one), atomically.
 
     The new captions are encoded before the writer lock is taken, so concurrent writers wait only for the copy.
@@ -731,8 +794,9 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
                 raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
         n_old = len(old) if old else 0
         all_lengths = np.concatenate([old.lengths if old else np.zeros(0, np.int64), lengths]).astype(np.int64)
-        all_ids = np.concatenate([old.ids if old else np.zeros(0, np.int64),
-                                  np.arange(n_old, n_old + len(captions), dtype=np.int64)])
+        all_ids = np.concatenate(
+            [old.ids if old else np.zeros(0, np.int64), np.arange(n_old, n_old + len(captions), dtype=np.int64)]
+        )
         sort = np.argsort(all_lengths, kind="stable")
         total = int(all_lengths.sum())
         generation = _current_generation(folder) + 1
@@ -743,10 +807,10 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
             for s in sort:
                 length = int(all_lengths[s])
                 if s < n_old:  # s is a stored position of the old gallery
-                    src = old.words[int(old.offsets[s]):int(old.offsets[s]) + length]
+                    src = old.words[int(old.offsets[s]) : int(old.offsets[s]) + length]
                 else:
                     src = new_words[s - n_old]
-                words[pos:pos + length] = src
+                words[pos : pos + length] = src
                 pos += length
             words.flush()
             del words, src
@@ -756,14 +820,24 @@ def build_caption_gallery(engine, captions: Sequence[str], folder: str | Path, d
                 tmp.unlink()
         sorted_lengths = all_lengths[sort]
         offsets = np.concatenate([[0], np.cumsum(sorted_lengths)]).astype(np.int64)
-        entries.update(_save_arrays(folder, generation, {"offsets": offsets, "lengths": sorted_lengths,
-                                                         "ids": all_ids[sort]}))
+        entries.update(
+            _save_arrays(folder, generation, {"offsets": offsets, "lengths": sorted_lengths, "ids": all_ids[sort]})
+        )
         texts = (list(old.texts) if old else []) + [str(c) for c in captions]
         texts_file = f"texts.{generation}.json"
-        manifest = {"format": FORMAT, "kind": "captions", "generation": generation, "count": len(texts),
-                    "text_encoder_id": engine.manifest.text_encoder_id, "config": engine.config.to_dict(),
-                    "model": engine.manifest.name, "dtype": dtype, "embed_size": d, "arrays": entries,
-                    "texts_file": texts_file}
+        manifest = {
+            "format": FORMAT,
+            "kind": "captions",
+            "generation": generation,
+            "count": len(texts),
+            "text_encoder_id": engine.manifest.text_encoder_id,
+            "config": engine.config.to_dict(),
+            "model": engine.manifest.name,
+            "dtype": dtype,
+            "embed_size": d,
+            "arrays": entries,
+            "texts_file": texts_file,
+        }
         _commit(folder, manifest, {texts_file: texts})
         old = None  # this writer's own map of the previous generation must not keep its files
         _sweep(folder)
@@ -782,6 +856,7 @@ def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:
     gallery = (CaptionGallery if kind == "captions" else ImageGallery).load(folder, verify=True)
     ids = np.asarray(gallery.ids)
     if len(ids) and np.bincount(ids, minlength=len(ids)).max() > 1:
-        raise GalleryError(f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: "
-                           f"repeated ids")
+        raise GalleryError(
+            f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
+        )
     return gallery

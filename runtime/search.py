@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the galleries' checksums and values (done on open anyway up to "
                         f"{VERIFY_ON_OPEN_BYTES >> 30} GiB); with nothing else to do, verify and exit")
     p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
-                   help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})")
+                   help="seconds to wait for another process writing the same gallery "
+                        f"(default {DEFAULT_LOCK_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
     return p

@@ -34,11 +34,13 @@ def block_topk(scores: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray,
 
     A non-finite score is ranked first, so that ``RunningTopK.merge`` sees it and names its item.
     """
-    n, b = scores.shape
+    _n, b = scores.shape
     finite = np.isfinite(scores)
     if not finite.all():
         order = np.argsort(-np.where(finite, scores, np.inf), axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False), np.asarray(ids, np.int64)[order]
+        return np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False), np.asarray(ids, np.int64)[
+            order
+        ]
     if b <= k:
         order = np.argsort(-scores, axis=1, kind="stable")  # stable: equal scores keep id order
     else:
@@ -91,5 +93,7 @@ class RunningTopK:
         pad = self.k - self.width
         if pad <= 0:
             return self.scores, self.ids
-        return (np.pad(self.scores, ((0, 0), (0, pad)), constant_values=-np.inf),
-                np.pad(self.ids, ((0, 0), (0, pad)), constant_values=MISSING_ID))
+        return (
+            np.pad(self.scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+            np.pad(self.ids, ((0, 0), (0, pad)), constant_values=MISSING_ID),
+        )

@@ -1,7 +1,10 @@
 """Gallery integrity (issue 9): concurrent writers, readers across commits, checksums, bounded k, signals."""
+
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -14,10 +17,16 @@ import pytest
 
 from runtime import gallery as gallery_module
 from runtime.engine import ScanEngine
-from runtime.gallery import (CaptionGallery, GalleryError, ImageGallery, build_caption_gallery, build_image_gallery,
-                             writer_lock)
+from runtime.gallery import (
+    CaptionGallery,
+    GalleryError,
+    ImageGallery,
+    build_caption_gallery,
+    build_image_gallery,
+    writer_lock,
+)
 from runtime.search import main as search_main
-from runtime.searcher import MAX_K, SearchError, Searcher
+from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.topk import RunningTopK
 from tests.conftest import REPO
 from tests.runtime.conftest import random_captions, random_regions
@@ -48,9 +57,13 @@ with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
 
 
 def _writer(engine_path, kind, data, trials) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(engine_path), kind, str(data),
-                             *(f"{folder},{go}" for folder, go in trials)],
-                            env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(engine_path), kind, str(data), *(f"{folder},{go}" for folder, go in trials)],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +106,11 @@ def test_two_processes_appending_at_once_lose_nothing(engines, small_engines, tm
         assert sorted(g.names) == sorted(f"{p}{i}" for p in "abc" for i in range(12))
         for pos, name in enumerate(g.names):  # every item holds its own embedding
             np.testing.assert_allclose(g.images[pos], emb[name[0]][int(name[1:])], atol=1e-6)
-        scores, ids = Searcher(engine, images=g).search(["a dog on the beach ."], 36)
+        _, ids = Searcher(engine, images=g).search(["a dog on the beach ."], 36)
         assert sorted(ids[0].tolist()) == list(range(36))
         c = CaptionGallery.load(caps[t], engine.manifest.text_encoder_id, verify=True)
-        assert len(c) == 27 and sorted(c.texts) == sorted(sum(captions.values(), []))
-        scores, ids = Searcher(engine, captions=c).search(random_regions(1, seed=5), 27)
+        assert len(c) == 27 and sorted(c.texts) == sorted(functools.reduce(operator.iadd, captions.values(), []))
+        _scores, ids = Searcher(engine, captions=c).search(random_regions(1, seed=5), 27)
         assert sorted(ids[0].tolist()) == list(range(27))
         assert not list(imgs[t].glob(".*.tmp")) and not list(caps[t].glob(".*.tmp"))
         assert sorted(p.name for p in imgs[t].glob("*.npy")) == ["ids.3.npy", "image_gram.3.npy", "images.3.npy"]
@@ -247,7 +260,7 @@ def test_nan_in_cached_captions_is_caught(engines, tmp_path):
     cid = int(g.ids[pos])
     del g
     _poke(tmp_path, "words", lambda a: a.__setitem__((row, 2), np.inf))
-    with pytest.raises(GalleryError, match="words.1.npy: corrupted gallery file: xxh3_64"):
+    with pytest.raises(GalleryError, match=r"words\.1\.npy: corrupted gallery file: xxh3_64"):
         CaptionGallery.load(tmp_path)
     g = CaptionGallery.load(tmp_path, verify=False)
     with pytest.raises(SearchError, match=rf"caption {cid} \({caps[cid]!r}\) of the gallery"):
@@ -258,18 +271,18 @@ def test_verification_default_is_by_size_and_verify_always_checks(small_engines,
     gal = tmp_path / "gal"
     np.save(tmp_path / "ims.npy", random_regions(6))
     args = ["--engine", str(small_engines["t2i"]), "--gallery", str(gal), "--no-progress"]
-    assert search_main(args + ["--images", str(tmp_path / "ims.npy"), "--captions", str(_captions(tmp_path))]) == 0
-    assert search_main(args + ["--verify"]) == 0
+    assert search_main([*args, "--images", str(tmp_path / "ims.npy"), "--captions", str(_captions(tmp_path))]) == 0
+    assert search_main([*args, "--verify"]) == 0
     err = capsys.readouterr().err
     assert "verified" in err and "6 images" in err and "4 captions" in err
     path = _poke(gal / "images", "image_gram", lambda a: a.__setitem__((2, 1, 1), 7.0))
     monkeypatch.setattr(gallery_module, "VERIFY_ON_OPEN_BYTES", 0)  # as if the cache were large
     assert len(ImageGallery.load(gal / "images")) == 6  # not verified by default
-    assert search_main(args + ["a dog ."]) == 0
+    assert search_main([*args, "a dog ."]) == 0
     capsys.readouterr()
-    assert search_main(args + ["--verify"]) == 2
+    assert search_main([*args, "--verify"]) == 2
     assert f"{path}: corrupted gallery file: xxh3_64" in capsys.readouterr().err
-    assert search_main(args + ["--verify", "a dog ."]) == 2
+    assert search_main([*args, "--verify", "a dog ."]) == 2
     assert f"{path}: corrupted gallery file" in capsys.readouterr().err
 
 
@@ -280,7 +293,7 @@ def test_gallery_without_checksums_opens_but_does_not_verify(engines, tmp_path):
         del entry["xxh3_64"]
     (tmp_path / "gallery.json").write_text(json.dumps(manifest))
     assert len(ImageGallery.load(tmp_path)) == 3
-    with pytest.raises(GalleryError, match="cannot verify: gallery.json records no xxh3_64 checksum"):
+    with pytest.raises(GalleryError, match=r"cannot verify: gallery\.json records no xxh3_64 checksum"):
         ImageGallery.load(tmp_path, verify=True)
 
 
@@ -298,16 +311,22 @@ def test_rebuild_with_no_images_is_refused(small_engines, tmp_path, capsys):
     np.save(tmp_path / "ims.npy", random_regions(3))
     np.save(tmp_path / "empty.npy", np.zeros((0, 5, 12), np.float32))
     args = ["--engine", str(small_engines["t2i"]), "--gallery", str(gal), "--no-progress"]
-    assert search_main(args + ["--images", str(tmp_path / "ims.npy")]) == 0
-    assert search_main(args + ["--images", str(tmp_path / "empty.npy"), "--rebuild"]) == 2
+    assert search_main([*args, "--images", str(tmp_path / "ims.npy")]) == 0
+    assert search_main([*args, "--images", str(tmp_path / "empty.npy"), "--rebuild"]) == 2
     assert "empty.npy: expected at least one image, received none" in capsys.readouterr().err
     assert len(ImageGallery.load(gal / "images")) == 3
 
 
 def test_empty_gallery_warns(engines, caplog):
     engine = engines["t2i"]
-    empty = ImageGallery(Path("<empty>"), np.zeros((0, 5, 8), np.float32), np.zeros((0, 5, 5), np.float32),
-                         np.zeros(0, np.int64), None, {})
+    empty = ImageGallery(
+        Path("<empty>"),
+        np.zeros((0, 5, 8), np.float32),
+        np.zeros((0, 5, 5), np.float32),
+        np.zeros(0, np.int64),
+        None,
+        {},
+    )
     scores, ids = Searcher(engine, images=empty).search(["a dog ."], 2)
     assert ids.tolist() == [[-1, -1]] and np.isneginf(scores).all()
     assert "the gallery <empty> is empty" in caplog.text
@@ -346,9 +365,24 @@ def test_signal_during_append_exits_quietly_and_cleans_up(engines, small_engines
     gal = tmp_path / "gal"
     build_image_gallery(engine, random_regions(3), gal / "images", progress=False)
     np.save(tmp_path / "ims.npy", random_regions(400))
-    p = subprocess.Popen([sys.executable, "-c", SLOW_APPEND, "--engine", str(small_engines["t2i"]), "--gallery",
-                          str(gal), "--images", str(tmp_path / "ims.npy"), "--no-progress"],
-                         env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_APPEND,
+            "--engine",
+            str(small_engines["t2i"]),
+            "--gallery",
+            str(gal),
+            "--images",
+            str(tmp_path / "ims.npy"),
+            "--no-progress",
+        ],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not list((gal / "images").glob(".*.tmp")) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.01)
