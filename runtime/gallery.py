@@ -382,14 +382,16 @@ def _finish_array(
 def _save_arrays(folder: Path, generation: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     entries = {}
     for name, arr in arrays.items():
-        tmp = _temporary(folder, name, generation)
+        tmp = None
         try:
+            tmp = _temporary(folder, name, generation)
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
             entries[name] = _finish_array(folder, tmp, name, generation, arr.shape, arr.dtype.name)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
     return entries
 
 
@@ -475,14 +477,6 @@ class ImageGallery:
 
         return _load_consistent(folder, "images", load)
 
-
-def _close(gallery: Any, fields: Sequence[str]) -> None:
-    for f in fields:
-        setattr(gallery, f, np.zeros((0, *getattr(gallery, f).shape[1:]), getattr(gallery, f).dtype))
-    folder = Path(gallery.folder)
-    if (folder / MANIFEST).is_file():
-        _sweep(folder)
-
     @classmethod
     def from_arrays(
         cls,
@@ -523,6 +517,14 @@ def _close(gallery: Any, fields: Sequence[str]) -> None:
             None if names is None else list(names),
             manifest,
         )
+
+
+def _close(gallery: Any, fields: Sequence[str]) -> None:
+    for f in fields:
+        setattr(gallery, f, np.zeros((0, *getattr(gallery, f).shape[1:]), getattr(gallery, f).dtype))
+    folder = Path(gallery.folder)
+    if (folder / MANIFEST).is_file():
+        _sweep(folder)
 
 
 def build_image_gallery(
@@ -581,8 +583,10 @@ def build_image_gallery(
         n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
         generation = _current_generation(folder) + 1
         files = {"images": (n, r, d), "image_gram": (n, r, r)}
-        tmp_paths = {name: _temporary(folder, name, generation) for name in files}
-        try:
+        tmp_paths: dict[str, Path] = {}
+        try:  # the temporaries are made inside, so that an interruption at any point removes them
+            for name in files:
+                tmp_paths[name] = _temporary(folder, name, generation)
             out = {
                 name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
                 for name, shape in files.items()
@@ -800,8 +804,9 @@ def build_caption_gallery(
         sort = np.argsort(all_lengths, kind="stable")
         total = int(all_lengths.sum())
         generation = _current_generation(folder) + 1
-        tmp = _temporary(folder, "words", generation)
+        tmp = None
         try:
+            tmp = _temporary(folder, "words", generation)
             words = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(total, d))
             pos = 0
             for s in sort:
@@ -816,8 +821,9 @@ def build_caption_gallery(
             del words, src
             entries = {"words": _finish_array(folder, tmp, "words", generation, (total, d), dtype)}
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
         sorted_lengths = all_lengths[sort]
         offsets = np.concatenate([[0], np.cumsum(sorted_lengths)]).astype(np.int64)
         entries.update(
