@@ -6,6 +6,10 @@ its sha256, and a file that does not match is refused rather than served. Everyt
 manifest through :class:`Manifest` and writes it through :func:`write_manifest` / :func:`record_plans`;
 the naming rules (graph keys, graph and plan file names) live here too.
 
+Every manifest is checked against its schema on load (required keys and their types, a sha256 for every
+listed file) and against its seal: ``content_sha256``, written by :func:`write_manifest`, covers every key
+but the plans (the model config included), so an edited manifest is refused rather than served.
+
 Vocabulary: the *engine* is the exported model as served (what ``--engine`` names, ``ScanEngine``); a
 *graph* is an ONNX file; a *plan* is a TensorRT serialized engine file (``scan.plan``). The manifest key
 for plans is ``plans``; manifests written before the rename say ``engines`` and are still read.
@@ -14,8 +18,10 @@ for plans is ``plans``; manifests written before the rename say ``engines`` and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +175,7 @@ class Manifest:
         path = self.directory / entry["file"]
         if not path.is_file():
             raise ManifestError(f"{path}: listed in {self.path} but missing; re-run export/to_onnx.py")
-        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        if verify and sha256_file(path) != entry["sha256"]:
             raise ManifestError(
                 f"{path}: sha256 differs from the one recorded in {self.path}; the file was changed or "
                 f"belongs to another export. Re-export rather than mixing artifacts."
@@ -180,12 +186,110 @@ class Manifest:
         return self.file(self.data["vocab"])
 
 
+# ---------------------------------------------------------------------------------------------- schema
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Keys a manifest may gain after export (build_engine.py records plans, each with its own sha256); the seal
+# (``content_sha256``) covers every other key, the model config included.
+UNSEALED_KEYS = (PLANS_KEY, LEGACY_PLANS_KEY, "content_sha256")
+
+
+def content_sha256(data: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's sealed content: every key but the plans and the seal, canonical JSON."""
+    sealed = {k: v for k, v in data.items() if k not in UNSEALED_KEYS}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _need(path: Path, obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str = "") -> Any:
+    if key not in obj:
+        raise ManifestError(f"manifest {path}: {where}{key!r} is missing")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ManifestError(f"manifest {path}: {where}{key!r} must be {_type_name(types)}, got {value!r:.60}")
+    return value
+
+
+def _file_entry(path: Path, entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"manifest {path}: {where} must be an object with 'file' and 'sha256', got {entry!r:.60}")
+    _need(path, entry, "file", str, f"{where}: ")
+    digest = _need(path, entry, "sha256", str, f"{where}: ")
+    if not _SHA256.match(digest):
+        raise ManifestError(f"manifest {path}: {where}: 'sha256' must be 64 lowercase hex digits, got {digest!r:.70}")
+
+
+def _tensors(path: Path, entry: Mapping[str, Any], where: str) -> None:
+    for side in ("inputs", "outputs"):
+        tensors = _need(path, entry, side, list, f"{where}: ")
+        for i, t in enumerate(tensors):
+            at = f"{where}: {side}[{i}]: "
+            if not isinstance(t, dict):
+                raise ManifestError(f"manifest {path}: {at}must be an object, got {t!r:.60}")
+            _need(path, t, "name", str, at)
+            _need(path, t, "dtype", str, at)
+            shape = _need(path, t, "shape", list, at)
+            if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+                raise ManifestError(f"manifest {path}: {at}'shape' must hold integers and names, got {shape!r:.60}")
+
+
+def validate(path: Path, data: Any) -> SCANConfig:
+    """Check a whole manifest against its schema and its seal; the model config it holds.
+
+    One ManifestError naming the first bad key, so a hand-edited or truncated manifest fails here, clearly,
+    not deep in a backend.
+    """
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"manifest {path}: expected format {FORMAT!r}, got {got!r}")
+    _need(path, data, "name", str)
+    try:
+        config = SCANConfig.from_dict(_need(path, data, "config", dict))
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ManifestError(f"manifest {path}: bad config ({e})") from e
+    if _need(path, data, "max_words", int) < 1:
+        raise ManifestError(f"manifest {path}: 'max_words' must be at least 1, got {data['max_words']}")
+    for key in ("image_encoder_id", "text_encoder_id"):
+        if not _SHA256.match(_need(path, data, key, str)):
+            raise ManifestError(f"manifest {path}: {key!r} must be 64 lowercase hex digits, got {data[key]!r:.70}")
+    _file_entry(path, data.get("vocab"), "'vocab'")
+    graphs = _need(path, data, "graphs", dict)
+    if not graphs:
+        raise ManifestError(f"manifest {path}: 'graphs' lists no graph")
+    for key, entry in graphs.items():
+        _file_entry(path, entry, f"graphs[{key!r}]")
+        _tensors(path, entry, f"graphs[{key!r}]")
+    for plans_key in (PLANS_KEY, LEGACY_PLANS_KEY):
+        plans = data.get(plans_key)
+        if plans is None:
+            continue
+        if not isinstance(plans, dict):
+            raise ManifestError(f"manifest {path}: {plans_key!r} must be an object, got {plans!r:.60}")
+        for kind, record in plans.items():
+            _file_entry(path, record, f"{plans_key}[{kind!r}]")
+    seal = data.get("content_sha256")
+    if seal is None:
+        raise ManifestError(f"manifest {path}: no 'content_sha256' (written before manifests were sealed); "
+                            f"re-export with export/to_onnx.py")
+    if seal != content_sha256(data):
+        raise ManifestError(f"manifest {path}: its content was edited after export ('content_sha256' does not match "
+                            f"the config, graphs and other keys it seals); re-export rather than editing it")
+    return config
+
+
 def write_manifest(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write a whole manifest atomically (the exporter; write it after the files it lists)."""
     data = dict(data)
     if data.get("format") != FORMAT:
         raise ManifestError(f"manifest {path}: expected format {FORMAT!r}, got {data.get('format')!r}")
     data.setdefault(PLANS_KEY, {})
+    data["content_sha256"] = content_sha256(data)
+    validate(Path(path), data)  # never write what load_manifest would refuse
     atomic.write_json(Path(path), data)
 
 
@@ -249,12 +353,7 @@ def load_manifest(path: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"manifest {path}: not valid UTF-8 JSON ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ManifestError(f"manifest {path}: expected format {FORMAT!r}, got {got!r}")
-    for key in ("name", "config", "graphs", "vocab", "image_encoder_id", "text_encoder_id"):
-        if key not in data:
-            raise ManifestError(f"manifest {path}: missing key {key!r}")
+    validate(path, data)
     return Manifest(path=path, data=data)
 
 

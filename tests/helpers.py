@@ -64,3 +64,17 @@ def write_checkpoint(
         (folder / "vocab").mkdir(exist_ok=True)
         (folder / "vocab" / "tiny_precomp_vocab.json").write_text(json.dumps(vocab_dict()))
     return path
+
+
+def minimal_manifest(folder: Path) -> Path:
+    """``folder/scan.json``: a manifest that loads (schema and seal valid) but whose files do not exist, for
+    tests that stop before any listed file is read."""
+    from runtime.manifest import FORMAT, write_manifest
+
+    fake = "0" * 64
+    head = {"file": "scan.onnx", "sha256": fake, "inputs": [], "outputs": []}
+    path = Path(folder) / "scan.json"
+    write_manifest(path, {"format": FORMAT, "name": "scan", "config": small_config().to_dict(), "max_words": 24,
+                          "graphs": {"head": head}, "vocab": {"file": "scan.vocab.json", "sha256": fake},
+                          "image_encoder_id": fake, "text_encoder_id": fake})
+    return path

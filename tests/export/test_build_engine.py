@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from export.build_engine import main
-from runtime.manifest import load_manifest
+from runtime.manifest import load_manifest, write_manifest
 from tests.fake_tensorrt import FakeAllocator, copy_export, export_golden, install_fakes, make_fake_trt
+from tests.helpers import minimal_manifest
 
 ARGS = ["--max-batch", "16", "--block", "64", "--max-words", "40"]
 
@@ -30,26 +31,6 @@ def t2i_export(tmp_path_factory) -> Path:
 @pytest.fixture
 def manifest(t2i_export: Path, tmp_path: Path) -> Path:
     return copy_export(t2i_export, tmp_path)
-
-
-def minimal_manifest(tmp_path: Path) -> Path:
-    """A manifest that loads (no graphs needed: the TensorRT check comes before any graph is read)."""
-    p = tmp_path / "scan.json"
-    p.write_text(
-        json.dumps(
-            {
-                "format": "scan-runtime/1",
-                "name": "scan",
-                "config": {},
-                "graphs": {},
-                "vocab": {"file": "scan.vocab.json"},
-                "image_encoder_id": "i",
-                "text_encoder_id": "t",
-                "plans": {},
-            }
-        )
-    )
-    return p
 
 
 # ------------------------------------------------------------------------------------------ exit 2
@@ -218,7 +199,7 @@ def test_tensorrt11_needs_fp16_graphs(monkeypatch, manifest: Path, capsys) -> No
     install_fakes(monkeypatch, trt=make_fake_trt(version="11.0.1"))
     data = json.loads(manifest.read_text())
     data["graphs"] = {k: v for k, v in data["graphs"].items() if not k.endswith(".fp16")}  # an fp32-only export
-    manifest.write_text(json.dumps(data))
+    write_manifest(manifest, data)
     assert main([str(manifest), *ARGS, "--kinds", "head"]) == 1
     err = capsys.readouterr().err
     assert "no fp16 head graph" in err and "--fp32" in err

@@ -35,7 +35,7 @@ from export.trt_build import (
 from runtime.backends.base import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.backends.plan_check import PlanError, PlanMismatchError, check_plan_record
-from runtime.manifest import ManifestError, load_manifest, plan_file_name, record_plans, relative_file
+from runtime.manifest import ManifestError, load_manifest, plan_file_name, record_plans, relative_file, write_manifest
 from tests.fake_tensorrt import copy_export, export_golden
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -333,8 +333,8 @@ def test_engine_from_another_graph_is_refused(manifest_copy: Path) -> None:
     _fake_plan(manifest_copy, "head", b"plan")
     data = json.loads(manifest_copy.read_text())
     data["graphs"]["head"]["sha256"] = "ab" * 32  # as if the model had been re-exported
-    manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(PlanMismatchError, match=r"re-exported.*build_engine\.py"):
+    write_manifest(manifest_copy, data)
+    with pytest.raises(PlanMismatchError, match="re-exported.*build_engine.py"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
@@ -342,8 +342,8 @@ def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
     _fake_plan(manifest_copy, "head", b"plan", source_key="head.fp16")
     data = json.loads(manifest_copy.read_text())
     del data["graphs"]["head.fp16"]  # e.g. re-exported without fp16 graphs after the build
-    manifest_copy.write_text(json.dumps(data))
-    with pytest.raises(PlanMismatchError, match=r"head\.fp16 graph, which scan\.json no longer lists"):
+    write_manifest(manifest_copy, data)
+    with pytest.raises(PlanMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 

@@ -29,6 +29,7 @@ from tests.fake_tensorrt import (
     export_golden,
     install_fakes,
 )
+from tests.helpers import minimal_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,21 +74,7 @@ def test_module_imports_without_tensorrt() -> None:
 
 def test_from_manifest_without_tensorrt_is_helpful(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes ``import tensorrt`` raise ImportError
-    manifest = tmp_path / "scan.json"
-    manifest.write_text(
-        json.dumps(
-            {
-                "format": "scan-runtime/1",
-                "name": "scan",
-                "config": {},
-                "graphs": {},
-                "vocab": {"file": "v.json"},
-                "image_encoder_id": "i",
-                "text_encoder_id": "t",
-                "plans": {},
-            }
-        )
-    )
+    manifest = minimal_manifest(tmp_path)
     from runtime.backends.tensorrt import TensorRTBackend
 
     with pytest.raises(BackendError) as e:
