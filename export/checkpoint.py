@@ -104,16 +104,19 @@ def check_size(path: str | Path, max_bytes: int | None = MAX_CHECKPOINT_BYTES) -
                 f"checkpoint {path}: the archive declares {unpacked:,} bytes unpacked in a file of {size:,} bytes "
                 f"({big.filename}: {big.file_size:,} bytes compressed to {big.compress_size:,}); PyTorch stores "
                 f"checkpoints uncompressed, so this is refused before loading (a decompression bomb). If you "
-                f"trust this file, pass --trust-checkpoint.")
+                f"trust this file, pass --trust-checkpoint."
+            )
     if max_bytes is not None and unpacked > max_bytes:
         raise CheckpointError(
             f"checkpoint {path}: {unpacked:,} bytes to load, more than the limit of {max_bytes:,} bytes "
-            f"({max_bytes / 2**30:g} GiB); for a genuinely larger model raise it (--max-checkpoint-gb)")
+            f"({max_bytes / 2**30:g} GiB); for a genuinely larger model raise it (--max-checkpoint-gb)"
+        )
     return unpacked
 
 
-def read_checkpoint(path: str | Path, trust: bool = False,
-                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, trust: bool = False, max_bytes: int | None = MAX_CHECKPOINT_BYTES
+) -> dict[str, Any]:
     """Unpickle ``path`` with the allow-list (``trust=True``: full pickle and no size checks, for checkpoints
     you trust); ``max_bytes``: see :func:`check_size`."""
     path = Path(path)
@@ -148,8 +151,9 @@ def read_checkpoint(path: str | Path, trust: bool = False,
     return raw
 
 
-def load_checkpoint(path: str | Path, trust: bool = False, vocab_size: int | None = None,
-                    max_bytes: int | None = MAX_CHECKPOINT_BYTES) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, trust: bool = False, vocab_size: int | None = None, max_bytes: int | None = MAX_CHECKPOINT_BYTES
+) -> LoadedCheckpoint:
     path = Path(path)
     raw = read_checkpoint(path, trust=trust, max_bytes=max_bytes)
     states = raw["model"]

@@ -25,14 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="vocabulary JSON (default: <vocab_path>/<data_name>_vocab.json from the opt)")
     p.add_argument("--out", default="engines", help="output folder (default: engines)")
     p.add_argument("--name", default="scan", help="file name stem (default: scan)")
-    p.add_argument("--max-words", type=int, default=DEFAULT_MAX_WORDS,
-                   help=f"longest caption served, in tokens incl. <start>/<end> (default {DEFAULT_MAX_WORDS})")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint without the allow-list or size checks (may execute code; only for "
-                        "files you trust)")
-    p.add_argument("--max-checkpoint-gb", type=float, default=MAX_CHECKPOINT_BYTES / 2**30,
-                   help="refuse a checkpoint that unpacks to more than this many GiB "
-                        f"(default {MAX_CHECKPOINT_BYTES / 2**30:g})")
+    p.add_argument(
+        "--max-words",
+        type=int,
+        default=DEFAULT_MAX_WORDS,
+        help=f"longest caption served, in tokens incl. <start>/<end> (default {DEFAULT_MAX_WORDS})",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint without the allow-list or size checks (may execute code; only for "
+        "files you trust)",
+    )
+    p.add_argument(
+        "--max-checkpoint-gb",
+        type=float,
+        default=MAX_CHECKPOINT_BYTES / 2**30,
+        help=f"refuse a checkpoint that unpacks to more than this many GiB (default {MAX_CHECKPOINT_BYTES / 2**30:g})",
+    )
     return p
 
 
@@ -45,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         progress(f"loading {args.checkpoint}")
-        ckpt = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint,
-                               max_bytes=int(args.max_checkpoint_gb * 2**30))
+        ckpt = load_checkpoint(
+            args.checkpoint, trust=args.trust_checkpoint, max_bytes=int(args.max_checkpoint_gb * 2**30)
+        )
         vocab_path = find_vocab(args.checkpoint, ckpt.opt, args.vocab)
         vocab = load_vocab(vocab_path, ckpt.config)
         progress(f"config: {_describe(ckpt.config)}; vocabulary {vocab_path} ({len(vocab)} words)")

@@ -274,11 +274,15 @@ def validate(path: Path, data: Any) -> SCANConfig:
             _file_entry(path, record, f"{plans_key}[{kind!r}]")
     seal = data.get("content_sha256")
     if seal is None:
-        raise ManifestError(f"manifest {path}: no 'content_sha256' (written before manifests were sealed); "
-                            f"re-export with export/to_onnx.py")
+        raise ManifestError(
+            f"manifest {path}: no 'content_sha256' (written before manifests were sealed); "
+            f"re-export with export/to_onnx.py"
+        )
     if seal != content_sha256(data):
-        raise ManifestError(f"manifest {path}: its content was edited after export ('content_sha256' does not match "
-                            f"the config, graphs and other keys it seals); re-export rather than editing it")
+        raise ManifestError(
+            f"manifest {path}: its content was edited after export ('content_sha256' does not match "
+            f"the config, graphs and other keys it seals); re-export rather than editing it"
+        )
     return config
 
 

@@ -59,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=5, help=f"results per query (default 5, at most {MAX_K})")
-    p.add_argument("--verify", action="store_true",
-                   help="check the galleries' checksums and values (done on open anyway up to "
-                        f"{VERIFY_ON_OPEN_BYTES >> 30} GiB); with nothing else to do, verify and exit")
-    p.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
-                   help="seconds to wait for another process writing the same gallery "
-                        f"(default {DEFAULT_LOCK_TIMEOUT:g})")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the galleries' checksums and values (done on open anyway up to "
+        f"{VERIFY_ON_OPEN_BYTES >> 30} GiB); with nothing else to do, verify and exit",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=DEFAULT_LOCK_TIMEOUT,
+        help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
     return p
@@ -92,14 +98,28 @@ def _run(args: argparse.Namespace) -> int:
         images = captions = None
         if args.images:
             names = _read_lines(args.names, "names") if args.names else None
-            images = build_image_gallery(engine, args.images, gallery / "images", names=names, dtype=args.dtype,
-                                         append=not args.rebuild, progress=progress, lock_timeout=args.lock_timeout)
+            images = build_image_gallery(
+                engine,
+                args.images,
+                gallery / "images",
+                names=names,
+                dtype=args.dtype,
+                append=not args.rebuild,
+                progress=progress,
+                lock_timeout=args.lock_timeout,
+            )
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
             texts = read_captions(args.captions)
-            captions = build_caption_gallery(engine, texts, gallery / "captions", dtype=args.dtype,
-                                             append=not args.rebuild, progress=progress,
-                                             lock_timeout=args.lock_timeout)
+            captions = build_caption_gallery(
+                engine,
+                texts,
+                gallery / "captions",
+                dtype=args.dtype,
+                append=not args.rebuild,
+                progress=progress,
+                lock_timeout=args.lock_timeout,
+            )
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
             if args.verify:
@@ -121,8 +141,9 @@ def _run(args: argparse.Namespace) -> int:
         results = []
         if queries:
             if images is None and (gallery / "images" / MANIFEST).is_file():
-                images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id,
-                                           verify=True if args.verify else None)
+                images = ImageGallery.load(
+                    gallery / "images", engine.manifest.image_encoder_id, verify=True if args.verify else None
+                )
             if images is None:
                 raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
             for q in queries:
@@ -135,8 +156,9 @@ def _run(args: argparse.Namespace) -> int:
                 )
         if args.query_images:
             if captions is None and (gallery / "captions" / MANIFEST).is_file():
-                captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id,
-                                               verify=True if args.verify else None)
+                captions = CaptionGallery.load(
+                    gallery / "captions", engine.manifest.text_encoder_id, verify=True if args.verify else None
+                )
             if captions is None:
                 raise GalleryError(
                     f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"

@@ -165,8 +165,10 @@ class Searcher:
                 top.merge(scores, ids[rows])
         except NonFiniteScore as e:  # never a silent drop: name the item
             gallery = self.images if kind == "images" else self.captions
-            raise SearchError(f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
-                              f"check the gallery with runtime/search.py --verify and rebuild it") from e
+            raise SearchError(
+                f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
+                f"check the gallery with runtime/search.py --verify and rebuild it"
+            ) from e
         return top.result()
 
 

@@ -34,13 +34,12 @@ def block_topk(scores: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray,
 
     A non-finite score is ranked first, so that ``RunningTopK.merge`` sees it and names its item.
     """
-    _n, b = scores.shape
+    b = scores.shape[1]
     finite = np.isfinite(scores)
     if not finite.all():
         order = np.argsort(-np.where(finite, scores, np.inf), axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False), np.asarray(ids, np.int64)[
-            order
-        ]
+        picked = np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False)
+        return picked, np.asarray(ids, np.int64)[order]
     if b <= k:
         order = np.argsort(-scores, axis=1, kind="stable")  # stable: equal scores keep id order
     else:

@@ -74,7 +74,17 @@ def minimal_manifest(folder: Path) -> Path:
     fake = "0" * 64
     head = {"file": "scan.onnx", "sha256": fake, "inputs": [], "outputs": []}
     path = Path(folder) / "scan.json"
-    write_manifest(path, {"format": FORMAT, "name": "scan", "config": small_config().to_dict(), "max_words": 24,
-                          "graphs": {"head": head}, "vocab": {"file": "scan.vocab.json", "sha256": fake},
-                          "image_encoder_id": fake, "text_encoder_id": fake})
+    write_manifest(
+        path,
+        {
+            "format": FORMAT,
+            "name": "scan",
+            "config": small_config().to_dict(),
+            "max_words": 24,
+            "graphs": {"head": head},
+            "vocab": {"file": "scan.vocab.json", "sha256": fake},
+            "image_encoder_id": fake,
+            "text_encoder_id": fake,
+        },
+    )
     return path

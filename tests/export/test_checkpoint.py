@@ -149,8 +149,11 @@ def test_deflation_bomb_is_refused_before_loading(tmp_path, monkeypatch):
     assert bomb.stat().st_size < 2 << 20  # 256 MiB unpacked, under 1 MiB on disk
     loads = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))  # nothing may reach the unpickler
-    with pytest.raises(CheckpointError, match=r"declares 268,[0-9,]+ bytes unpacked in a file of [0-9,]+ bytes "
-                                              r"\(.*data/0: 268,435,456 bytes compressed to [0-9,]+\).*bomb"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"declares 268,[0-9,]+ bytes unpacked in a file of [0-9,]+ bytes "
+        r"\(.*data/0: 268,435,456 bytes compressed to [0-9,]+\).*bomb",
+    ):
         load_checkpoint(bomb)
     assert not loads
     assert to_onnx_main([str(bomb), "--out", str(tmp_path / "out")]) == 1

@@ -334,7 +334,7 @@ def test_engine_from_another_graph_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     data["graphs"]["head"]["sha256"] = "ab" * 32  # as if the model had been re-exported
     write_manifest(manifest_copy, data)
-    with pytest.raises(PlanMismatchError, match="re-exported.*build_engine.py"):
+    with pytest.raises(PlanMismatchError, match=r"re-exported.*build_engine\.py"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 
@@ -343,7 +343,7 @@ def test_engine_whose_graph_is_gone_is_refused(manifest_copy: Path) -> None:
     data = json.loads(manifest_copy.read_text())
     del data["graphs"]["head.fp16"]  # e.g. re-exported without fp16 graphs after the build
     write_manifest(manifest_copy, data)
-    with pytest.raises(PlanMismatchError, match="head.fp16 graph, which scan.json no longer lists"):
+    with pytest.raises(PlanMismatchError, match=r"head\.fp16 graph, which scan\.json no longer lists"):
         check_plan_record(load_manifest(manifest_copy), "head", "10.9.0", "NVIDIA H200", "9.0")
 
 

@@ -36,7 +36,8 @@ def test_image_gallery_roundtrip_and_append(engines, tmp_path):
     np.testing.assert_allclose(whole.image_gram, gram, atol=1e-6)
     # only the current generation's files remain
     assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(
-        [".lock", "gallery.json", "images.2.npy", "image_gram.2.npy", "ids.2.npy", "names.2.json"])
+        [".lock", "gallery.json", "images.2.npy", "image_gram.2.npy", "ids.2.npy", "names.2.json"]
+    )
 
 
 def test_float16_gallery(engines, tmp_path):
