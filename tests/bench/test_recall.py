@@ -82,3 +82,27 @@ def test_repeated_image_layout(golden, exported, tmp_path):
         == 0
     )
     assert np.abs(np.load(tmp_path / "s.npy") - golden_expected(golden)).max() <= 1e-5
+
+
+def test_fold5_says_what_it_did(golden, exported, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "test_ims.npy", np.load(golden / "test_ims.npy")[:10])
+    lines = (golden / "test_caps.txt").read_text().splitlines()
+    (data / "test_caps.txt").write_text("\n".join(lines[:50]) + "\n")
+    args = ["--engine", str(exported[golden.name]), "--no-progress", "--fold5"]
+    assert main([*args, "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "test: 10 images, 50 captions (mean of 5 folds of 2 images)" in out and "5-fold 1K" not in out
+    assert main([*args, "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fold_images"] == 2
+    assert main([*args, "--data", str(golden)]) == 2  # 12 images
+    assert "--fold5: 12 images do not split into 5 equal folds" in capsys.readouterr().err
+
+
+def test_save_sims_needs_an_existing_folder(golden, exported, tmp_path, capsys):
+    target = tmp_path / "no" / "such" / "sims.npy"
+    args = ["--engine", str(exported[golden.name]), "--data", str(golden), "--no-progress"]
+    assert main([*args, "--save-sims", str(target)]) == 2
+    assert f"the folder {target.parent} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
