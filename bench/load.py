@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -30,17 +29,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import machine  # noqa: E402
-from bench.latency import DEFAULT_CACHE, FULL, QUICK, Plan, caption_texts, prepare_model, rng_for  # noqa: E402
-from runtime import atomic  # noqa: E402
+from bench import machine
+from bench.latency import DEFAULT_CACHE, FULL, QUICK, Plan, caption_texts, prepare_model, rng_for
+from runtime import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,15 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
 
     rng = rng_for(seed, 20)
     logger.info("encoding a %d-image gallery into %s", n, folder)
-    with ScanEngine.open(manifest, backend="onnxruntime") as engine:
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            regions = np.lib.format.open_memmap(Path(tmp) / "regions.npy", mode="w+", dtype=np.float32,
-                                                shape=(n, plan.regions, plan.img_dim))
-            for a in range(0, n, 256):  # streamed: 1K full-size images are 300 MB of features
-                b = min(a + 256, n)
-                regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
-            regions.flush()
-            build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)],
-                                progress=False)
+    with ScanEngine.open(manifest, backend="onnxruntime") as engine, tempfile.TemporaryDirectory(dir=cache) as tmp:
+        regions = np.lib.format.open_memmap(Path(tmp) / "regions.npy", mode="w+", dtype=np.float32,
+                                            shape=(n, plan.regions, plan.img_dim))
+        for a in range(0, n, 256):  # streamed: 1K full-size images are 300 MB of features
+            b = min(a + 256, n)
+            regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
+        regions.flush()
+        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)],
+                            progress=False)
     return folder
 
 
@@ -94,7 +93,8 @@ class Server:
                str(self.port), "--max-batch", str(max_batch), "--log-level", "warning", *extra]
         self.command = " ".join(cmd[1:])
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env)
+        with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
 
     def wait_ready(self, timeout: float) -> float:
         import httpx
@@ -145,7 +145,7 @@ class RssSampler:
                 self.samples.append((time.monotonic() - t0, rss))
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -193,7 +193,11 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dic
 
 async def drive(url: str, concurrency: int, duration: float, warmup: float, queries: list[str],
                 k: int) -> dict[str, Any]:
-    """``concurrency`` clients, each sending one request after another; the first ``warmup`` s are discarded."""
+    """``concurrency`` clients, each sending one request after another until the cell ends.
+
+    Counted: the requests that complete within the ``duration`` s after the first ``warmup`` s, whenever
+    they started (at high concurrency a request can take longer than the warm-up).
+    """
     import httpx
 
     latencies: list[float] = []
@@ -218,7 +222,7 @@ async def drive(url: str, concurrency: int, duration: float, warmup: float, quer
                 except httpx.HTTPError as e:
                     ok, key = False, type(e).__name__
                 t1 = time.perf_counter()
-                if t0 >= t_measure and t1 <= t_end:
+                if t_measure <= t1 <= t_end:
                     if ok:
                         latencies.append(t1 - t0)
                     else:
@@ -242,12 +246,13 @@ async def drive(url: str, concurrency: int, duration: float, warmup: float, quer
             "batch_sizes": batch_distribution(batch_histogram(metrics_before), batch_histogram(metrics_after))}
 
 
-def rss_summary(samples: list[tuple[float, int]], warmup_fraction: float = 0.2) -> dict[str, Any]:
+def rss_summary(samples: list[tuple[float, int]], warmup_s: float) -> dict[str, Any]:
+    """Resident memory over a cell; growth compares the first and last tenth of the samples after warm-up."""
     if len(samples) < 4:
         return {"samples": len(samples)}
     rss = np.array([s for _, s in samples], np.float64)
-    cut = max(1, int(len(rss) * warmup_fraction))
-    after_warmup = rss[cut:]
+    t = np.array([t for t, _ in samples])
+    after_warmup = rss[t >= warmup_s] if (t >= warmup_s).sum() >= 2 else rss
     tail = after_warmup[-max(1, len(after_warmup) // 10):]
     head = after_warmup[:max(1, len(after_warmup) // 10)]
     return {"samples": len(samples), "start_bytes": int(rss[0]), "after_warmup_bytes": int(head.mean()),
@@ -406,11 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready_s = server.wait_ready(600)
             cells = []
             for c in concurrency:
-                seconds = long if (mb == max(batches) and c == max(concurrency)) else duration
-                logger.info("max-batch %d, %d clients, %.0f s", mb, c, seconds)
+                is_long = mb == max(batches) and c == max(concurrency)
+                seconds = long if is_long else duration
+                # the long cell measures memory growth: its warm-up lets ONNX Runtime's arena reach its size
+                cell_warmup = max(warmup, long / 4) if is_long else warmup
+                logger.info("max-batch %d, %d clients, %.0f s (+%.0f s warm-up)", mb, c, seconds, cell_warmup)
                 with RssSampler(server) as rss:
-                    cell = asyncio.run(drive(server.url, c, seconds, warmup, queries, args.k))
-                cell["rss"] = rss_summary(rss.samples)
+                    cell = asyncio.run(drive(server.url, c, seconds, cell_warmup, queries, args.k))
+                cell["warmup_s"] = cell_warmup
+                cell["rss"] = rss_summary(rss.samples, cell_warmup)
                 cell["load_average_after"] = machine.load_average()
                 cells.append(cell)
             report["configs"][str(mb)] = {"max_batch": mb, "server_command": server.command, "ready_s": ready_s,

@@ -19,8 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.cli import USER_ERRORS, add_engine_arguments  # noqa: E402
-from runtime.service.settings import MiB, Batching, Limits, Settings  # noqa: E402
+from runtime.cli import USER_ERRORS, add_engine_arguments
+from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
 
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvicorn  # noqa: F401  (the optional extra: a clear message when it is missing)
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401  (the optional extra: a clear message when it is missing)
     except ImportError as e:
         print(f"error: the service needs the 'serve' extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 2

@@ -12,9 +12,10 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,7 +85,7 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
     except BatcherClosed as e:
         return _error(503, f"unavailable: {e}")
     except Exception as e:  # an internal failure: this request fails, the server keeps serving
-        logger.error("%s failed: %s: %s", endpoint, type(e).__name__, e, exc_info=True)
+        logger.exception("%s failed: %s: %s", endpoint, type(e).__name__, e)
         return _error(500, f"internal error ({type(e).__name__}); the server logged the details")
 
 
@@ -108,6 +109,9 @@ class _Guard:
         limit = limits.max_append_bytes if path.startswith(WRITE_PREFIX) else limits.max_body_bytes
         t0 = time.perf_counter()
         status = 500
+        api = path.startswith("/v1/")
+        if api:
+            self.service.monitoring.in_flight.inc()
 
         async def send_status(message) -> None:
             nonlocal status
@@ -135,6 +139,8 @@ class _Guard:
 
             await self.app(scope, counted_receive, send_status)
         finally:
+            if api:
+                self.service.monitoring.in_flight.dec()
             seconds = time.perf_counter() - t0
             self.service.monitoring.record_request(endpoint, status, seconds)
             level = logging.WARNING if status >= 500 else logging.DEBUG
@@ -205,7 +211,8 @@ def create_app(service: Service) -> FastAPI:
             return _hits_json(await service.search_text(queries, k))
         return await _guard("/v1/search/text", run)
 
-    @app.post("/v1/search/images", openapi_extra=image_body, summary="Image queries (region features) -> top-k captions")
+    @app.post("/v1/search/images", openapi_extra=image_body,
+              summary="Image queries (region features) -> top-k captions")
     async def search_images(request: Request) -> Response:
         async def run():
             regions, k = rq.parse_search_images(await request.body(), request.headers.get("content-type"),

@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,11 +61,11 @@ def merge_queries(jobs: list[_Job]) -> Sequence[str] | np.ndarray:
 
 
 class Batcher:
-    def __init__(self, execute: Callable[[str, Any, int], Hits], settings: Batching = Batching(),
+    def __init__(self, execute: Callable[[str, Any, int], Hits], settings: Batching | None = None,
                  on_batch: Callable[[str, int, float], None] | None = None) -> None:
         """``on_batch(kind, queries, seconds)`` is called after every executed batch (metrics)."""
         self.execute = execute
-        self.settings = settings
+        self.settings = settings or Batching()
         self.on_batch = on_batch
         self._queue: deque[_Job] = deque()
         self._pending = 0  # queries in the queue

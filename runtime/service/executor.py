@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from runtime.engine import ScanEngine
 from runtime.features import check_regions
-from runtime.gallery import (MANIFEST, CaptionGallery, GalleryError, ImageGallery, build_caption_gallery,
-                             build_image_gallery)
-from runtime.searcher import SearchError, Searcher
+from runtime.gallery import (
+    MANIFEST,
+    CaptionGallery,
+    GalleryError,
+    ImageGallery,
+    build_caption_gallery,
+    build_image_gallery,
+)
+from runtime.searcher import Searcher, SearchError
 from runtime.tokenizer import TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ class Hits:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
-    def rows(self, start: int, stop: int, k: int) -> "Hits":
+    def rows(self, start: int, stop: int, k: int) -> Hits:
         """Queries ``start:stop``, cut to their first ``k`` results (a top-k of a larger k is exact for k)."""
         return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], [r[:k] for r in self.names[start:stop]])
 
@@ -102,7 +109,7 @@ class LocalExecutor:
 
     @classmethod
     def open(cls, engine: str | Path, gallery: str | Path, backend: str = "auto", precision: str = "fp32",
-             device: str = "cpu", threads: int | None = None) -> "LocalExecutor":
+             device: str = "cpu", threads: int | None = None) -> LocalExecutor:
         scan = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
         try:
             return cls(scan, gallery, engine_path=engine, device=device)

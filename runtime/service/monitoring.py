@@ -1,7 +1,7 @@
 """Prometheus metrics of one service instance (its own registry, so several can live in one process)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -28,6 +28,7 @@ class Monitoring:
                                     buckets=batch_buckets(max_batch), registry=r)
         self.batch_seconds = Histogram("scan_batch_seconds", "executor time per batch", ["kind"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("scan_requests_in_flight", "API requests (/v1/...) being handled", registry=r)
         self.queue_depth = Gauge("scan_queue_depth", "queries waiting for a batch", registry=r)
         self.gallery_size = Gauge("scan_gallery_size", "items in each gallery", ["kind"], registry=r)
         self.appended = Counter("scan_appended", "items appended to each gallery while serving", ["kind"], registry=r)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class ApiError(Exception):
 
 
 def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else json.dumps(value)
+    text = json.dumps(value)
     return text if len(text) <= width else text[:width - 3] + "..."
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,17 +30,17 @@ class NoGallery(RuntimeError):
 
 
 class Service:
-    def __init__(self, open_executor: Callable[[], Executor], settings: Settings = Settings(),
+    def __init__(self, open_executor: Callable[[], Executor], settings: Settings | None = None,
                  token: str | None = None) -> None:
         self.open_executor = open_executor
-        self.settings = settings
+        self.settings = settings or Settings()
         self.token = token
         self.executor: Executor | None = None
         self.batcher: Batcher | None = None
         self.load_error: BaseException | None = None
-        self.on_loaded: list[Callable[["Service"], None]] = []
+        self.on_loaded: list[Callable[[Service], None]] = []
         self.on_load_failed: list[Callable[[BaseException], None]] = []
-        self.monitoring = Monitoring(settings.batching.max_batch)
+        self.monitoring = Monitoring(self.settings.batching.max_batch)
         self._loaded = threading.Event()
         self._attempted = threading.Event()  # loading finished, successfully or not
         self._loader: threading.Thread | None = None

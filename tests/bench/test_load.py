@@ -10,7 +10,7 @@ pytest.importorskip("torch")  # the random model is exported with PyTorch
 pytest.importorskip("onnx")
 pytest.importorskip("uvicorn")
 
-from bench import load  # noqa: E402
+from bench import load
 
 
 def test_quick_load_run_reports_every_cell(tmp_path):

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -32,7 +33,7 @@ def copy_gallery(src: Path, dst: Path) -> Path:
     return dst
 
 
-def local_service(engine_path: Path, gallery: Path, settings: Settings = Settings(), token: str | None = None,
+def local_service(engine_path: Path, gallery: Path, settings: Settings | None = None, token: str | None = None,
                   start: bool = True) -> Service:
     svc = Service(lambda: LocalExecutor.open(engine_path, gallery, backend="onnxruntime", threads=1), settings,
                   token=token)

@@ -15,8 +15,15 @@ from runtime.service.executor import Appended, Hits, LocalExecutor
 from runtime.service.service import Service
 from runtime.service.settings import Batching, Limits, Settings
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import (N_CAPTIONS, N_IMAGES, build_gallery, copy_gallery, local_service,
-                                         request, run_client)
+from tests.runtime.serve_support import (
+    N_CAPTIONS,
+    N_IMAGES,
+    build_gallery,
+    copy_gallery,
+    local_service,
+    request,
+    run_client,
+)
 
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
 
@@ -137,7 +144,8 @@ BAD = [
     (IMAGES, dict(json={"queries": [[[1.0] * 12]] * 9}), 413, "queries", 8, 9),
     (IMAGES, dict(content=b'{"queries": [[[NaN' + b", 1.0" * 11 + b"]]]}"), 422, None, None, None),
     (IMAGES, dict(json={"queries": [[[1.0] * 12]], "k": 0}), 422, "k", None, 0),
-    (IMAGES, dict(content=b"not an npy", headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),
+    (IMAGES, dict(content=b"not an npy", headers={"Content-Type": "application/octet-stream"}), 400, "body", None,
+     None),
     (IMAGES, dict(content=b"", headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),
     (IMAGES, dict(content=npy_bytes(np.array([{"x": 1}], dtype=object)),
                   headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),  # pickled
@@ -318,7 +326,8 @@ def test_in_flight_search_keeps_its_generation_during_an_append(engine_t2i, gall
         del executor._current
         appended = executor.append_images(random_regions(6, seed=21), names=[f"x{i}" for i in range(6)])
         assert appended.count == N_IMAGES + 6
-        assert not any(p.name == old.images.manifest["arrays"]["images"]["file"] for p in (folder / "images").iterdir())
+        committed = json.loads((folder / "images" / "gallery.json").read_text())
+        assert committed["generation"] > old.images.manifest["generation"]  # the append committed meanwhile
         release.set()
         t.join(30)
         hits = out["hits"]

@@ -53,7 +53,7 @@ def test_batches_merge_up_to_max_batch_and_split_back():
     results = [f.result(10) for f in futures]
     b.close()
     assert [len(x) for x in rec.batches] == [4, 4, 2]
-    assert sum(rec.batches, []) == [f"q{i}" for i in range(10)]  # FIFO, none lost or repeated
+    assert [q for batch in rec.batches for q in batch] == [f"q{i}" for i in range(10)]  # FIFO, none lost or repeated
     for i, r in enumerate(results):
         alone = solo("text", [f"q{i}"], 3)
         assert r.ids.tolist() == alone.ids.tolist() and r.names == alone.names
@@ -132,7 +132,8 @@ def test_a_cancelled_request_is_not_computed():
 
 @pytest.fixture(scope="module")
 def galleries(small_engines, tmp_path_factory):
-    return {mode: build_gallery(path, tmp_path_factory.mktemp(f"batching_{mode}")) for mode, path in small_engines.items()}
+    return {mode: build_gallery(path, tmp_path_factory.mktemp(f"batching_{mode}"))
+            for mode, path in small_engines.items()}
 
 
 def _reference(engine_path, gallery):
@@ -208,7 +209,7 @@ def test_many_concurrent_clients_get_exactly_their_serial_answers(small_engines,
         answered, metrics = run_client(svc, body)
         assert len(answered) == 256
         scores, ids = searcher.search(queries, 5)  # serial reference, one call
-        for n, (q, r) in enumerate(answered):
+        for n, (_, r) in enumerate(answered):
             assert r.status_code == 200
             assert r.json()["ids"] == [ids[n].tolist()]
             np.testing.assert_allclose(r.json()["scores"][0], scores[n], rtol=0, atol=1e-6)

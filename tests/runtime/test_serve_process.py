@@ -33,8 +33,8 @@ def free_port() -> int:
 def start(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(SERVE), *args], stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"), env=env)
+    with open(log, "wb") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, str(SERVE), *args], stdout=subprocess.DEVNULL, stderr=err, env=env)
     return proc, log
 
 
@@ -59,7 +59,7 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc, log = start(["--engine", str(engine_path), "--gallery", str(gallery), "--port", str(port),
-                       "--max-delay-ms", "300", "--threads", "1", "--no-progress"], tmp_path)
+                       "--max-delay-ms", "1000", "--threads", "1", "--no-progress"], tmp_path)
     try:
         wait_ready(url, proc, log)
         texts = random_captions(16, seed=3)
@@ -75,9 +75,17 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 first = await burst(client)
                 metrics = (await client.get("/metrics")).text
-                # a second burst, with SIGTERM sent while its requests wait in the batcher
+                # a second burst, with SIGTERM sent once all its requests wait in the batcher (a request the
+                # server has not read yet when it stops would race with the closing keep-alive connection)
                 pending = asyncio.ensure_future(burst(client))
-                await asyncio.sleep(0.15)
+                async with httpx.AsyncClient(base_url=url, timeout=30) as scraper:
+                    for _ in range(300):
+                        if f"scan_requests_in_flight {float(len(texts) + len(regions))}" in (
+                                await scraper.get("/metrics")).text:
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        pytest.fail("the second burst never was in flight at once")
                 proc.send_signal(signal.SIGTERM)
                 return first, metrics, await pending
 
