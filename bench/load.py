@@ -402,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["model"] = f"t2i embed {plan.embed_size}, {plan.regions} regions x {plan.img_dim}"
     gallery = prepare_gallery(manifest, n_images, plan, args.seed, cache)
     queries = caption_texts(rng_for(args.seed, 21), 1000, plan.vocab_size)
-    log = (args.json.parent if args.json else cache) / "load-server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = cache / "load-server.log"  # the server's warnings and errors, if any
     log.write_text("")
     for mb in batches:
         server = Server(manifest, gallery, mb, args.server_args.split(), log)
