@@ -143,7 +143,8 @@ class _Guard:
                 self.service.monitoring.in_flight.dec()
             seconds = time.perf_counter() - t0
             self.service.monitoring.record_request(endpoint, status, seconds)
-            level = logging.WARNING if status >= 500 else logging.DEBUG
+            # 503 from /readyz while loading is its job, not an error
+            level = logging.WARNING if status >= 500 and path != "/readyz" else logging.DEBUG
             if logger.isEnabledFor(level):
                 logger.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
 
