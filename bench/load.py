@@ -16,6 +16,7 @@ as bench/latency.py, cached) and the gallery is 1,000 random images encoded by i
 The clients run on the same machine as the server and share its cores: on 2 cores they take a noticeable
 part of the CPU; the load average is recorded beside the figures. ``--quick``: tiny model, 1 s cells.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,10 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench import machine
-from bench.latency import DEFAULT_CACHE, FULL, QUICK, Plan, caption_texts, prepare_model, rng_for
+from bench.plan import FULL, QUICK, Plan
+from bench.random_models import DEFAULT_CACHE, prepare_model
+from bench.synthetic import caption_texts, rng_for
 from runtime import atomic
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,12 @@ logger = logging.getLogger(__name__)
 SCHEMA = "scan-runtime-bench-load/1"
 REPO = Path(__file__).resolve().parents[1]
 SERVE = REPO / "runtime" / "serve.py"
-TARGETS = {"throughput_16_over_1": 3.0, "p99_16_over_p50_1": 4.0, "errors_at_max_concurrency": 0,
-           "rss_growth_after_warmup": 0.05}
+TARGETS = {
+    "throughput_16_over_1": 3.0,
+    "p99_16_over_p50_1": 4.0,
+    "errors_at_max_concurrency": 0,
+    "rss_growth_after_warmup": 0.05,
+}
 
 
 # ----------------------------------------------------------------------------------------- preparation
@@ -65,14 +69,14 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
     rng = rng_for(seed, 20)
     logger.info("encoding a %d-image gallery into %s", n, folder)
     with ScanEngine.open(manifest, backend="onnxruntime") as engine, tempfile.TemporaryDirectory(dir=cache) as tmp:
-        regions = np.lib.format.open_memmap(Path(tmp) / "regions.npy", mode="w+", dtype=np.float32,
-                                            shape=(n, plan.regions, plan.img_dim))
+        regions = np.lib.format.open_memmap(
+            Path(tmp) / "regions.npy", mode="w+", dtype=np.float32, shape=(n, plan.regions, plan.img_dim)
+        )
         for a in range(0, n, 256):  # streamed: 1K full-size images are 300 MB of features
             b = min(a + 256, n)
             regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
         regions.flush()
-        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)],
-                            progress=False)
+        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)], progress=False)
     return folder
 
 
@@ -89,8 +93,21 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, str(SERVE), "--engine", str(manifest), "--gallery", str(gallery), "--port",
-               str(self.port), "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+        cmd = [
+            sys.executable,
+            str(SERVE),
+            "--engine",
+            str(manifest),
+            "--gallery",
+            str(gallery),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         self.command = " ".join(cmd[1:])
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
@@ -184,15 +201,15 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dic
         if cumulative - previous > 0:
             dist["+Inf" if le == float("inf") else str(int(le))] = int(cumulative - previous)
         previous = cumulative
-    return {"batches": int(count), "queries": int(total), "mean": total / count if count else None,
-            "by_size_le": dist}
+    return {"batches": int(count), "queries": int(total), "mean": total / count if count else None, "by_size_le": dist}
 
 
 # ----------------------------------------------------------------------------------------- load
 
 
-async def drive(url: str, concurrency: int, duration: float, warmup: float, queries: list[str],
-                k: int) -> dict[str, Any]:
+async def drive(
+    url: str, concurrency: int, duration: float, warmup: float, queries: list[str], k: int
+) -> dict[str, Any]:
     """``concurrency`` clients, each sending one request after another until the cell ends.
 
     Counted: the requests that complete within the ``duration`` s after the first ``warmup`` s, whenever
@@ -206,8 +223,10 @@ async def drive(url: str, concurrency: int, duration: float, warmup: float, quer
     t_measure, t_end = t_start + warmup, t_start + warmup + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # Metrics are scraped on a connection of their own: the clients' pool is always busy.
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client, \
-            httpx.AsyncClient(base_url=url, timeout=60) as scraper:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client,
+        httpx.AsyncClient(base_url=url, timeout=60) as scraper,
+    ):
 
         async def one(c: int) -> None:
             i = c
@@ -239,11 +258,19 @@ async def drive(url: str, concurrency: int, duration: float, warmup: float, quer
         metrics_after = (await scraper.get("/metrics")).text
     lat = np.asarray(latencies) * 1000.0
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
-    return {"concurrency": concurrency, "seconds": duration, "requests": len(latencies),
-            "requests_per_s": len(latencies) / duration, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-            "mean_ms": float(lat.mean()) if len(lat) else None, "errors": sum(errors.values()),
-            "errors_by_kind": errors,
-            "batch_sizes": batch_distribution(batch_histogram(metrics_before), batch_histogram(metrics_after))}
+    return {
+        "concurrency": concurrency,
+        "seconds": duration,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / duration,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "mean_ms": float(lat.mean()) if len(lat) else None,
+        "errors": sum(errors.values()),
+        "errors_by_kind": errors,
+        "batch_sizes": batch_distribution(batch_histogram(metrics_before), batch_histogram(metrics_after)),
+    }
 
 
 def rss_summary(samples: list[tuple[float, int]], warmup_s: float) -> dict[str, Any]:
@@ -253,11 +280,16 @@ def rss_summary(samples: list[tuple[float, int]], warmup_s: float) -> dict[str, 
     rss = np.array([s for _, s in samples], np.float64)
     t = np.array([t for t, _ in samples])
     after_warmup = rss[t >= warmup_s] if (t >= warmup_s).sum() >= 2 else rss
-    tail = after_warmup[-max(1, len(after_warmup) // 10):]
-    head = after_warmup[:max(1, len(after_warmup) // 10)]
-    return {"samples": len(samples), "start_bytes": int(rss[0]), "after_warmup_bytes": int(head.mean()),
-            "end_bytes": int(tail.mean()), "max_bytes": int(rss.max()),
-            "growth_after_warmup": float(tail.mean() / head.mean() - 1.0)}
+    tail = after_warmup[-max(1, len(after_warmup) // 10) :]
+    head = after_warmup[: max(1, len(after_warmup) // 10)]
+    return {
+        "samples": len(samples),
+        "start_bytes": int(rss[0]),
+        "after_warmup_bytes": int(head.mean()),
+        "end_bytes": int(tail.mean()),
+        "max_bytes": int(rss.max()),
+        "growth_after_warmup": float(tail.mean() / head.mean() - 1.0),
+    }
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -271,35 +303,59 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     if 1 in cells and 16 in cells and cells[1]["requests_per_s"]:
         ratio = cells[16]["requests_per_s"] / cells[1]["requests_per_s"]
-        out.append({"target": "16 clients >= 3x the throughput of 1", "value": ratio,
-                    "met": ratio >= TARGETS["throughput_16_over_1"]})
+        out.append(
+            {
+                "target": "16 clients >= 3x the throughput of 1",
+                "value": ratio,
+                "met": ratio >= TARGETS["throughput_16_over_1"],
+            }
+        )
     if 1 in cells and 16 in cells and cells[1]["p50_ms"] and cells[16]["p99_ms"]:
         ratio = cells[16]["p99_ms"] / cells[1]["p50_ms"]
-        out.append({"target": "p99 at 16 clients <= 4x the 1-client p50", "value": ratio,
-                    "met": ratio <= TARGETS["p99_16_over_p50_1"]})
+        out.append(
+            {
+                "target": "p99 at 16 clients <= 4x the 1-client p50",
+                "value": ratio,
+                "met": ratio <= TARGETS["p99_16_over_p50_1"],
+            }
+        )
     top = max(cells)
-    out.append({"target": f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s",
-                "value": cells[top]["errors"], "met": cells[top]["errors"] == 0})
+    out.append(
+        {
+            "target": f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s",
+            "value": cells[top]["errors"],
+            "met": cells[top]["errors"] == 0,
+        }
+    )
     growth = cells[top].get("rss", {}).get("growth_after_warmup")
     if growth is not None:
-        out.append({"target": f"server RSS growth < 5% after warm-up ({top} clients)", "value": growth,
-                    "met": growth < TARGETS["rss_growth_after_warmup"]})
+        out.append(
+            {
+                "target": f"server RSS growth < 5% after warm-up ({top} clients)",
+                "value": growth,
+                "met": growth < TARGETS["rss_growth_after_warmup"],
+            }
+        )
     return out
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"load test: {report['model']}, gallery {report['gallery_images']} images, k={report['k']}, "
-             f"{report['machine']['cores']} cores; load average at start {report['load_average_at_start']}, "
-             f"at end {report.get('load_average_at_end')}",
-             f"{'max-batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} "
-             f"{'mean batch':>10} {'RSS MB':>7}"]
+    lines = [
+        f"load test: {report['model']}, gallery {report['gallery_images']} images, k={report['k']}, "
+        f"{report['machine']['cores']} cores; load average at start {report['load_average_at_start']}, "
+        f"at end {report.get('load_average_at_end')}",
+        f"{'max-batch':>9} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} "
+        f"{'mean batch':>10} {'RSS MB':>7}",
+    ]
     for mb, cfg in report["configs"].items():
         for c in cfg["cells"]:
             rss = c.get("rss", {}).get("max_bytes")
             mean = c["batch_sizes"]["mean"]
-            lines.append(f"{mb:>9} {c['concurrency']:>7} {c['requests_per_s']:>8.1f} {_f(c['p50_ms'])} "
-                         f"{_f(c['p95_ms'])} {_f(c['p99_ms'])} {c['errors']:>6} "
-                         f"{(f'{mean:.1f}' if mean else '-'):>10} {(f'{rss / 2**20:.0f}' if rss else '-'):>7}")
+            lines.append(
+                f"{mb:>9} {c['concurrency']:>7} {c['requests_per_s']:>8.1f} {_f(c['p50_ms'])} "
+                f"{_f(c['p95_ms'])} {_f(c['p99_ms'])} {c['errors']:>6} "
+                f"{(f'{mean:.1f}' if mean else '-'):>10} {(f'{rss / 2**20:.0f}' if rss else '-'):>7}"
+            )
         lines.append(f"{'':>9} shutdown: exit {cfg['shutdown']['exit_code']} in {cfg['shutdown']['seconds']:.1f} s")
     for t in report.get("targets", []):
         lines.append(f"target: {t['target']}: {t['value']:.3g} ({'met' if t['met'] else 'NOT met'})")
@@ -334,8 +390,11 @@ def write_plot(report: dict[str, Any], path: Path) -> dict[str, Any]:
     ax2.set_ylabel("latency (ms)")
     ax2.set_yscale("log")
     la = report["load_average_at_start"]
-    fig.suptitle(f"HTTP text search, {report['model']}, {report['gallery_images']} images, "
-                 f"{report['machine']['cores']} cores (load avg {la[0] if la else '?'} at start)", fontsize=10)
+    fig.suptitle(
+        f"HTTP text search, {report['model']}, {report['gallery_images']} images, "
+        f"{report['machine']['cores']} cores (load avg {la[0] if la else '?'} at start)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(path) as tmp:
@@ -351,8 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="load.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, 1 s cells, 1 and 4 clients")
     p.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 20)")
-    p.add_argument("--long", type=float, default=None,
-                   help="seconds for the highest concurrency of the default setting (default 60)")
+    p.add_argument(
+        "--long",
+        type=float,
+        default=None,
+        help="seconds for the highest concurrency of the default setting (default 60)",
+    )
     p.add_argument("--warmup", type=float, default=None, help="seconds discarded at the start of each cell")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,4,16,64)")
     p.add_argument("--batches", default=None, help="comma-separated --max-batch settings (default 1,32)")
@@ -394,10 +457,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if quick else FULL
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"schema": SCHEMA, "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "machine": machine.describe(), "load_average_at_start": machine.load_average(),
-                              "k": args.k, "gallery_images": n_images, "warmup_s": warmup,
-                              "default_max_batch": max(batches), "targets_definition": TARGETS, "configs": {}}
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine.describe(),
+        "load_average_at_start": machine.load_average(),
+        "k": args.k,
+        "gallery_images": n_images,
+        "warmup_s": warmup,
+        "default_max_batch": max(batches),
+        "targets_definition": TARGETS,
+        "configs": {},
+    }
     manifest, report["export"] = prepare_model(plan, "t2i", args.seed, cache)
     report["model"] = f"t2i embed {plan.embed_size}, {plan.regions} regions x {plan.img_dim}"
     gallery = prepare_gallery(manifest, n_images, plan, args.seed, cache)
@@ -421,8 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell["rss"] = rss_summary(rss.samples, cell_warmup)
                 cell["load_average_after"] = machine.load_average()
                 cells.append(cell)
-            report["configs"][str(mb)] = {"max_batch": mb, "server_command": server.command, "ready_s": ready_s,
-                                          "cells": cells}
+            report["configs"][str(mb)] = {
+                "max_batch": mb,
+                "server_command": server.command,
+                "ready_s": ready_s,
+                "cells": cells,
+            }
         finally:
             report["configs"].setdefault(str(mb), {"max_batch": mb, "cells": []})["shutdown"] = server.stop()
     report["load_average_at_end"] = machine.load_average()

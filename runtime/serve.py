@@ -8,6 +8,7 @@ GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The eng
 the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
 finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,6 @@ import logging
 import signal
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.cli import USER_ERRORS, add_engine_arguments
 from runtime.service.settings import Batching, Limits, MiB, Settings
@@ -34,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=B.max_batch, help="queries merged into one search call")
-    p.add_argument("--max-delay-ms", type=float, default=B.max_delay_ms,
-                   help="how long the oldest queued request waits for batch-mates")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=B.max_delay_ms,
+        help="how long the oldest queued request waits for batch-mates",
+    )
     p.add_argument("--workers", type=int, default=B.workers, help="threads executing batches (one process)")
     p.add_argument("--max-queue", type=int, default=B.max_queue, help="queued queries before 503 + Retry-After")
     p.add_argument("--max-queries", type=int, default=L.max_queries, help="queries per search request")
@@ -65,8 +67,9 @@ def read_token(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -75,9 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the service needs the 'serve' extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
         return 2
     try:
-        settings = Settings(Batching(args.max_batch, args.max_delay_ms, args.workers, args.max_queue),
-                            Limits(args.max_queries, args.max_k, args.max_caption_chars,
-                                   int(args.max_body_mb * MiB), int(args.max_append_mb * MiB), args.max_append_items))
+        settings = Settings(
+            Batching(args.max_batch, args.max_delay_ms, args.workers, args.max_queue),
+            Limits(
+                args.max_queries,
+                args.max_k,
+                args.max_caption_chars,
+                int(args.max_body_mb * MiB),
+                int(args.max_append_mb * MiB),
+                args.max_append_items,
+            ),
+        )
         token = read_token(args.token_file) if args.token_file else None
         if Path(args.gallery).exists() and not Path(args.gallery).is_dir():
             raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
@@ -97,29 +108,58 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     from runtime.service.service import Service
 
     def open_executor():
-        return LocalExecutor.open(args.engine, args.gallery, backend=args.backend, precision=args.precision,
-                                  device=args.device, threads=args.threads)
+        return LocalExecutor.open(
+            args.engine,
+            args.gallery,
+            backend=args.backend,
+            precision=args.precision,
+            device=args.device,
+            threads=args.threads,
+        )
 
     service = Service(open_executor, settings, token=token)
-    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, timeout_graceful_shutdown=args.grace_s, lifespan="on")
+    config = uvicorn.Config(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=args.grace_s,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
 
     def summary(svc: Service) -> None:
         d = svc.executor.describe()
         g = {k: (v["count"] if v else "none") for k, v in d["galleries"].items()}
         b = settings.batching
-        logger.info("ready on http://%s:%d: engine %s (%s, %s, %s), gallery %s (images %s, captions %s), "
-                    "max-batch %d, max-delay %g ms, workers %d, max-queue %d, writes %s", args.host, args.port,
-                    args.engine, d["backend"], d["precision"], d["device"], args.gallery, g["images"], g["captions"],
-                    b.max_batch, b.max_delay_ms, b.workers, b.max_queue,
-                    "need a token" if token else "open (no --token-file)")
+        logger.info(
+            "ready on http://%s:%d: engine %s (%s, %s, %s), gallery %s (images %s, captions %s), "
+            "max-batch %d, max-delay %g ms, workers %d, max-queue %d, writes %s",
+            args.host,
+            args.port,
+            args.engine,
+            d["backend"],
+            d["precision"],
+            d["device"],
+            args.gallery,
+            g["images"],
+            g["captions"],
+            b.max_batch,
+            b.max_delay_ms,
+            b.workers,
+            b.max_queue,
+            "need a token" if token else "open (no --token-file)",
+        )
 
     service.on_loaded.append(summary)
     service.on_load_failed.append(lambda e: setattr(server, "should_exit", True))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding to %s: the service is reachable from other machines%s", args.host,
-                       "" if token else "; gallery writes are open to them (use --token-file)")
+        logger.warning(
+            "binding to %s: the service is reachable from other machines%s",
+            args.host,
+            "" if token else "; gallery writes are open to them (use --token-file)",
+        )
 
     # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown) and re-raises the signal to the
     # previous handler when it is done; these handlers make that a clean exit 0, and a signal that arrives
@@ -139,8 +179,10 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         service.close()
     if service.load_error is not None:
         e = service.load_error
-        print(f"error: {e}" if isinstance(e, USER_ERRORS) else f"error: loading failed: {type(e).__name__}: {e}",
-              file=sys.stderr)
+        print(
+            f"error: {e}" if isinstance(e, USER_ERRORS) else f"error: loading failed: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
         return 2
     logger.info("stopped")
     return 0

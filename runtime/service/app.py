@@ -5,6 +5,7 @@ Every error is ``{"error": message}`` (plus ``field``/``limit``/``received`` whe
 or a gallery conflict, 413 too large, 415 wrong Content-Type, 422 invalid value, 503 not ready or queue
 full (with ``Retry-After``), 500 an internal failure of that one request (logged; the server keeps serving).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -35,8 +36,18 @@ from runtime.tokenizer import TokenizerError
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/search/text", "/v1/search/images", "/v1/gallery/images", "/v1/gallery/captions", "/v1/info",
-             "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = (
+    "/v1/search/text",
+    "/v1/search/images",
+    "/v1/gallery/images",
+    "/v1/gallery/captions",
+    "/v1/info",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+)
 WRITE_PREFIX = "/v1/gallery/"
 
 
@@ -57,8 +68,9 @@ def versions() -> dict[str, str | None]:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **{k: v for k, v in extra.items() if v is not None}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": message, **{k: v for k, v in extra.items() if v is not None}}, status_code=status, headers=headers
+    )
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -122,8 +134,13 @@ class _Guard:
         try:
             declared = dict(scope["headers"]).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await _error(413, f"body: at most {limit} bytes, received {int(declared)}", field="body", limit=limit,
-                             received=int(declared))(scope, receive, send_status)
+                await _error(
+                    413,
+                    f"body: at most {limit} bytes, received {int(declared)}",
+                    field="body",
+                    limit=limit,
+                    received=int(declared),
+                )(scope, receive, send_status)
                 return
             received = 0
 
@@ -133,8 +150,9 @@ class _Guard:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        raise ApiError(413, f"body: at most {limit} bytes, received more than {limit}",
-                                       field="body", limit=limit)
+                        raise ApiError(
+                            413, f"body: at most {limit} bytes, received more than {limit}", field="body", limit=limit
+                        )
                 return message
 
             await self.app(scope, counted_receive, send_status)
@@ -160,9 +178,12 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await run_in_threadpool(service.close)
 
-    app = FastAPI(title="SCAN search", version=_version("scan-runtime") or "dev", lifespan=lifespan,
-                  description="Top-k image-text search with an exported SCAN model; queries of concurrent "
-                              "requests are batched.")
+    app = FastAPI(
+        title="SCAN search",
+        version=_version("scan-runtime") or "dev",
+        lifespan=lifespan,
+        description="Top-k image-text search with an exported SCAN model; queries of concurrent requests are batched.",
+    )
     app.add_middleware(_Guard, service=service)
     limits = service.settings.limits
 
@@ -182,43 +203,111 @@ def create_app(service: Service) -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
-            raise ApiError(401, "Authorization: gallery writes need 'Authorization: Bearer <token>' (missing or "
-                                "wrong token)", field="Authorization", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "Authorization: gallery writes need 'Authorization: Bearer <token>' (missing or wrong token)",
+                field="Authorization",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
-    search_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["queries"], "properties": {
-            "queries": {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_queries},
-            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K}}}}}}}
-    image_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["queries"], "properties": {
-            "queries": {"type": "array", "description": "region features (n, regions, img_dim)"},
-            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K}}}},
-        rq.NPY: {"schema": {"type": "string", "format": "binary",
-                            "description": ".npy float array (n, regions, img_dim); k in the query string"}}}}}
-    append_images_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["features"], "properties": {
-            "features": {"type": "array", "description": "region features (n, regions, img_dim)"},
-            "names": {"type": "array", "items": {"type": "string"}}}}},
-        rq.NPY: {"schema": {"type": "string", "format": "binary",
-                            "description": ".npy features; names as a JSON array in the query string"}}}}}
-    append_captions_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["captions"], "properties": {
-            "captions": {"type": "array", "items": {"type": "string"}}}}}}}}
+    search_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["queries"],
+                        "properties": {
+                            "queries": {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_queries},
+                            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K},
+                        },
+                    }
+                }
+            },
+        }
+    }
+    image_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["queries"],
+                        "properties": {
+                            "queries": {"type": "array", "description": "region features (n, regions, img_dim)"},
+                            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K},
+                        },
+                    }
+                },
+                rq.NPY: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": ".npy float array (n, regions, img_dim); k in the query string",
+                    }
+                },
+            },
+        }
+    }
+    append_images_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["features"],
+                        "properties": {
+                            "features": {"type": "array", "description": "region features (n, regions, img_dim)"},
+                            "names": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                },
+                rq.NPY: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": ".npy features; names as a JSON array in the query string",
+                    }
+                },
+            },
+        }
+    }
+    append_captions_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["captions"],
+                        "properties": {"captions": {"type": "array", "items": {"type": "string"}}},
+                    }
+                }
+            },
+        }
+    }
 
     @app.post("/v1/search/text", openapi_extra=search_body, summary="Text queries -> top-k images")
     async def search_text(request: Request) -> Response:
         async def run():
             queries, k = rq.parse_search_text(await request.body(), request.headers.get("content-type"), limits)
             return _hits_json(await service.search_text(queries, k))
+
         return await _guard("/v1/search/text", run)
 
-    @app.post("/v1/search/images", openapi_extra=image_body,
-              summary="Image queries (region features) -> top-k captions")
+    @app.post(
+        "/v1/search/images", openapi_extra=image_body, summary="Image queries (region features) -> top-k captions"
+    )
     async def search_images(request: Request) -> Response:
         async def run():
-            regions, k = rq.parse_search_images(await request.body(), request.headers.get("content-type"),
-                                                request.query_params, limits)
+            regions, k = rq.parse_search_images(
+                await request.body(), request.headers.get("content-type"), request.query_params, limits
+            )
             return _hits_json(await service.search_images(regions, k))
+
         return await _guard("/v1/search/images", run)
 
     @app.post("/v1/gallery/images", openapi_extra=append_images_body, summary="Append images to the gallery")
@@ -226,11 +315,12 @@ def create_app(service: Service) -> FastAPI:
         async def run():
             _authorize(request)
             service.require_ready()  # 503 before reading a large body
-            regions, names = rq.parse_append_images(await request.body(), request.headers.get("content-type"),
-                                                    request.query_params, limits)
+            regions, names = rq.parse_append_images(
+                await request.body(), request.headers.get("content-type"), request.query_params, limits
+            )
             out = await run_in_threadpool(service.append_images, regions, names)
-            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)),
-                    "count": out.count}
+            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
+
         return await _guard("/v1/gallery/images", run)
 
     @app.post("/v1/gallery/captions", openapi_extra=append_captions_body, summary="Append captions to the gallery")
@@ -241,18 +331,23 @@ def create_app(service: Service) -> FastAPI:
             captions = rq.parse_append_captions(await request.body(), request.headers.get("content-type"), limits)
             service.require_ready().check_text(captions, field="captions")
             out = await run_in_threadpool(service.append_captions, captions)
-            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)),
-                    "count": out.count}
+            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
+
         return await _guard("/v1/gallery/captions", run)
 
     @app.get("/v1/info", summary="Model, galleries, backend, batching, limits, versions")
     async def info() -> Response:
         async def run():
-            out: dict[str, Any] = {"ready": service.ready, **service.settings.to_dict(),
-                                   "auth": {"writes_need_token": service.token is not None}, "versions": versions()}
+            out: dict[str, Any] = {
+                "ready": service.ready,
+                **service.settings.to_dict(),
+                "auth": {"writes_need_token": service.token is not None},
+                "versions": versions(),
+            }
             if service.ready:
                 out.update(service.executor.describe())
             return out
+
         return await _guard("/v1/info", run)
 
     @app.get("/healthz", summary="Alive")

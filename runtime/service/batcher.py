@@ -9,6 +9,7 @@ batch fails, each of its requests is run again alone, so only the request that c
 
 The batcher knows nothing of HTTP or of the model: ``execute(kind, queries, k) -> Hits`` is all it calls.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,12 @@ def merge_queries(jobs: list[_Job]) -> Sequence[str] | np.ndarray:
 
 
 class Batcher:
-    def __init__(self, execute: Callable[[str, Any, int], Hits], settings: Batching | None = None,
-                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        execute: Callable[[str, Any, int], Hits],
+        settings: Batching | None = None,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> None:
         """``on_batch(kind, queries, seconds)`` is called after every executed batch (metrics)."""
         self.execute = execute
         self.settings = settings or Batching()
@@ -96,8 +101,9 @@ class Batcher:
             limit = self.settings.max_queue
             if self._pending + job.n > limit:
                 batches_ahead = 1 + self._pending // self.settings.max_batch
-                raise QueueFull(self._pending, limit, job.n,
-                                retry_after=batches_ahead * self._batch_seconds / self.settings.workers)
+                raise QueueFull(
+                    self._pending, limit, job.n, retry_after=batches_ahead * self._batch_seconds / self.settings.workers
+                )
             self._queue.append(job)
             self._pending += job.n
             self._cond.notify_all()

@@ -11,6 +11,7 @@ reference once, at its start, so searches in flight finish on the generation the
 memory maps stay valid after the commit) and every search that starts after an append has returned sees
 the appended items.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,15 +90,23 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    def __init__(self, engine: ScanEngine, gallery: str | Path, engine_path: str | Path | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        engine: ScanEngine,
+        gallery: str | Path,
+        engine_path: str | Path | None = None,
+        precision: str = "fp32",
+        device: str = "cpu",
+    ) -> None:
         self.engine = engine
+        self.precision = precision
         self.folder = Path(gallery)
         self.engine_path = str(engine_path) if engine_path is not None else None
         self.device = device
         if self.folder.exists() and not self.folder.is_dir():
-            raise GalleryError(f"--gallery {self.folder}: expected a folder (holding images/ and captions/), "
-                               f"received a file")
+            raise GalleryError(
+                f"--gallery {self.folder}: expected a folder (holding images/ and captions/), received a file"
+            )
         images = captions = None
         if (self.folder / "images" / MANIFEST).is_file():
             images = ImageGallery.load(self.folder / "images", engine.manifest.image_encoder_id)
@@ -108,11 +117,18 @@ class LocalExecutor:
         self._write = threading.Lock()  # one append at a time in this process
 
     @classmethod
-    def open(cls, engine: str | Path, gallery: str | Path, backend: str = "auto", precision: str = "fp32",
-             device: str = "cpu", threads: int | None = None) -> LocalExecutor:
+    def open(
+        cls,
+        engine: str | Path,
+        gallery: str | Path,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> LocalExecutor:
         scan = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
         try:
-            return cls(scan, gallery, engine_path=engine, device=device)
+            return cls(scan, gallery, engine_path=engine, precision=precision, device=device)
         except Exception:
             scan.close()
             raise
@@ -152,11 +168,19 @@ class LocalExecutor:
         with self._write:
             old = self._current().images
             if old is not None and (old.names is None) != (names is None):
-                raise GalleryError(f"names: the image gallery {'has' if old.names is not None else 'has no'} names; "
-                                   f"append {'one name per image' if old.names is not None else 'without names'}")
-            gallery = build_image_gallery(self.engine, regions, self.folder / "images", names=names,
-                                          dtype=old.dtype.name if old is not None else "float32", append=True,
-                                          progress=False)
+                raise GalleryError(
+                    f"names: the image gallery {'has' if old.names is not None else 'has no'} names; "
+                    f"append {'one name per image' if old.names is not None else 'without names'}"
+                )
+            gallery = build_image_gallery(
+                self.engine,
+                regions,
+                self.folder / "images",
+                names=names,
+                dtype=old.dtype.name if old is not None else "float32",
+                append=True,
+                progress=False,
+            )
             with self._swap:
                 self._searcher = Searcher(self.engine, images=gallery, captions=self._searcher.captions)
             n_old = len(old) if old is not None else 0
@@ -165,9 +189,14 @@ class LocalExecutor:
     def append_captions(self, captions: list[str]) -> Appended:
         with self._write:
             old = self._current().captions
-            gallery = build_caption_gallery(self.engine, captions, self.folder / "captions",
-                                            dtype=old.dtype.name if old is not None else "float32", append=True,
-                                            progress=False)
+            gallery = build_caption_gallery(
+                self.engine,
+                captions,
+                self.folder / "captions",
+                dtype=old.dtype.name if old is not None else "float32",
+                append=True,
+                progress=False,
+            )
             with self._swap:
                 self._searcher = Searcher(self.engine, images=self._searcher.images, captions=gallery)
             n_old = len(old) if old is not None else 0
@@ -177,21 +206,35 @@ class LocalExecutor:
 
     def sizes(self) -> dict[str, int | None]:
         s = self._current()
-        return {"images": len(s.images) if s.images is not None else None,
-                "captions": len(s.captions) if s.captions is not None else None}
+        return {
+            "images": len(s.images) if s.images is not None else None,
+            "captions": len(s.captions) if s.captions is not None else None,
+        }
 
     def describe(self) -> dict:
         s = self._current()
         galleries = {}
         for kind, g in (("images", s.images), ("captions", s.captions)):
-            galleries[kind] = None if g is None else {
-                "count": len(g), "dtype": g.dtype.name, "generation": g.manifest.get("generation"),
-                **({"names": g.names is not None} if kind == "images" else {})}
+            galleries[kind] = (
+                None
+                if g is None
+                else {
+                    "count": len(g),
+                    "dtype": g.dtype.name,
+                    "generation": g.manifest.get("generation"),
+                    **({"names": g.names is not None} if kind == "images" else {}),
+                }
+            )
         m = self.engine.manifest
-        return {"engine": self.engine_path, "model": {"name": m.name, "config": self.engine.config.to_dict(),
-                                                      "max_words": m.max_words},
-                "backend": self.engine.backend_name, "precision": self.engine.precision, "device": self.device,
-                "gallery": str(self.folder), "galleries": galleries}
+        return {
+            "engine": self.engine_path,
+            "model": {"name": m.name, "config": self.engine.config.to_dict(), "max_words": m.max_words},
+            "backend": self.engine.backend_name,
+            "precision": self.precision,
+            "device": self.device,
+            "gallery": str(self.folder),
+            "galleries": galleries,
+        }
 
     def close(self) -> None:
         self.engine.close()

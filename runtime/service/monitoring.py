@@ -1,4 +1,5 @@
 """Prometheus metrics of one service instance (its own registry, so several can live in one process)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,7 +11,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 def batch_buckets(max_batch: int) -> tuple[float, ...]:
     """Every size up to 16, then powers of two, and ``max_batch`` itself: the distribution is readable."""
-    sizes = set(range(1, min(max_batch, 16) + 1)) | {2 ** i for i in range(max_batch.bit_length() + 1)} | {max_batch}
+    sizes = set(range(1, min(max_batch, 16) + 1)) | {2**i for i in range(max_batch.bit_length() + 1)} | {max_batch}
     return tuple(float(s) for s in sorted(sizes) if s <= max_batch)
 
 
@@ -20,14 +21,22 @@ class Monitoring:
     def __init__(self, max_batch: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("scan_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("scan_request_seconds", "HTTP request latency by endpoint", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("scan_batch_size", "queries per executed batch", ["kind"],
-                                    buckets=batch_buckets(max_batch), registry=r)
-        self.batch_seconds = Histogram("scan_batch_seconds", "executor time per batch", ["kind"],
-                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "scan_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "scan_request_seconds",
+            "HTTP request latency by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "scan_batch_size", "queries per executed batch", ["kind"], buckets=batch_buckets(max_batch), registry=r
+        )
+        self.batch_seconds = Histogram(
+            "scan_batch_seconds", "executor time per batch", ["kind"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.in_flight = Gauge("scan_requests_in_flight", "API requests (/v1/...) being handled", registry=r)
         self.queue_depth = Gauge("scan_queue_depth", "queries waiting for a batch", registry=r)
         self.gallery_size = Gauge("scan_gallery_size", "items in each gallery", ["kind"], registry=r)

@@ -4,6 +4,7 @@ expected (or the limit) and what was received; nothing here lets a client's mist
 Search bodies: ``{"queries": [...], "k": int}`` as JSON; image queries may instead be an ``.npy`` body
 (``application/octet-stream``, read with ``allow_pickle=False``) with ``k`` in the query string.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,15 @@ NPY = "application/octet-stream"
 class ApiError(Exception):
     """A client mistake: answered with ``status`` and ``{"error": message, ...}``."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, limit: Any = None,
-                 received: Any = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        limit: Any = None,
+        received: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -43,12 +51,19 @@ class ApiError(Exception):
 
 def _short(value: Any, width: int = 60) -> str:
     text = json.dumps(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def media_type(content_type: str | None) -> str:
@@ -58,8 +73,9 @@ def media_type(content_type: str | None) -> str:
 def parse_json(body: bytes, content_type: str | None) -> dict[str, Any]:
     mt = media_type(content_type)
     if mt not in ("application/json", ""):
-        raise ApiError(415, f"Content-Type: expected application/json, received {mt!r}", field="Content-Type",
-                       received=mt)
+        raise ApiError(
+            415, f"Content-Type: expected application/json, received {mt!r}", field="Content-Type", received=mt
+        )
     if not body:
         raise ApiError(400, "body: expected a JSON object, received an empty body", field="body")
     try:
@@ -71,8 +87,9 @@ def parse_json(body: bytes, content_type: str | None) -> dict[str, Any]:
     except RecursionError as e:
         raise ApiError(400, "body: JSON nested too deeply", field="body") from e
     if not isinstance(obj, dict):
-        raise ApiError(422, f"body: expected a JSON object, received {_type_name(obj)}", field="body",
-                       received=_type_name(obj))
+        raise ApiError(
+            422, f"body: expected a JSON object, received {_type_name(obj)}", field="body", received=_type_name(obj)
+        )
     return obj
 
 
@@ -92,41 +109,66 @@ def parse_k(value: Any, limits: Limits, from_query: bool = False) -> int:
         try:
             value = int(value.strip())
         except ValueError:
-            raise ApiError(422, f"k: expected a positive integer, received {_short(value)}", field="k",
-                           received=value) from None
+            raise ApiError(
+                422, f"k: expected a positive integer, received {_short(value)}", field="k", received=value
+            ) from None
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise ApiError(422, f"k: expected a positive integer, received {_type_name(value)} {_short(value)}",
-                           field="k", received=value if isinstance(value, (int, float)) else _short(value))
+            raise ApiError(
+                422,
+                f"k: expected a positive integer, received {_type_name(value)} {_short(value)}",
+                field="k",
+                received=value if isinstance(value, (int, float)) else _short(value),
+            )
     if value <= 0:
         raise ApiError(422, f"k: expected a positive integer, received {value}", field="k", received=value)
     if value > limits.max_k:
-        raise ApiError(422, f"k: at most {limits.max_k}, received {value}", field="k", limit=limits.max_k,
-                       received=value)
+        raise ApiError(
+            422, f"k: at most {limits.max_k}, received {value}", field="k", limit=limits.max_k, received=value
+        )
     return value
 
 
 def _captions(value: Any, field: str, limit: int, limits: Limits) -> list[str]:
     if not isinstance(value, list):
-        raise ApiError(422, f"{field}: expected an array of strings, received {_type_name(value)}", field=field,
-                       received=_type_name(value))
+        raise ApiError(
+            422,
+            f"{field}: expected an array of strings, received {_type_name(value)}",
+            field=field,
+            received=_type_name(value),
+        )
     if not value:
         raise ApiError(422, f"{field}: expected at least one caption, received none", field=field, received=0)
     if len(value) > limit:
-        raise ApiError(413, f"{field}: at most {limit} per request, received {len(value)}", field=field, limit=limit,
-                       received=len(value))
+        raise ApiError(
+            413,
+            f"{field}: at most {limit} per request, received {len(value)}",
+            field=field,
+            limit=limit,
+            received=len(value),
+        )
     for i, c in enumerate(value):
         if not isinstance(c, str):
-            raise ApiError(422, f"{field}[{i}]: expected a string, received {_type_name(c)} {_short(c)}",
-                           field=f"{field}[{i}]", received=_type_name(c))
+            raise ApiError(
+                422,
+                f"{field}[{i}]: expected a string, received {_type_name(c)} {_short(c)}",
+                field=f"{field}[{i}]",
+                received=_type_name(c),
+            )
         if len(c) > limits.max_caption_chars:
-            raise ApiError(413, f"{field}[{i}]: at most {limits.max_caption_chars} characters, received {len(c)}",
-                           field=f"{field}[{i}]", limit=limits.max_caption_chars, received=len(c))
+            raise ApiError(
+                413,
+                f"{field}[{i}]: at most {limits.max_caption_chars} characters, received {len(c)}",
+                field=f"{field}[{i}]",
+                limit=limits.max_caption_chars,
+                received=len(c),
+            )
         if not c.strip():
-            raise ApiError(422, f"{field}[{i}]: empty caption (expected at least one word)", field=f"{field}[{i}]",
-                           received=c)
+            raise ApiError(
+                422, f"{field}[{i}]: empty caption (expected at least one word)", field=f"{field}[{i}]", received=c
+            )
     return value
 
 
@@ -138,16 +180,25 @@ def parse_search_text(body: bytes, content_type: str | None, limits: Limits) -> 
 
 def _regions_from_lists(value: Any, field: str) -> np.ndarray:
     if not isinstance(value, list):
-        raise ApiError(422, f"{field}: expected nested arrays of numbers (n, regions, img_dim), received "
-                            f"{_type_name(value)}", field=field, received=_type_name(value))
+        raise ApiError(
+            422,
+            f"{field}: expected nested arrays of numbers (n, regions, img_dim), received {_type_name(value)}",
+            field=field,
+            received=_type_name(value),
+        )
     try:
         arr = np.array(value)
     except (ValueError, TypeError) as e:
-        raise ApiError(422, f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths "
-                            f"({e})", field=field) from e
+        raise ApiError(
+            422, f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths ({e})", field=field
+        ) from e
     if arr.dtype.kind not in "iuf":  # strings, booleans, nulls (object) and mixtures
-        raise ApiError(422, f"{field}: expected numbers, received elements of type {arr.dtype.kind!r} "
-                            f"({'strings' if arr.dtype.kind == 'U' else arr.dtype.name})", field=field)
+        raise ApiError(
+            422,
+            f"{field}: expected numbers, received elements of type {arr.dtype.kind!r} "
+            f"({'strings' if arr.dtype.kind == 'U' else arr.dtype.name})",
+            field=field,
+        )
     return arr.astype(np.float32)
 
 
@@ -157,13 +208,21 @@ def regions_from_npy(body: bytes, field: str) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ApiError(400, f"{field}: expected an .npy array (numpy.save, no pickled objects), received "
-                            f"{len(body)} bytes that are not one ({e})", field=field) from e
+        raise ApiError(
+            400,
+            f"{field}: expected an .npy array (numpy.save, no pickled objects), received "
+            f"{len(body)} bytes that are not one ({e})",
+            field=field,
+        ) from e
     if not isinstance(arr, np.ndarray):  # an .npz archive
         raise ApiError(400, f"{field}: expected one .npy array, received an .npz archive", field=field)
     if arr.dtype.kind != "f":
-        raise ApiError(422, f"{field}: expected floating-point features, received dtype {arr.dtype}", field=field,
-                       received=str(arr.dtype))
+        raise ApiError(
+            422,
+            f"{field}: expected floating-point features, received dtype {arr.dtype}",
+            field=field,
+            received=str(arr.dtype),
+        )
     return arr
 
 
@@ -172,12 +231,14 @@ def _check_count(arr: np.ndarray, field: str, limit: int) -> None:
     if arr.ndim >= 1 and n == 0:
         raise ApiError(422, f"{field}: expected at least one image, received none", field=field, received=0)
     if n > limit:
-        raise ApiError(413, f"{field}: at most {limit} images per request, received {n}", field=field, limit=limit,
-                       received=n)
+        raise ApiError(
+            413, f"{field}: at most {limit} images per request, received {n}", field=field, limit=limit, received=n
+        )
 
 
-def parse_search_images(body: bytes, content_type: str | None, query: Mapping[str, str],
-                        limits: Limits) -> tuple[np.ndarray, int]:
+def parse_search_images(
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+) -> tuple[np.ndarray, int]:
     if media_type(content_type) == NPY:
         regions, k = regions_from_npy(body, "body"), parse_k(query.get("k"), limits, from_query=True)
     else:
@@ -194,13 +255,15 @@ def _names(value: Any, n: int) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
         raise ApiError(422, f"names: expected an array of strings, received {_short(value)}", field="names")
     if len(value) != n:
-        raise ApiError(422, f"names: expected one name per image ({n}), received {len(value)}", field="names",
-                       received=len(value))
+        raise ApiError(
+            422, f"names: expected one name per image ({n}), received {len(value)}", field="names", received=len(value)
+        )
     return value
 
 
-def parse_append_images(body: bytes, content_type: str | None, query: Mapping[str, str],
-                        limits: Limits) -> tuple[np.ndarray, list[str] | None]:
+def parse_append_images(
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+) -> tuple[np.ndarray, list[str] | None]:
     """JSON ``{"features": [...], "names": [...]}``, or an ``.npy`` body with ``names`` as a JSON array in the
     query string (``?names=["a.jpg","b.jpg"]``)."""
     if media_type(content_type) == NPY:
@@ -209,8 +272,9 @@ def parse_append_images(body: bytes, content_type: str | None, query: Mapping[st
         try:
             names_value = json.loads(names_raw) if names_raw is not None else None
         except json.JSONDecodeError as e:
-            raise ApiError(422, f"names: expected a JSON array of strings in the query string ({e.msg})",
-                           field="names") from e
+            raise ApiError(
+                422, f"names: expected a JSON array of strings in the query string ({e.msg})", field="names"
+            ) from e
     else:
         obj = parse_json(body, content_type)
         _check_fields(obj, ("features", "names"), ("features",))

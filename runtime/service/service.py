@@ -3,6 +3,7 @@
 The HTTP layer calls ``search`` / ``append_*`` and reads ``ready``; it never touches the executor's
 internals, so an executor that fans batches out to shards drops in through ``open_executor``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,9 @@ class NoGallery(RuntimeError):
 
 
 class Service:
-    def __init__(self, open_executor: Callable[[], Executor], settings: Settings | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, open_executor: Callable[[], Executor], settings: Settings | None = None, token: str | None = None
+    ) -> None:
         self.open_executor = open_executor
         self.settings = settings or Settings()
         self.token = token
@@ -106,16 +108,21 @@ class Service:
 
     def require_ready(self) -> Executor:
         if not self.ready:
-            raise NotReady("the engine and galleries are still loading" if self.load_error is None
-                           else f"loading failed: {self.load_error}")
+            raise NotReady(
+                "the engine and galleries are still loading"
+                if self.load_error is None
+                else f"loading failed: {self.load_error}"
+            )
         return self.executor
 
     def _require_gallery(self, kind: str) -> None:
         gallery = {"text": "images", "images": "captions"}[kind]
         if self.require_ready().sizes().get(gallery) is None:
             how = "POST /v1/gallery/images" if gallery == "images" else "POST /v1/gallery/captions"
-            raise NoGallery(f"no {gallery[:-1]} gallery to search yet: {kind} queries search the {gallery} "
-                            f"gallery; add items with {how}")
+            raise NoGallery(
+                f"no {gallery[:-1]} gallery to search yet: {kind} queries search the {gallery} "
+                f"gallery; add items with {how}"
+            )
 
     async def search_text(self, queries: Sequence[str], k: int) -> Hits:
         self._require_gallery("text")

@@ -1,4 +1,5 @@
 """Batching settings and request limits of the search service (what ``GET /v1/info`` reports)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -42,8 +43,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.limits.max_queries > self.batching.max_queue:
-            raise ValueError(f"max_queries ({self.limits.max_queries}) must not exceed max_queue "
-                             f"({self.batching.max_queue}): such a request could never be queued")
+            raise ValueError(
+                f"max_queries ({self.limits.max_queries}) must not exceed max_queue "
+                f"({self.batching.max_queue}): such a request could never be queued"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {"batching": asdict(self.batching), "limits": asdict(self.limits)}

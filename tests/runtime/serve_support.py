@@ -1,4 +1,5 @@
 """Helpers for the service tests: a small gallery on disk, a loaded service, an in-process HTTP client."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,13 @@ N_IMAGES, N_CAPTIONS = 40, 60
 
 def build_gallery(engine_path: Path, folder: Path, names: bool = True) -> Path:
     with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
-        build_image_gallery(engine, random_regions(N_IMAGES, seed=1), folder / "images",
-                            names=[f"img{i}" for i in range(N_IMAGES)] if names else None, progress=False)
+        build_image_gallery(
+            engine,
+            random_regions(N_IMAGES, seed=1),
+            folder / "images",
+            names=[f"img{i}" for i in range(N_IMAGES)] if names else None,
+            progress=False,
+        )
         build_caption_gallery(engine, random_captions(N_CAPTIONS, seed=2), folder / "captions", progress=False)
     return folder
 
@@ -33,10 +39,12 @@ def copy_gallery(src: Path, dst: Path) -> Path:
     return dst
 
 
-def local_service(engine_path: Path, gallery: Path, settings: Settings | None = None, token: str | None = None,
-                  start: bool = True) -> Service:
-    svc = Service(lambda: LocalExecutor.open(engine_path, gallery, backend="onnxruntime", threads=1), settings,
-                  token=token)
+def local_service(
+    engine_path: Path, gallery: Path, settings: Settings | None = None, token: str | None = None, start: bool = True
+) -> Service:
+    svc = Service(
+        lambda: LocalExecutor.open(engine_path, gallery, backend="onnxruntime", threads=1), settings, token=token
+    )
     if start:
         svc.start(background=False)
     return svc
@@ -44,14 +52,17 @@ def local_service(engine_path: Path, gallery: Path, settings: Settings | None = 
 
 def run_client(service: Service, body: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
     """Run ``body(client)`` against the service's app in process (ASGI transport, no sockets)."""
+
     async def main():
         transport = httpx.ASGITransport(app=create_app(service))
         async with httpx.AsyncClient(transport=transport, base_url="http://scan.test", timeout=60) as client:
             return await body(client)
+
     return asyncio.run(main())
 
 
 def request(service: Service, method: str, url: str, **kwargs: Any) -> httpx.Response:
     async def body(client):
         return await client.request(method, url, **kwargs)
+
     return run_client(service, body)

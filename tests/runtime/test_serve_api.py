@@ -1,4 +1,5 @@
 """The HTTP API in process (ASGI transport): every endpoint, every kind of bad input, the token, overload."""
+
 from __future__ import annotations
 
 import io
@@ -49,8 +50,11 @@ def reference(engine_t2i, gallery):
 
 @pytest.fixture(scope="module")
 def service(engine_t2i, gallery):
-    svc = local_service(engine_t2i, gallery, Settings(limits=Limits(max_queries=8, max_k=50, max_caption_chars=200,
-                                                                    max_body_bytes=1 << 16)))
+    svc = local_service(
+        engine_t2i,
+        gallery,
+        Settings(limits=Limits(max_queries=8, max_k=50, max_caption_chars=200, max_body_bytes=1 << 16)),
+    )
     yield svc
     svc.close()
 
@@ -86,8 +90,13 @@ def test_search_images_json_and_npy_equal_searcher(service, reference):
     regions = random_regions(3, seed=7)
     scores, ids = searcher.search(regions, 4)
     as_json = request(service, "POST", "/v1/search/images", json={"queries": regions.tolist(), "k": 4})
-    as_npy = request(service, "POST", "/v1/search/images?k=4", content=npy_bytes(regions),
-                     headers={"Content-Type": "application/octet-stream"})
+    as_npy = request(
+        service,
+        "POST",
+        "/v1/search/images?k=4",
+        content=npy_bytes(regions),
+        headers={"Content-Type": "application/octet-stream"},
+    )
     texts = random_captions(N_CAPTIONS, seed=2)
     for r in (as_json, as_npy):
         assert r.status_code == 200, r.text
@@ -133,8 +142,14 @@ BAD = [
     (TEXT, dict(json={"queries": ["dog"], "k": None}), 200, None, None, None),  # null k = default
     (TEXT, dict(json={"queries": ["dog"], "k": 51}), 422, "k", 50, 51),
     (TEXT, dict(json={"queries": ["dog"], "K": 5}), 422, "K", None, None),
-    (TEXT, dict(content=b'{"queries": ["dog"]}', headers={"Content-Type": "text/plain"}), 415, "Content-Type", None,
-     "text/plain"),
+    (
+        TEXT,
+        dict(content=b'{"queries": ["dog"]}', headers={"Content-Type": "text/plain"}),
+        415,
+        "Content-Type",
+        None,
+        "text/plain",
+    ),
     (TEXT, dict(content=b'{"queries": ["' + b"a" * 70000 + b'"]}'), 413, "body", 1 << 16, 70017),
     (IMAGES, dict(json={"queries": [[1.0] * 12]}), 422, None, None, None),  # rank 2
     (IMAGES, dict(json={"queries": [[[1.0] * 11]]}), 422, None, None, None),  # img_dim 11
@@ -144,20 +159,49 @@ BAD = [
     (IMAGES, dict(json={"queries": [[[1.0] * 12]] * 9}), 413, "queries", 8, 9),
     (IMAGES, dict(content=b'{"queries": [[[NaN' + b", 1.0" * 11 + b"]]]}"), 422, None, None, None),
     (IMAGES, dict(json={"queries": [[[1.0] * 12]], "k": 0}), 422, "k", None, 0),
-    (IMAGES, dict(content=b"not an npy", headers={"Content-Type": "application/octet-stream"}), 400, "body", None,
-     None),
+    (
+        IMAGES,
+        dict(content=b"not an npy", headers={"Content-Type": "application/octet-stream"}),
+        400,
+        "body",
+        None,
+        None,
+    ),
     (IMAGES, dict(content=b"", headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),
-    (IMAGES, dict(content=npy_bytes(np.array([{"x": 1}], dtype=object)),
-                  headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),  # pickled
-    (IMAGES, dict(content=npy_bytes(np.ones((1, 2, 12), np.int32)),
-                  headers={"Content-Type": "application/octet-stream"}), 422, "body", None, "int32"),
-    (IMAGES + "?k=zero", dict(content=npy_bytes(np.ones((1, 2, 12), np.float32)),
-                              headers={"Content-Type": "application/octet-stream"}), 422, "k", None, "zero"),
+    (
+        IMAGES,
+        dict(
+            content=npy_bytes(np.array([{"x": 1}], dtype=object)), headers={"Content-Type": "application/octet-stream"}
+        ),
+        400,
+        "body",
+        None,
+        None,
+    ),  # pickled
+    (
+        IMAGES,
+        dict(content=npy_bytes(np.ones((1, 2, 12), np.int32)), headers={"Content-Type": "application/octet-stream"}),
+        422,
+        "body",
+        None,
+        "int32",
+    ),
+    (
+        IMAGES + "?k=zero",
+        dict(content=npy_bytes(np.ones((1, 2, 12), np.float32)), headers={"Content-Type": "application/octet-stream"}),
+        422,
+        "k",
+        None,
+        "zero",
+    ),
 ]
 
 
-@pytest.mark.parametrize("url,kwargs,status,field,limit,received", BAD,
-                         ids=[f"{i}-{b[0].rsplit('/', 1)[-1]}-{b[2]}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "url,kwargs,status,field,limit,received",
+    BAD,
+    ids=[f"{i}-{b[0].rsplit('/', 1)[-1]}-{b[2]}" for i, b in enumerate(BAD)],
+)
 def test_bad_input_is_a_4xx_naming_the_field(service, url, kwargs, status, field, limit, received):
     r = request(service, "POST", url, **kwargs)
     assert r.status_code == status, r.text
@@ -185,7 +229,9 @@ def test_chunked_body_over_the_limit_is_413(service):
         async def chunks():
             for _ in range(20):
                 yield b" " * 8192
+
         return await client.post(TEXT, content=chunks(), headers={"Content-Type": "application/json"})
+
     r = run_client(service, body)
     assert r.status_code == 413 and r.json()["limit"] == 1 << 16
 
@@ -236,8 +282,13 @@ def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery
         assert sorted(hits["ids"][0]) == list(range(N_IMAGES + 3))
         assert {hits["names"][0][hits["ids"][0].index(N_IMAGES + j)] for j in range(3)} == {"n0", "n1", "n2"}
         more = random_regions(2, seed=12)
-        r = request(svc, "POST", "/v1/gallery/images?names=" + json.dumps(["m0", "m1"]), content=npy_bytes(more),
-                    headers={"Content-Type": "application/octet-stream"})
+        r = request(
+            svc,
+            "POST",
+            "/v1/gallery/images?names=" + json.dumps(["m0", "m1"]),
+            content=npy_bytes(more),
+            headers={"Content-Type": "application/octet-stream"},
+        )
         assert r.status_code == 200 and r.json()["count"] == N_IMAGES + 5, r.text
         r = request(svc, "POST", "/v1/gallery/captions", json={"captions": ["a red dog on the grass ."]})
         assert r.status_code == 200 and r.json() == {"added": 1, "ids": [N_CAPTIONS], "count": N_CAPTIONS + 1}
@@ -254,8 +305,10 @@ def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery
         # the appended images search exactly as if they had been in the gallery from the start
         with ScanEngine.open(engine_t2i, backend="onnxruntime", threads=1) as engine:
             from runtime.gallery import build_image_gallery
-            ref_images = build_image_gallery(engine, np.concatenate([random_regions(N_IMAGES, seed=1), new, more]),
-                                             tmp_path / "ref", progress=False)
+
+            ref_images = build_image_gallery(
+                engine, np.concatenate([random_regions(N_IMAGES, seed=1), new, more]), tmp_path / "ref", progress=False
+            )
             scores, ids = Searcher(engine, images=ref_images).search(QUERIES, 10)
         hits = restarted.search("text", QUERIES, 10)
         assert hits.ids.tolist() == ids.tolist()
@@ -346,8 +399,12 @@ def test_token_guards_writes_only(engine_t2i, gallery, tmp_path):
     svc = local_service(engine_t2i, copy_gallery(gallery, tmp_path / "g"), token="s3cret-token")
     try:
         body = {"captions": ["a dog ."]}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
-                        {"Authorization": "Basic s3cret-token"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret-token"},
+            {"Authorization": "Basic s3cret-token"},
+        ):
             r = request(svc, "POST", "/v1/gallery/captions", json=body, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert "s3cret" not in r.text

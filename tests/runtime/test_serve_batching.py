@@ -1,4 +1,5 @@
 """Dynamic batching: what is merged, that a result never depends on its batch-mates, many concurrent clients."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,11 +37,14 @@ def solo(kind, queries, k):
     """A deterministic 'search': each query's results depend on the query alone."""
     rows = []
     for q in queries:
-        seed = abs(hash(q if isinstance(q, str) else q.tobytes())) % (2 ** 32)
+        seed = abs(hash(q if isinstance(q, str) else q.tobytes())) % (2**32)
         rows.append(np.random.default_rng(seed).permutation(50)[:k])
     ids = np.array(rows, np.int64)
-    return Hits(-np.sort(-np.random.default_rng(0).random(ids.shape)).astype(np.float32) + ids * 0, ids,
-                [[str(i) for i in r] for r in ids])
+    return Hits(
+        -np.sort(-np.random.default_rng(0).random(ids.shape)).astype(np.float32) + ids * 0,
+        ids,
+        [[str(i) for i in r] for r in ids],
+    )
 
 
 def test_batches_merge_up_to_max_batch_and_split_back():
@@ -80,11 +84,13 @@ def test_only_compatible_requests_merge():
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=16, max_delay_ms=100))
     b.start()
-    f = [b.submit("images", np.zeros((1, 3, 4), np.float32), 2, key=3),
-         b.submit("text", ["a"], 2),
-         b.submit("images", np.ones((2, 5, 4), np.float32), 2, key=5),
-         b.submit("images", np.ones((1, 3, 4), np.float32), 2, key=3),
-         b.submit("text", ["b"] * 20, 2)]  # larger than max_batch: runs alone, whole
+    f = [
+        b.submit("images", np.zeros((1, 3, 4), np.float32), 2, key=3),
+        b.submit("text", ["a"], 2),
+        b.submit("images", np.ones((2, 5, 4), np.float32), 2, key=5),
+        b.submit("images", np.ones((1, 3, 4), np.float32), 2, key=3),
+        b.submit("text", ["b"] * 20, 2),
+    ]  # larger than max_batch: runs alone, whole
     rec.gate.set()
     assert [x.result(10).ids.shape[0] for x in f] == [1, 1, 2, 1, 20]
     b.close()
@@ -132,14 +138,16 @@ def test_a_cancelled_request_is_not_computed():
 
 @pytest.fixture(scope="module")
 def galleries(small_engines, tmp_path_factory):
-    return {mode: build_gallery(path, tmp_path_factory.mktemp(f"batching_{mode}"))
-            for mode, path in small_engines.items()}
+    return {
+        mode: build_gallery(path, tmp_path_factory.mktemp(f"batching_{mode}")) for mode, path in small_engines.items()
+    }
 
 
 def _reference(engine_path, gallery):
     engine = ScanEngine.open(engine_path, backend="onnxruntime", threads=1)
-    return engine, Searcher(engine, images=ImageGallery.load(gallery / "images"),
-                            captions=CaptionGallery.load(gallery / "captions"))
+    return engine, Searcher(
+        engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+    )
 
 
 def _batch_sizes(metrics: str, kind: str) -> tuple[float, float]:
@@ -159,7 +167,7 @@ def test_batched_results_equal_each_request_alone(mode, small_engines, galleries
     engine_path, gallery = small_engines[mode], galleries[mode]
     svc = local_service(engine_path, gallery, Settings(Batching(max_batch=16, max_delay_ms=150)))
     texts = random_captions(24, seed=5)
-    text_jobs = [(texts[i:i + 1 + i % 3], 1 + (i * 7) % 45) for i in range(0, 24, 2)]  # 1-3 captions, k 1..44
+    text_jobs = [(texts[i : i + 1 + i % 3], 1 + (i * 7) % 45) for i in range(0, 24, 2)]  # 1-3 captions, k 1..44
     image_jobs = [(random_regions(1 + i % 3, seed=30 + i), 1 + (i * 11) % 65) for i in range(10)]
 
     async def body(client):

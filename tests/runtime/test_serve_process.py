@@ -1,4 +1,5 @@
 """runtime/serve.py as a real process on a loopback port: concurrent requests, SIGTERM, startup errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,22 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
     gallery = build_gallery(engine_path, tmp_path / "gallery")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc, log = start(["--engine", str(engine_path), "--gallery", str(gallery), "--port", str(port),
-                       "--max-delay-ms", "1000", "--threads", "1", "--no-progress"], tmp_path)
+    proc, log = start(
+        [
+            "--engine",
+            str(engine_path),
+            "--gallery",
+            str(gallery),
+            "--port",
+            str(port),
+            "--max-delay-ms",
+            "1000",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     try:
         wait_ready(url, proc, log)
         texts = random_captions(16, seed=3)
@@ -67,8 +82,10 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
 
         async def burst(client):
             t = [client.post("/v1/search/text", json={"queries": [q], "k": 6}) for q in texts]
-            i = [client.post("/v1/search/images", json={"queries": regions[j:j + 1].tolist(), "k": 6})
-                 for j in range(len(regions))]
+            i = [
+                client.post("/v1/search/images", json={"queries": regions[j : j + 1].tolist(), "k": 6})
+                for j in range(len(regions))
+            ]
             return await asyncio.gather(*t, *i)
 
         async def run():
@@ -80,8 +97,10 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
                 pending = asyncio.ensure_future(burst(client))
                 async with httpx.AsyncClient(base_url=url, timeout=30) as scraper:
                     for _ in range(300):
-                        if f"scan_requests_in_flight {float(len(texts) + len(regions))}" in (
-                                await scraper.get("/metrics")).text:
+                        if (
+                            f"scan_requests_in_flight {float(len(texts) + len(regions))}"
+                            in (await scraper.get("/metrics")).text
+                        ):
                             break
                         await asyncio.sleep(0.01)
                     else:
@@ -95,10 +114,12 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
         assert rc == 0, log.read_text()
         assert time.monotonic() - t0 < 10
         with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
-            searcher = Searcher(engine, images=ImageGallery.load(gallery / "images"),
-                                captions=CaptionGallery.load(gallery / "captions"))
-            expected = [searcher.search([q], 6) for q in texts] + [searcher.search(regions[j:j + 1], 6)
-                                                                   for j in range(len(regions))]
+            searcher = Searcher(
+                engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+            )
+            expected = [searcher.search([q], 6) for q in texts] + [
+                searcher.search(regions[j : j + 1], 6) for j in range(len(regions))
+            ]
         for responses in (first, during_shutdown):  # requests in flight at SIGTERM are answered, not dropped
             for r, (scores, ids) in zip(responses, expected):
                 assert r.status_code == 200, r.text
@@ -122,14 +143,17 @@ def test_startup_errors_exit_2_in_one_line(tmp_path):
     assert "error:" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--engine", "{tmp}/missing.json"], "missing.json: no such file"),
-    (["--max-batch", "0"], "max_batch must be a positive integer, received 0"),
-    (["--max-queries", "600"], "max_queries (600) must not exceed max_queue (512)"),
-    (["--token-file", "{tmp}/nope"], "--token-file {tmp}/nope: no such file"),
-    (["--token-file", "{tmp}/empty"], "empty"),
-    (["--gallery", "{tmp}/scan.json"], "expected a folder, received a file"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--engine", "{tmp}/missing.json"], "missing.json: no such file"),
+        (["--max-batch", "0"], "max_batch must be a positive integer, received 0"),
+        (["--max-queries", "600"], "max_queries (600) must not exceed max_queue (512)"),
+        (["--token-file", "{tmp}/nope"], "--token-file {tmp}/nope: no such file"),
+        (["--token-file", "{tmp}/empty"], "empty"),
+        (["--gallery", "{tmp}/scan.json"], "expected a folder, received a file"),
+    ],
+)
 def test_bad_arguments_exit_2_before_serving(tmp_path, capsys, extra, message):
     from runtime.serve import main
 
