@@ -383,6 +383,8 @@ def write_plot(report: dict[str, Any], path: Path) -> dict[str, Any]:
         ax2.plot(conc, [c["p99_ms"] for c in cfg["cells"]], "s--", label=f"{label} p99")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ticks = sorted({c["concurrency"] for cfg in report["configs"].values() for c in cfg["cells"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrent clients")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
