@@ -1,0 +1,192 @@
+"""Serve top-k search over HTTP, batching the queries of concurrent requests (FastAPI + uvicorn).
+
+    python runtime/serve.py --engine engines/scan.json --gallery gal [--host 127.0.0.1] [--port 8080]
+                            [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
+
+Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
+GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The engine and galleries load in
+the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
+finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from runtime.cli import USER_ERRORS, add_engine_arguments
+from runtime.service.settings import Batching, Limits, MiB, Settings
+
+logger = logging.getLogger("runtime.serve")
+
+B, L = Batching(), Limits()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
+    p.add_argument("--engine", required=True, help="scan.json, scan.onnx or scan.plan")
+    p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch", type=int, default=B.max_batch, help="queries merged into one search call")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=B.max_delay_ms,
+        help="how long the oldest queued request waits for batch-mates",
+    )
+    p.add_argument("--workers", type=int, default=B.workers, help="threads executing batches (one process)")
+    p.add_argument("--max-queue", type=int, default=B.max_queue, help="queued queries before 503 + Retry-After")
+    p.add_argument("--max-queries", type=int, default=L.max_queries, help="queries per search request")
+    p.add_argument("--max-k", type=int, default=L.max_k)
+    p.add_argument("--max-caption-chars", type=int, default=L.max_caption_chars)
+    p.add_argument("--max-body-mb", type=float, default=L.max_body_bytes / MiB, help="search request bodies")
+    p.add_argument("--max-append-mb", type=float, default=L.max_append_bytes / MiB, help="gallery append bodies")
+    p.add_argument("--max-append-items", type=int, default=L.max_append_items)
+    p.add_argument("--token-file", help="file holding the bearer token that gallery writes require")
+    p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_engine_arguments(p)
+    return p
+
+
+def read_token(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--token-file {p}: no such file")
+    token = p.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"--token-file {p}: empty (expected the token on one line)")
+    if p.stat().st_mode & 0o077:
+        logger.warning("--token-file %s is readable by other users (chmod 600 it)", p)
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401  (the optional extra: a clear message when it is missing)
+    except ImportError as e:
+        print(f"error: the service needs the 'serve' extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings(
+            Batching(args.max_batch, args.max_delay_ms, args.workers, args.max_queue),
+            Limits(
+                args.max_queries,
+                args.max_k,
+                args.max_caption_chars,
+                int(args.max_body_mb * MiB),
+                int(args.max_append_mb * MiB),
+                args.max_append_items,
+            ),
+        )
+        token = read_token(args.token_file) if args.token_file else None
+        if Path(args.gallery).exists() and not Path(args.gallery).is_dir():
+            raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
+        if not Path(args.engine).exists():
+            raise ValueError(f"--engine {args.engine}: no such file")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return serve(args, settings, token)
+
+
+def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> int:
+    import uvicorn
+
+    from runtime.service.app import create_app
+    from runtime.service.executor import LocalExecutor
+    from runtime.service.service import Service
+
+    def open_executor():
+        return LocalExecutor.open(
+            args.engine,
+            args.gallery,
+            backend=args.backend,
+            precision=args.precision,
+            device=args.device,
+            threads=args.threads,
+        )
+
+    service = Service(open_executor, settings, token=token)
+    config = uvicorn.Config(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=args.grace_s,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+
+    def summary(svc: Service) -> None:
+        d = svc.executor.describe()
+        g = {k: (v["count"] if v else "none") for k, v in d["galleries"].items()}
+        b = settings.batching
+        logger.info(
+            "ready on http://%s:%d: engine %s (%s, %s, %s), gallery %s (images %s, captions %s), "
+            "max-batch %d, max-delay %g ms, workers %d, max-queue %d, writes %s",
+            args.host,
+            args.port,
+            args.engine,
+            d["backend"],
+            d["precision"],
+            d["device"],
+            args.gallery,
+            g["images"],
+            g["captions"],
+            b.max_batch,
+            b.max_delay_ms,
+            b.workers,
+            b.max_queue,
+            "need a token" if token else "open (no --token-file)",
+        )
+
+    service.on_loaded.append(summary)
+    service.on_load_failed.append(lambda e: setattr(server, "should_exit", True))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "binding to %s: the service is reachable from other machines%s",
+            args.host,
+            "" if token else "; gallery writes are open to them (use --token-file)",
+        )
+
+    # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown) and re-raises the signal to the
+    # previous handler when it is done; these handlers make that a clean exit 0, and a signal that arrives
+    # before uvicorn installs its own still stops the server.
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind
+        print(f"error: could not serve on {args.host}:{args.port} (see the log above)", file=sys.stderr)
+        return int(e.code) if isinstance(e.code, int) and e.code else 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        service.close()
+    if service.load_error is not None:
+        e = service.load_error
+        print(
+            f"error: {e}" if isinstance(e, USER_ERRORS) else f"error: loading failed: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
+        return 2
+    logger.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

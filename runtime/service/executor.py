@@ -1,0 +1,246 @@
+"""What executes a batch of searches and the gallery appends: the ``Executor`` interface and its local form.
+
+The batcher and the HTTP layer only see ``Executor``; ``LocalExecutor`` runs everything in this process
+with one ``ScanEngine`` and the galleries of one folder (``images/`` and ``captions/``, as
+``runtime/search.py`` lays them out). A sharded executor (fan-out to several gallery shards, merge of
+their top-k) implements the same methods.
+
+Appends while serving: the gallery cache commits a new generation atomically (``build_*_gallery`` with
+``append=True``), then the executor swaps its ``Searcher`` reference under a lock. A search takes the
+reference once, at its start, so searches in flight finish on the generation they started with (its
+memory maps stay valid after the commit) and every search that starts after an append has returned sees
+the appended items.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.engine import ScanEngine
+from runtime.features import check_regions
+from runtime.gallery import (
+    MANIFEST,
+    CaptionGallery,
+    GalleryError,
+    ImageGallery,
+    build_caption_gallery,
+    build_image_gallery,
+)
+from runtime.searcher import Searcher, SearchError
+from runtime.tokenizer import TokenizerError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("text", "images")  # search directions: text queries -> image gallery, image queries -> caption gallery
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Top-k of n queries: faiss's contract plus each hit's label (image name or caption text, or None)."""
+
+    scores: np.ndarray  # (n, k) float32, descending; -inf past the gallery
+    ids: np.ndarray  # (n, k) int64; -1 past the gallery
+    names: list[list[str | None]]  # (n, k)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows(self, start: int, stop: int, k: int) -> Hits:
+        """Queries ``start:stop``, cut to their first ``k`` results (a top-k of a larger k is exact for k)."""
+        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], [r[:k] for r in self.names[start:stop]])
+
+
+@dataclass(frozen=True)
+class Appended:
+    added: int
+    first_id: int
+    count: int  # gallery size after the append
+
+
+class Executor(Protocol):
+    """Runs searches and appends; thread-safe (the batcher may call from several worker threads)."""
+
+    def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
+        """Raise ``TokenizerError`` naming the first caption the model cannot take (as ``field[i]``)."""
+
+    def check_regions(self, regions: np.ndarray) -> np.ndarray:
+        """Return the query regions as float32 (n, R, img_dim), or raise ``FeatureError``."""
+
+    def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
+        """``kind`` 'text': captions against the image gallery; 'images': regions against the caption gallery."""
+
+    def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended: ...
+
+    def append_captions(self, captions: list[str]) -> Appended: ...
+
+    def sizes(self) -> dict[str, int | None]:
+        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery)."""
+
+    def describe(self) -> dict:
+        """Model, backend and galleries, for ``GET /v1/info``."""
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(
+        self,
+        engine: ScanEngine,
+        gallery: str | Path,
+        engine_path: str | Path | None = None,
+        precision: str = "fp32",
+        device: str = "cpu",
+    ) -> None:
+        self.engine = engine
+        self.precision = precision
+        self.folder = Path(gallery)
+        self.engine_path = str(engine_path) if engine_path is not None else None
+        self.device = device
+        if self.folder.exists() and not self.folder.is_dir():
+            raise GalleryError(
+                f"--gallery {self.folder}: expected a folder (holding images/ and captions/), received a file"
+            )
+        images = captions = None
+        if (self.folder / "images" / MANIFEST).is_file():
+            images = ImageGallery.load(self.folder / "images", engine.manifest.image_encoder_id)
+        if (self.folder / "captions" / MANIFEST).is_file():
+            captions = CaptionGallery.load(self.folder / "captions", engine.manifest.text_encoder_id)
+        self._searcher = Searcher(engine, images=images, captions=captions)
+        self._swap = threading.Lock()  # guards the searcher reference
+        self._write = threading.Lock()  # one append at a time in this process
+
+    @classmethod
+    def open(
+        cls,
+        engine: str | Path,
+        gallery: str | Path,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> LocalExecutor:
+        scan = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
+        try:
+            return cls(scan, gallery, engine_path=engine, precision=precision, device=device)
+        except Exception:
+            scan.close()
+            raise
+
+    def _current(self) -> Searcher:
+        with self._swap:
+            return self._searcher
+
+    # ------------------------------------------------------------------ validation
+
+    def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
+        try:
+            self.engine.tokenizer.encode_batch(list(queries))
+        except TokenizerError as e:  # the tokenizer says captions[i]; the client sent field[i]
+            raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
+
+    def check_regions(self, regions: np.ndarray) -> np.ndarray:
+        return check_regions(regions, self.engine.config.img_dim, name="queries")
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
+        searcher = self._current()  # one gallery generation for the whole batch
+        if kind == "text":
+            scores, ids = searcher.search_text(list(queries), k)
+            labels = searcher.images.names if searcher.images is not None else None
+        elif kind == "images":
+            scores, ids = searcher.search_images(np.asarray(queries), k)
+            labels = searcher.captions.texts if searcher.captions is not None else None
+        else:
+            raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
+        return Hits(scores, ids, _labels(ids, labels))
+
+    # ------------------------------------------------------------------ appends
+
+    def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
+        with self._write:
+            old = self._current().images
+            if old is not None and (old.names is None) != (names is None):
+                raise GalleryError(
+                    f"names: the image gallery {'has' if old.names is not None else 'has no'} names; "
+                    f"append {'one name per image' if old.names is not None else 'without names'}"
+                )
+            gallery = build_image_gallery(
+                self.engine,
+                regions,
+                self.folder / "images",
+                names=names,
+                dtype=old.dtype.name if old is not None else "float32",
+                append=True,
+                progress=False,
+            )
+            with self._swap:
+                self._searcher = Searcher(self.engine, images=gallery, captions=self._searcher.captions)
+            n_old = len(old) if old is not None else 0
+            return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
+
+    def append_captions(self, captions: list[str]) -> Appended:
+        with self._write:
+            old = self._current().captions
+            gallery = build_caption_gallery(
+                self.engine,
+                captions,
+                self.folder / "captions",
+                dtype=old.dtype.name if old is not None else "float32",
+                append=True,
+                progress=False,
+            )
+            with self._swap:
+                self._searcher = Searcher(self.engine, images=self._searcher.images, captions=gallery)
+            n_old = len(old) if old is not None else 0
+            return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
+
+    # ------------------------------------------------------------------ description
+
+    def sizes(self) -> dict[str, int | None]:
+        s = self._current()
+        return {
+            "images": len(s.images) if s.images is not None else None,
+            "captions": len(s.captions) if s.captions is not None else None,
+        }
+
+    def describe(self) -> dict:
+        s = self._current()
+        galleries = {}
+        for kind, g in (("images", s.images), ("captions", s.captions)):
+            galleries[kind] = (
+                None
+                if g is None
+                else {
+                    "count": len(g),
+                    "dtype": g.dtype.name,
+                    "generation": g.manifest.get("generation"),
+                    **({"names": g.names is not None} if kind == "images" else {}),
+                }
+            )
+        m = self.engine.manifest
+        return {
+            "engine": self.engine_path,
+            "model": {"name": m.name, "config": self.engine.config.to_dict(), "max_words": m.max_words},
+            "backend": self.engine.backend_name,
+            "precision": self.precision,
+            "device": self.device,
+            "gallery": str(self.folder),
+            "galleries": galleries,
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _labels(ids: np.ndarray, labels: list[str] | None) -> list[list[str | None]]:
+    if labels is None:
+        return [[None] * ids.shape[1] for _ in range(ids.shape[0])]
+    return [[labels[i] if i >= 0 else None for i in row] for row in ids.tolist()]

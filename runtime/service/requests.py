@@ -1,0 +1,294 @@
+"""Request bodies -> validated queries. Every rejection is an ``ApiError`` naming the field, what was
+expected (or the limit) and what was received; nothing here lets a client's mistake become a 500.
+
+Search bodies: ``{"queries": [...], "k": int}`` as JSON; image queries may instead be an ``.npy`` body
+(``application/octet-stream``, read with ``allow_pickle=False``) with ``k`` in the query string.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from runtime.service.settings import Limits
+
+DEFAULT_K = 10
+NPY = "application/octet-stream"
+
+
+class ApiError(Exception):
+    """A client mistake: answered with ``status`` and ``{"error": message, ...}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        limit: Any = None,
+        received: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.limit = limit
+        self.received = received
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.message}
+        for key in ("field", "limit", "received"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def parse_json(body: bytes, content_type: str | None) -> dict[str, Any]:
+    mt = media_type(content_type)
+    if mt not in ("application/json", ""):
+        raise ApiError(
+            415, f"Content-Type: expected application/json, received {mt!r}", field="Content-Type", received=mt
+        )
+    if not body:
+        raise ApiError(400, "body: expected a JSON object, received an empty body", field="body")
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"body: expected UTF-8 JSON, received an invalid byte at {e.start}", field="body") from e
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"body: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})", field="body") from e
+    except RecursionError as e:
+        raise ApiError(400, "body: JSON nested too deeply", field="body") from e
+    if not isinstance(obj, dict):
+        raise ApiError(
+            422, f"body: expected a JSON object, received {_type_name(obj)}", field="body", received=_type_name(obj)
+        )
+    return obj
+
+
+def _check_fields(obj: Mapping[str, Any], allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise ApiError(422, f"{unknown[0]}: unknown field (expected {', '.join(allowed)})", field=unknown[0])
+    for name in required:
+        if name not in obj:
+            raise ApiError(422, f"{name}: required field missing", field=name)
+
+
+def parse_k(value: Any, limits: Limits, from_query: bool = False) -> int:
+    if value is None:
+        return DEFAULT_K
+    if from_query and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ApiError(
+                422, f"k: expected a positive integer, received {_short(value)}", field="k", received=value
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ApiError(
+                422,
+                f"k: expected a positive integer, received {_type_name(value)} {_short(value)}",
+                field="k",
+                received=value if isinstance(value, (int, float)) else _short(value),
+            )
+    if value <= 0:
+        raise ApiError(422, f"k: expected a positive integer, received {value}", field="k", received=value)
+    if value > limits.max_k:
+        raise ApiError(
+            422, f"k: at most {limits.max_k}, received {value}", field="k", limit=limits.max_k, received=value
+        )
+    return value
+
+
+def _captions(value: Any, field: str, limit: int, limits: Limits) -> list[str]:
+    if not isinstance(value, list):
+        raise ApiError(
+            422,
+            f"{field}: expected an array of strings, received {_type_name(value)}",
+            field=field,
+            received=_type_name(value),
+        )
+    if not value:
+        raise ApiError(422, f"{field}: expected at least one caption, received none", field=field, received=0)
+    if len(value) > limit:
+        raise ApiError(
+            413,
+            f"{field}: at most {limit} per request, received {len(value)}",
+            field=field,
+            limit=limit,
+            received=len(value),
+        )
+    for i, c in enumerate(value):
+        if not isinstance(c, str):
+            raise ApiError(
+                422,
+                f"{field}[{i}]: expected a string, received {_type_name(c)} {_short(c)}",
+                field=f"{field}[{i}]",
+                received=_type_name(c),
+            )
+        if len(c) > limits.max_caption_chars:
+            raise ApiError(
+                413,
+                f"{field}[{i}]: at most {limits.max_caption_chars} characters, received {len(c)}",
+                field=f"{field}[{i}]",
+                limit=limits.max_caption_chars,
+                received=len(c),
+            )
+        if not c.strip():
+            raise ApiError(
+                422, f"{field}[{i}]: empty caption (expected at least one word)", field=f"{field}[{i}]", received=c
+            )
+    return value
+
+
+def parse_search_text(body: bytes, content_type: str | None, limits: Limits) -> tuple[list[str], int]:
+    obj = parse_json(body, content_type)
+    _check_fields(obj, ("queries", "k"), ("queries",))
+    return _captions(obj["queries"], "queries", limits.max_queries, limits), parse_k(obj.get("k"), limits)
+
+
+def _regions_from_lists(value: Any, field: str) -> np.ndarray:
+    if not isinstance(value, list):
+        raise ApiError(
+            422,
+            f"{field}: expected nested arrays of numbers (n, regions, img_dim), received {_type_name(value)}",
+            field=field,
+            received=_type_name(value),
+        )
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError) as e:
+        raise ApiError(
+            422, f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths ({e})", field=field
+        ) from e
+    if arr.dtype.kind not in "iuf":  # strings, booleans, nulls (object) and mixtures
+        raise ApiError(
+            422,
+            f"{field}: expected numbers, received elements of type {arr.dtype.kind!r} "
+            f"({'strings' if arr.dtype.kind == 'U' else arr.dtype.name})",
+            field=field,
+        )
+    return arr.astype(np.float32)
+
+
+def regions_from_npy(body: bytes, field: str) -> np.ndarray:
+    if not body:
+        raise ApiError(400, f"{field}: expected an .npy body, received an empty body", field=field)
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ApiError(
+            400,
+            f"{field}: expected an .npy array (numpy.save, no pickled objects), received "
+            f"{len(body)} bytes that are not one ({e})",
+            field=field,
+        ) from e
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise ApiError(400, f"{field}: expected one .npy array, received an .npz archive", field=field)
+    if arr.dtype.kind != "f":
+        raise ApiError(
+            422,
+            f"{field}: expected floating-point features, received dtype {arr.dtype}",
+            field=field,
+            received=str(arr.dtype),
+        )
+    return arr
+
+
+def _check_count(arr: np.ndarray, field: str, limit: int) -> None:
+    n = int(arr.shape[0]) if arr.ndim else 0
+    if arr.ndim >= 1 and n == 0:
+        raise ApiError(422, f"{field}: expected at least one image, received none", field=field, received=0)
+    if n > limit:
+        raise ApiError(
+            413, f"{field}: at most {limit} images per request, received {n}", field=field, limit=limit, received=n
+        )
+
+
+def parse_search_images(
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+) -> tuple[np.ndarray, int]:
+    if media_type(content_type) == NPY:
+        regions, k = regions_from_npy(body, "body"), parse_k(query.get("k"), limits, from_query=True)
+    else:
+        obj = parse_json(body, content_type)
+        _check_fields(obj, ("queries", "k"), ("queries",))
+        regions, k = _regions_from_lists(obj["queries"], "queries"), parse_k(obj.get("k"), limits)
+    _check_count(regions, "queries", limits.max_queries)
+    return regions, k
+
+
+def _names(value: Any, n: int) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ApiError(422, f"names: expected an array of strings, received {_short(value)}", field="names")
+    if len(value) != n:
+        raise ApiError(
+            422, f"names: expected one name per image ({n}), received {len(value)}", field="names", received=len(value)
+        )
+    return value
+
+
+def parse_append_images(
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+) -> tuple[np.ndarray, list[str] | None]:
+    """JSON ``{"features": [...], "names": [...]}``, or an ``.npy`` body with ``names`` as a JSON array in the
+    query string (``?names=["a.jpg","b.jpg"]``)."""
+    if media_type(content_type) == NPY:
+        regions = regions_from_npy(body, "body")
+        names_raw = query.get("names")
+        try:
+            names_value = json.loads(names_raw) if names_raw is not None else None
+        except json.JSONDecodeError as e:
+            raise ApiError(
+                422, f"names: expected a JSON array of strings in the query string ({e.msg})", field="names"
+            ) from e
+    else:
+        obj = parse_json(body, content_type)
+        _check_fields(obj, ("features", "names"), ("features",))
+        regions, names_value = _regions_from_lists(obj["features"], "features"), obj.get("names")
+    _check_count(regions, "features", limits.max_append_items)
+    return regions, _names(names_value, int(regions.shape[0]) if regions.ndim else 0)
+
+
+def parse_append_captions(body: bytes, content_type: str | None, limits: Limits) -> list[str]:
+    obj = parse_json(body, content_type)
+    _check_fields(obj, ("captions",), ("captions",))
+    return _captions(obj["captions"], "captions", limits.max_append_items, limits)
+
+
+def json_scores(scores: np.ndarray) -> list[list[float | None]]:
+    """float32 scores as JSON numbers; -inf (past the gallery, id -1) as null (JSON has no infinities)."""
+    return [[s if math.isfinite(s) else None for s in row] for row in scores.tolist()]

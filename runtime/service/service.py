@@ -1,0 +1,146 @@
+"""One search service: an executor (loaded in the background), the batcher in front of it, metrics.
+
+The HTTP layer calls ``search`` / ``append_*`` and reads ``ready``; it never touches the executor's
+internals, so an executor that fans batches out to shards drops in through ``open_executor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from runtime.service.batcher import Batcher
+from runtime.service.executor import Appended, Executor, Hits
+from runtime.service.monitoring import Monitoring
+from runtime.service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The engine and galleries are still loading (or failed to load)."""
+
+
+class NoGallery(RuntimeError):
+    """A search direction whose gallery does not exist yet."""
+
+
+class Service:
+    def __init__(
+        self, open_executor: Callable[[], Executor], settings: Settings | None = None, token: str | None = None
+    ) -> None:
+        self.open_executor = open_executor
+        self.settings = settings or Settings()
+        self.token = token
+        self.executor: Executor | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: BaseException | None = None
+        self.on_loaded: list[Callable[[Service], None]] = []
+        self.on_load_failed: list[Callable[[BaseException], None]] = []
+        self.monitoring = Monitoring(self.settings.batching.max_batch)
+        self._loaded = threading.Event()
+        self._attempted = threading.Event()  # loading finished, successfully or not
+        self._loader: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self.executor is not None and not self._closed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, background: bool = True) -> None:
+        """Load the executor (in a thread unless ``background`` is False); idempotent."""
+        if self._loader is not None or self._loaded.is_set():
+            return
+        if background:
+            self._loader = threading.Thread(target=self._load, name="service-loader", daemon=True)
+            self._loader.start()
+        else:
+            self._load()
+            if self.load_error is not None:
+                raise self.load_error
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until loading has finished; True when it succeeded."""
+        self._attempted.wait(timeout)
+        return self.ready
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            executor = self.open_executor()
+        except BaseException as e:  # reported by whoever started the service (the CLI exits 2)
+            self.load_error = e
+            logger.error("loading failed: %s", e)
+            self._attempted.set()
+            for cb in self.on_load_failed:
+                cb(e)
+            return
+        self.executor = executor
+        self.batcher = Batcher(executor.search, self.settings.batching, on_batch=self.monitoring.record_batch)
+        self.batcher.start()
+        self.monitoring.watch(lambda: self.batcher.depth, lambda kind: self.executor.sizes().get(kind) or 0)
+        self._loaded.set()
+        self._attempted.set()
+        logger.info("loaded in %.1f s", time.perf_counter() - t0)
+        for cb in self.on_loaded:
+            cb(self)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued searches, then release the engine."""
+        if self._closed:
+            return
+        if self._loader is not None:
+            self._loader.join(timeout)
+        if self.batcher is not None:
+            self.batcher.close(timeout)
+        self._closed = True
+        if self.executor is not None:
+            self.executor.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def require_ready(self) -> Executor:
+        if not self.ready:
+            raise NotReady(
+                "the engine and galleries are still loading"
+                if self.load_error is None
+                else f"loading failed: {self.load_error}"
+            )
+        return self.executor
+
+    def _require_gallery(self, kind: str) -> None:
+        gallery = {"text": "images", "images": "captions"}[kind]
+        if self.require_ready().sizes().get(gallery) is None:
+            how = "POST /v1/gallery/images" if gallery == "images" else "POST /v1/gallery/captions"
+            raise NoGallery(
+                f"no {gallery[:-1]} gallery to search yet: {kind} queries search the {gallery} "
+                f"gallery; add items with {how}"
+            )
+
+    async def search_text(self, queries: Sequence[str], k: int) -> Hits:
+        self._require_gallery("text")
+        self.require_ready().check_text(queries)  # bad captions fail here, alone, not inside a batch
+        return await asyncio.wrap_future(self.batcher.submit("text", list(queries), k))
+
+    async def search_images(self, regions: np.ndarray, k: int) -> Hits:
+        self._require_gallery("images")
+        regions = self.require_ready().check_regions(regions)
+        # Only queries with the same number of regions can be stacked into one batch.
+        return await asyncio.wrap_future(self.batcher.submit("images", regions, k, key=int(regions.shape[1])))
+
+    def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
+        out = self.require_ready().append_images(regions, names)
+        self.monitoring.appended.labels("images").inc(out.added)
+        return out
+
+    def append_captions(self, captions: list[str]) -> Appended:
+        out = self.require_ready().append_captions(captions)
+        self.monitoring.appended.labels("captions").inc(out.added)
+        return out

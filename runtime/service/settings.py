@@ -1,0 +1,57 @@
+"""Batching settings and request limits of the search service (what ``GET /v1/info`` reports)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch: int = 32  # queries merged into one executor call
+    max_delay_ms: float = 5.0  # how long the oldest queued request may wait for batch-mates
+    workers: int = 1  # threads executing batches
+    max_queue: int = 512  # queries waiting; beyond it requests get 503 + Retry-After
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "workers", "max_queue"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.max_delay_ms, (int, float)) or self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be a number >= 0, received {self.max_delay_ms!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_queries: int = 64  # queries in one search request
+    max_k: int = 1000
+    max_caption_chars: int = 2000  # per caption, searched or appended
+    max_body_bytes: int = 32 * MiB  # search requests
+    max_append_bytes: int = 256 * MiB  # gallery appends
+    max_append_items: int = 100_000  # images or captions in one append
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            _positive_int(name, value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    batching: Batching = field(default_factory=Batching)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.limits.max_queries > self.batching.max_queue:
+            raise ValueError(
+                f"max_queries ({self.limits.max_queries}) must not exceed max_queue "
+                f"({self.batching.max_queue}): such a request could never be queued"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batching": asdict(self.batching), "limits": asdict(self.limits)}
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, received {value!r}")

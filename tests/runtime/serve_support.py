@@ -1,0 +1,68 @@
+"""Helpers for the service tests: a small gallery on disk, a loaded service, an in-process HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime.engine import ScanEngine
+from runtime.gallery import build_caption_gallery, build_image_gallery
+from runtime.service.app import create_app
+from runtime.service.executor import LocalExecutor
+from runtime.service.service import Service
+from runtime.service.settings import Settings
+from tests.runtime.conftest import random_captions, random_regions
+
+N_IMAGES, N_CAPTIONS = 40, 60
+
+
+def build_gallery(engine_path: Path, folder: Path, names: bool = True) -> Path:
+    with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+        build_image_gallery(
+            engine,
+            random_regions(N_IMAGES, seed=1),
+            folder / "images",
+            names=[f"img{i}" for i in range(N_IMAGES)] if names else None,
+            progress=False,
+        )
+        build_caption_gallery(engine, random_captions(N_CAPTIONS, seed=2), folder / "captions", progress=False)
+    return folder
+
+
+def copy_gallery(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def local_service(
+    engine_path: Path, gallery: Path, settings: Settings | None = None, token: str | None = None, start: bool = True
+) -> Service:
+    svc = Service(
+        lambda: LocalExecutor.open(engine_path, gallery, backend="onnxruntime", threads=1), settings, token=token
+    )
+    if start:
+        svc.start(background=False)
+    return svc
+
+
+def run_client(service: Service, body: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> Any:
+    """Run ``body(client)`` against the service's app in process (ASGI transport, no sockets)."""
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://scan.test", timeout=60) as client:
+            return await body(client)
+
+    return asyncio.run(main())
+
+
+def request(service: Service, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def body(client):
+        return await client.request(method, url, **kwargs)
+
+    return run_client(service, body)

@@ -1,0 +1,557 @@
+"""The HTTP API in process (ASGI transport): every endpoint, every kind of bad input, the token, overload."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.searcher import Searcher
+from runtime.service.executor import Appended, Hits, LocalExecutor
+from runtime.service.service import Service
+from runtime.service.settings import Batching, Limits, Settings
+from tests.runtime.conftest import random_captions, random_regions
+from tests.runtime.serve_support import (
+    N_CAPTIONS,
+    N_IMAGES,
+    build_gallery,
+    copy_gallery,
+    local_service,
+    request,
+    run_client,
+)
+
+QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
+
+
+@pytest.fixture(scope="module")
+def engine_t2i(small_engines):
+    return small_engines["t2i"]
+
+
+@pytest.fixture(scope="module")
+def gallery(engine_t2i, tmp_path_factory):
+    return build_gallery(engine_t2i, tmp_path_factory.mktemp("serve_gallery"))
+
+
+@pytest.fixture(scope="module")
+def reference(engine_t2i, gallery):
+    """Searcher over the same gallery, opened independently of the service."""
+    with ScanEngine.open(engine_t2i, backend="onnxruntime", threads=1) as engine:
+        images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id)
+        captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id)
+        yield engine, Searcher(engine, images=images, captions=captions)
+
+
+@pytest.fixture(scope="module")
+def service(engine_t2i, gallery):
+    svc = local_service(
+        engine_t2i,
+        gallery,
+        Settings(limits=Limits(max_queries=8, max_k=50, max_caption_chars=200, max_body_bytes=1 << 16)),
+    )
+    yield svc
+    svc.close()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def test_search_text_equals_searcher(service, reference):
+    _, searcher = reference
+    r = request(service, "POST", "/v1/search/text", json={"queries": QUERIES, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores, ids = searcher.search(QUERIES, 5)
+    assert body["ids"] == ids.tolist()
+    np.testing.assert_allclose(np.array(body["scores"], np.float32), scores, rtol=0, atol=1e-6)
+    assert body["names"] == [[f"img{i}" for i in row] for row in ids.tolist()]
+    assert all(row == sorted(row, reverse=True) for row in body["scores"])
+
+
+def test_search_text_default_k_is_10(service):
+    r = request(service, "POST", "/v1/search/text", json={"queries": ["dog"]})
+    assert r.status_code == 200 and len(r.json()["ids"][0]) == 10
+
+
+def test_search_images_json_and_npy_equal_searcher(service, reference):
+    _, searcher = reference
+    regions = random_regions(3, seed=7)
+    scores, ids = searcher.search(regions, 4)
+    as_json = request(service, "POST", "/v1/search/images", json={"queries": regions.tolist(), "k": 4})
+    as_npy = request(
+        service,
+        "POST",
+        "/v1/search/images?k=4",
+        content=npy_bytes(regions),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    texts = random_captions(N_CAPTIONS, seed=2)
+    for r in (as_json, as_npy):
+        assert r.status_code == 200, r.text
+        assert r.json()["ids"] == ids.tolist()
+        np.testing.assert_allclose(np.array(r.json()["scores"], np.float32), scores, rtol=0, atol=1e-6)
+        assert r.json()["names"] == [[texts[i] for i in row] for row in ids.tolist()]
+
+
+def test_k_past_the_gallery_gives_minus_one_and_nulls(service):
+    r = request(service, "POST", "/v1/search/text", json={"queries": ["dog"], "k": N_IMAGES + 3})
+    body = r.json()
+    assert r.status_code == 200
+    assert body["ids"][0][N_IMAGES:] == [-1, -1, -1]
+    assert body["scores"][0][N_IMAGES:] == [None, None, None]
+    assert body["names"][0][N_IMAGES:] == [None, None, None]
+    assert sorted(body["ids"][0][:N_IMAGES]) == list(range(N_IMAGES))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+TEXT = "/v1/search/text"
+IMAGES = "/v1/search/images"
+BAD = [
+    # (url, request kwargs, status, field, limit, received)
+    (TEXT, dict(content=b"{not json"), 400, "body", None, None),
+    (TEXT, dict(content=b""), 400, "body", None, None),
+    (TEXT, dict(content=b"\xff\xfe"), 400, "body", None, None),
+    (TEXT, dict(json=["dog"]), 422, "body", None, "array"),
+    (TEXT, dict(json={"k": 3}), 422, "queries", None, None),
+    (TEXT, dict(json={"queries": "dog"}), 422, "queries", None, "string"),
+    (TEXT, dict(json={"queries": []}), 422, "queries", None, 0),
+    (TEXT, dict(json={"queries": ["dog", 3]}), 422, "queries[1]", None, "integer"),
+    (TEXT, dict(json={"queries": ["dog", None]}), 422, "queries[1]", None, "null"),
+    (TEXT, dict(json={"queries": ["   "]}), 422, "queries[0]", None, "   "),
+    (TEXT, dict(json={"queries": ["dog"] * 9}), 413, "queries", 8, 9),
+    (TEXT, dict(json={"queries": ["dog " * 60]}), 413, "queries[0]", 200, 240),
+    (TEXT, dict(json={"queries": ["dog " * 30]}), 422, None, None, None),  # over the model's max_words
+    (TEXT, dict(json={"queries": ["dog"], "k": 0}), 422, "k", None, 0),
+    (TEXT, dict(json={"queries": ["dog"], "k": -2}), 422, "k", None, -2),
+    (TEXT, dict(json={"queries": ["dog"], "k": "5"}), 422, "k", None, None),
+    (TEXT, dict(json={"queries": ["dog"], "k": True}), 422, "k", None, None),
+    (TEXT, dict(json={"queries": ["dog"], "k": 2.5}), 422, "k", None, 2.5),
+    (TEXT, dict(json={"queries": ["dog"], "k": None}), 200, None, None, None),  # null k = default
+    (TEXT, dict(json={"queries": ["dog"], "k": 51}), 422, "k", 50, 51),
+    (TEXT, dict(json={"queries": ["dog"], "K": 5}), 422, "K", None, None),
+    (
+        TEXT,
+        dict(content=b'{"queries": ["dog"]}', headers={"Content-Type": "text/plain"}),
+        415,
+        "Content-Type",
+        None,
+        "text/plain",
+    ),
+    (TEXT, dict(content=b'{"queries": ["' + b"a" * 70000 + b'"]}'), 413, "body", 1 << 16, 70017),
+    (IMAGES, dict(json={"queries": [[1.0] * 12]}), 422, None, None, None),  # rank 2
+    (IMAGES, dict(json={"queries": [[[1.0] * 11]]}), 422, None, None, None),  # img_dim 11
+    (IMAGES, dict(json={"queries": [[["a"] * 12]]}), 422, "queries", None, None),
+    (IMAGES, dict(json={"queries": [[[1.0] * 12], [[1.0] * 11]]}), 422, "queries", None, None),  # ragged
+    (IMAGES, dict(json={"queries": []}), 422, "queries", None, 0),
+    (IMAGES, dict(json={"queries": [[[1.0] * 12]] * 9}), 413, "queries", 8, 9),
+    (IMAGES, dict(content=b'{"queries": [[[NaN' + b", 1.0" * 11 + b"]]]}"), 422, None, None, None),
+    (IMAGES, dict(json={"queries": [[[1.0] * 12]], "k": 0}), 422, "k", None, 0),
+    (
+        IMAGES,
+        dict(content=b"not an npy", headers={"Content-Type": "application/octet-stream"}),
+        400,
+        "body",
+        None,
+        None,
+    ),
+    (IMAGES, dict(content=b"", headers={"Content-Type": "application/octet-stream"}), 400, "body", None, None),
+    (
+        IMAGES,
+        dict(
+            content=npy_bytes(np.array([{"x": 1}], dtype=object)), headers={"Content-Type": "application/octet-stream"}
+        ),
+        400,
+        "body",
+        None,
+        None,
+    ),  # pickled
+    (
+        IMAGES,
+        dict(content=npy_bytes(np.ones((1, 2, 12), np.int32)), headers={"Content-Type": "application/octet-stream"}),
+        422,
+        "body",
+        None,
+        "int32",
+    ),
+    (
+        IMAGES + "?k=zero",
+        dict(content=npy_bytes(np.ones((1, 2, 12), np.float32)), headers={"Content-Type": "application/octet-stream"}),
+        422,
+        "k",
+        None,
+        "zero",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "url,kwargs,status,field,limit,received",
+    BAD,
+    ids=[f"{i}-{b[0].rsplit('/', 1)[-1]}-{b[2]}" for i, b in enumerate(BAD)],
+)
+def test_bad_input_is_a_4xx_naming_the_field(service, url, kwargs, status, field, limit, received):
+    r = request(service, "POST", url, **kwargs)
+    assert r.status_code == status, r.text
+    if status == 200:
+        return
+    body = r.json()
+    assert isinstance(body["error"], str) and body["error"]
+    if field is not None:
+        assert body["field"] == field and body["error"].startswith(field.split("[")[0])
+    if limit is not None:
+        assert body["limit"] == limit and str(limit) in body["error"]
+    if received is not None:
+        assert body["received"] == received
+
+
+def test_npz_body_is_refused(service):
+    buf = io.BytesIO()
+    np.savez(buf, a=np.ones((1, 2, 12), np.float32))
+    r = request(service, "POST", IMAGES, content=buf.getvalue(), headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and "npz" in r.json()["error"]
+
+
+def test_chunked_body_over_the_limit_is_413(service):
+    async def body(client):
+        async def chunks():
+            for _ in range(20):
+                yield b" " * 8192
+
+        return await client.post(TEXT, content=chunks(), headers={"Content-Type": "application/json"})
+
+    r = run_client(service, body)
+    assert r.status_code == 413 and r.json()["limit"] == 1 << 16
+
+
+def test_unknown_route_and_method_are_json(service):
+    assert request(service, "GET", "/v2/nothing").status_code == 404
+    r = request(service, "GET", TEXT)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# ---------------------------------------------------------------------------------------------- info, health, metrics
+
+
+def test_info_health_ready_metrics_docs(service):
+    info = request(service, "GET", "/v1/info").json()
+    assert info["ready"] is True
+    assert info["galleries"]["images"]["count"] == N_IMAGES and info["galleries"]["captions"]["count"] == N_CAPTIONS
+    assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
+    assert info["model"]["config"]["img_dim"] == 12
+    assert info["batching"] == {"max_batch": 32, "max_delay_ms": 5.0, "workers": 1, "max_queue": 512}
+    assert info["limits"]["max_queries"] == 8 and info["versions"]["numpy"] == np.__version__
+    assert request(service, "GET", "/healthz").json() == {"status": "ok"}
+    assert request(service, "GET", "/readyz").json() == {"status": "ready", "images": N_IMAGES, "captions": N_CAPTIONS}
+    request(service, "POST", TEXT, json={"queries": ["dog"], "k": 0})
+    metrics = request(service, "GET", "/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'scan_requests_total{endpoint="/v1/search/text",status="422"}' in text
+    assert 'scan_gallery_size{kind="images"} 40.0' in text
+    assert "scan_batch_size_bucket" in text and "scan_queue_depth" in text and "scan_request_seconds_bucket" in text
+    assert request(service, "GET", "/docs").status_code == 200
+    spec = request(service, "GET", "/openapi.json").json()
+    assert set(spec["paths"]) >= {TEXT, IMAGES, "/v1/gallery/images", "/v1/gallery/captions", "/v1/info"}
+
+
+# ---------------------------------------------------------------------------------------------- appends
+
+
+def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery, tmp_path):
+    folder = copy_gallery(gallery, tmp_path / "g")
+    svc = local_service(engine_t2i, folder)
+    try:
+        new = random_regions(3, seed=11)
+        r = request(svc, "POST", "/v1/gallery/images", json={"features": new.tolist(), "names": ["n0", "n1", "n2"]})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"added": 3, "ids": [N_IMAGES, N_IMAGES + 1, N_IMAGES + 2], "count": N_IMAGES + 3}
+        hits = request(svc, "POST", TEXT, json={"queries": ["dog"], "k": N_IMAGES + 3}).json()
+        assert sorted(hits["ids"][0]) == list(range(N_IMAGES + 3))
+        assert {hits["names"][0][hits["ids"][0].index(N_IMAGES + j)] for j in range(3)} == {"n0", "n1", "n2"}
+        more = random_regions(2, seed=12)
+        r = request(
+            svc,
+            "POST",
+            "/v1/gallery/images?names=" + json.dumps(["m0", "m1"]),
+            content=npy_bytes(more),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert r.status_code == 200 and r.json()["count"] == N_IMAGES + 5, r.text
+        r = request(svc, "POST", "/v1/gallery/captions", json={"captions": ["a red dog on the grass ."]})
+        assert r.status_code == 200 and r.json() == {"added": 1, "ids": [N_CAPTIONS], "count": N_CAPTIONS + 1}
+        hits = request(svc, "POST", IMAGES, json={"queries": random_regions(1, 5).tolist(), "k": N_CAPTIONS + 1}).json()
+        assert "a red dog on the grass ." in hits["names"][0]
+        assert request(svc, "GET", "/readyz").json()["images"] == N_IMAGES + 5
+        metrics = request(svc, "GET", "/metrics").text
+        assert 'scan_appended_total{kind="images"} 5.0' in metrics
+    finally:
+        svc.close()
+    restarted = LocalExecutor.open(engine_t2i, folder, backend="onnxruntime", threads=1)
+    try:
+        assert restarted.sizes() == {"images": N_IMAGES + 5, "captions": N_CAPTIONS + 1}
+        # the appended images search exactly as if they had been in the gallery from the start
+        with ScanEngine.open(engine_t2i, backend="onnxruntime", threads=1) as engine:
+            from runtime.gallery import build_image_gallery
+
+            ref_images = build_image_gallery(
+                engine, np.concatenate([random_regions(N_IMAGES, seed=1), new, more]), tmp_path / "ref", progress=False
+            )
+            scores, ids = Searcher(engine, images=ref_images).search(QUERIES, 10)
+        hits = restarted.search("text", QUERIES, 10)
+        assert hits.ids.tolist() == ids.tolist()
+        np.testing.assert_allclose(hits.scores, scores, rtol=0, atol=1e-6)
+    finally:
+        restarted.close()
+
+
+BAD_APPENDS = [
+    ("/v1/gallery/images", dict(json={"features": random_regions(2, 3).tolist()}), 409, "names"),  # gallery has names
+    ("/v1/gallery/images", dict(json={"features": random_regions(2, 3).tolist(), "names": ["a"]}), 422, "names"),
+    ("/v1/gallery/images", dict(json={"features": random_regions(1, 3).tolist(), "names": [1]}), 422, "names"),
+    ("/v1/gallery/images", dict(json={"names": ["a"]}), 422, "features"),
+    ("/v1/gallery/images", dict(json={"features": [[[1.0] * 5]], "names": ["a"]}), 422, None),
+    ("/v1/gallery/captions", dict(json={"captions": []}), 422, "captions"),
+    ("/v1/gallery/captions", dict(json={"captions": ["dog", 7]}), 422, "captions[1]"),
+    ("/v1/gallery/captions", dict(json={"captions": ["dog " * 40]}), 422, None),  # over max_words
+    ("/v1/gallery/captions", dict(content=b"[1,"), 400, "body"),
+]
+
+
+@pytest.mark.parametrize("url,kwargs,status,field", BAD_APPENDS, ids=[str(i) for i in range(len(BAD_APPENDS))])
+def test_bad_appends_are_4xx_and_change_nothing(service, url, kwargs, status, field):
+    before = request(service, "GET", "/readyz").json()
+    r = request(service, "POST", url, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] and (field is None or r.json()["error"].startswith(field))
+    assert request(service, "GET", "/readyz").json() == before
+
+
+def test_no_gallery_is_409_until_an_append_creates_it(engine_t2i, tmp_path):
+    svc = local_service(engine_t2i, tmp_path / "empty")
+    try:
+        assert request(svc, "GET", "/readyz").json() == {"status": "ready", "images": None, "captions": None}
+        r = request(svc, "POST", TEXT, json={"queries": ["dog"]})
+        assert r.status_code == 409 and "/v1/gallery/images" in r.json()["error"]
+        assert request(svc, "POST", IMAGES, json={"queries": random_regions(1).tolist()}).status_code == 409
+        r = request(svc, "POST", "/v1/gallery/images", json={"features": random_regions(4, 9).tolist()})
+        assert r.status_code == 200 and r.json()["count"] == 4
+        r = request(svc, "POST", TEXT, json={"queries": ["dog"], "k": 5})
+        assert r.status_code == 200 and r.json()["ids"][0][4] == -1 and r.json()["names"][0][0] is None
+    finally:
+        svc.close()
+
+
+def test_in_flight_search_keeps_its_generation_during_an_append(engine_t2i, gallery, tmp_path):
+    """A search that started before an append commits answers from the gallery it started with."""
+    folder = copy_gallery(gallery, tmp_path / "g")
+    executor = LocalExecutor.open(engine_t2i, folder, backend="onnxruntime", threads=1)
+    try:
+        expected = executor.search("text", QUERIES, N_IMAGES + 5)
+        started, release = threading.Event(), threading.Event()
+        old = executor._current()
+
+        class Paused:  # the searcher a search took at its start, paused until the append has committed
+            images = old.images
+
+            def search_text(self, captions, k):
+                started.set()
+                release.wait(30)
+                return old.search_text(captions, k)
+
+        executor._current = lambda: Paused()
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("hits", executor.search("text", QUERIES, N_IMAGES + 5)))
+        t.start()
+        assert started.wait(30)
+        del executor._current
+        appended = executor.append_images(random_regions(6, seed=21), names=[f"x{i}" for i in range(6)])
+        assert appended.count == N_IMAGES + 6
+        committed = json.loads((folder / "images" / "gallery.json").read_text())
+        assert committed["generation"] > old.images.manifest["generation"]  # the append committed meanwhile
+        release.set()
+        t.join(30)
+        hits = out["hits"]
+        assert hits.ids.tolist() == expected.ids.tolist()  # old generation, read after its files were replaced
+        np.testing.assert_array_equal(hits.scores, expected.scores)
+        assert executor.sizes()["images"] == N_IMAGES + 6
+        assert (executor.search("text", QUERIES, N_IMAGES + 6).ids >= N_IMAGES).any()
+    finally:
+        executor.close()
+
+
+# ---------------------------------------------------------------------------------------------- token
+
+
+def test_token_guards_writes_only(engine_t2i, gallery, tmp_path):
+    svc = local_service(engine_t2i, copy_gallery(gallery, tmp_path / "g"), token="s3cret-token")
+    try:
+        body = {"captions": ["a dog ."]}
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret-token"},
+            {"Authorization": "Basic s3cret-token"},
+        ):
+            r = request(svc, "POST", "/v1/gallery/captions", json=body, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert "s3cret" not in r.text
+        r = request(svc, "POST", "/v1/gallery/images", json={"features": random_regions(1).tolist(), "names": ["a"]})
+        assert r.status_code == 401
+        assert request(svc, "GET", "/readyz").json()["captions"] == N_CAPTIONS
+        r = request(svc, "POST", "/v1/gallery/captions", json=body, headers={"Authorization": "Bearer s3cret-token"})
+        assert r.status_code == 200 and r.json()["count"] == N_CAPTIONS + 1
+        assert request(svc, "POST", TEXT, json={"queries": ["dog"]}).status_code == 200  # search stays open
+        assert request(svc, "GET", "/v1/info").json()["auth"] == {"writes_need_token": True}
+    finally:
+        svc.close()
+
+
+# ---------------------------------------------------------------------------------------------- overload, failures
+
+
+class FakeExecutor:
+    """Scores query i's results as ids 0..k-1; blocks while ``gate`` is clear; fails on the query 'boom'."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[int] = []
+
+    def check_text(self, queries, field="queries"):
+        pass
+
+    def check_regions(self, regions):
+        return np.asarray(regions, np.float32)
+
+    def search(self, kind, queries, k):
+        self.gate.wait(30)
+        self.calls.append(len(queries))
+        if "boom" in list(queries):
+            raise RuntimeError("executor exploded")
+        n = len(queries)
+        ids = np.tile(np.arange(k, dtype=np.int64), (n, 1))
+        scores = np.tile(-np.arange(k, dtype=np.float32), (n, 1)) + np.arange(n, dtype=np.float32)[:, None]
+        return Hits(scores, ids, [[str(q)] * k for q in queries])
+
+    def append_images(self, regions, names):
+        return Appended(len(regions), 0, len(regions))
+
+    def append_captions(self, captions):
+        raise OSError("disk full")
+
+    def sizes(self):
+        return {"images": 10, "captions": 10}
+
+    def describe(self):
+        return {"galleries": {}}
+
+    def close(self):
+        pass
+
+
+def test_full_queue_answers_503_with_retry_after():
+    fake = FakeExecutor()
+    svc = Service(lambda: fake, Settings(Batching(max_batch=2, max_delay_ms=0, max_queue=4), Limits(max_queries=4)))
+    svc.start(background=False)
+    fake.gate.clear()
+
+    async def body(client):
+        import asyncio
+
+        tasks = [asyncio.create_task(client.post(TEXT, json={"queries": [f"q{i}"], "k": 2})) for i in range(12)]
+        while len(fake.calls) == 0 and svc.batcher.depth < 4:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # every request has been queued or refused by now
+        fake.gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        responses = run_client(svc, body)
+        codes = [r.status_code for r in responses]
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and codes.count(200) >= 4 and set(codes) == {200, 503}
+        for r in refused:
+            assert int(r.headers["retry-after"]) >= 1 and "max_queue=4" in r.json()["error"]
+        for i, r in enumerate(responses):
+            if r.status_code == 200:
+                assert r.json()["names"][0] == [f"q{i}", f"q{i}"]  # each answered with its own rows
+        assert request(svc, "POST", TEXT, json={"queries": ["later"]}).status_code == 200  # recovered
+    finally:
+        fake.gate.set()
+        svc.close()
+
+
+def test_an_internal_failure_is_500_for_that_request_only():
+    fake = FakeExecutor()
+    svc = Service(lambda: fake, Settings(Batching(max_batch=8, max_delay_ms=200)))
+    svc.start(background=False)
+
+    async def body(client):
+        import asyncio
+
+        queries = ["a", "boom", "b", "c"]
+        return await asyncio.gather(*[client.post(TEXT, json={"queries": [q], "k": 3}) for q in queries])
+
+    try:
+        a, boom, b, c = run_client(svc, body)
+        assert boom.status_code == 500 and "RuntimeError" in boom.json()["error"] and "exploded" not in boom.text
+        for r, q in ((a, "a"), (b, "b"), (c, "c")):
+            assert r.status_code == 200 and r.json()["names"] == [[q] * 3]
+            assert r.json()["scores"] == [[0.0, -1.0, -2.0]]  # its own row 0 when run alone after the batch failed
+        assert fake.calls[0] == 4  # the four were batched together first
+        r = request(svc, "POST", "/v1/gallery/captions", json={"captions": ["dog"]})
+        assert r.status_code == 500 and "OSError" in r.json()["error"]
+        assert request(svc, "POST", TEXT, json={"queries": ["d"]}).status_code == 200
+    finally:
+        svc.close()
+
+
+def test_ready_only_after_loading():
+    fake = FakeExecutor()
+    loaded = threading.Event()
+
+    def slow_open():
+        loaded.wait(30)
+        return fake
+
+    svc = Service(slow_open)
+    svc.start()
+    try:
+        r = request(svc, "GET", "/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert request(svc, "GET", "/healthz").status_code == 200
+        r = request(svc, "POST", TEXT, json={"queries": ["dog"]})
+        assert r.status_code == 503 and "loading" in r.json()["error"]
+        assert request(svc, "GET", "/v1/info").json()["ready"] is False
+        loaded.set()
+        assert svc.wait_ready(30)
+        assert request(svc, "GET", "/readyz").status_code == 200
+        assert request(svc, "POST", TEXT, json={"queries": ["dog"]}).status_code == 200
+    finally:
+        loaded.set()
+        svc.close()
+
+
+def test_a_failed_load_stays_not_ready_with_the_reason():
+    def broken():
+        raise FileNotFoundError("engines/scan.json: no such file")
+
+    svc = Service(broken)
+    svc.start()
+    assert not svc.wait_ready(30)
+    r = request(svc, "GET", "/readyz")
+    assert r.status_code == 503 and "no such file" in r.json()["error"]
+    svc.close()

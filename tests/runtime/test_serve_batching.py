@@ -1,0 +1,229 @@
+"""Dynamic batching: what is merged, that a result never depends on its batch-mates, many concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.searcher import Searcher
+from runtime.service.batcher import Batcher, BatcherClosed, QueueFull
+from runtime.service.executor import Hits
+from runtime.service.settings import Batching, Settings
+from tests.runtime.conftest import random_captions, random_regions
+from tests.runtime.serve_support import build_gallery, local_service, run_client
+
+
+class Recorder:
+    """execute() that scores query q's candidate j as hash-like values, records batch sizes, can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, kind, queries, k):
+        self.gate.wait(30)
+        self.batches.append(list(queries) if not isinstance(queries, np.ndarray) else [q.shape for q in queries])
+        return solo(kind, queries, k)
+
+
+def solo(kind, queries, k):
+    """A deterministic 'search': each query's results depend on the query alone."""
+    rows = []
+    for q in queries:
+        seed = abs(hash(q if isinstance(q, str) else q.tobytes())) % (2**32)
+        rows.append(np.random.default_rng(seed).permutation(50)[:k])
+    ids = np.array(rows, np.int64)
+    return Hits(
+        -np.sort(-np.random.default_rng(0).random(ids.shape)).astype(np.float32) + ids * 0,
+        ids,
+        [[str(i) for i in r] for r in ids],
+    )
+
+
+def test_batches_merge_up_to_max_batch_and_split_back():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=4, max_delay_ms=200, max_queue=100))
+    b.start()
+    futures = [b.submit("text", [f"q{i}"], k=3) for i in range(10)]
+    rec.gate.set()
+    results = [f.result(10) for f in futures]
+    b.close()
+    assert [len(x) for x in rec.batches] == [4, 4, 2]
+    assert [q for batch in rec.batches for q in batch] == [f"q{i}" for i in range(10)]  # FIFO, none lost or repeated
+    for i, r in enumerate(results):
+        alone = solo("text", [f"q{i}"], 3)
+        assert r.ids.tolist() == alone.ids.tolist() and r.names == alone.names
+
+
+def test_each_request_gets_its_own_k_and_rows():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=16, max_delay_ms=200))
+    b.start()
+    jobs = [(["a", "b"], 2), (["c"], 7), (["d", "e", "f"], 1)]
+    futures = [b.submit("text", q, k) for q, k in jobs]
+    rec.gate.set()
+    for (q, k), f in zip(jobs, futures):
+        r = f.result(10)
+        assert r.ids.shape == (len(q), k) and len(r.names[0]) == k
+        assert r.ids.tolist() == solo("text", q, k).ids.tolist()
+    b.close()
+    assert len(rec.batches) == 1
+
+
+def test_only_compatible_requests_merge():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=16, max_delay_ms=100))
+    b.start()
+    f = [
+        b.submit("images", np.zeros((1, 3, 4), np.float32), 2, key=3),
+        b.submit("text", ["a"], 2),
+        b.submit("images", np.ones((2, 5, 4), np.float32), 2, key=5),
+        b.submit("images", np.ones((1, 3, 4), np.float32), 2, key=3),
+        b.submit("text", ["b"] * 20, 2),
+    ]  # larger than max_batch: runs alone, whole
+    rec.gate.set()
+    assert [x.result(10).ids.shape[0] for x in f] == [1, 1, 2, 1, 20]
+    b.close()
+    shapes = sorted(sorted(map(str, batch)) for batch in rec.batches)
+    assert ["(3, 4)", "(3, 4)"] in shapes and ["(5, 4)", "(5, 4)"] in shapes
+    assert ["a"] in shapes and ["b"] * 20 in shapes and len(rec.batches) == 4
+
+
+def test_queue_is_bounded_and_close_drains():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=2, max_delay_ms=0, max_queue=3))
+    b.start()
+    futures = [b.submit("text", ["first"], 1)]
+    deadline = time.monotonic() + 10
+    while b.depth and time.monotonic() < deadline:  # the worker holds 'first' (blocked in execute)
+        time.sleep(0.005)
+    futures += [b.submit("text", [f"q{i}"], 1) for i in range(3)]
+    with pytest.raises(QueueFull, match="max_queue=3") as e:
+        b.submit("text", ["one too many"], 1)
+    assert e.value.retry_after > 0
+    rec.gate.set()
+    b.close()
+    assert all(f.done() and f.exception() is None for f in futures)  # drained, none dropped
+    with pytest.raises(BatcherClosed):
+        b.submit("text", ["late"], 1)
+
+
+def test_a_cancelled_request_is_not_computed():
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=1, max_delay_ms=0))
+    b.start()
+    first = b.submit("text", ["first"], 1)
+    second = b.submit("text", ["gone"], 1)
+    assert second.cancel()
+    rec.gate.set()
+    first.result(10)
+    b.close()
+    assert ["gone"] not in rec.batches
+
+
+# ---------------------------------------------------------------------------------------------- real engines
+
+
+@pytest.fixture(scope="module")
+def galleries(small_engines, tmp_path_factory):
+    return {
+        mode: build_gallery(path, tmp_path_factory.mktemp(f"batching_{mode}")) for mode, path in small_engines.items()
+    }
+
+
+def _reference(engine_path, gallery):
+    engine = ScanEngine.open(engine_path, backend="onnxruntime", threads=1)
+    return engine, Searcher(
+        engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+    )
+
+
+def _batch_sizes(metrics: str, kind: str) -> tuple[float, float]:
+    """(batches, queries) executed, from the Prometheus exposition."""
+    count = total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(f'scan_batch_size_count{{kind="{kind}"}}'):
+            count = float(line.split()[-1])
+        if line.startswith(f'scan_batch_size_sum{{kind="{kind}"}}'):
+            total = float(line.split()[-1])
+    return count, total
+
+
+@pytest.mark.parametrize("mode", ["t2i", "i2t"])
+def test_batched_results_equal_each_request_alone(mode, small_engines, galleries):
+    """Same ids, scores within 1e-6, whatever the batch-mates (lengths, k, number of queries) - both directions."""
+    engine_path, gallery = small_engines[mode], galleries[mode]
+    svc = local_service(engine_path, gallery, Settings(Batching(max_batch=16, max_delay_ms=150)))
+    texts = random_captions(24, seed=5)
+    text_jobs = [(texts[i : i + 1 + i % 3], 1 + (i * 7) % 45) for i in range(0, 24, 2)]  # 1-3 captions, k 1..44
+    image_jobs = [(random_regions(1 + i % 3, seed=30 + i), 1 + (i * 11) % 65) for i in range(10)]
+
+    async def body(client):
+        t = [client.post("/v1/search/text", json={"queries": q, "k": k}) for q, k in text_jobs]
+        i = [client.post("/v1/search/images", json={"queries": q.tolist(), "k": k}) for q, k in image_jobs]
+        out = await asyncio.gather(*t, *i)
+        return out, (await client.get("/metrics")).text
+
+    engine, searcher = _reference(engine_path, gallery)
+    try:
+        responses, metrics = run_client(svc, body)
+        for (q, k), r in zip(text_jobs + image_jobs, responses):
+            assert r.status_code == 200, r.text
+            scores, ids = searcher.search(q, k)  # the request alone
+            assert r.json()["ids"] == ids.tolist()
+            got = np.array([[np.nan if s is None else s for s in row] for row in r.json()["scores"]], np.float32)
+            np.testing.assert_allclose(got, np.where(ids < 0, np.nan, scores), rtol=0, atol=1e-6)
+        for kind, jobs in (("text", text_jobs), ("images", image_jobs)):
+            batches, queries = _batch_sizes(metrics, kind)
+            assert queries == sum(len(q) for q, _ in jobs)
+            assert batches < len(jobs)  # requests really were merged: the comparison above is not vacuous
+    finally:
+        svc.close()
+        engine.close()
+
+
+def test_many_concurrent_clients_get_exactly_their_serial_answers(small_engines, galleries):
+    """64 clients x 4 requests: every answer equals the serial one; none lost, none answered twice."""
+    engine_path, gallery = small_engines["t2i"], galleries["t2i"]
+    svc = local_service(engine_path, gallery, Settings(Batching(max_batch=8, max_delay_ms=2, workers=2)))
+    queries = random_captions(256, seed=9)
+
+    async def body(client):
+        async def one_client(c):
+            out = []
+            for j in range(4):
+                q = queries[c * 4 + j]
+                r = await client.post("/v1/search/text", json={"queries": [q], "k": 5})
+                out.append((q, r))
+            return out
+
+        results = await asyncio.gather(*[one_client(c) for c in range(64)])
+        return [x for per_client in results for x in per_client], (await client.get("/metrics")).text
+
+    engine, searcher = _reference(engine_path, gallery)
+    try:
+        answered, metrics = run_client(svc, body)
+        assert len(answered) == 256
+        scores, ids = searcher.search(queries, 5)  # serial reference, one call
+        for n, (_, r) in enumerate(answered):
+            assert r.status_code == 200
+            assert r.json()["ids"] == [ids[n].tolist()]
+            np.testing.assert_allclose(r.json()["scores"][0], scores[n], rtol=0, atol=1e-6)
+        batches, total = _batch_sizes(metrics, "text")
+        assert total == 256 and batches < 256
+        assert 'scan_requests_total{endpoint="/v1/search/text",status="200"} 256.0' in metrics
+    finally:
+        svc.close()
+        engine.close()

@@ -1,0 +1,165 @@
+"""runtime/serve.py as a real process on a loopback port: concurrent requests, SIGTERM, startup errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.searcher import Searcher
+from tests.runtime.conftest import random_captions, random_regions
+from tests.runtime.serve_support import build_gallery
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE = REPO / "runtime" / "serve.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "wb") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, str(SERVE), *args], stdout=subprocess.DEVNULL, stderr=err, env=env)
+    return proc, log
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve.py exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"serve.py not ready after {timeout} s:\n{log.read_text()}")
+
+
+def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines, tmp_path):
+    engine_path = small_engines["i2t"]
+    gallery = build_gallery(engine_path, tmp_path / "gallery")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, log = start(
+        [
+            "--engine",
+            str(engine_path),
+            "--gallery",
+            str(gallery),
+            "--port",
+            str(port),
+            "--max-delay-ms",
+            "1000",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
+    try:
+        wait_ready(url, proc, log)
+        texts = random_captions(16, seed=3)
+        regions = random_regions(8, seed=4)
+
+        async def burst(client):
+            t = [client.post("/v1/search/text", json={"queries": [q], "k": 6}) for q in texts]
+            i = [
+                client.post("/v1/search/images", json={"queries": regions[j : j + 1].tolist(), "k": 6})
+                for j in range(len(regions))
+            ]
+            return await asyncio.gather(*t, *i)
+
+        async def run():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                first = await burst(client)
+                metrics = (await client.get("/metrics")).text
+                # a second burst, with SIGTERM sent once all its requests wait in the batcher (a request the
+                # server has not read yet when it stops would race with the closing keep-alive connection)
+                pending = asyncio.ensure_future(burst(client))
+                async with httpx.AsyncClient(base_url=url, timeout=30) as scraper:
+                    for _ in range(300):
+                        if (
+                            f"scan_requests_in_flight {float(len(texts) + len(regions))}"
+                            in (await scraper.get("/metrics")).text
+                        ):
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        pytest.fail("the second burst never was in flight at once")
+                proc.send_signal(signal.SIGTERM)
+                return first, metrics, await pending
+
+        first, metrics, during_shutdown = asyncio.run(run())
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=15)
+        assert rc == 0, log.read_text()
+        assert time.monotonic() - t0 < 10
+        with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+            searcher = Searcher(
+                engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+            )
+            expected = [searcher.search([q], 6) for q in texts] + [
+                searcher.search(regions[j : j + 1], 6) for j in range(len(regions))
+            ]
+        for responses in (first, during_shutdown):  # requests in flight at SIGTERM are answered, not dropped
+            for r, (scores, ids) in zip(responses, expected):
+                assert r.status_code == 200, r.text
+                assert r.json()["ids"] == ids.tolist()
+                np.testing.assert_allclose(r.json()["scores"], scores, rtol=0, atol=1e-6)
+        count = [line for line in metrics.splitlines() if line.startswith('scan_batch_size_count{kind="text"}')]
+        assert count and float(count[0].split()[-1]) < len(texts)  # batched across connections
+        text = log.read_text()
+        assert "ready on http://127.0.0.1" in text and "Traceback" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_startup_errors_exit_2_in_one_line(tmp_path):
+    bad = tmp_path / "scan.json"
+    bad.write_text("{not a manifest")
+    # a manifest that fails to load: the server starts, the background load fails, the process exits 2
+    proc, log = start(["--engine", str(bad), "--gallery", str(tmp_path / "g"), "--port", str(free_port())], tmp_path)
+    assert proc.wait(timeout=60) == 2, log.read_text()
+    assert "error:" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--engine", "{tmp}/missing.json"], "missing.json: no such file"),
+        (["--max-batch", "0"], "max_batch must be a positive integer, received 0"),
+        (["--max-queries", "600"], "max_queries (600) must not exceed max_queue (512)"),
+        (["--token-file", "{tmp}/nope"], "--token-file {tmp}/nope: no such file"),
+        (["--token-file", "{tmp}/empty"], "empty"),
+        (["--gallery", "{tmp}/scan.json"], "expected a folder, received a file"),
+    ],
+)
+def test_bad_arguments_exit_2_before_serving(tmp_path, capsys, extra, message):
+    from runtime.serve import main
+
+    (tmp_path / "scan.json").write_text("{}")
+    (tmp_path / "empty").write_text("\n")
+    args = ["--engine", str(tmp_path / "scan.json"), "--gallery", str(tmp_path / "g")]
+    assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
