@@ -81,8 +81,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
 FULL = dict(vocab_size=10000, img_dim=2048, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True)
 # --quick: the same code on tiny shapes (the CPU tests run it against a numpy stand-in for CuPy).
 QUICK = dict(vocab_size=50, img_dim=64, embed_size=32, word_dim=16, num_layers=1, bi_gru=True)
-MODES = {"t2i": dict(cross_attn="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
-         "i2t": dict(cross_attn="i2t", agg_func="Mean", lambda_softmax=4.0, lambda_lse=6.0)}
+MODES = {
+    "t2i": dict(cross_attn="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
+    "i2t": dict(cross_attn="i2t", agg_func="Mean", lambda_softmax=4.0, lambda_lse=6.0),
+}
 
 
 def _guarded(fn) -> dict[str, Any]:
@@ -114,8 +116,13 @@ def _timed(fn, sync, repeats: int, warmup: int = 2) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t0)
     x = np.asarray(times)
-    return {"median_s": float(np.median(x)), "p10_s": float(np.percentile(x, 10)),
-            "p90_s": float(np.percentile(x, 90)), "p99_s": float(np.percentile(x, 99)), "n": len(times)}
+    return {
+        "median_s": float(np.median(x)),
+        "p10_s": float(np.percentile(x, 10)),
+        "p90_s": float(np.percentile(x, 90)),
+        "p99_s": float(np.percentile(x, 99)),
+        "n": len(times),
+    }
 
 
 def synthetic_weights(cfg, seed: int = 0):
@@ -159,8 +166,9 @@ def cupy_parity_golden() -> dict[str, Any]:
     for case in sorted(p for p in root.iterdir() if (p / "case.json").is_file()):
         ckpt = load_checkpoint(case / "ckpt.pth.tar")
         weights = ScanWeights.from_arrays(ckpt.config, encoder_arrays(ckpt.model))
-        ids, lengths, out["tokenizer"] = _golden_ids(load_vocab(case / "vocab.json", ckpt.config),
-                                                     read_captions(case / "test_caps.txt"))
+        ids, lengths, out["tokenizer"] = _golden_ids(
+            load_vocab(case / "vocab.json", ckpt.config), read_captions(case / "test_caps.txt")
+        )
         regions = np.load(case / "test_ims.npy")
         expected = np.load(case / "expected_sims.npy")
         errs = {}
@@ -221,18 +229,22 @@ def cupy_parity_full_size(dims: dict[str, Any], seed: int = 0) -> dict[str, Any]
             m = ArrayModel(weights, "cupy", precision)
             images, gram = m.encode_images(regions)
             words = m.encode_ids(ids, lengths)
-            errs[precision] = {"images": float(np.abs(images.astype(np.float32) - r_images).max()),
-                               "captions": float(np.abs(words.astype(np.float32) - r_words).max()),
-                               "sims": float(np.abs(m.sims(images, gram, words, lengths) - r_sims).max()),
-                               "sims_same_inputs": float(np.abs(m.sims(r_images, r_gram, r_words, lengths)
-                                                                - r_sims).max())}
-        out[mode] = {"max_abs_err_vs_numpy_fp32": errs,
-                     "passed": errs["fp32"]["sims"] <= 1e-5 and errs["fp16"]["sims"] <= 5e-3}
+            errs[precision] = {
+                "images": float(np.abs(images.astype(np.float32) - r_images).max()),
+                "captions": float(np.abs(words.astype(np.float32) - r_words).max()),
+                "sims": float(np.abs(m.sims(images, gram, words, lengths) - r_sims).max()),
+                "sims_same_inputs": float(np.abs(m.sims(r_images, r_gram, r_words, lengths) - r_sims).max()),
+            }
+        out[mode] = {
+            "max_abs_err_vs_numpy_fp32": errs,
+            "passed": errs["fp32"]["sims"] <= 1e-5 and errs["fp16"]["sims"] <= 5e-3,
+        }
     return out
 
 
-def gemm_rates(cp, n: int, q: int, length: int, r: int, d: int, square: int = 8192,
-               repeats: int = 10) -> dict[str, Any]:
+def gemm_rates(
+    cp, n: int, q: int, length: int, r: int, d: int, square: int = 8192, repeats: int = 10
+) -> dict[str, Any]:
     """float16 (tensor cores, float32 accumulation) and float32 GEMM rates: the head's shape and a square one."""
     sync = cp.cuda.Device().synchronize
     out = {}
@@ -241,13 +253,17 @@ def gemm_rates(cp, n: int, q: int, length: int, r: int, d: int, square: int = 81
             a = cp.random.standard_normal((m_, k_), dtype=cp.float32).astype(dtype)
             b = cp.random.standard_normal((k_, n_), dtype=cp.float32).astype(dtype)
             t = _timed(functools.partial(cp.matmul, a, b), sync, repeats=repeats)
-            out[f"{name}_{np.dtype(dtype).name}"] = {"shape": [m_, k_, n_], **t,
-                                                     "tflops": 2.0 * m_ * k_ * n_ / t["median_s"] / 1e12}
+            out[f"{name}_{np.dtype(dtype).name}"] = {
+                "shape": [m_, k_, n_],
+                **t,
+                "tflops": 2.0 * m_ * k_ * n_ / t["median_s"] / 1e12,
+            }
     return out
 
 
-def cupy_head_throughput(cp, dims: dict[str, Any], n: int, q: int = 32, length: int = 14, r: int = 36,
-                         seed: int = 0, repeats: int = 10) -> dict[str, Any]:
+def cupy_head_throughput(
+    cp, dims: dict[str, Any], n: int, q: int = 32, length: int = 14, r: int = 36, seed: int = 0, repeats: int = 10
+) -> dict[str, Any]:
     """pairs/s of ArrayModel.sims_on_device (device arrays in and out) for both modes and precisions."""
     from runtime.backends.arrays import ArrayModel
     from runtime.config import SCANConfig
@@ -283,21 +299,33 @@ def resident_gallery(cp, model, n: int, r: int = 36, seed: int = 0, chunk: int =
     gram = cp.empty((n, r, r), cp.float16) if model.config.cross_attn == "t2i" else None
     for a in range(0, n, chunk):
         x = _unit(cp, rs.standard_normal((min(chunk, n - a), r, d), dtype=cp.float32)).astype(cp.float16)
-        images[a:a + len(x)] = x
+        images[a : a + len(x)] = x
         if gram is not None:
-            gram[a:a + len(x)] = cp.matmul(x, x.transpose(0, 2, 1))
+            gram[a : a + len(x)] = cp.matmul(x, x.transpose(0, 2, 1))
         del x
     return images, gram
 
 
 def gallery_blocks(images, gram, block: int) -> list:
     """Blocks as the head backend holds an uploaded gallery: views of the resident arrays, no copies."""
-    return [(a, {"images": images[a:a + block], **({"image_gram": gram[a:a + block]} if gram is not None else {})})
-            for a in range(0, len(images), block)]
+    return [
+        (a, {"images": images[a : a + block], **({"image_gram": gram[a : a + block]} if gram is not None else {})})
+        for a in range(0, len(images), block)
+    ]
 
 
-def cupy_latency(cp, dims: dict[str, Any], galleries: list[int], deadline: float, block_sizes: tuple[int, int],
-                 k: int = 10, length: int = 14, seed: int = 0, chunk: int = 8192, repeats: int = 10) -> dict:
+def cupy_latency(
+    cp,
+    dims: dict[str, Any],
+    galleries: list[int],
+    deadline: float,
+    block_sizes: tuple[int, int],
+    k: int = 10,
+    length: int = 14,
+    seed: int = 0,
+    chunk: int = 8192,
+    repeats: int = 10,
+) -> dict:
     """Wall time of one search (ids -> text encoder -> every gallery block -> top-k on the host).
 
     ``block_sizes``: images per block for 1 and for 32 queries (bounding the (q L, block R) float32 logits).
@@ -308,8 +336,12 @@ def cupy_latency(cp, dims: dict[str, Any], galleries: list[int], deadline: float
     weights = synthetic_weights(SCANConfig(**dims, **MODES["t2i"]), seed)
     model = ArrayModel(weights, "cupy", "fp16")
     rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"model": "t2i LogSumExp, float16 resident gallery", "k": k, "caption_len": length,
-                           "cells": []}
+    out: dict[str, Any] = {
+        "model": "t2i LogSumExp, float16 resident gallery",
+        "k": k,
+        "caption_len": length,
+        "cells": [],
+    }
     pool = cp.get_default_memory_pool()
     for n in galleries:
         if time.monotonic() > deadline:
@@ -343,10 +375,18 @@ def cupy_latency(cp, dims: dict[str, Any], galleries: list[int], deadline: float
             except cp.cuda.memory.OutOfMemoryError as e:
                 out["cells"].append({"gallery": n, "queries": q, "skipped": f"out of GPU memory ({e})"})
                 continue
-            out["cells"].append({"gallery": n, "queries": q, "block": block, **t,
-                                 "queries_per_s": q / t["median_s"],
-                                 "gallery_bytes": int(images.nbytes + (gram.nbytes if gram is not None else 0)),
-                                 "generate_s": round(gen_s, 2), "valid_ids": bool((found >= 0).all())})
+            out["cells"].append(
+                {
+                    "gallery": n,
+                    "queries": q,
+                    "block": block,
+                    **t,
+                    "queries_per_s": q / t["median_s"],
+                    "gallery_bytes": int(images.nbytes + (gram.nbytes if gram is not None else 0)),
+                    "generate_s": round(gen_s, 2),
+                    "valid_ids": bool((found >= 0).all()),
+                }
+            )
         del images, gram, blocks
         pool.free_all_blocks()
     return out
@@ -373,30 +413,39 @@ def cupy_check(n: int, galleries: list[int], deadline: float, quick: bool = Fals
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(0)
-    out: dict[str, Any] = {"cupy": cp.__version__, "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-                           "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
-                           "memory_bytes": int(props["totalGlobalMem"])}
+    out: dict[str, Any] = {
+        "cupy": cp.__version__,
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "memory_bytes": int(props["totalGlobalMem"]),
+    }
     dims = QUICK if quick else FULL
     out["dims"] = dims
     out["parity_golden"] = _guarded(cupy_parity_golden)
     out["parity_full_size"] = _guarded(lambda: cupy_parity_full_size(dims))
     reps = 2 if quick else 10
-    out["gemm"] = _guarded(lambda: gemm_rates(cp, n, 32, 14, 36, dims["embed_size"], square=128 if quick else 8192,
-                                              repeats=reps))
+    out["gemm"] = _guarded(
+        lambda: gemm_rates(cp, n, 32, 14, 36, dims["embed_size"], square=128 if quick else 8192, repeats=reps)
+    )
     out["head"] = _guarded(lambda: cupy_head_throughput(cp, dims, n, repeats=reps))
     cp.get_default_memory_pool().free_all_blocks()
     # 1M images: 74 GB of float16 images + 2.6 GB of Gram matrices; blocks bound the float32 logits to ~4 GB
     block_sizes, chunk = ((7, 5), 16) if quick else ((65536, 8192), 8192)
-    out["latency"] = _guarded(lambda: cupy_latency(cp, dims, galleries, deadline, block_sizes, chunk=chunk,
-                                                   repeats=reps))
+    out["latency"] = _guarded(
+        lambda: cupy_latency(cp, dims, galleries, deadline, block_sizes, chunk=chunk, repeats=reps)
+    )
     cp.get_default_memory_pool().free_all_blocks()
     return out
 
 
 # The issue's H200 targets: CuPy head >= 50% of the fp16 tensor-core GEMM rate and >= 3x the batched
 # PyTorch CUDA head; 1 query vs 1M images <= 30 ms, 32 queries <= 150 ms.
-TARGETS = {"head_fraction_of_fp16_gemm": 0.5, "head_over_torch_cuda": 3.0, "latency_1m_q1_ms": 30.0,
-           "latency_1m_q32_ms": 150.0}
+TARGETS = {
+    "head_fraction_of_fp16_gemm": 0.5,
+    "head_over_torch_cuda": 3.0,
+    "latency_1m_q1_ms": 30.0,
+    "latency_1m_q32_ms": 150.0,
+}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -425,8 +474,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     """A short text summary; the JSON holds every figure."""
-    lines = [f"GPU check {report['started']}, {report.get('wall_seconds')} s; load at end "
-             f"{report.get('load_average_at_end')}"]
+    lines = [
+        f"GPU check {report['started']}, {report.get('wall_seconds')} s; load at end "
+        f"{report.get('load_average_at_end')}"
+    ]
     c = report.get("cupy", {})
     if "skipped" in c or "failed" in c:
         lines.append(f"cupy: {c.get('skipped') or c.get('failed')}")
@@ -459,8 +510,10 @@ def format_report(report: dict[str, Any]) -> str:
                 queries = cell.get("queries", "-")
                 lines.append(f"  latency {cell['gallery']:,} images, {queries} queries: {cell['skipped']}")
             else:
-                lines.append(f"  latency {cell['gallery']:,} images, {cell['queries']} queries: p50 "
-                             f"{1e3 * cell['median_s']:.1f} ms, p90 {1e3 * cell['p90_s']:.1f} ms")
+                lines.append(
+                    f"  latency {cell['gallery']:,} images, {cell['queries']} queries: p50 "
+                    f"{1e3 * cell['median_s']:.1f} ms, p90 {1e3 * cell['p90_s']:.1f} ms"
+                )
         if "failed" in c.get("latency", {}):
             lines.append(f"  latency: {c['latency']['failed']}")
     t = report.get("torch_cuda_baseline", {})
@@ -474,8 +527,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"tensorrt: {json.dumps(report['tensorrt'])[:300]}")
     for key, v in report.get("summary", {}).items():
         if key.startswith("head_") and "over_torch_cuda_same_precision" in v:
-            lines.append(f"{key}: {v['over_torch_cuda_same_precision']:.2f}x the PyTorch CUDA head "
-                         f"(target {TARGETS['head_over_torch_cuda']}x)")
+            lines.append(
+                f"{key}: {v['over_torch_cuda_same_precision']:.2f}x the PyTorch CUDA head "
+                f"(target {TARGETS['head_over_torch_cuda']}x)"
+            )
     return "\n".join(lines)
 
 
@@ -533,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the JSON report here")
     p.add_argument("--n", type=int, default=4096, help="gallery images for the head throughput cells")
     p.add_argument("--galleries", default="100000,1000000", help="image gallery sizes of the latency cells")
-    p.add_argument("--budget", type=float, default=200.0,
-                   help="seconds; latency cells that would start later are skipped")
+    p.add_argument(
+        "--budget", type=float, default=200.0, help="seconds; latency cells that would start later are skipped"
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the same code")
     args = p.parse_args(argv)
     t0 = time.monotonic()
@@ -542,8 +598,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine.describe()}
     galleries = [int(x) for x in args.galleries.split(",") if x]
-    report["cupy"] = _guarded(lambda: cupy_check(n=args.n, galleries=galleries, deadline=t0 + args.budget,
-                                                 quick=args.quick))
+    report["cupy"] = _guarded(
+        lambda: cupy_check(n=args.n, galleries=galleries, deadline=t0 + args.budget, quick=args.quick)
+    )
     report["torch_cuda_baseline"] = _guarded(lambda: torch_cuda_baseline(n=args.n))
     _free_torch()
     if args.engine:

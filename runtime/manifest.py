@@ -269,6 +269,8 @@ def validate(path: Path, data: Any) -> SCANConfig:
         if not _SHA256.match(_need(path, data, key, str)):
             raise ManifestError(f"manifest {path}: {key!r} must be 64 lowercase hex digits, got {data[key]!r:.70}")
     _file_entry(path, data.get("vocab"), "'vocab'")
+    if "weights" in data:  # exports older than the array backend have none
+        _file_entry(path, data["weights"], "'weights'")
     graphs = _need(path, data, "graphs", dict)
     if not graphs:
         raise ManifestError(f"manifest {path}: 'graphs' lists no graph")

@@ -21,8 +21,16 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "numpy", "cupy")
 ARRAY_BACKENDS = ("numpy", "cupy")
 
-__all__ = ["ARRAY_BACKENDS", "BACKENDS", "Backend", "BackendError", "TensorSpec", "choose_backend", "open_backend",
-           "tensorrt_available"]
+__all__ = [
+    "ARRAY_BACKENDS",
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "TensorSpec",
+    "choose_backend",
+    "open_backend",
+    "tensorrt_available",
+]
 
 
 def module_available(name: str) -> bool:

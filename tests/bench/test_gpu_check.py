@@ -57,8 +57,14 @@ def test_cupy_path_runs_end_to_end_on_a_numpy_stand_in(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     from tests.helpers import QUIET_BLAS
 
-    proc = subprocess.run([sys.executable, "-c", CUPY_PATH_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **QUIET_BLAS}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CUPY_PATH_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), **QUIET_BLAS},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert (tmp_path / "gpu_check.txt").read_text().startswith("GPU check")

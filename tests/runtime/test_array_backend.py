@@ -19,6 +19,7 @@ import pytest
 from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, SCANConfig
+from runtime.manifest import write_manifest
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
@@ -343,7 +344,7 @@ def test_weights_file_is_listed_and_verified(small_engines, tmp_path):
         load_weights(load_manifest(copy / "scan.json"))
     data = json.loads((copy / "scan.json").read_text())
     del data["weights"]
-    (copy / "scan.json").write_text(json.dumps(data))
+    write_manifest(copy / "scan.json", data)
     with pytest.raises(WeightsError, match="re-export"):
         load_weights(load_manifest(copy / "scan.json"))
 
@@ -487,7 +488,7 @@ def test_array_backend_without_weights_is_a_clear_error(small_engines, tmp_path)
     shutil.copytree(small_engines["i2t"].parent, copy)
     data = json.loads((copy / "scan.json").read_text())
     del data["weights"]
-    (copy / "scan.json").write_text(json.dumps(data))
+    write_manifest(copy / "scan.json", data)
     with pytest.raises(BackendError, match=r"--backend numpy: .*re-export"):
         ScanEngine.open(copy / "scan.json", backend="numpy")
 
