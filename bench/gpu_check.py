@@ -1,6 +1,13 @@
-"""One short GPU check: TensorRT engines vs ONNX Runtime float32, and the PyTorch CUDA baseline.
+"""One short GPU check: the CuPy array backend, TensorRT engines vs ONNX Runtime float32, the PyTorch CUDA baseline.
 
-    python bench/gpu_check.py --engine engines/scan.json [--json gpu_check.json]
+    python bench/gpu_check.py [--engine engines/scan.json] [--out-dir bench/results/gpu]
+
+* With CuPy and a GPU (``cupy_check``, under 4 minutes on an H200): parity of the CuPy backend (fp32
+  and fp16) against the numpy backend float32 on the golden cases of the original code and on a
+  full-size synthetic model; head throughput (pairs/s) of CuPy fp32/fp16 against the batched PyTorch
+  head on CUDA and against the float16 tensor-core GEMM rate measured in the same run; query latency
+  (encode + score + top-k, ``ArrayModel.blocks_topk``) of 1 and 32 captions against 100K and 1M
+  images (embed 1024, float16 resident, generated on the GPU from a seed instead of encoded).
 
 * With TensorRT and a GPU: builds the engines for ``--engine`` (export/build_engine.py), checks the
   TensorRT head, text and image engines against ONNX Runtime float32 on seeded inputs, and times the
@@ -8,15 +15,20 @@
 * With PyTorch + CUDA (with or without TensorRT): runs the batched reference head of
   ``export/model.py`` on the GPU in float32 and float16 on full-size synthetic shapes and records
   pairs/s: the GPU baseline the benchmark compares against.
-Each part is skipped, with the reason in the JSON, when what it needs is missing.
+Each part is skipped, with the reason in the JSON, when what it needs is missing; a part that fails
+records its error and the others still run. Writes ``gpu_check.json`` and ``gpu_check.txt`` into
+``--out-dir`` (atomically).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +74,464 @@ def torch_cuda_baseline(
 
     out["device"] = torch.cuda.get_device_name(0)
     return out
+
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
+# Full-size SCAN (the paper's Flickr30K model): the shapes every GPU figure is measured at.
+FULL = dict(vocab_size=10000, img_dim=2048, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True)
+# --quick: the same code on tiny shapes (the CPU tests run it against a numpy stand-in for CuPy).
+QUICK = dict(vocab_size=50, img_dim=64, embed_size=32, word_dim=16, num_layers=1, bi_gru=True)
+MODES = {
+    "t2i": dict(cross_attn="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
+    "i2t": dict(cross_attn="i2t", agg_func="Mean", lambda_softmax=4.0, lambda_lse=6.0),
+}
+
+
+def _guarded(fn) -> dict[str, Any]:
+    """Run one part; an exception is recorded (type, message, traceback tail), never fatal."""
+    try:
+        return fn()
+    except Exception as e:  # the check must finish and report whatever else it measured
+        return {"failed": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+
+
+def _free_torch() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _timed(fn, sync, repeats: int, warmup: int = 2) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    x = np.asarray(times)
+    return {
+        "median_s": float(np.median(x)),
+        "p10_s": float(np.percentile(x, 10)),
+        "p90_s": float(np.percentile(x, 90)),
+        "p99_s": float(np.percentile(x, 99)),
+        "n": len(times),
+    }
+
+
+def synthetic_weights(cfg, seed: int = 0):
+    """Random full-size weights with PyTorch's initial scales (uniform +-1/sqrt(fan)), no torch needed."""
+    from runtime.weights import ScanWeights, expected_shapes
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name == "text.embed":
+            arrays[name] = rng.uniform(-0.1, 0.1, shape).astype(np.float32)  # the original's init_weights
+        else:
+            fan = cfg.img_dim if name.startswith("image.") else cfg.embed_size
+            arrays[name] = rng.uniform(-1, 1, shape).astype(np.float32) / np.float32(np.sqrt(fan))
+    return ScanWeights.from_arrays(cfg, arrays)
+
+
+def golden_root() -> Path | None:
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("SCAN_GOLDEN_DIR"), repo / "tests" / "golden", repo.parent / "shared" / "golden"):
+        if candidate and (Path(candidate) / "README.md").is_file():
+            return Path(candidate)
+    return None
+
+
+def cupy_parity_golden() -> dict[str, Any]:
+    """CuPy fp32/fp16 and numpy fp32 against the original code's similarity matrices."""
+    root = golden_root()
+    if root is None:
+        return {"skipped": "no golden cases (tests/golden, ../shared/golden or $SCAN_GOLDEN_DIR)"}
+    try:
+        from export.checkpoint import load_checkpoint, load_vocab
+        from export.weights import encoder_arrays
+    except ImportError as e:
+        return {"skipped": f"loading the golden checkpoints needs PyTorch ({e})"}
+    from runtime.backends.arrays import ArrayModel
+    from runtime.captions import read_captions
+    from runtime.weights import ScanWeights
+
+    out: dict[str, Any] = {}
+    for case in sorted(p for p in root.iterdir() if (p / "case.json").is_file()):
+        ckpt = load_checkpoint(case / "ckpt.pth.tar")
+        weights = ScanWeights.from_arrays(ckpt.config, encoder_arrays(ckpt.model))
+        ids, lengths, out["tokenizer"] = _golden_ids(
+            load_vocab(case / "vocab.json", ckpt.config), read_captions(case / "test_caps.txt")
+        )
+        regions = np.load(case / "test_ims.npy")
+        expected = np.load(case / "expected_sims.npy")
+        errs = {}
+        for module, precision in (("numpy", "fp32"), ("cupy", "fp32"), ("cupy", "fp16")):
+            m = ArrayModel(weights, module, precision)
+            images, gram = m.encode_images(regions)
+            sims = m.sims(images, gram, m.encode_ids(ids, lengths), lengths)
+            errs[f"{module}_{precision}"] = float(np.abs(sims - expected).max())
+        passed = errs["numpy_fp32"] <= 1e-5 and errs["cupy_fp32"] <= 1e-5 and errs["cupy_fp16"] <= 5e-3
+        out[case.name] = {"max_abs_err_vs_original": errs, "passed": passed}
+    return out
+
+
+def _golden_ids(vocab, captions: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Token ids of the golden captions: the runtime's tokenizer, or without nltk (a GPU image may lack it)
+    lower-cased whitespace splitting, which tests/golden/README.md states is the same for these captions."""
+    try:
+        from runtime.tokenizer import Tokenizer
+    except ImportError:
+        return (*whitespace_ids(vocab, captions), "whitespace split (nltk not installed)")
+    return (*Tokenizer(vocab).encode_batch(captions), "runtime.tokenizer")
+
+
+def whitespace_ids(vocab, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from runtime.vocab import END_ID, PAD_ID, START_ID
+
+    rows = [[START_ID, *(vocab(w) for w in c.lower().split()), END_ID] for c in captions]
+    lengths = np.array([len(r) for r in rows], np.int64)
+    ids = np.full((len(rows), int(lengths.max())), PAD_ID, np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, lengths
+
+
+def cupy_parity_full_size(dims: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """CuPy fp32/fp16 against numpy fp32 on a random full-size model, both modes, encoders and head."""
+    from runtime.backends.arrays import ArrayModel
+    from runtime.config import SCANConfig
+
+    rng = np.random.default_rng(seed)
+    regions = rng.standard_normal((48, 36, dims["img_dim"])).astype(np.float32)
+    regions[:, -3:] = 0  # all-zero regions exist in real data
+    # No 1-word caption: t2i normalises each region's logits over the words, which for one word is the
+    # sign of the logit, so float16 rounding of a near-zero logit flips its weight from e^-9 to e^9; the
+    # golden cases and the CPU tests cover 1-word captions in float32.
+    lengths = np.array([14, 3, 9, 30, 5, 14, 2, 20], np.int64)
+    ids = rng.integers(4, dims["vocab_size"], (len(lengths), int(lengths.max()))).astype(np.int64)
+    ids[np.arange(ids.shape[1])[None, :] >= lengths[:, None]] = 0
+    out = {}
+    for mode, opts in MODES.items():
+        weights = synthetic_weights(SCANConfig(**dims, **opts), seed)
+        ref = ArrayModel(weights, "numpy")
+        r_images, r_gram = ref.encode_images(regions)
+        r_words = ref.encode_ids(ids, lengths)
+        r_sims = ref.sims(r_images, r_gram, r_words, lengths)
+        errs = {}
+        for precision in ("fp32", "fp16"):
+            m = ArrayModel(weights, "cupy", precision)
+            images, gram = m.encode_images(regions)
+            words = m.encode_ids(ids, lengths)
+            errs[precision] = {
+                "images": float(np.abs(images.astype(np.float32) - r_images).max()),
+                "captions": float(np.abs(words.astype(np.float32) - r_words).max()),
+                "sims": float(np.abs(m.sims(images, gram, words, lengths) - r_sims).max()),
+                "sims_same_inputs": float(np.abs(m.sims(r_images, r_gram, r_words, lengths) - r_sims).max()),
+            }
+        out[mode] = {
+            "max_abs_err_vs_numpy_fp32": errs,
+            "passed": errs["fp32"]["sims"] <= 1e-5 and errs["fp16"]["sims"] <= 5e-3,
+        }
+    return out
+
+
+def gemm_rates(
+    cp, n: int, q: int, length: int, r: int, d: int, square: int = 8192, repeats: int = 10
+) -> dict[str, Any]:
+    """float16 (tensor cores, float32 accumulation) and float32 GEMM rates: the head's shape and a square one."""
+    sync = cp.cuda.Device().synchronize
+    out = {}
+    for name, (m_, k_, n_) in {"head_shape": (q * length, d, n * r), "square": (square, square, square)}.items():
+        for dtype in (cp.float16, cp.float32):
+            a = cp.random.standard_normal((m_, k_), dtype=cp.float32).astype(dtype)
+            b = cp.random.standard_normal((k_, n_), dtype=cp.float32).astype(dtype)
+            t = _timed(functools.partial(cp.matmul, a, b), sync, repeats=repeats)
+            out[f"{name}_{np.dtype(dtype).name}"] = {
+                "shape": [m_, k_, n_],
+                **t,
+                "tflops": 2.0 * m_ * k_ * n_ / t["median_s"] / 1e12,
+            }
+    return out
+
+
+def cupy_head_throughput(
+    cp, dims: dict[str, Any], n: int, q: int = 32, length: int = 14, r: int = 36, seed: int = 0, repeats: int = 10
+) -> dict[str, Any]:
+    """pairs/s of ArrayModel.sims_on_device (device arrays in and out) for both modes and precisions."""
+    from runtime.backends.arrays import ArrayModel
+    from runtime.config import SCANConfig
+
+    sync = cp.cuda.Device().synchronize
+    d = dims["embed_size"]
+    rs = cp.random.RandomState(seed)
+    out: dict[str, Any] = {"shapes": {"N": n, "Q": q, "L": length, "R": r, "d": d}}
+    for mode, opts in MODES.items():
+        weights = synthetic_weights(SCANConfig(**dims, **opts), seed)
+        for precision in ("fp32", "fp16"):
+            m = ArrayModel(weights, "cupy", precision)
+            images = _unit(cp, rs.standard_normal((n, r, d), dtype=cp.float32)).astype(m.storage)
+            gram = cp.matmul(images, images.transpose(0, 2, 1)).astype(m.storage)
+            captions = _unit(cp, rs.standard_normal((q, length, d), dtype=cp.float32)).astype(m.storage)
+            lengths = cp.full((q,), length, dtype=cp.int64)
+            t = _timed(functools.partial(m.sims_on_device, images, gram, captions, lengths), sync, repeats=repeats)
+            out[f"{mode}_{precision}"] = {**t, "pairs_per_s": n * q / t["median_s"]}
+        cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+def _unit(cp, x):
+    x /= cp.sqrt((x * x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def resident_gallery(cp, model, n: int, r: int = 36, seed: int = 0, chunk: int = 8192):
+    """(images (n, r, d), image_gram (n, r, r) or None): a float16 gallery generated on the GPU from a seed."""
+    d = model.config.embed_size
+    rs = cp.random.RandomState(seed)
+    images = cp.empty((n, r, d), cp.float16)
+    gram = cp.empty((n, r, r), cp.float16) if model.config.cross_attn == "t2i" else None
+    for a in range(0, n, chunk):
+        x = _unit(cp, rs.standard_normal((min(chunk, n - a), r, d), dtype=cp.float32)).astype(cp.float16)
+        images[a : a + len(x)] = x
+        if gram is not None:
+            gram[a : a + len(x)] = cp.matmul(x, x.transpose(0, 2, 1))
+        del x
+    return images, gram
+
+
+def gallery_blocks(images, gram, block: int) -> list:
+    """Blocks as the head backend holds an uploaded gallery: views of the resident arrays, no copies."""
+    return [
+        (a, {"images": images[a : a + block], **({"image_gram": gram[a : a + block]} if gram is not None else {})})
+        for a in range(0, len(images), block)
+    ]
+
+
+def cupy_latency(
+    cp,
+    dims: dict[str, Any],
+    galleries: list[int],
+    deadline: float,
+    block_sizes: tuple[int, int],
+    k: int = 10,
+    length: int = 14,
+    seed: int = 0,
+    chunk: int = 8192,
+    repeats: int = 10,
+) -> dict:
+    """Wall time of one search (ids -> text encoder -> every gallery block -> top-k on the host).
+
+    ``block_sizes``: images per block for 1 and for 32 queries (bounding the (q L, block R) float32 logits).
+    """
+    from runtime.backends.arrays import ArrayModel
+    from runtime.config import SCANConfig
+
+    weights = synthetic_weights(SCANConfig(**dims, **MODES["t2i"]), seed)
+    model = ArrayModel(weights, "cupy", "fp16")
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {
+        "model": "t2i LogSumExp, float16 resident gallery",
+        "k": k,
+        "caption_len": length,
+        "cells": [],
+    }
+    pool = cp.get_default_memory_pool()
+    for n in galleries:
+        if time.monotonic() > deadline:
+            out["cells"].append({"gallery": n, "skipped": "the check's time budget is spent"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            images, gram = resident_gallery(cp, model, n, seed=seed, chunk=chunk)
+        except cp.cuda.memory.OutOfMemoryError as e:
+            out["cells"].append({"gallery": n, "skipped": f"out of GPU memory for the gallery ({e})"})
+            pool.free_all_blocks()
+            continue
+        cp.cuda.Device().synchronize()
+        gen_s = time.perf_counter() - t0
+        blocks = None
+        for q in (1, 32):
+            if time.monotonic() > deadline:
+                out["cells"].append({"gallery": n, "queries": q, "skipped": "the check's time budget is spent"})
+                continue
+            ids = rng.integers(4, dims["vocab_size"], (q, length)).astype(np.int64)
+            lengths = np.full(q, length, np.int64)
+            block = block_sizes[0] if q == 1 else block_sizes[1]
+
+            blocks = gallery_blocks(images, gram, block)
+            search = functools.partial(_search, model, blocks, ids, lengths, k)
+
+            _, found = search()
+            try:
+                reps = max(1, repeats // 2) if n >= 1000000 else repeats
+                t = _timed(search, lambda: None, repeats=reps, warmup=1)
+            except cp.cuda.memory.OutOfMemoryError as e:
+                out["cells"].append({"gallery": n, "queries": q, "skipped": f"out of GPU memory ({e})"})
+                continue
+            out["cells"].append(
+                {
+                    "gallery": n,
+                    "queries": q,
+                    "block": block,
+                    **t,
+                    "queries_per_s": q / t["median_s"],
+                    "gallery_bytes": int(images.nbytes + (gram.nbytes if gram is not None else 0)),
+                    "generate_s": round(gen_s, 2),
+                    "valid_ids": bool((found >= 0).all()),
+                }
+            )
+        del images, gram, blocks
+        pool.free_all_blocks()
+    return out
+
+
+def _search(model, blocks: list, ids: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One text -> image search from token ids: upload, encode, score every block, merge the top-k."""
+    from runtime.topk import RunningTopK
+
+    lengths_dev = model.upload(lengths, np.int64, "lengths")
+    words = model.text_on_device(model.upload(ids, np.int64, "ids"), lengths_dev)
+    top = RunningTopK(len(ids), k)
+    for s, rows in model.blocks_topk(blocks, {"captions": words, "lengths": lengths_dev}, k, axis=0):
+        top.merge(s, rows)
+    return top.result()
+
+
+def cupy_check(n: int, galleries: list[int], deadline: float, quick: bool = False) -> dict[str, Any]:
+    from runtime.backends.arrays import cupy_status
+
+    reason = cupy_status()
+    if reason is not None:
+        return {"skipped": reason}
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    out: dict[str, Any] = {
+        "cupy": cp.__version__,
+        "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+        "device": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+        "memory_bytes": int(props["totalGlobalMem"]),
+    }
+    dims = QUICK if quick else FULL
+    out["dims"] = dims
+    out["parity_golden"] = _guarded(cupy_parity_golden)
+    out["parity_full_size"] = _guarded(lambda: cupy_parity_full_size(dims))
+    reps = 2 if quick else 10
+    out["gemm"] = _guarded(
+        lambda: gemm_rates(cp, n, 32, 14, 36, dims["embed_size"], square=128 if quick else 8192, repeats=reps)
+    )
+    out["head"] = _guarded(lambda: cupy_head_throughput(cp, dims, n, repeats=reps))
+    cp.get_default_memory_pool().free_all_blocks()
+    # 1M images: 74 GB of float16 images + 2.6 GB of Gram matrices; blocks bound the float32 logits to ~4 GB
+    block_sizes, chunk = ((7, 5), 16) if quick else ((65536, 8192), 8192)
+    out["latency"] = _guarded(
+        lambda: cupy_latency(cp, dims, galleries, deadline, block_sizes, chunk=chunk, repeats=reps)
+    )
+    cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+# The issue's H200 targets: CuPy head >= 50% of the fp16 tensor-core GEMM rate and >= 3x the batched
+# PyTorch CUDA head; 1 query vs 1M images <= 30 ms, 32 queries <= 150 ms.
+TARGETS = {
+    "head_fraction_of_fp16_gemm": 0.5,
+    "head_over_torch_cuda": 3.0,
+    "latency_1m_q1_ms": 30.0,
+    "latency_1m_q32_ms": 150.0,
+}
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Ratios measured in this run (CuPy over PyTorch CUDA, fraction of the fp16 GEMM) against TARGETS."""
+    c, t = report.get("cupy", {}), report.get("torch_cuda_baseline", {})
+    head, gemm = c.get("head", {}), c.get("gemm", {})
+    out: dict[str, Any] = {"targets": TARGETS}
+    fp16_tflops = gemm.get("head_shape_float16", {}).get("tflops")
+    d = c.get("dims", {}).get("embed_size")
+    for key, v in head.items():
+        if not (isinstance(v, dict) and "pairs_per_s" in v):
+            continue
+        mode, precision = key.split("_")
+        entry: dict[str, Any] = {"pairs_per_s": v["pairs_per_s"]}
+        if fp16_tflops and d:  # the logits GEMM's share of the head's work: 2 d R L flop per pair
+            entry["fraction_of_fp16_gemm"] = v["pairs_per_s"] * 2.0 * d * 36 * 14 / 1e12 / fp16_tflops
+        torch_key = f"{mode}_{'float32' if precision == 'fp32' else 'float16'}"
+        if "pairs_per_s" in t.get(torch_key, {}) and t.get("shapes", {}).get("d") == d:
+            entry["over_torch_cuda_same_precision"] = v["pairs_per_s"] / t[torch_key]["pairs_per_s"]
+        out[f"head_{key}"] = entry
+    for cell in c.get("latency", {}).get("cells", []):
+        if "median_s" in cell:
+            out[f"latency_{cell['gallery']}_q{cell['queries']}_ms"] = 1e3 * cell["median_s"]
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short text summary; the JSON holds every figure."""
+    lines = [
+        f"GPU check {report['started']}, {report.get('wall_seconds')} s; load at end "
+        f"{report.get('load_average_at_end')}"
+    ]
+    c = report.get("cupy", {})
+    if "skipped" in c or "failed" in c:
+        lines.append(f"cupy: {c.get('skipped') or c.get('failed')}")
+    else:
+        lines.append(f"cupy {c['cupy']} (CUDA runtime {c['cuda_runtime']}) on {c['device']}")
+        for name in ("parity_golden", "parity_full_size"):
+            part = c.get(name, {})
+            for case, v in part.items():
+                if isinstance(v, dict):
+                    errs = v.get("max_abs_err_vs_original") or v.get("max_abs_err_vs_numpy_fp32")
+                    lines.append(f"  {name} {case}: {json.dumps(errs)} passed={v.get('passed')}")
+                else:
+                    lines.append(f"  {name}: {case} {v}"[:300])
+        g, h = c.get("gemm", {}), c.get("head", {})
+        for key, v in g.items():
+            if isinstance(v, dict):
+                lines.append(f"  GEMM {key} {v['shape']}: {v['tflops']:.1f} TFLOP/s")
+        ceiling = g.get("head_shape_float16", {}).get("tflops")
+        for key, v in h.items():
+            if key != "shapes" and isinstance(v, dict) and "pairs_per_s" in v:
+                flop = 2.0 * c["dims"]["embed_size"] * 36 * 14  # the logits GEMM per pair
+                frac = ""
+                if ceiling:
+                    frac = f", {100 * v['pairs_per_s'] * flop / 1e12 / ceiling:.0f}% of the fp16 GEMM rate"
+                lines.append(f"  head {key}: {v['pairs_per_s']:,.0f} pairs/s{frac}")
+        if "failed" in h:
+            lines.append(f"  head: {h['failed']}")
+        for cell in c.get("latency", {}).get("cells", []):
+            if "skipped" in cell:
+                queries = cell.get("queries", "-")
+                lines.append(f"  latency {cell['gallery']:,} images, {queries} queries: {cell['skipped']}")
+            else:
+                lines.append(
+                    f"  latency {cell['gallery']:,} images, {cell['queries']} queries: p50 "
+                    f"{1e3 * cell['median_s']:.1f} ms, p90 {1e3 * cell['p90_s']:.1f} ms"
+                )
+        if "failed" in c.get("latency", {}):
+            lines.append(f"  latency: {c['latency']['failed']}")
+    t = report.get("torch_cuda_baseline", {})
+    if "skipped" in t or "failed" in t:
+        lines.append(f"torch CUDA baseline: {t.get('skipped') or t.get('failed')}")
+    else:
+        for key, v in t.items():
+            if isinstance(v, dict) and "pairs_per_s" in v:
+                lines.append(f"torch CUDA batched head {key}: {v['pairs_per_s']:,.0f} pairs/s")
+    if "tensorrt" in report:
+        lines.append(f"tensorrt: {json.dumps(report['tensorrt'])[:300]}")
+    for key, v in report.get("summary", {}).items():
+        if key.startswith("head_") and "over_torch_cuda_same_precision" in v:
+            lines.append(
+                f"{key}: {v['over_torch_cuda_same_precision']:.2f}x the PyTorch CUDA head "
+                f"(target {TARGETS['head_over_torch_cuda']}x)"
+            )
+    return "\n".join(lines)
 
 
 def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
@@ -114,15 +584,38 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", help="manifest scan.json to build TensorRT engines for")
     p.add_argument("--out", default=None, help="engine output folder (default: the manifest's folder)")
-    p.add_argument("--json", default="gpu_check.json")
-    p.add_argument("--n", type=int, default=4096, help="gallery images for the PyTorch CUDA baseline")
+    p.add_argument("--out-dir", default=str(RESULTS), help=f"where gpu_check.json/.txt go (default {RESULTS})")
+    p.add_argument("--json", default=None, help="also write the JSON report here")
+    p.add_argument("--n", type=int, default=4096, help="gallery images for the head throughput cells")
+    p.add_argument("--galleries", default="100000,1000000", help="image gallery sizes of the latency cells")
+    p.add_argument(
+        "--budget", type=float, default=200.0, help="seconds; latency cells that would start later are skipped"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the same code")
     args = p.parse_args(argv)
-    report: dict[str, Any] = {"torch_cuda_baseline": torch_cuda_baseline(n=args.n)}
+    t0 = time.monotonic()
+    from bench import machine
+
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine.describe()}
+    galleries = [int(x) for x in args.galleries.split(",") if x]
+    report["cupy"] = _guarded(
+        lambda: cupy_check(n=args.n, galleries=galleries, deadline=t0 + args.budget, quick=args.quick)
+    )
+    report["torch_cuda_baseline"] = _guarded(lambda: torch_cuda_baseline(n=args.n))
+    _free_torch()
     if args.engine:
         manifest = Path(args.engine)
-        report["tensorrt"] = tensorrt_check(manifest, Path(args.out) if args.out else manifest.parent)
-    atomic.write_json(args.json, report)
-    print(json.dumps(report, indent=1))
+        report["tensorrt"] = _guarded(lambda: tensorrt_check(manifest, Path(args.out) if args.out else manifest.parent))
+    report["summary"] = summarize(report)
+    report["load_average_at_end"] = machine.load_average()
+    report["wall_seconds"] = round(time.monotonic() - t0, 1)
+    text = format_report(report)
+    out_dir = Path(args.out_dir)
+    atomic.write_json(out_dir / "gpu_check.json", report)
+    atomic.write_bytes(out_dir / "gpu_check.txt", (text + "\n").encode("utf-8"))
+    if args.json:
+        atomic.write_json(args.json, report)
+    print(text)
     return 0
 
 

@@ -23,9 +23,10 @@ import torch
 from export.checkpoint import LoadedCheckpoint
 from export.graphs import HeadGraph, ImageGraph, TextGraph, head_input_names
 from export.model import SCAN
+from export.weights import encoder_arrays, weights_bytes
 from runtime import atomic
 from runtime.backends.onnxruntime import open_session
-from runtime.manifest import FORMAT, graph_file_name, graph_key, vocab_file_name, write_manifest
+from runtime.manifest import FORMAT, graph_file_name, graph_key, vocab_file_name, weights_file_name, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,8 @@ def export_all(
     txt_keys = ["vocab_size", "word_dim", "embed_size", "num_layers", "bi_gru", "no_txtnorm"]
     cfg_dict = cfg.to_dict()
     vocab_bytes = (json.dumps(vocab_json, ensure_ascii=False) + "\n").encode("utf-8")
+    arrays = encoder_arrays(model)
+    weight_blob = weights_bytes(arrays)
     manifest = {
         "format": FORMAT,
         "name": name,
@@ -285,6 +288,11 @@ def export_all(
         "image_encoder_id": encoder_id(model.img_enc, {k: cfg_dict[k] for k in img_keys}),
         "text_encoder_id": encoder_id(model.txt_enc, {k: cfg_dict[k] for k in txt_keys}),
         "vocab": {"file": vocab_file_name(name), "sha256": hashlib.sha256(vocab_bytes).hexdigest()},
+        "weights": {
+            "file": weights_file_name(name),
+            "sha256": hashlib.sha256(weight_blob).hexdigest(),
+            "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.name} for k, v in arrays.items()},
+        },
         "graphs": graphs,
         "plans": {},
         "exported_with": {"torch": torch.__version__, "onnx_opset": OPSET},
@@ -292,6 +300,7 @@ def export_all(
     for key, blob in blobs.items():
         atomic.write_bytes(out_dir / graphs[key]["file"], blob)
     atomic.write_bytes(out_dir / manifest["vocab"]["file"], vocab_bytes)
+    atomic.write_bytes(out_dir / manifest["weights"]["file"], weight_blob)
     # The manifest goes last: it only ever names files that are already complete.
     write_manifest(out_dir / f"{name}.json", manifest)
     return manifest

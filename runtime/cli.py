@@ -36,13 +36,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="auto: TensorRT for a .plan when installed, else ONNX Runtime",
+        help="auto: TensorRT for a .plan when installed, else ONNX Runtime (numpy without it); "
+        "numpy / cupy: the export's weights file, no graph runtime",
     )
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16"),
         default="fp32",
-        help="graphs to serve: fp32 (exact) or the fp16 variants (ONNX Runtime; TensorRT uses its engines)",
+        help="fp32 (exact) or fp16: the fp16 graphs (ONNX Runtime; TensorRT uses its plans), float16 "
+        "storage and GEMM operands (numpy / cupy)",
     )
     p.add_argument(
         "--device",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import Backend, BackendError, choose_backend, open_backend
+from runtime.backends import ARRAY_BACKENDS, Backend, BackendError, choose_backend, open_backend
 from runtime.features import check_regions
 from runtime.manifest import Manifest, resolve_manifest
 from runtime.tokenizer import Tokenizer
@@ -37,15 +37,34 @@ class ScanEngine:
         self.tokenizer = Tokenizer(Vocabulary.from_json(manifest.vocab_path()), max_words=manifest.max_words)
         self._backends: list[Backend] = []
         try:
-            self.image = self._open("image", backend, precision, device, threads)
-            self.text = self._open("text", backend, precision, device, threads)
-            self.head = self._open("head", backend, precision, device, threads)
+            if backend in ARRAY_BACKENDS:
+                self._open_arrays(backend, precision)
+            else:
+                self._open_graphs(backend, precision, device, threads)
         except Exception:
             self.close()
             raise
         self.head_inputs = self.head.input_names
         self.needs_image_gram = "image_gram" in self.head_inputs
         self.head_dtype = {t.name: t.dtype for t in self.head.inputs}["images"]
+
+    def _open_graphs(self, backend: str, precision: str, device: str, threads: int | None) -> None:
+        self.image = self._open("image", backend, precision, device, threads)
+        self.text = self._open("text", backend, precision, device, threads)
+        self.head = self._open("head", backend, precision, device, threads)
+
+    def _open_arrays(self, module: str, precision: str) -> None:
+        """numpy / cupy: one ArrayModel from the weights file serves all three graphs' contracts."""
+        from runtime.backends.arrays import ArrayBackend, ArrayModel
+        from runtime.weights import WeightsError, load_weights
+
+        try:
+            weights = load_weights(self.manifest)
+        except WeightsError as e:
+            raise BackendError(f"--backend {module}: {e}") from e
+        self.array_model = ArrayModel(weights, module, precision)
+        self.image, self.text, self.head = (ArrayBackend(self.array_model, kind) for kind in ("image", "text", "head"))
+        self._backends += [self.image, self.text, self.head]
 
     @classmethod
     def open(

@@ -1,8 +1,8 @@
 """The export manifest ``<name>.json``, the one owner of its layout: what was exported, from what, and how
 it was verified.
 
-It binds the graphs, the vocabulary and any TensorRT plans to one checkpoint: every file is listed with
-its sha256, and a file that does not match is refused rather than served. Everything else reads the
+It binds the graphs, the vocabulary, the weights file and any TensorRT plans to one checkpoint: every
+file is listed with its sha256, and a file that does not match is refused rather than served. Everything else reads the
 manifest through :class:`Manifest` and writes it through :func:`write_manifest` / :func:`record_plans`;
 the naming rules (graph keys, graph and plan file names) live here too.
 
@@ -60,6 +60,11 @@ def graph_file_name(name: str, kind: str, precision: str = "fp32") -> str:
 
 def vocab_file_name(name: str) -> str:
     return f"{name}.vocab.json"
+
+
+def weights_file_name(name: str) -> str:
+    """The encoders' weights as plain arrays (runtime/weights.py), for the array backends."""
+    return f"{name}.weights.npz"
 
 
 def check_plan_kind(kind: str) -> None:
@@ -185,6 +190,12 @@ class Manifest:
     def vocab_path(self) -> Path:
         return self.file(self.data["vocab"])
 
+    @property
+    def weights(self) -> dict[str, Any]:
+        """The record of the weights file (``file``, ``sha256``, ``arrays``); empty for exports older than it."""
+        entry = self.data.get("weights")
+        return entry if isinstance(entry, dict) else {}
+
 
 # ---------------------------------------------------------------------------------------------- schema
 
@@ -258,6 +269,8 @@ def validate(path: Path, data: Any) -> SCANConfig:
         if not _SHA256.match(_need(path, data, key, str)):
             raise ManifestError(f"manifest {path}: {key!r} must be 64 lowercase hex digits, got {data[key]!r:.70}")
     _file_entry(path, data.get("vocab"), "'vocab'")
+    if "weights" in data:  # exports older than the array backend have none
+        _file_entry(path, data["weights"], "'weights'")
     graphs = _need(path, data, "graphs", dict)
     if not graphs:
         raise ManifestError(f"manifest {path}: 'graphs' lists no graph")

@@ -1,7 +1,10 @@
-"""Backend selection: ``auto`` | ``onnxruntime`` | ``tensorrt``.
+"""Backend selection: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``numpy`` | ``cupy``.
 
 ``auto`` serves a ``.plan`` with TensorRT when it is installed and falls back to the manifest's ONNX
-graphs with a warning otherwise; ``tensorrt`` without TensorRT is an error.
+graphs with a warning otherwise; ``tensorrt`` without TensorRT is an error. ``numpy`` and ``cupy`` serve
+the export's weights file with no graph runtime (``runtime/backends/arrays.py``). On the CPU ``auto``
+picks ONNX Runtime, measured faster than numpy in the head (bench/cpu_backends.py), and numpy when
+ONNX Runtime is not installed.
 """
 
 from __future__ import annotations
@@ -15,13 +18,31 @@ from runtime.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "numpy", "cupy")
+ARRAY_BACKENDS = ("numpy", "cupy")
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "TensorSpec", "choose_backend", "open_backend", "tensorrt_available"]
+__all__ = [
+    "ARRAY_BACKENDS",
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "TensorSpec",
+    "choose_backend",
+    "open_backend",
+    "tensorrt_available",
+]
+
+
+def module_available(name: str) -> bool:
+    """Whether ``import name`` can find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder that refuses the name, or a broken half-imported module
+        return False
 
 
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    return module_available("tensorrt")
 
 
 def choose_backend(requested: str, engine_path: str | Path | None, manifest: Manifest) -> str:
@@ -29,8 +50,8 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; expected one of {', '.join(BACKENDS)}")
     wants_plan = engine_path is not None and Path(engine_path).suffix == ".plan"
-    if requested == "onnxruntime":
-        return "onnxruntime"
+    if requested in ("onnxruntime", *ARRAY_BACKENDS):
+        return requested
     if requested == "tensorrt":
         if not tensorrt_available():
             raise BackendError(
@@ -49,6 +70,11 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
         reason = "TensorRT is not installed" if not tensorrt_available() else "the manifest lists no plans"
         # The CLIs route warnings to stderr (logging.basicConfig); a library does not print.
         logger.warning("%s: %s; falling back to the ONNX graphs with ONNX Runtime", engine_path, reason)
+    if not module_available("onnxruntime") and manifest.data.get("weights"):
+        # ONNX Runtime is the CPU default (faster than numpy in bench/results/cpu_backends.txt); without
+        # it, the weights file still serves the model.
+        logger.warning("ONNX Runtime is not installed; serving %s with the numpy backend", manifest.path)
+        return "numpy"
     return "onnxruntime"
 
 
