@@ -229,3 +229,31 @@ def test_members_with_other_features_refused(setup, tmp_path):
             Ensemble([engines[0], w])
         with pytest.raises(GalleryError, match="different region features"):
             build_member_image_galleries(tmp_path / "gal", [engines[0], w], regions, progress=False)
+
+
+def test_interrupted_build_leaves_nothing_in_the_way(setup, tmp_path):
+    """A writer killed before its commit leaves a new-generation folder: ignored by readers, removed next time."""
+    engines, _, regions, _, _, _, _, _ = setup
+    root = tmp_path / "gal"
+    build_member_image_galleries(root, engines, regions[:6], progress=False)
+    orphan = root / "images" / f"{engines[0].manifest.image_encoder_id[:12]}.2"
+    orphan.mkdir()
+    (orphan / "gallery.json").write_text("half written")
+    assert [len(g) for g in load_member_galleries(root, engines, "images")] == [6, 6]
+    assert [len(g) for g in build_member_image_galleries(root, engines, regions[6:9], progress=False)] == [9, 9]
+    assert (orphan / "gallery.json").read_text() != "half written"  # generation 2 rebuilt over it
+    assert len(list((root / "images").iterdir())) == 2
+
+
+def test_open_ensemble_keeps_serving_across_an_append(setup, tmp_path):
+    engines, _, regions, captions, _, _, _, _ = setup
+    root = tmp_path / "gal"
+    build_member_image_galleries(root, engines, regions[:12], progress=False)
+    with Ensemble(engines, images=load_member_galleries(root, engines, "images")) as before:
+        want = before.search(captions[:4], 5)
+        build_member_image_galleries(root, engines, regions[12:], progress=False)  # removes the old folders
+        got = before.search(captions[:4], 5)  # still the generation it opened (memory-mapped)
+    np.testing.assert_array_equal(got[1], want[1])
+    with Ensemble(engines, images=load_member_galleries(root, engines, "images")) as after:
+        assert len(after.images[0]) == len(regions)
+        assert set(after.search(captions[:1], len(regions))[1][0]) == set(range(len(regions)))
