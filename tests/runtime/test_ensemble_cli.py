@@ -134,3 +134,38 @@ def test_ensemble_cli_works_without_torch(small_engines, data, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
     assert len(out) == 1 and len(out[0]["results"]) == 3
+
+
+def test_ensemble_cost_bench_quick_run(small_engines, tmp_path, capsys):
+    from bench.ensemble_cost import main as bench
+
+    out = tmp_path / "cost.json"
+    assert (
+        bench(
+            [
+                *engine_args(small_engines),
+                "--images",
+                "20",
+                "--captions",
+                "40",
+                "--regions",
+                "5",
+                "--batch",
+                "3",
+                "--repeats",
+                "2",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    contenders = {(r["direction"], r["contender"]) for r in result["rows"]}
+    assert contenders == {
+        (d, c) for d in ("text_to_image", "image_to_text") for c in ("member1", "member2", "ensemble")
+    }
+    assert all(r["n"] == 2 and r["median_ms"] > 0 for r in result["rows"])
+    assert all(v["median"] > 0 for v in result["ratio_to_sum_of_members"].values())
+    assert "ensemble / sum of members" in capsys.readouterr().out
