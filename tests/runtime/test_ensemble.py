@@ -257,3 +257,33 @@ def test_open_ensemble_keeps_serving_across_an_append(setup, tmp_path):
     with Ensemble(engines, images=load_member_galleries(root, engines, "images")) as after:
         assert len(after.images[0]) == len(regions)
         assert set(after.search(captions[:1], len(regions))[1][0]) == set(range(len(regions)))
+
+
+def test_tensorrt_member_scores_its_resident_blocks(monkeypatch, tmp_path):
+    """Backend.block_sims under TensorRT (stand-in): the gallery's blocks stay in (fake) device memory. An
+    ensemble of one model served twice (TensorRT and ONNX Runtime) equals that model alone, whatever the weights."""
+    from runtime.manifest import load_manifest
+    from tests.fake_tensorrt import build_with_fakes, export_golden
+
+    export = export_golden("t2i_lse_f30k", tmp_path / "golden")
+    _, _, alloc = build_with_fakes(monkeypatch, export, "--topk-max", "5")
+    m = load_manifest(export)
+    rng = np.random.default_rng(3)
+    regions = rng.standard_normal((100, 36, m.config.img_dim)).astype(np.float32)
+    words = ["a", "dog", "man", "on", "the", "beach", "two", "red", "car", "."]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 15))) for _ in range(50)]
+    with ScanEngine(m, backend="onnxruntime") as ref, ScanEngine(m, backend="tensorrt") as trt:
+        images = build_member_image_galleries(tmp_path / "gal", [ref, trt], regions, progress=False)
+        captions = build_member_caption_galleries(tmp_path / "gal", [ref, trt], texts, progress=False)
+        assert images[0].folder == images[1].folder  # one encoder, one cache
+        with Searcher(ref, images=images[0], captions=captions[0]) as alone:
+            want = alone.search(texts[:12], 4), alone.search(regions[:12], 6)
+        with Ensemble([trt, ref], images=images, captions=captions, weights=(0.3, 0.7), image_block=100) as ens:
+            got = ens.search(texts[:12], 4), ens.search(regions[:12], 6)
+            uploaded = list(ens.members[0]._uploaded["images"])
+            assert [offset for offset, _ in uploaded] == [0, 64]  # capped to the plan's profile
+            assert all(type(v).__name__ == "DeviceArray" for _, feeds in uploaded for v in feeds.values())
+    for (gs, gi), (ws, wi) in zip(got, want):
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_allclose(gs, ws, rtol=1e-5, atol=1e-6)
+    assert not alloc.live and not alloc.host_live
