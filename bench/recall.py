@@ -4,7 +4,8 @@
     python bench/recall.py --engine t2i/scan.json --engine i2t/scan.json --data ... --fold5   # ensemble
 
 Several engines form an ensemble: their similarity matrices are averaged, as in the paper
-("t-i AVG + i-t LSE"). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
+("t-i AVG + i-t LSE"), or weighted with ``--weights`` (the mean ``runtime/search.py`` and
+``runtime/ensemble.py`` search with). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from runtime import atomic
 from runtime.captions import DataError
 from runtime.cli import add_engine_arguments, run_cli
 from runtime.engine import ScanEngine
+from runtime.ensemble import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="scan.json / scan.onnx / scan.plan; repeat for an ensemble (sims averaged)",
+    )
+    p.add_argument(
+        "--weights",
+        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
     )
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
     p.add_argument("--split", default="test")
@@ -62,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.save_sims and not Path(args.save_sims).resolve().parent.is_dir():
         raise DataError(f"--save-sims {args.save_sims}: the folder {Path(args.save_sims).parent} does not exist")
+    weights = check_weights(args.weights, len(args.engine)).astype(np.float32)
     t0 = time.perf_counter()
     sims = None
-    for path in args.engine:
+    for w, path in zip(weights, args.engine):
         with ScanEngine.open(
             path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
         ) as engine:
@@ -73,8 +80,9 @@ def _run(args: argparse.Namespace) -> int:
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
         if sims is not None and sims.shape != s.shape:
             raise DataError(f"the engines read different splits: {sims.shape} vs {s.shape} similarities")
-        sims = s if sims is None else sims + s
-    sims = (sims / len(args.engine)).astype(np.float32)
+        # The weighted mean in float32, accumulated in the members' order as runtime/ensemble.py does.
+        sims = w * s if sims is None else sims + w * s
+    sims = sims.astype(np.float32, copy=False)
     seconds = time.perf_counter() - t0
     if args.save_sims:
         with atomic.atomic_path(args.save_sims) as tmp, open(tmp, "wb") as f:
@@ -92,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
                     "n_captions": int(sims.shape[1]),
                     "seconds": round(seconds, 3),
                     "engines": args.engine,
+                    "weights": [float(w) for w in weights],
                     "fold5": args.fold5,
                     "fold_images": fold,
                 },

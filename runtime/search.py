@@ -10,11 +10,19 @@
 
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
+
+Several ``--engine`` search an ensemble (runtime/ensemble.py): scores are the weighted mean of the models'
+similarities (``--weights 0.5,0.5``; equal by default). The gallery folder then holds one cache per model,
+built and extended together (runtime/ensemble_gallery.py):
+
+    python runtime/search.py --engine t2i/scan.json --engine i2t/scan.json --gallery gal --images test_ims.npy
+    python runtime/search.py --engine t2i/scan.json --engine i2t/scan.json --gallery gal "a dog on the beach"
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -25,6 +33,13 @@ import numpy as np
 from runtime.captions import read_captions
 from runtime.cli import add_engine_arguments, run_cli
 from runtime.engine import ScanEngine
+from runtime.ensemble import Ensemble, check_weights
+from runtime.ensemble_gallery import (
+    build_member_caption_galleries,
+    build_member_image_galleries,
+    load_member_galleries,
+    verify_member_galleries,
+)
 from runtime.features import load_regions
 from runtime.gallery import (
     DEFAULT_LOCK_TIMEOUT,
@@ -44,7 +59,16 @@ from runtime.tokenizer import TokenizerError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search.py", description="Top-k search with an exported SCAN model.")
     p.add_argument("queries", nargs="*", help="text queries (text -> image search)")
-    p.add_argument("--engine", required=True, help="scan.json, scan.onnx or scan.plan")
+    p.add_argument(
+        "--engine",
+        action="append",
+        required=True,
+        help="scan.json, scan.onnx or scan.plan; repeat for an ensemble (similarities averaged)",
+    )
+    p.add_argument(
+        "--weights",
+        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
+    )
     p.add_argument("--gallery", help="gallery folder (holds images/ and captions/ caches)")
     p.add_argument("--images", help="region features .npy (N, R, img_dim): build or extend the image gallery")
     p.add_argument("--names", help="text file, one name per image of --images")
@@ -87,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
         raise SearchError(f"--gallery {args.gallery}: expected a folder (it holds images/ and captions/), found a file")
     if args.verify and not args.gallery:
         raise SearchError("--verify needs --gallery DIR")
+    check_weights(args.weights, len(args.engine))  # before anything is opened or built
+    if len(args.engine) > 1:
+        return _run_ensemble(args)
+    args.engine = args.engine[0]
     queries = _text_queries(args)
     with ScanEngine.open(
         args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
@@ -184,6 +212,91 @@ def _verify(gallery: Path) -> None:
     for folder in found:
         with verify_gallery(folder) as g:
             print(f"verified {folder}: {len(g)} {folder.name} (checksums, finite values, ids)", file=sys.stderr)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    """``_run`` for several engines: one cache per member in the gallery folder, scores averaged."""
+    queries = _text_queries(args)
+    gallery = Path(args.gallery) if args.gallery else None
+    if (args.images or args.captions) and gallery is None:
+        raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
+    if not (queries or args.query_images or args.images or args.captions or args.verify):
+        raise SearchError(
+            "nothing to do: give text queries, --queries-file or --query-images "
+            "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)"
+        )
+    if gallery is None:
+        raise GalleryError(
+            "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
+            "--captions CAPTIONS.txt (image -> text)"
+        )
+    progress = not args.no_progress
+    results = []
+    with contextlib.ExitStack() as stack:
+        engines = [
+            stack.enter_context(
+                ScanEngine.open(
+                    path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
+                )
+            )
+            for path in args.engine
+        ]
+        images = captions = None
+        if args.images:
+            names = _read_lines(args.names, "names") if args.names else None
+            images = build_member_image_galleries(
+                gallery,
+                engines,
+                args.images,
+                names=names,
+                dtype=args.dtype,
+                append=not args.rebuild,
+                progress=progress,
+                lock_timeout=args.lock_timeout,
+            )
+            print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
+        if args.captions:
+            captions = build_member_caption_galleries(
+                gallery,
+                engines,
+                read_captions(args.captions),
+                dtype=args.dtype,
+                append=not args.rebuild,
+                progress=progress,
+                lock_timeout=args.lock_timeout,
+            )
+            print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
+        verify = True if args.verify else None
+        if args.verify and not (queries or args.query_images):
+            for folder, n in verify_member_galleries(gallery):
+                print(f"verified {folder}: {n} {folder.parent.name} (checksums, finite values, ids)", file=sys.stderr)
+        if queries:
+            images = images or load_member_galleries(gallery, engines, "images", verify=verify)
+            for engine in engines:
+                for q in queries:
+                    for word in engine.tokenizer.unknown_words(q):
+                        logging.getLogger(__name__).info("unknown word %r in %r (%s)", word, q, engine.manifest.path)
+            with Ensemble(engines, images=images, weights=args.weights) as ensemble:
+                scores, ids = ensemble.search(queries, args.k)
+            for q, s, i in zip(queries, scores, ids):
+                results.append(
+                    {"query": q, "results": [_item("name", images[0].names, j, v) for j, v in zip(i, s) if j >= 0]}
+                )
+        if args.query_images:
+            captions = captions or load_member_galleries(gallery, engines, "captions", verify=verify)
+            regions = load_regions(args.query_images, engines[0].config.img_dim)
+            with Ensemble(engines, captions=captions, weights=args.weights) as ensemble:
+                scores, ids = ensemble.search(np.asarray(regions), args.k)
+            for n, (s, i) in enumerate(zip(scores, ids)):
+                results.append(
+                    {
+                        "query": f"{args.query_images}[{n}]",
+                        "results": [_item("text", captions[0].texts, j, v) for j, v in zip(i, s) if j >= 0],
+                    }
+                )
+    if queries or args.query_images:
+        _print(results, args.json)
+    return 0
 
 
 def _item(key: str, labels: list[str] | None, idx: int, score: float) -> dict:

@@ -16,6 +16,8 @@ CPU or GPU by index type:
   The default runs ``run`` and ``runtime.topk.block_topk`` on the host; TensorRT runs its top-k plan
   on the device so only (k, q) values come back. The caller merges blocks with ``RunningTopK``, so a
   sharded service can implement the same two calls per shard.
+* ``block_sims(gallery, queries, axis)`` -- the blocks' whole similarity rows ``(offset, scores (q, B))``,
+  for callers that combine several models' scores before the top-k (runtime/ensemble.py).
 """
 
 from __future__ import annotations
@@ -136,12 +138,20 @@ class Backend(abc.ABC):
         self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int, output: str = "sims"
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Per block of ``gallery``: the top-k gallery rows of each query, ``(scores (q, k'), rows (q, k'))``."""
+        for offset, scores in self.block_sims(gallery, queries, axis, output):
+            rows = np.arange(offset, offset + scores.shape[1], dtype=np.int64)
+            yield block_topk(scores, k, rows)
+
+    def block_sims(
+        self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], axis: int, output: str = "sims"
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Per block of ``gallery``: ``(offset, scores (q, block))``, float32 on the host. What an ensemble
+        (runtime/ensemble.py) combines across models before its top-k; a single model uses ``block_topk``."""
         queries = self.host_feeds(queries)
         for offset, feeds in gallery:
             sims = self.run({**self.host_feeds(feeds), **queries})[output]  # (N, Q)
             scores = sims.T if axis == 0 else sims  # (queries, block)
-            rows = np.arange(offset, offset + scores.shape[1], dtype=np.int64)
-            yield block_topk(scores.astype(np.float32, copy=False), k, rows)
+            yield offset, scores.astype(np.float32, copy=False)
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         expected = set(self.input_names)

@@ -34,7 +34,6 @@ from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, T
 from runtime.backends.cuda_memory import DeviceAllocator, DeviceArray, open_allocator
 from runtime.backends.plan_check import TOPK_OUTPUTS, check_plan_record, shape_in_profile
 from runtime.manifest import Manifest
-from runtime.topk import block_topk
 
 logger = logging.getLogger(__name__)
 
@@ -201,18 +200,21 @@ class TensorRTBackend(Backend):
         self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], k: int, axis: int, output: str = "sims"
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         topk = self._topk_plan(k, axis)
+        if topk is None:  # the host top-k over block_sims (below)
+            yield from super().block_topk(gallery, queries, k, axis, output)
+            return
         for offset, feeds in gallery:
-            if topk is not None:
-                # The top-k runs in the plan: only (k', q) results per block come back to the host.
-                out = topk.run_device({**feeds, **queries})
-                rows = out[TOPK_OUTPUTS[1]].T[:, :k].astype(np.int64) + offset  # (q, k')
-                yield out[TOPK_OUTPUTS[0]].T[:, :k].astype(np.float32), rows
-                continue
+            # The top-k runs in the plan: only (k', q) results per block come back to the host.
+            out = topk.run_device({**feeds, **queries})
+            rows = out[TOPK_OUTPUTS[1]].T[:, :k].astype(np.int64) + offset  # (q, k')
+            yield out[TOPK_OUTPUTS[0]].T[:, :k].astype(np.float32), rows
+
+    def block_sims(
+        self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], axis: int, output: str = "sims"
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        for offset, feeds in gallery:  # resident blocks are device arrays: run_device, never a host copy
             sims = self.run_device({**feeds, **queries})[output]  # (N, Q)
-            scores = sims.T if axis == 0 else sims
-            yield block_topk(
-                scores.astype(np.float32, copy=False), k, np.arange(offset, offset + scores.shape[1], dtype=np.int64)
-            )
+            yield offset, (sims.T if axis == 0 else sims).astype(np.float32, copy=False)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)

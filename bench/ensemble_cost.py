@@ -1,0 +1,161 @@
+"""What an ensemble costs: its search time against its members' searched one by one, in one process.
+
+    python bench/ensemble_cost.py --json bench/results/ensemble_cost.json        # the random full-size t2i + i2t
+    python bench/ensemble_cost.py --engine A/scan.json --engine B/scan.json --images 200 --captions 1000
+
+Per direction (text -> image, image -> text) and repeat, the contenders run interleaved on the same
+queries: each member's ``Searcher`` alone and the ``Ensemble`` of all. Reported: medians and p10..p90
+(ms), and the per-repeat ratio of the ensemble's time to the sum of its members' (1.0: the ensemble
+costs exactly its members; the ensemble's extra work is one weighted sum and one top-k per block).
+Without ``--engine`` the models are the benchmark's random full-size ones (bench/random_models.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import machine
+from bench.plan import FULL
+from bench.synthetic import caption_texts
+from bench.timing import stats
+from runtime import atomic
+from runtime.cli import add_engine_arguments, run_cli
+from runtime.engine import ScanEngine
+from runtime.ensemble import Ensemble
+from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
+from runtime.searcher import Searcher
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ensemble_cost.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", action="append", help="a member (repeat); default: the random full-size t2i + i2t")
+    p.add_argument("--images", type=int, default=1000, help="image gallery size (default 1000)")
+    p.add_argument("--captions", type=int, default=5000, help="caption gallery size (default 5000)")
+    p.add_argument("--regions", type=int, default=36, help="regions per image (default 36)")
+    p.add_argument("--batch", type=int, default=8, help="queries per search call (default 8)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per contender after one warm-up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    add_engine_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_run, build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    for name in ("images", "captions", "regions", "batch", "k", "repeats"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name} must be a positive integer, received {getattr(args, name)}", file=sys.stderr)
+            return 2
+    paths = args.engine or _default_models()
+    info = machine.describe()
+    print(f"machine: {machine.summary_line(info)}", file=sys.stderr)
+    engines = [
+        ScanEngine.open(p, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
+        for p in paths
+    ]
+    try:
+        rows, ratios = _measure(engines, args)
+    finally:
+        for e in engines:
+            e.close()
+    result = {
+        "engines": [str(p) for p in paths],
+        "images": args.images,
+        "captions": args.captions,
+        "batch": args.batch,
+        "k": args.k,
+        "repeats": args.repeats,
+        "machine": info,
+        "load_average_at_end": machine.load_average(),
+        "rows": rows,
+        "ratio_to_sum_of_members": ratios,
+    }
+    _print(result)
+    if args.json:
+        atomic.write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _default_models() -> list[Path]:
+    from bench.random_models import DEFAULT_CACHE, prepare_model
+
+    return [prepare_model(FULL, mode, 0, DEFAULT_CACHE)[0] for mode in ("t2i", "i2t")]
+
+
+def _measure(engines: list[ScanEngine], args: argparse.Namespace) -> tuple[list[dict], dict[str, dict]]:
+    rng = np.random.default_rng(args.seed)
+    img_dim = engines[0].config.img_dim
+    vocab = min(e.config.vocab_size for e in engines)
+    regions = rng.standard_normal((args.images, args.regions, img_dim), dtype=np.float32)
+    gallery_texts = caption_texts(rng, args.captions, vocab)
+    text_queries = caption_texts(rng, args.batch, vocab)
+    image_queries = rng.standard_normal((args.batch, args.regions, img_dim), dtype=np.float32)
+    rows, ratios = [], {}
+    with tempfile.TemporaryDirectory(prefix="ensemble_cost.") as tmp:
+        images = build_member_image_galleries(tmp, engines, regions, progress=False)
+        captions = build_member_caption_galleries(tmp, engines, gallery_texts, progress=False)
+        for direction, queries, kw, size in (
+            ("text_to_image", text_queries, {"images": images}, args.images),
+            ("image_to_text", image_queries, {"captions": captions}, args.captions),
+        ):
+            members = [Searcher(e, **{key: g[i] for key, g in kw.items()}) for i, e in enumerate(engines)]
+            ensemble = Ensemble(engines, **kw)
+            contenders = [(f"member{i + 1}", m) for i, m in enumerate(members)] + [("ensemble", ensemble)]
+            samples: dict[str, list[float]] = {name: [] for name, _ in contenders}
+            for repeat in range(args.repeats + 1):  # the first round warms up
+                for name, c in contenders:
+                    t0 = time.perf_counter()
+                    c.search(queries, args.k)
+                    if repeat:
+                        samples[name].append(time.perf_counter() - t0)
+            for name, _ in contenders:
+                s = stats(samples[name])
+                rows.append(
+                    {
+                        "direction": direction,
+                        "gallery": size,
+                        "batch": args.batch,
+                        "contender": name,
+                        "median_ms": 1e3 * s["median"],
+                        "p10_ms": 1e3 * s["p10"],
+                        "p90_ms": 1e3 * s["p90"],
+                        "n": s["n"],
+                    }
+                )
+            per_repeat = np.array(samples["ensemble"]) / np.sum([samples[n] for n, _ in contenders[:-1]], axis=0)
+            r = stats(per_repeat)
+            ratios[direction] = {"median": r["median"], "p10": r["p10"], "p90": r["p90"]}
+            ensemble.close()
+            for m in members:
+                m.close()
+    return rows, ratios
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(
+        f"ensemble of {len(result['engines'])}: {result['images']} images, {result['captions']} captions, "
+        f"batch {result['batch']}, k {result['k']}, {result['repeats']} repeats; load average "
+        f"{result['machine']['load_average_at_start']} -> {result['load_average_at_end']}"
+    )
+    print(f"  {'direction':<14} {'contender':<10} {'median ms':>10} {'p10..p90 ms':>20}")
+    for row in result["rows"]:
+        spread = f"{row['p10_ms']:.1f}..{row['p90_ms']:.1f}"
+        print(f"  {row['direction']:<14} {row['contender']:<10} {row['median_ms']:>10.1f} {spread:>20}")
+    for direction, r in result["ratio_to_sum_of_members"].items():
+        print(f"  {direction}: ensemble / sum of members = {r['median']:.3f} (p10..p90 {r['p10']:.3f}..{r['p90']:.3f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

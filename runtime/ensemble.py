@@ -1,0 +1,303 @@
+"""Several SCAN models searched as one: the weighted mean of their similarities (the paper's ensembles).
+
+SCAN's best published results average a t2i and an i2t model's similarities. ``Ensemble`` keeps
+``Searcher``'s contract (faiss: float32 ``(n, k)`` scores descending, int64 ids, -1 past the gallery, ties
+to the lower id) and its block loop: per gallery block, every member scores the block with its own
+encoders, head and gallery cache (``Backend.block_sims``), the scores are averaged with the weights and
+merged into one running top-k, so memory stays bounded by the block whatever the gallery's size.
+
+    engines = [ScanEngine.open("t2i/scan.json"), ScanEngine.open("i2t/scan.json")]
+    images = load_member_galleries("gal", engines, "images")      # runtime/ensemble_gallery.py
+    with Ensemble(engines, images=images, weights=[0.5, 0.5]) as ensemble:
+        scores, ids = ensemble.search(["a dog on the beach"], k=10)
+
+Members must hold the same gallery (same items in the same order): one cache per member, all built
+together by ``runtime/ensemble_gallery.py``; ``Ensemble`` checks that they agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from runtime.buckets import length_batches
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, GalleryError, ImageGallery
+from runtime.searcher import (
+    DEFAULT_CAPTION_BLOCK,
+    DEFAULT_IMAGE_BLOCK,
+    DEFAULT_QUERY_BATCH,
+    Searcher,
+    SearchError,
+    _check_k,
+)
+from runtime.topk import NonFiniteScore, RunningTopK, block_topk
+
+
+def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
+    """One positive, finite weight per member (a sequence, or ``"0.7,0.3"``), normalised to sum to 1.
+
+    None gives equal weights. Normalising makes the ensemble's score a weighted *mean* of the members'
+    similarities, so ``[1, 1]`` and ``[0.5, 0.5]`` are the same ensemble (the average ``bench/recall.py``
+    computes).
+    """
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError as e:
+            raise SearchError(f"weights: expected comma-separated numbers such as 0.5,0.5, received {weights!r}") from e
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as e:
+        raise SearchError(f"weights: expected numbers, received {weights!r}") from e
+    if len(values) != n:
+        raise SearchError(f"weights: expected one weight per engine ({n}), received {len(values)} ({values})")
+    bad = [w for w in values if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise SearchError(f"weights: expected positive finite numbers, received {values}")
+    total = math.fsum(values)
+    return np.array([w / total for w in values])
+
+
+class Ensemble:
+    """``search(queries, k)`` over several engines, scores the weighted mean of their similarities.
+
+    ``engines``: the members (opened ``ScanEngine``s; the ensemble does not close them). ``images`` /
+    ``captions``: one gallery per member, in the members' order (see ``load_member_galleries``).
+    ``weights``: see :func:`check_weights`. The other arguments are ``Searcher``'s, shared by all members
+    (each capped to every member's backend limits, so the members' blocks line up).
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[ScanEngine],
+        images: Sequence[ImageGallery] | None = None,
+        captions: Sequence[CaptionGallery] | None = None,
+        weights: Sequence[float] | str | None = None,
+        image_block: int = DEFAULT_IMAGE_BLOCK,
+        caption_block: int = DEFAULT_CAPTION_BLOCK,
+        query_batch: int = DEFAULT_QUERY_BATCH,
+        resident: bool | None = None,
+    ) -> None:
+        engines = list(engines)
+        if not engines:
+            raise SearchError("an ensemble needs at least one engine, received none")
+        self.engines = engines
+        self.weights = check_weights(weights, len(engines))
+        img_dims = {e.config.img_dim for e in engines}
+        if len(img_dims) > 1:
+            raise SearchError(
+                "the ensemble's members take different region features: "
+                + ", ".join(f"{describe(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(engines))
+            )
+        for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SearchError(f"{name} must be a positive integer, received {v!r}")
+        # Every member scores the same blocks: cap the sizes to the smallest of the backends' limits.
+        for e in engines:
+            limits = e.head.limits
+            image_block = min(image_block, limits.get("images", image_block))
+            caption_block = min(caption_block, limits.get("captions", caption_block))
+            query_batch = min(query_batch, limits.get("images", query_batch), limits.get("captions", query_batch))
+        self.images = _one_per_member(images, engines, "images")
+        self.captions = _one_per_member(captions, engines, "captions")
+        if self.images is not None:
+            check_agreement(self.images, engines, "images")
+        if self.captions is not None:
+            check_agreement(self.captions, engines, "captions")
+        self.members = [
+            Searcher(
+                e,
+                images=None if self.images is None else self.images[i],
+                captions=None if self.captions is None else self.captions[i],
+                image_block=image_block,
+                caption_block=caption_block,
+                query_batch=query_batch,
+                resident=resident,
+            )
+            for i, e in enumerate(engines)
+        ]
+        self.query_batch = query_batch
+
+    def close(self) -> None:
+        """Free the galleries the members uploaded to their backends, if any."""
+        for m in self.members:
+            m.close()
+
+    def __enter__(self) -> Ensemble:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ public
+
+    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
+        if isinstance(queries, np.ndarray):
+            return self.search_images(queries, k)
+        if isinstance(queries, (str, bytes)):
+            queries = [queries]
+        return self.search_text(list(queries), k)
+
+    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if self.images is None:
+            raise SearchError(
+                "text -> image search needs an image gallery; build one with runtime/search.py "
+                "--engine A --engine B --gallery DIR --images FEATS.npy"
+            )
+        if len(captions) == 0:
+            raise SearchError("queries: expected at least one caption, received none")
+        # Each member tokenises with its own vocabulary (all validate every query before any scoring).
+        tokens = [m.engine.tokenizer.encode_batch(list(captions)) for m in self.members]
+        scores = np.empty((len(captions), k), np.float32)
+        out_ids = np.empty((len(captions), k), np.int64)
+        first_lengths = tokens[0][1]
+        # Batches of similar length by the first member's tokenisation (the members' lengths agree unless
+        # their max_words differ); every member pads a batch to its own longest caption.
+        for idx in length_batches(first_lengths, self.query_batch):
+            queries = []
+            for m, (ids, lengths) in zip(self.members, tokens):
+                width = int(lengths[idx].max())
+                words = m.engine.encode_ids(ids[idx, :width], lengths[idx])  # (q, L, d)
+                queries.append({"captions": words, "lengths": lengths[idx]})
+            scores[idx], out_ids[idx] = self._score("images", self.images[0].ids, queries, len(idx), k, axis=0)
+        return scores, out_ids
+
+    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if self.captions is None:
+            raise SearchError(
+                "image -> text search needs a caption gallery; build one with runtime/search.py "
+                "--engine A --engine B --gallery DIR --captions CAPTIONS.txt"
+            )
+        encoded = [m.engine.encode_images(regions, name="query regions") for m in self.members]
+        n = len(encoded[0][0])
+        scores = np.empty((n, k), np.float32)
+        out_ids = np.empty((n, k), np.int64)
+        for a in range(0, n, self.query_batch):
+            sl = slice(a, a + self.query_batch)
+            queries = []
+            for m, (images, gram) in zip(self.members, encoded):
+                query = {"images": images[sl]}
+                if m.engine.needs_image_gram:
+                    query["image_gram"] = gram[sl]
+                queries.append(query)
+            q = min(self.query_batch, n - a)
+            scores[sl], out_ids[sl] = self._score("captions", self.captions[0].ids, queries, q, k, axis=1)
+        return scores, out_ids
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score(
+        self, kind: str, gallery_ids: np.ndarray, queries: list[dict[str, np.ndarray]], n: int, k: int, axis: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Searcher's loop with the block's scores averaged over the members before the top-k."""
+        ids = np.asarray(gallery_ids)
+        top = RunningTopK(n, k, len(ids))
+        try:
+            for offset, scores in self._block_scores(kind, queries, axis):
+                rows = np.arange(offset, offset + scores.shape[1], dtype=np.int64)
+                s, r = block_topk(scores, top.width, rows)
+                top.merge(s, ids[r])
+        except NonFiniteScore as e:  # never a silent drop: name the item
+            gallery = (self.images if kind == "images" else self.captions)[0]
+            raise SearchError(
+                f"{gallery.label(e.item_id)} scored {e.value} in the ensemble: a member's cached arrays are "
+                f"corrupted; check the gallery with runtime/search.py --verify and rebuild it"
+            ) from e
+        return top.result()
+
+    def _block_scores(
+        self, kind: str, queries: list[dict[str, np.ndarray]], axis: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(offset, weighted mean scores (q, block))`` per gallery block."""
+        streams = [m.engine.head.block_sims(m._gallery(kind), q, axis) for m, q in zip(self.members, queries)]
+        weights = self.weights.astype(np.float32)
+        while True:
+            blocks = [next(s, None) for s in streams]
+            if all(b is None for b in blocks):
+                return
+            if any(b is None for b in blocks) or len({(o, s.shape) for o, s in blocks}) != 1:
+                raise GalleryError(
+                    f"the ensemble's {kind} galleries are blocked differently: "
+                    f"{[None if b is None else (b[0], b[1].shape) for b in blocks]}"
+                )
+            offset, first = blocks[0]
+            total = weights[0] * first
+            for w, (_, s) in zip(weights[1:], blocks[1:]):
+                total += w * s
+            yield offset, total
+
+
+def describe(engine: ScanEngine, index: int | None = None) -> str:
+    """How errors name a member: its position and manifest."""
+    where = f"member {index + 1} " if index is not None else ""
+    return f"{where}({engine.manifest.path})"
+
+
+def _one_per_member(galleries, engines: list[ScanEngine], kind: str):
+    if galleries is None:
+        return None
+    galleries = list(galleries)
+    if len(galleries) != len(engines):
+        raise SearchError(f"{kind}: expected one gallery per engine ({len(engines)}), received {len(galleries)}")
+    for i, (g, e) in enumerate(zip(galleries, engines)):
+        key, want = (
+            ("image_encoder_id", e.manifest.image_encoder_id)
+            if kind == "images"
+            else ("text_encoder_id", e.manifest.text_encoder_id)
+        )
+        have = g.manifest.get(key)
+        if have is not None and have != want:
+            raise GalleryError(
+                f"{kind} gallery {g.folder} for {describe(e, i)} was built by another model "
+                f"({key} {str(have)[:12]}, the engine's is {want[:12]})"
+            )
+    return galleries
+
+
+def check_agreement(
+    galleries: Sequence[ImageGallery] | Sequence[CaptionGallery], engines: Sequence[ScanEngine], kind: str
+) -> None:
+    """Refuse member galleries that do not hold the same items in the same order, naming the mismatch."""
+    first = galleries[0]
+    label0 = f"{describe(engines[0], 0)}'s {first.folder}"
+    for i, g in enumerate(galleries[1:], 1):
+        label = f"{describe(engines[i], i)}'s {g.folder}"
+        what = "images" if kind == "images" else "captions"
+        if len(g) != len(first):
+            raise GalleryError(
+                f"the ensemble's members disagree on the {kind} gallery: {label0} holds {len(first)} "
+                f"{what}, {label} {len(g)}; rebuild them together"
+            )
+        arrays = [("ids", first.ids, g.ids)]
+        if kind == "captions":
+            arrays.append(("caption lengths", first.lengths, g.lengths))
+        for name, a, b in arrays:
+            a, b = np.asarray(a), np.asarray(b)
+            if not np.array_equal(a, b):
+                at = int(np.flatnonzero(a != b)[0])
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery's order: {name} at "
+                    f"position {at} is {a[at]} in {label0}, {b[at]} in {label}; rebuild them together"
+                )
+        labels = [("names", first.names, g.names)] if kind == "images" else [("texts", first.texts, g.texts)]
+        for name, a, b in labels:
+            if (a is None) != (b is None):
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery: {label0} "
+                    f"{'has' if a is not None else 'has no'} {name}, {label} "
+                    f"{'has' if b is not None else 'has no'}; rebuild them together"
+                )
+            if a is not None and list(a) != list(b):
+                at = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery: {name}[{at}] is "
+                    f"{a[at]!r} in {label0}, {b[at]!r} in {label}; rebuild them together"
+                )
