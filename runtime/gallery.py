@@ -538,12 +538,15 @@ def build_image_gallery(
     progress: bool = True,
     repeated: bool | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    index: str | None = None,
 ) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
     ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
     that repeats every image 5 times (keep every 5th row); None leaves the rows as they are.
     Concurrent writers to one folder take turns (see the module doc); ``lock_timeout`` bounds the wait.
+    ``index``: also build the candidate index of two-stage search (runtime/candidates.py) of this kind
+    ("auto", "flat", ...); an index already in the folder is extended on append in any case.
     """
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -640,8 +643,8 @@ def build_image_gallery(
         _commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
         _sweep(folder)
-    logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
-    return ImageGallery.load(folder)
+        logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
+        return _with_index(ImageGallery.load(folder), index, n_old, progress)
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -771,8 +774,11 @@ def build_caption_gallery(
     append: bool = False,
     progress: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    index: str | None = None,
 ) -> CaptionGallery:
     """Encode ``captions`` into a ragged, length-sorted caption gallery (or append to one), atomically.
+
+    ``index``: as for ``build_image_gallery``.
 
     The new captions are encoded before the writer lock is taken, so concurrent writers wait only for the copy.
     """
@@ -847,8 +853,18 @@ def build_caption_gallery(
         _commit(folder, manifest, {texts_file: texts})
         old = None  # this writer's own map of the previous generation must not keep its files
         _sweep(folder)
-    logger.info("caption gallery %s: %d captions (%d new), %s", folder, len(texts), len(captions), dtype)
-    return CaptionGallery.load(folder)
+        logger.info("caption gallery %s: %d captions (%d new), %s", folder, len(texts), len(captions), dtype)
+        return _with_index(CaptionGallery.load(folder), index, n_old, progress)
+
+
+def _with_index(gallery, kind: str | None, n_old: int, progress: bool):
+    """Build or extend the gallery's candidate index, with the writer lock held (written after the gallery's
+    commit: an interruption leaves a stale index, rebuilt on use)."""
+    if kind is not None or (gallery.folder / "candidates.json").is_file():
+        from runtime.candidates import build_index
+
+        build_index(gallery, kind=kind or "auto", appended_from=n_old, progress=progress)
+    return gallery
 
 
 def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:

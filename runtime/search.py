@@ -7,6 +7,9 @@
     python runtime/search.py --engine engines/scan.json --gallery gal "a dog on the beach" -k 5
     # image -> text
     python runtime/search.py --engine engines/scan.json --gallery gal --query-images query_ims.npy -k 5
+    # two-stage search of large galleries: a candidate index proposes M items, only those are scored exactly
+    python runtime/search.py --engine engines/scan.json --gallery gal --images test_ims.npy --index auto
+    python runtime/search.py --engine engines/scan.json --gallery gal --candidates 500 "a dog on the beach"
 
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.candidates import KINDS
 from runtime.captions import read_captions
 from runtime.cli import add_engine_arguments, run_cli
 from runtime.engine import ScanEngine
@@ -95,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LOCK_TIMEOUT,
         help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        metavar="M",
+        help="two-stage search: score only the M candidates the gallery's index proposes "
+        "(0: exact search of every item, the default; needs faiss: pip install 'scan-runtime[scale]')",
+    )
+    p.add_argument(
+        "--index",
+        choices=KINDS,
+        default=None,
+        help="build the galleries' candidate index of this kind with --images/--captions "
+        "(auto: exact for small galleries, IVF for large); an existing index is extended anyway",
+    )
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector (two-stage search)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
     return p
@@ -113,9 +133,13 @@ def _run(args: argparse.Namespace) -> int:
         raise SearchError("--verify needs --gallery DIR")
     check_weights(args.weights, len(args.engine))  # before anything is opened or built
     if len(args.engine) > 1:
+        if args.candidates:
+            raise SearchError("--candidates (two-stage search) works with one --engine, not an ensemble")
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
+    index = args.index or ("auto" if args.candidates else None)
+    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
     with ScanEngine.open(
         args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
     ) as engine:
@@ -135,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
                 append=not args.rebuild,
                 progress=progress,
                 lock_timeout=args.lock_timeout,
+                index=index,
             )
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
@@ -147,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
                 append=not args.rebuild,
                 progress=progress,
                 lock_timeout=args.lock_timeout,
+                index=index,
             )
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
@@ -177,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
             for q in queries:
                 for word in engine.tokenizer.unknown_words(q):
                     logging.getLogger(__name__).info("unknown word %r in %r", word, q)
-            scores, ids = Searcher(engine, images=images).search(queries, args.k)
+            scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
             for q, s, i in zip(queries, scores, ids):
                 results.append(
                     {"query": q, "results": [_item("name", images.names, j, v) for j, v in zip(i, s) if j >= 0]}
@@ -192,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
                     f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
                 )
             regions = load_regions(args.query_images, engine.config.img_dim)
-            scores, ids = Searcher(engine, captions=captions).search(np.asarray(regions), args.k)
+            scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
             for n, (s, i) in enumerate(zip(scores, ids)):
                 results.append(
                     {

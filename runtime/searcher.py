@@ -49,12 +49,26 @@ class Searcher:
         caption_block: int = DEFAULT_CAPTION_BLOCK,
         query_batch: int = DEFAULT_QUERY_BATCH,
         resident: bool | None = None,
+        candidates: int = 0,
+        neighbors: int | None = None,
+        nprobe: int | None = None,
     ) -> None:
         """``resident``: keep the galleries in the head backend's memory (None: the backend's choice, e.g.
-        on the GPU with ONNX Runtime CUDA and TensorRT); ``False`` reads blocks from the cache per search."""
+        on the GPU with ONNX Runtime CUDA and TensorRT); ``False`` reads blocks from the cache per search.
+
+        ``candidates``: two-stage search (runtime/candidates.py, docs/two_stage.md): the gallery's candidate
+        index proposes this many items per query and only those are scored exactly; 0 (the default) scores
+        every item. ``neighbors`` / ``nprobe`` tune the index search (defaults there)."""
         for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SearchError(f"{name} must be a positive integer, received {v!r}")
+        for name, v in (("candidates", candidates), ("neighbors", neighbors or 0), ("nprobe", nprobe or 0)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise SearchError(f"{name} must be a non-negative integer, received {v!r}")
+        self.candidates = int(candidates)
+        self.neighbors, self.nprobe = neighbors, nprobe
+        self._indexes: dict[str, object] = {}
+        self._index_lock = threading.Lock()
         self.engine = engine
         self.images = images
         self.captions = captions
@@ -126,6 +140,9 @@ class Searcher:
         scores = np.empty((len(captions), k), np.float32)
         out_ids = np.empty((len(captions), k), np.int64)
         for idx, words in encode_by_length(self.engine, ids, lengths, self.query_batch):  # words (q, L, d)
+            if self._two_stage(self.images):
+                scores[idx], out_ids[idx] = self._two_stage_text(words, lengths[idx], k)
+                continue
             query = {"captions": words, "lengths": lengths[idx]}
             scores[idx], out_ids[idx] = self._score("images", self.images.ids, query, k, axis=0)
         return scores, out_ids
@@ -143,6 +160,9 @@ class Searcher:
         out_ids = np.empty((len(images), k), np.int64)
         for a in range(0, len(images), self.query_batch):
             sl = slice(a, a + self.query_batch)
+            if self._two_stage(self.captions):
+                scores[sl], out_ids[sl] = self._two_stage_images(images[sl], gram[sl], k)
+                continue
             query = {"images": images[sl]}
             if self.engine.needs_image_gram:
                 query["image_gram"] = gram[sl]
@@ -164,11 +184,71 @@ class Searcher:
             for scores, rows in self.engine.head.block_topk(self._gallery(kind), query, k, axis):
                 top.merge(scores, ids[rows])
         except NonFiniteScore as e:  # never a silent drop: name the item
-            gallery = self.images if kind == "images" else self.captions
-            raise SearchError(
-                f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
-                f"check the gallery with runtime/search.py --verify and rebuild it"
-            ) from e
+            raise self._corrupted(kind, e) from e
+        return top.result()
+
+    def _corrupted(self, kind: str, e: NonFiniteScore) -> SearchError:
+        gallery = self.images if kind == "images" else self.captions
+        return SearchError(
+            f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
+            f"check the gallery with runtime/search.py --verify and rebuild it"
+        )
+
+    # ------------------------------------------------------------------ two-stage (runtime/candidates.py)
+
+    def _two_stage(self, gallery) -> bool:
+        # With every item a candidate the exact path runs: identical results on every backend.
+        return 0 < self.candidates < len(gallery)
+
+    def candidate_index(self, kind: str):
+        """The gallery's candidate index, loaded once (built, or rebuilt with a warning, when missing or stale)."""
+        from runtime.candidates import ensure_index
+
+        with self._index_lock:
+            if kind not in self._indexes:
+                gallery = self.images if kind == "images" else self.captions
+                encoder = (
+                    self.engine.manifest.image_encoder_id if kind == "images" else self.engine.manifest.text_encoder_id
+                )
+                self._indexes[kind] = ensure_index(gallery, encoder)
+            return self._indexes[kind]
+
+    def _two_stage_text(self, words: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from runtime.candidates import rescore_images
+
+        index = self.candidate_index("images")
+        proposals = index.search(
+            [w[:n] for w, n in zip(words, lengths)], self.engine.config, self.candidates, self.neighbors, self.nprobe
+        )
+        top = []
+        for q, positions in enumerate(proposals):
+            s, i = rescore_images(
+                self.engine, self.images, positions, words[q : q + 1, : lengths[q]], int(lengths[q]), self.image_block
+            )
+            top.append(self._top_of("images", s, i, k))
+        return np.concatenate([t[0] for t in top]), np.concatenate([t[1] for t in top])
+
+    def _two_stage_images(self, images: np.ndarray, gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from runtime.candidates import rescore_captions
+
+        index = self.candidate_index("captions")
+        proposals = index.search(list(images), self.engine.config, self.candidates, self.neighbors, self.nprobe)
+        top = []
+        for q, positions in enumerate(proposals):
+            s, i = rescore_captions(
+                self.engine, self.captions, positions, images[q : q + 1], gram[q : q + 1], self.caption_block
+            )
+            top.append(self._top_of("captions", s, i, k))
+        return np.concatenate([t[0] for t in top]), np.concatenate([t[1] for t in top])
+
+    def _top_of(self, kind: str, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(1, k) top-k of one query's rescored candidates, in the contract of the exact path."""
+        order = np.argsort(ids, kind="stable")
+        top = RunningTopK(1, k, len(self.images if kind == "images" else self.captions))
+        try:
+            top.add_block(scores[order][None, :], ids[order])
+        except NonFiniteScore as e:  # as in _score: name the item
+            raise self._corrupted(kind, e) from e
         return top.result()
 
 

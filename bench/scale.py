@@ -1,0 +1,492 @@
+"""Two-stage search at scale: exact SCAN vs candidate index + exact rerank, on galleries up to 1M images.
+
+    python -m bench.scale [--quick] [--sizes 10000,100000] [--candidates 100,250,500,1000]
+                          [--json FILE] [--plot FILE] [--demo DIR] [--cache DIR]
+
+The model is the trained demo model (``make demo`` trains and exports it into ``demo/``; this script
+does the same if it is missing). Galleries are made with the demo's data generator (the same world of
+objects, colours and scenes the model was trained on): region features are generated once, in
+chunks of 10K images, stored as float16 under ``--cache`` (default ``~/.cache/scan-runtime/scale``),
+and each gallery of the first N of them is encoded once (float16 cache + candidate index) and reused.
+
+Queries are captions of images among the first 10K (so every gallery holds their images). For each
+gallery size, in one process:
+
+* exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
+  reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
+  image at the previous size; the expectation is only a reason to skip, never reported as a result);
+* two-stage search (``Searcher(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
+  exact on the same queries (only where exact ran);
+* index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
+  after loading and searching), peak RSS.
+
+JSON: ``{"machine", "rows": [{"gallery", "mode", "candidates", "p50_ms", "p95_ms", "overlap_at_10", ...}],
+"targets"}``; a log-log plot of p50 latency against gallery size. ``--quick``: galleries of 2K and 20K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import machine
+from runtime import atomic
+from runtime.candidates import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "scan-runtime-bench-scale/1"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path("~/.cache/scan-runtime/scale").expanduser()
+CHUNK = 10_000
+FEATURES_VERSION = 1
+TARGETS = {
+    "p50_ms_100k": 30.0,
+    "p50_ms_1m": 100.0,
+    "overlap": 0.95,
+    "quick_speedup_20k": 5.0,
+    "resident_bytes_1m": 12e9,
+}
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def demo_engine(demo: Path, log=print) -> Path:
+    """The demo model's manifest, trained and exported into ``demo`` first if missing."""
+    manifest = demo / "engines" / "scan.json"
+    if manifest.is_file():
+        return manifest
+    from bench.demo.train import train_demo
+    from export.to_onnx import main as to_onnx
+
+    log(f"no demo model in {demo}: training and exporting it (make demo does the same; a few minutes)")
+    ckpt = train_demo(demo, log=log)
+    if to_onnx([str(ckpt), "--out", str(demo / "engines")]) != 0:
+        raise RuntimeError("exporting the demo model failed")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class SceneFeatures:
+    """Region features from the demo's generator, made in seeded chunks and cached as float16 (N, 36, img_dim).
+
+    Chunk ``c`` is drawn from its own seed, so the first N images are the same whatever the total.
+    """
+
+    def __init__(self, cache: Path, img_dim: int, seed: int = 0, chunk: int = CHUNK) -> None:
+        self.folder = cache / f"features-seed{seed}-dim{img_dim}-chunk{chunk}-v{FEATURES_VERSION}"
+        self.img_dim, self.seed, self.chunk = img_dim, seed, chunk
+
+    def _stamp(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / "stamp.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def ensure(self, n: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+        """(features (>= n, 36, img_dim) float16 memory map, the 5 captions of each image of the first chunk)."""
+        from tqdm import tqdm
+
+        from bench.demo.data import N_REGIONS, World, _make_split
+
+        stamp = self._stamp()
+        have = int(stamp.get("count", 0))
+        step = self.chunk
+        n = -(-n // step) * step
+        if have < n:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            world_ss = np.random.SeedSequence(self.seed).spawn(4)[0]  # the demo dataset's world (make_dataset)
+            world = World(np.random.default_rng(world_ss), self.img_dim)
+            tmp = self.folder / f".features.{n}.npy.tmp"
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, N_REGIONS, self.img_dim))
+                captions = stamp.get("captions")
+                with tqdm(total=n, initial=have, desc="generating scenes", unit="img", disable=not progress) as bar:
+                    if have:
+                        old = np.load(self.folder / stamp["file"], mmap_mode="r")
+                        for a in range(0, have, step):
+                            out[a : a + step] = old[a : a + step]
+                    for c in range(have // step, n // step):
+                        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919, c]))
+                        ims, caps = _make_split(rng, world, step)
+                        out[c * step : (c + 1) * step] = ims
+                        if c == 0:
+                            captions = caps
+                        bar.update(step)
+                out.flush()
+                del out
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # an interrupted run leaves the previous features as they were
+                raise
+            final = self.folder / f"features.{n}.npy"
+            os.replace(tmp, final)
+            atomic.write_json(self.folder / "stamp.json", {"count": n, "file": final.name, "captions": captions})
+            for p in self.folder.glob("features.*.npy"):
+                if p.name != final.name:
+                    p.unlink()
+            stamp = self._stamp()
+        return np.load(self.folder / stamp["file"], mmap_mode="r"), list(stamp["captions"])
+
+
+def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: str, progress: bool):
+    """The float16 gallery (+ candidate index) of the first ``n`` images, built once."""
+    from runtime.candidates import StaleIndexError, load_index
+    from runtime.gallery import GalleryError, ImageGallery, build_image_gallery
+
+    try:
+        g = ImageGallery.load(folder, engine.manifest.image_encoder_id)
+        if len(g) == n:
+            load_index(g, engine.manifest.image_encoder_id)
+            return g
+    except (GalleryError, StaleIndexError) as e:
+        logger.info("building %s (%s)", folder, e)
+    return build_image_gallery(
+        engine, features[:n], folder, dtype="float16", batch=1000, progress=progress, index=index
+    )
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def _rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(samples) * 1e3, q)), 3)
+
+
+def time_queries(searcher, queries: Sequence[str], k: int = 10) -> tuple[list[float], np.ndarray]:
+    """One ``search`` call per query (the single-query latency a user sees): (seconds each, ids (n, k))."""
+    searcher.search(queries[:1], k)  # warm-up: loads the index, touches the code paths
+    times, ids = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        _, i = searcher.search([q], k)
+        times.append(time.perf_counter() - t0)
+        ids.append(i[0])
+    return times, np.stack(ids)
+
+
+def overlap_at(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    return float(np.mean([len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a, b)]))
+
+
+def disk_bytes(folder: Path) -> dict[str, int]:
+    sizes = {"gallery": 0, "index": 0}
+    for p in folder.iterdir():
+        if p.is_file():
+            sizes["index" if p.name.startswith("candidates") else "gallery"] += p.stat().st_size
+    return sizes
+
+
+def exact_top10(engine, gallery, queries: Sequence[str]) -> tuple[np.ndarray, float]:
+    """Exact top-10 of every query in one batched search (for the overlap; not a latency figure)."""
+    from runtime.searcher import Searcher
+
+    t0 = time.perf_counter()
+    with Searcher(engine, images=gallery) as s:
+        _, ids = s.search(list(queries), 10)
+    return ids, time.perf_counter() - t0
+
+
+def bench_size(
+    engine, gallery, queries: list[str], ms: Sequence[int], args: argparse.Namespace, cost: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Rows for one gallery. ``cost`` carries measured per-image costs of exact search from the
+    previous sizes (seconds per image for one query, and per image x query batched), only to decide
+    what to skip."""
+    from runtime.searcher import Searcher
+
+    n = len(gallery)
+    meta = json.loads((gallery.folder / "candidates.json").read_text())
+    disk = disk_bytes(gallery.folder)
+    common = {
+        "gallery": n,
+        "index": meta["index"],
+        "index_build_s": meta.get("build_seconds"),
+        "disk_bytes_per_image": round((disk["gallery"] + disk["index"]) / n, 1),
+        "index_disk_bytes_per_image": round(disk["index"] / n, 1),
+    }
+    # Two-stage first, so its resident figure counts what it touches (the index, the candidates' pages),
+    # not the pages of the whole gallery that exact search reads.
+    rss0 = _rss()
+    two_stage, two_ids = [], []
+    for m in ms:
+        if m >= n:
+            continue
+        with Searcher(engine, images=gallery, candidates=m, neighbors=args.neighbors, nprobe=args.nprobe) as s:
+            times, ids = time_queries(s, queries)
+        two_ids.append(ids)
+        two_stage.append(
+            {
+                **common,
+                "mode": "two_stage",
+                "candidates": m,
+                "neighbors": args.neighbors or max(256, NEIGHBORS_PER_CANDIDATE * m),
+                "nprobe": args.nprobe or DEFAULT_NPROBE,
+                "p50_ms": _pct(times, 50),
+                "p95_ms": _pct(times, 95),
+                "overlap_at_10": None,
+                "queries": len(queries),
+                "load_average": machine.load_average(),
+                "resident_bytes_per_image": round(max(_rss() - rss0, 0) / n, 1),
+                "peak_rss_bytes": machine.peak_rss_bytes(),
+            }
+        )
+    n_timed = min(len(queries), args.exact_queries)
+    single = cost.get("single") and cost["single"] * n
+    batch = cost.get("batch") and cost["batch"] * n * len(queries)
+    row = {**common, "mode": "exact", "candidates": None, "p50_ms": None, "p95_ms": None, "overlap_at_10": None}
+    if single and single > args.exact_cap_s:
+        row["skipped"] = (
+            f"one exact query is expected to take {single:.1f} s (measured cost per image at the "
+            f"previous size x {n}), over the cap of {args.exact_cap_s} s"
+        )
+    else:
+        with Searcher(engine, images=gallery) as s:
+            times, _ = time_queries(s, queries[:n_timed])
+        cost["single"] = float(np.median(times)) / n
+        row.update(
+            p50_ms=_pct(times, 50),
+            p95_ms=_pct(times, 95),
+            overlap_at_10=1.0,
+            queries=n_timed,
+            load_average=machine.load_average(),
+            peak_rss_bytes=machine.peak_rss_bytes(),
+        )
+    if batch and batch > args.overlap_cap_s:
+        note = (
+            f"exact search was not run at this size (expected {batch:.0f} s for the {len(queries)} "
+            f"queries batched, over the cap of {args.overlap_cap_s} s): overlap measured only where "
+            f"exact ran"
+        )
+        for r in two_stage:
+            r["overlap_note"] = note
+    else:
+        exact_ids, seconds = exact_top10(engine, gallery, queries)
+        cost["batch"] = seconds / (n * len(queries))
+        if row["p50_ms"] is None:
+            row["overlap_note"] = f"exact top-10 computed offline (one batched search, {seconds:.0f} s) for the overlap"
+        for r, ids in zip(two_stage, two_ids):
+            r["overlap_at_10"] = round(overlap_at(ids, exact_ids), 4)
+    return [row, *two_stage]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def check_targets(rows: list[dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
+    out = []
+
+    def best(n: int, limit_ms: float) -> dict[str, Any] | None:
+        ok = [
+            r
+            for r in rows
+            if r["gallery"] == n
+            and r["mode"] == "two_stage"
+            and r["p50_ms"] is not None
+            and (r["overlap_at_10"] or 0) >= TARGETS["overlap"]
+        ]
+        ok.sort(key=lambda r: r["p50_ms"])
+        return ok[0] if ok else None
+
+    for n, key in ((100_000, "p50_ms_100k"), (1_000_000, "p50_ms_1m")):
+        if not any(r["gallery"] == n for r in rows):
+            continue
+        r = best(n, TARGETS[key])
+        out.append(
+            {
+                "target": f"{n} images: p50 <= {TARGETS[key]} ms at overlap >= {TARGETS['overlap']}",
+                "measured": None
+                if r is None
+                else f"{r['p50_ms']} ms at M={r['candidates']} (overlap {r['overlap_at_10']})",
+                "met": bool(r and r["p50_ms"] <= TARGETS[key]),
+            }
+        )
+    largest = max(r["gallery"] for r in rows)
+    exact = [r for r in rows if r["gallery"] == largest and r["mode"] == "exact" and r["p50_ms"]]
+    r = best(largest, 0)
+    if exact and r:
+        speedup = exact[0]["p50_ms"] / r["p50_ms"]
+        out.append(
+            {
+                "target": f"{largest} images: >= {TARGETS['quick_speedup_20k']}x faster than exact at overlap "
+                f">= {TARGETS['overlap']}",
+                "measured": f"{speedup:.1f}x at M={r['candidates']} (overlap {r['overlap_at_10']})",
+                "met": speedup >= TARGETS["quick_speedup_20k"],
+            }
+        )
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'gallery':>9} {'mode':>9} {'M':>6} {'p50 ms':>9} {'p95 ms':>9} {'overlap@10':>10} "
+        f"{'index':>22} {'build s':>8} {'disk B/img':>10} {'resident B/img':>14} {'load':>16}"
+    ]
+    for r in report["rows"]:
+        idx = ",".join(f"{k}={v}" for k, v in r["index"].items())
+
+        def f(x, spec):
+            return "-" if x is None else format(x, spec)
+
+        lines.append(
+            f"{r['gallery']:>9} {r['mode']:>9} {f(r['candidates'], 'd'):>6} {f(r['p50_ms'], '.1f'):>9} "
+            f"{f(r.get('p95_ms'), '.1f'):>9} {f(r['overlap_at_10'], '.3f'):>10} {idx:>22} "
+            f"{f(r.get('index_build_s'), '.1f'):>8} {f(r['disk_bytes_per_image'], '.0f'):>10} "
+            f"{f(r.get('resident_bytes_per_image'), '.0f'):>14} {r.get('load_average', '-')!s:>16}"
+        )
+        if r.get("skipped"):
+            lines.append(f"{'':>9} skipped: {r['skipped']}")
+    for t in report["targets"]:
+        lines.append(f"target {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rows = [r for r in report["rows"] if r["p50_ms"] is not None]
+    series = [("exact", None)] + [
+        ("two_stage", m) for m in sorted({r["candidates"] for r in rows if r["mode"] == "two_stage"})
+    ]
+    for mode, m in series:
+        pts = sorted((r["gallery"], r["p50_ms"]) for r in rows if r["mode"] == mode and r["candidates"] == m)
+        if pts:
+            label = "exact" if mode == "exact" else f"two-stage M={m}"
+            ax.plot(*zip(*pts), marker="o", label=label, lw=2 if mode == "exact" else 1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gallery size (images)")
+    ax.set_ylabel("p50 latency, one text query (ms)")
+    m = report["machine"]
+    ax.set_title(f"SCAN demo model, {m['cores']} cores, load {m['load_average_at_start']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scale.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="galleries of 2K and 20K images, few queries (minutes)")
+    p.add_argument("--sizes", help="comma-separated gallery sizes (default 10000,100000,1000000)")
+    p.add_argument("--candidates", default="100,250,500,1000", help="values of M (default 100,250,500,1000)")
+    p.add_argument("--queries", type=int, help="text queries per size (default 40; quick 20)")
+    p.add_argument(
+        "--exact-cap-s",
+        type=float,
+        default=5.0,
+        help="skip exact latency where one query would take longer than this (default 5 s)",
+    )
+    p.add_argument("--exact-queries", type=int, default=10, help="queries timed with exact search (default 10)")
+    p.add_argument(
+        "--overlap-cap-s",
+        type=float,
+        default=900.0,
+        help="skip the batched exact search the overlap needs where it would take longer (default 900 s)",
+    )
+    p.add_argument("--index", default="auto", help="candidate index kind (auto, flat, ivf, ivfsq, ivfpq, hnsw)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector")
+    p.add_argument("--neighbors", type=int, default=None, help="index neighbours per query vector (default 8 M)")
+    p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's; trained here if missing)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="features and galleries cache")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write the log-log latency plot here (.png)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)  # generator chunk (tests)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        sizes = [int(x) for x in (args.sizes or ("2000,20000" if args.quick else "10000,100000,1000000")).split(",")]
+        ms = [int(x) for x in args.candidates.split(",")]
+    except ValueError as e:
+        print(f"error: --sizes/--candidates must be comma-separated integers ({e})", file=sys.stderr)
+        return 2
+    if min(sizes) < 1 or min(ms) < 1:
+        print("error: --sizes and --candidates must be positive", file=sys.stderr)
+        return 2
+    n_queries = args.queries or (20 if args.quick else 40)
+    report = run(sorted(sizes), ms, n_queries, args)
+    text = format_table(report)
+    print(text)
+    if args.json:
+        atomic.write_json(args.json, report)
+    if args.plot:
+        write_plot(report, Path(args.plot))
+    return 0
+
+
+def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespace) -> dict[str, Any]:
+    from runtime.engine import ScanEngine
+
+    progress = not args.no_progress
+    cache = Path(args.cache).expanduser()
+    manifest = demo_engine(Path(args.demo))
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "machine": machine.describe(),
+        "command": sys.argv,
+        "model": str(manifest),
+        "rows": [],
+    }
+    with ScanEngine.open(manifest, backend="onnxruntime", threads=args.threads) as engine:
+        features, captions = SceneFeatures(cache, engine.config.img_dim, chunk=args.chunk).ensure(max(sizes), progress)
+        rng = np.random.default_rng(1)
+        pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds
+        queries = [pool[i] for i in rng.choice(len(pool), size=min(n_queries, len(pool)), replace=False)]
+        report["queries"] = len(queries)
+        cost: dict[str, float] = {}
+        key = engine.manifest.image_encoder_id[:12]
+        for n in sizes:
+            print(f"-- gallery of {n} images", file=sys.stderr, flush=True)
+            gallery = ensure_gallery(engine, features, n, cache / "galleries" / key / str(n), args.index, progress)
+            rows = bench_size(engine, gallery, queries, ms, args, cost)
+            report["rows"].extend(rows)
+            for r in rows:
+                print(
+                    json.dumps({k: r[k] for k in ("gallery", "mode", "candidates", "p50_ms", "overlap_at_10")}),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            del gallery
+    report["targets"] = check_targets(report["rows"], args.quick)
+    report["load_average_at_end"] = machine.load_average()
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
