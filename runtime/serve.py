@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-append-mb", type=float, default=L.max_append_bytes / MiB, help="gallery append bodies")
     p.add_argument("--max-append-items", type=int, default=L.max_append_items)
     p.add_argument("--token-file", help="file holding the bearer token that gallery writes require")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        metavar="M",
+        help="two-stage search: score only the M candidates of the galleries' index (0: exact, the default)",
+    )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_engine_arguments(p)
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
         if not Path(args.engine).exists():
             raise ValueError(f"--engine {args.engine}: no such file")
+        if args.candidates < 0:
+            raise ValueError(f"--candidates must be >= 0 (0: exact search), received {args.candidates}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -115,6 +124,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
             precision=args.precision,
             device=args.device,
             threads=args.threads,
+            candidates=args.candidates,
         )
 
     service = Service(open_executor, settings, token=token)

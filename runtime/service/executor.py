@@ -97,8 +97,11 @@ class LocalExecutor:
         engine_path: str | Path | None = None,
         precision: str = "fp32",
         device: str = "cpu",
+        candidates: int = 0,
     ) -> None:
+        """``candidates``: two-stage search (``Searcher(candidates=M)``, docs/two_stage.md); 0 is exact."""
         self.engine = engine
+        self.candidates = candidates
         self.precision = precision
         self.folder = Path(gallery)
         self.engine_path = str(engine_path) if engine_path is not None else None
@@ -112,7 +115,7 @@ class LocalExecutor:
             images = ImageGallery.load(self.folder / "images", engine.manifest.image_encoder_id)
         if (self.folder / "captions" / MANIFEST).is_file():
             captions = CaptionGallery.load(self.folder / "captions", engine.manifest.text_encoder_id)
-        self._searcher = Searcher(engine, images=images, captions=captions)
+        self._searcher = Searcher(engine, images=images, captions=captions, candidates=candidates)
         self._swap = threading.Lock()  # guards the searcher reference
         self._write = threading.Lock()  # one append at a time in this process
 
@@ -125,10 +128,11 @@ class LocalExecutor:
         precision: str = "fp32",
         device: str = "cpu",
         threads: int | None = None,
+        candidates: int = 0,
     ) -> LocalExecutor:
         scan = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
         try:
-            return cls(scan, gallery, engine_path=engine, precision=precision, device=device)
+            return cls(scan, gallery, engine_path=engine, precision=precision, device=device, candidates=candidates)
         except Exception:
             scan.close()
             raise
@@ -180,9 +184,12 @@ class LocalExecutor:
                 dtype=old.dtype.name if old is not None else "float32",
                 append=True,
                 progress=False,
+                index="auto" if self.candidates else None,  # the index follows the append, not the next search
             )
             with self._swap:
-                self._searcher = Searcher(self.engine, images=gallery, captions=self._searcher.captions)
+                self._searcher = Searcher(
+                    self.engine, images=gallery, captions=self._searcher.captions, candidates=self.candidates
+                )
             n_old = len(old) if old is not None else 0
             return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
 
@@ -196,9 +203,12 @@ class LocalExecutor:
                 dtype=old.dtype.name if old is not None else "float32",
                 append=True,
                 progress=False,
+                index="auto" if self.candidates else None,  # the index follows the append, not the next search
             )
             with self._swap:
-                self._searcher = Searcher(self.engine, images=self._searcher.images, captions=gallery)
+                self._searcher = Searcher(
+                    self.engine, images=self._searcher.images, captions=gallery, candidates=self.candidates
+                )
             n_old = len(old) if old is not None else 0
             return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
 
@@ -234,6 +244,7 @@ class LocalExecutor:
             "device": self.device,
             "gallery": str(self.folder),
             "galleries": galleries,
+            "candidates": self.candidates,
         }
 
     def close(self) -> None:

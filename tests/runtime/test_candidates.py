@@ -348,3 +348,34 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
         np.testing.assert_allclose(s[q], [full[j] for j in i[q]], atol=2e-6)
     assert not (g.folder / "candidates.json").exists()
+
+
+def test_service_executor_two_stage(small_engines, tmp_path):
+    """The search service's executor with ``candidates``: exact results at M >= N, rescored candidates
+    below, and an append extends the index (``serve.py --candidates``)."""
+    from runtime.service.executor import LocalExecutor
+
+    engine = small_engines["t2i"]
+    with ScanEngine.open(engine, backend="onnxruntime") as e:
+        build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", progress=False)
+    queries = random_captions(3, seed=2)
+    exact = LocalExecutor.open(engine, tmp_path, backend="onnxruntime")
+    full = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=20)
+    try:
+        a, b = exact.search("text", queries, 4), full.search("text", queries, 4)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    finally:
+        exact.close()
+        full.close()
+    two = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=6)
+    try:
+        assert two.describe()["candidates"] == 6
+        hits = two.search("text", queries, 4)  # builds the index on first use
+        assert (hits.ids >= 0).all()
+        two.append_images(random_regions(5, seed=3), None)
+        meta = json.loads((tmp_path / "images" / "candidates.json").read_text())
+        assert meta["count"] == 25 and meta["extended_from"] == 20
+        assert (two.search("text", queries, 4).ids >= 0).all()
+    finally:
+        two.close()
