@@ -202,6 +202,11 @@ def test_append_fails_for_one_member_leaves_all_unchanged(setup, tmp_path, monke
     assert sorted(p.name for p in (root / "images").iterdir()) == sorted(
         Path(m["folder"]).name for m in index["images"]["members"].values()
     )
+    for g in grown:  # each new member folder holds its generation's files only (the links to the last are gone)
+        listed = {e["file"] for e in g.manifest["arrays"].values()} | {g.manifest.get("names_file")}
+        assert {p.name for p in g.folder.iterdir() if not p.name.startswith(".")} == (listed | {"gallery.json"}) - {
+            None
+        }
     fresh = build_member_image_galleries(tmp_path / "fresh", engines, regions[:15], progress=False)
     for a, b in zip(grown, fresh):
         np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
