@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -176,3 +177,35 @@ def test_serve_cli_checks_the_weights(small_engines, tmp_path, capsys):
     assert "one weight per engine (2), received 3" in capsys.readouterr().err
     assert serve_main([*engines, "--weights", "1,-1", "--gallery", str(tmp_path)]) == 2
     assert "positive finite" in capsys.readouterr().err
+
+
+def test_real_process_serves_the_ensemble(small_engines, gallery, tmp_path):
+    """runtime/serve.py with two --engine as a process: its answers are the ensemble's; SIGTERM exits 0."""
+    import signal
+    import subprocess
+
+    import httpx
+
+    from tests.runtime.test_serve_process import free_port, start, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    engines = [arg for p in paths(small_engines) for arg in ("--engine", str(p))]
+    args = [*engines, "--weights", WEIGHTS, "--gallery", str(gallery), "--port", str(port), "--threads", "1"]
+    proc, log = start([*args, "--no-progress"], tmp_path)
+    ref = Reference(small_engines, gallery)
+    try:
+        wait_ready(url, proc, log)
+        queries = ["a dog on the beach .", "the man running"]
+        ref.check(httpx.post(url + TEXT, json={"queries": queries, "k": 5}, timeout=60), queries, 5)
+        q = random_regions(2, seed=9)
+        ref.check(httpx.post(url + IMAGES, json={"queries": q.tolist(), "k": 4}, timeout=60), q, 4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        assert f"engine {small_engines['t2i']}, {small_engines['i2t']}" in log.read_text()
+    finally:
+        ref.close()
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
