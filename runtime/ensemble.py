@@ -216,23 +216,35 @@ class Ensemble:
     def _block_scores(
         self, kind: str, queries: list[dict[str, np.ndarray]], axis: int
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """``(offset, weighted mean scores (q, block))`` per gallery block."""
+        """``(offset, weighted mean scores (q, rows))`` over the gallery, in order.
+
+        The members' blocks usually line up (same block sizes); where a backend blocks its resident copy
+        otherwise (CuPy merges blocks on the GPU), each step takes the rows every member has scored and
+        keeps the rest of a longer block for the next, so memory stays bounded by the largest block.
+        """
         streams = [m.engine.head.block_sims(m._gallery(kind), q, axis) for m, q in zip(self.members, queries)]
         weights = self.weights.astype(np.float32)
+        pending: list[tuple[int, np.ndarray] | None] = [None] * len(streams)  # (offset, scores) not yet used
+        position = 0
         while True:
-            blocks = [next(s, None) for s in streams]
-            if all(b is None for b in blocks):
+            for i, stream in enumerate(streams):
+                if pending[i] is None:
+                    pending[i] = next(stream, None)
+            if all(b is None for b in pending):
                 return
-            if any(b is None for b in blocks) or len({(o, s.shape) for o, s in blocks}) != 1:
+            if any(b is None or b[0] != position for b in pending):
                 raise GalleryError(
-                    f"the ensemble's {kind} galleries are blocked differently: "
-                    f"{[None if b is None else (b[0], b[1].shape) for b in blocks]}"
+                    f"the ensemble's {kind} galleries do not cover the same rows: at row {position}, the members' "
+                    f"next blocks start at {[None if b is None else b[0] for b in pending]}"
                 )
-            offset, first = blocks[0]
-            total = weights[0] * first
-            for w, (_, s) in zip(weights[1:], blocks[1:]):
-                total += w * s
-            yield offset, total
+            stop = min(offset + scores.shape[1] for offset, scores in pending)
+            total = None
+            for i, (w, (offset, scores)) in enumerate(zip(weights, pending)):
+                part = scores[:, position - offset : stop - offset]
+                total = w * part if total is None else total + w * part
+                pending[i] = (stop, scores[:, stop - offset :]) if offset + scores.shape[1] > stop else None
+            yield position, total
+            position = stop
 
 
 def describe(engine: ScanEngine, index: int | None = None) -> str:

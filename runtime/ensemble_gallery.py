@@ -39,7 +39,6 @@ from runtime.gallery import (
     GalleryError,
     ImageGallery,
     _mapped,
-    _sweep,
     build_caption_gallery,
     build_image_gallery,
     verify_gallery,
@@ -300,8 +299,6 @@ def build_member_galleries(
             for folder in folders.values():
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        for folder in folders.values():
-            _sweep(folder)  # the previous generation's links, now that the build no longer maps them
         _remove_superseded(root, index)
     logger.info(
         "ensemble %s gallery %s: generation %d, %d members, %d items", kind, root, generation, len(members), count

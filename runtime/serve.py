@@ -7,6 +7,10 @@ Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images
 GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The engine and galleries load in
 the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
 finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
+
+Several --engine serve an ensemble (runtime/ensemble.py; --weights 0.7,0.3, equal by default): each batch is
+scored by every member and the similarities averaged; the gallery folder holds one cache per member
+(runtime/ensemble_gallery.py), and appends extend every member's together.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments
+from runtime.ensemble import check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
@@ -27,7 +32,16 @@ B, L = Batching(), Limits()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
-    p.add_argument("--engine", required=True, help="scan.json, scan.onnx or scan.plan")
+    p.add_argument(
+        "--engine",
+        action="append",
+        required=True,
+        help="scan.json, scan.onnx or scan.plan; repeat to serve an ensemble (similarities averaged)",
+    )
+    p.add_argument(
+        "--weights",
+        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
+    )
     p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
@@ -99,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         token = read_token(args.token_file) if args.token_file else None
         if Path(args.gallery).exists() and not Path(args.gallery).is_dir():
             raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
-        if not Path(args.engine).exists():
-            raise ValueError(f"--engine {args.engine}: no such file")
+        for engine in args.engine:
+            if not Path(engine).exists():
+                raise ValueError(f"--engine {engine}: no such file")
+        check_weights(args.weights, len(args.engine))
         if args.candidates < 0:
             raise ValueError(f"--candidates must be >= 0 (0: exact search), received {args.candidates}")
+        if args.candidates and len(args.engine) > 1:
+            raise ValueError("--candidates: two-stage search serves one --engine; an ensemble is searched exactly")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -113,12 +131,23 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     import uvicorn
 
     from runtime.service.app import create_app
+    from runtime.service.ensemble_executor import EnsembleExecutor
     from runtime.service.executor import LocalExecutor
     from runtime.service.service import Service
 
     def open_executor():
+        if len(args.engine) > 1:
+            return EnsembleExecutor.open(
+                args.engine,
+                args.gallery,
+                weights=args.weights,
+                backend=args.backend,
+                precision=args.precision,
+                device=args.device,
+                threads=args.threads,
+            )
         return LocalExecutor.open(
-            args.engine,
+            args.engine[0],
             args.gallery,
             backend=args.backend,
             precision=args.precision,
@@ -148,7 +177,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
             "max-batch %d, max-delay %g ms, workers %d, max-queue %d, writes %s",
             args.host,
             args.port,
-            args.engine,
+            ", ".join(args.engine),
             d["backend"],
             d["precision"],
             d["device"],

@@ -202,6 +202,11 @@ def test_append_fails_for_one_member_leaves_all_unchanged(setup, tmp_path, monke
     assert sorted(p.name for p in (root / "images").iterdir()) == sorted(
         Path(m["folder"]).name for m in index["images"]["members"].values()
     )
+    for g in grown:  # each new member folder holds its generation's files only (the links to the last are gone)
+        listed = {e["file"] for e in g.manifest["arrays"].values()} | {g.manifest.get("names_file")}
+        assert {p.name for p in g.folder.iterdir() if not p.name.startswith(".")} == (listed | {"gallery.json"}) - {
+            None
+        }
     fresh = build_member_image_galleries(tmp_path / "fresh", engines, regions[:15], progress=False)
     for a, b in zip(grown, fresh):
         np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
@@ -287,3 +292,16 @@ def test_tensorrt_member_scores_its_resident_blocks(monkeypatch, tmp_path):
         np.testing.assert_array_equal(gi, wi)
         np.testing.assert_allclose(gs, ws, rtol=1e-5, atol=1e-6)
     assert not alloc.live and not alloc.host_live
+
+
+def test_members_blocked_differently_line_up(setup):
+    """A member whose backend blocks the gallery otherwise (CuPy merges resident blocks) still adds up row by row."""
+    engines, _, regions, captions, _, images, caps, sims = setup
+    with Ensemble(engines, images=images, captions=caps, weights=(0.4, 0.6), image_block=4, caption_block=5) as ens:
+        ens.members[1].image_block, ens.members[1].caption_block = 3, 2  # before the first search uploads
+        text = ens.search(captions[:7], 9)
+        image = ens.search(regions[:5], 12)
+        assert [o for o, _ in ens.members[1]._uploaded["images"]] == list(range(0, 23, 3))
+    avg = weighted(sims, (0.4, 0.6))
+    assert_same_ranking(*text, avg[:, :7].T, 9, atol=ATOL)
+    assert_same_ranking(*image, avg[:5], 12, atol=ATOL)

@@ -169,3 +169,36 @@ def test_ensemble_cost_bench_quick_run(small_engines, tmp_path, capsys):
     assert all(r["n"] == 2 and r["median_ms"] > 0 for r in result["rows"])
     assert all(v["median"] > 0 for v in result["ratio_to_sum_of_members"].values())
     assert "ensemble / sum of members" in capsys.readouterr().out
+
+
+def test_ensemble_verify(small_engines, data, tmp_path, capsys):
+    engines = engine_args(small_engines)
+    gal = tmp_path / "gal"
+    assert (
+        search(
+            [
+                *engines,
+                "--gallery",
+                str(gal),
+                "--images",
+                str(data / "test_ims.npy"),
+                "--captions",
+                str(data / "test_caps.txt"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert search([*engines, "--gallery", str(gal), "--verify"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("verified") == 4 and "7 images" in err and "35 captions" in err
+    index = json.loads((gal / "ensemble.json").read_text())
+    member = gal / next(iter(index["images"]["members"].values()))["folder"]
+    target = next(member.glob("images.*.npy"))
+    raw = bytearray(target.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped byte in one member's cache
+    target.write_bytes(bytes(raw))
+    assert search([*engines, "--gallery", str(gal), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and target.name in err
