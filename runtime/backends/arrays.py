@@ -273,6 +273,19 @@ class ArrayModel:
             return self.download(scores).astype(np.float32), np.tile(np.arange(offset, offset + b), (q, 1))
         return self._resolve(offset, scores, *(self.download(a) for a in self._device_topk(scores, k)), k)
 
+    def blocks_sims(
+        self, blocks: Iterable[Block], query: Mapping[str, Any], axis: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Per block: ``(offset, scores (queries, block))`` float32 on the host (an ensemble combines these)."""
+        query = self.device_feeds(query, "query")
+        for offset, feeds in blocks:
+            yield (
+                offset,
+                self.download(self._block_scores(self.device_feeds(feeds, "block"), query, axis)).astype(
+                    np.float32, copy=False
+                ),
+            )
+
     def _resolve(
         self, offset: int, scores: Any, picked: np.ndarray, cols: np.ndarray, n_at_least: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -356,6 +369,15 @@ class ArrayBackend(Backend):
             yield from super().block_topk(gallery, queries, k, axis, output)
             return
         yield from self.model.blocks_topk(gallery, queries, k, axis)
+
+    def block_sims(
+        self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], axis: int, output: str = "sims"
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Each block scored on the array module's device (resident blocks included), rows back to the host."""
+        if self.kind != "head" or output != "sims":
+            yield from super().block_sims(gallery, queries, axis, output)
+            return
+        yield from self.model.blocks_sims(gallery, queries, axis)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)

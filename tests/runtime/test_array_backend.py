@@ -628,8 +628,10 @@ with ScanEngine.open(engine_path, backend="cupy") as engine:
     with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
         text = s.search(json.load(open(folder + "/queries.json")), 7)
         image = s.search(np.load(folder + "/queries.npy"), 9)
+        words, lengths = engine.encode_captions(json.load(open(folder + "/queries.json")))
+        rows = [r for _, r in engine.head.block_sims(s._gallery("images"), {"captions": words, "lengths": lengths}, 0)]
         held = {kind: len(list(g)) for kind, g in s._uploaded.items()}
-np.savez(folder + "/found.npz", ts=text[0], ti=text[1], is_=image[0], ii=image[1])
+np.savez(folder + "/found.npz", ts=text[0], ti=text[1], is_=image[0], ii=image[1], sims=np.concatenate(rows, 1))
 print(json.dumps({"backend": engine.backend_name, "blocks": held}))
 """
 
@@ -650,12 +652,15 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
         caps = build_caption_gallery(engine, random_captions(31, seed=2), tmp_path / "captions", progress=False)
         with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
+        words, lengths = engine.encode_captions(queries_text)
+        want_sims = engine.sims(images.images, images.image_gram, words, lengths).T  # (queries, images)
     proc = run_with_blocked_imports(FAKE_CUPY_SEARCH_SCRIPT, str(engine_path), str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["backend"] == "cupy"
     assert out["blocks"]["images"] == 1  # 4 uploaded blocks of 6 images joined into one device block
     got = np.load(tmp_path / "found.npz")
+    np.testing.assert_allclose(got["sims"], want_sims, atol=ATOL, rtol=RTOL)  # block_sims of resident blocks
     for (s_ref, i_ref), s_got, i_got in zip(want, (got["ts"], got["is_"]), (got["ti"], got["ii"])):
         np.testing.assert_array_equal(i_got, i_ref)
         np.testing.assert_allclose(s_got, s_ref, atol=ATOL, rtol=RTOL)
