@@ -664,3 +664,22 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
     for (s_ref, i_ref), s_got, i_got in zip(want, (got["ts"], got["is_"]), (got["ti"], got["ii"])):
         np.testing.assert_array_equal(i_got, i_ref)
         np.testing.assert_allclose(s_got, s_ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("lambda_softmax", [9.0, 12.0, 20.0, 30.0])
+def test_float16_head_keeps_the_attention_weights_in_float32(lambda_softmax):
+    """float16 storage with large lambda_softmax: the unnormalised weights e^(lambda x) reach e^30, far past
+    float16's 65504, so the Gram product takes them in float32 (a float16 cast would give inf / NaN)."""
+    rng = np.random.default_rng(0)
+
+    def unit(shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    images, captions, lengths = unit((4, 36, 32)), unit((3, 7, 32)), np.array([7, 5, 3])
+    cfg = SCANConfig(vocab_size=10, embed_size=32, lambda_softmax=lambda_softmax)  # t2i, clipped_l2norm, LSE
+    ref = array_model.sims(np, images, None, captions, lengths, cfg, np.float32)
+    gram16 = array_model.gram(np, images, np.float32).astype(np.float16)
+    got = array_model.sims(np, images.astype(np.float16), gram16, captions.astype(np.float16), lengths, cfg, np.float32)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, ref, atol=FP16_TOL, rtol=FP16_TOL)
