@@ -1,0 +1,340 @@
+"""Search a sharded gallery on a Ray cluster: one actor per shard, fan-out and an exact top-k merge.
+
+    with ShardedSearcher("engines/scan.json", "gal-shards") as searcher:     # a local Ray instance
+        scores, ids = searcher.search(["a dog on a beach"], k=10)             # global ids, faiss contract
+
+Each shard is held by a Ray actor (``ShardServer``) that opens its own engine and its shard from
+disk and keeps both resident. ``ShardedSearcher`` (the driver side) offers what ``Searcher`` and the
+gallery appends offer (``search_text``, ``search_images``, ``add_images``, ``add_captions``,
+sizes), so it can replace the single-node searcher inside the service. Every batch goes to all
+shards at once; their per-shard top-k (global ids) merge into the global top-k with the running
+top-k's contract (descending, ties to the lower id, -1 past the gallery): the same answer as one
+``Searcher`` over the unsharded gallery.
+
+Faults: Ray restarts a dead shard actor (``max_restarts=-1``), which reloads its shard, appends
+included, from disk. A request that meets a dead, restarting or silent shard fails whole with
+``ShardUnavailableError`` (the service answers 503), never with a partial top-k. Tasks are not
+retried by Ray (an append is not idempotent); callers retry searches.
+
+Appends go to the last shard (the only one whose id range is open-ended). Queries are encoded by
+every shard (S encoder runs per batch, small next to scanning a gallery shard); ray is imported
+only here, so the rest of the runtime does not need it.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.engine import ScanEngine
+from runtime.features import check_regions
+from runtime.gallery import GalleryError, build_caption_gallery, build_image_gallery
+from runtime.manifest import resolve_manifest
+from runtime.searcher import Searcher, SearchError, _check_k
+from runtime.shards import KINDS, check_contiguous, load_shard, read_layout
+from runtime.tokenizer import Tokenizer, Vocabulary
+from runtime.topk import MISSING_ID, RunningTopK
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard is dead, restarting or did not answer in time: the request fails whole (HTTP 503)."""
+
+
+def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k (n, k) of per-shard top-k results with disjoint global ids (faiss's contract)."""
+    top = RunningTopK(len(results[0][0]), k)
+    for scores, ids in results:
+        top.merge(scores[:, :k], ids[:, :k])
+    return top.result()
+
+
+def globalize(ids: np.ndarray, offset: int) -> np.ndarray:
+    """Local shard ids -> global ids; -1 (past the shard) stays -1."""
+    return np.where(ids == MISSING_ID, MISSING_ID, ids + offset).astype(np.int64)
+
+
+class ShardServer:
+    """One shard with its engine, resident: searches answer global ids. Runs inside a Ray actor (or
+    in-process: it does not need Ray)."""
+
+    def __init__(self, engine: str | Path, folder: str | Path, backend: str = "auto", precision: str = "fp32",
+                 device: str = "cpu", threads: int | None = None, **searcher_options: Any) -> None:
+        self.engine = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
+        self.folder = Path(folder)
+        self.searcher_options = searcher_options
+        self._load()
+
+    def _load(self) -> None:
+        m = self.engine.manifest
+        self.shard, images, captions = load_shard(self.folder, m.image_encoder_id, m.text_encoder_id)
+        self.searcher = Searcher(self.engine, images=images, captions=captions, **self.searcher_options)
+
+    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.searcher.search_text(captions, k)
+        return scores, globalize(ids, self.shard.images_offset)
+
+    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.searcher.search_images(regions, k)
+        return scores, globalize(ids, self.shard.captions_offset)
+
+    def labels(self, kind: str, ids: Sequence[int]) -> list[str | None]:
+        """Names of images / texts of captions for global ``ids`` held by this shard."""
+        gallery = self.searcher.images if kind == "images" else self.searcher.captions
+        labels = (gallery.names if kind == "images" else gallery.texts) if gallery is not None else None
+        offset = self.shard.offset(kind)
+        return [labels[int(i) - offset] if labels is not None else None for i in ids]
+
+    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
+        images = self.searcher.images
+        dtype = images.dtype.name if images is not None else "float32"
+        build_image_gallery(self.engine, regions, self.folder / "images", names=names, dtype=dtype, append=True,
+                            progress=False)
+        self._load()
+        return self.info()
+
+    def add_captions(self, texts: Sequence[str]) -> dict[str, Any]:
+        captions = self.searcher.captions
+        dtype = captions.dtype.name if captions is not None else "float32"
+        build_caption_gallery(self.engine, list(texts), self.folder / "captions", dtype=dtype, append=True,
+                              progress=False)
+        self._load()
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        s = self.searcher
+        out = {"index": self.shard.index, "folder": str(self.folder), "pid": os.getpid(), "node": _node_id(),
+               "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
+               "captions": {"offset": self.shard.captions_offset,
+                            "size": len(s.captions) if s.captions is not None else 0}}
+        if s.images is not None:
+            out["images"]["dtype"] = s.images.dtype.name
+        return out
+
+    def close(self) -> None:
+        self.searcher.close()
+        self.engine.close()
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside Ray, or a Ray without a runtime context
+        return None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address`` or start a local instance; True when this call started Ray.
+
+    Workers import this code: the repository root goes on their PYTHONPATH (it exists on this
+    machine; on other nodes install the project at the same path or in site-packages)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:  # "local": never attach to a cluster someone else started on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 logging_level=logging.WARNING)
+    return True
+
+
+_ACTOR = None
+
+
+def _actor_class():
+    global _ACTOR
+    if _ACTOR is None:
+        import ray
+
+        # max_restarts=-1: Ray restarts a dead shard forever (it reloads from disk); max_task_retries=0:
+        # a task in flight when the shard dies fails (appends are not idempotent), the caller decides.
+        _ACTOR = ray.remote(max_restarts=-1, max_task_retries=0)(ShardServer)
+    return _ACTOR
+
+
+class ShardedSearcher:
+    """Driver side: fans each batch out to every shard actor and merges the global top-k."""
+
+    def __init__(self, engine: str | Path, shards: str | Path, *, address: str | None = None,
+                 num_cpus: int | None = None, timeout_s: float = 30.0, startup_timeout_s: float = 600.0,
+                 shard_cpus: float | None = None, backend: str = "auto", precision: str = "fp32",
+                 device: str = "cpu", threads: int | None = None, **searcher_options: Any) -> None:
+        """``shards``: a folder made by runtime/shards.py split. ``timeout_s``: how long a request waits
+        for all shards. ``shard_cpus``: CPUs Ray reserves per shard actor (None: Ray's default for
+        actors, which reserves none once placed). ``threads``: ONNX Runtime threads per shard."""
+
+        self.timeout_s = float(timeout_s)
+        self.layout = read_layout(shards)
+        self.manifest = resolve_manifest(engine)
+        self.config = self.manifest.config
+        # Queries are validated here, once, so a bad request is a 4xx before any shard sees it.
+        self.tokenizer = Tokenizer(Vocabulary.from_json(self.manifest.vocab_path()), max_words=self.manifest.max_words)
+        self._started_ray = connect(address, num_cpus)
+        self._lock = threading.Lock()  # appends one at a time; sizes change only under it
+        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+        if shard_cpus is not None:
+            options["num_cpus"] = shard_cpus
+        actor = _actor_class()
+        self.actors = [actor.options(**options).remote(str(engine), str(s.folder), backend=backend,
+                                                       precision=precision, device=device, threads=threads,
+                                                       **searcher_options) for s in self.layout]
+        try:
+            infos = self._gather([a.info.remote() for a in self.actors], "starting the shards",
+                                 timeout_s=startup_timeout_s)
+        except Exception:
+            self.close()
+            raise
+        check_contiguous(self.layout, [{kind: info[kind]["size"] for kind in KINDS} for info in infos])
+        self._sizes = {kind: [info[kind]["size"] for info in infos] for kind in KINDS}
+        logger.info("%d shards ready: %s", len(infos), ", ".join(
+            f"{i['index']}: {i['images']['size']} images, {i['captions']['size']} captions" for i in infos))
+
+    # ------------------------------------------------------------------ the searcher contract
+
+    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(queries, np.ndarray):
+            return self.search_images(queries, k)
+        if isinstance(queries, (str, bytes)):
+            queries = [queries]
+        return self.search_text(list(queries), k)
+
+    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if sum(self._sizes["images"]) == 0:
+            raise SearchError("text -> image search needs an image gallery; this sharded gallery has no images")
+        if len(captions) == 0:
+            raise SearchError("queries: expected at least one caption, received none")
+        captions = list(captions)
+        self.tokenizer.encode_batch(captions)  # validates every query, as Searcher does
+        return self._fan_out("search_text", captions, k, "images")
+
+    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        if sum(self._sizes["captions"]) == 0:
+            raise SearchError("image -> text search needs a caption gallery; this sharded gallery has no captions")
+        regions = check_regions(regions, self.config.img_dim, "query regions")
+        return self._fan_out("search_images", regions, k, "captions")
+
+    def _fan_out(self, method: str, queries: Any, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        ref = ray.put(queries)  # shipped once, read by every shard
+        results = self._gather([getattr(a, method).remote(ref, k) for a in self.actors], method)
+        total = sum(self._sizes[kind])
+        scores, ids = merge_topk(results, min(k, max(total, 1)))
+        if scores.shape[1] < k:  # past the gallery: -inf / -1, as the single-node searcher answers
+            pad = k - scores.shape[1]
+            scores = np.concatenate([scores, np.full((len(scores), pad), -np.inf, np.float32)], axis=1)
+            ids = np.concatenate([ids, np.full((len(ids), pad), MISSING_ID, np.int64)], axis=1)
+        return scores, ids
+
+    def labels(self, kind: str, ids: np.ndarray) -> list[list[str | None]]:
+        """Names (kind "images") or texts ("captions") for a (n, k) array of global ids; None for -1."""
+        if kind not in KINDS:
+            raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
+        ids = np.asarray(ids, np.int64)
+        starts = [s.offset(kind) for s in self.layout]
+        wanted: dict[int, list[int]] = {}
+        for i in np.unique(ids[ids >= 0]):
+            wanted.setdefault(bisect.bisect_right(starts, int(i)) - 1, []).append(int(i))
+        shards = sorted(wanted)
+        answers = self._gather([self.actors[s].labels.remote(kind, wanted[s]) for s in shards], "labels", shards)
+        found = {i: label for s, labels in zip(shards, answers) for i, label in zip(wanted[s], labels)}
+        return [[found.get(int(i)) if i >= 0 else None for i in row] for row in ids]
+
+    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> int:
+        """Append to the last shard (atomically, persisted); returns the image gallery's new size."""
+        regions = check_regions(regions, self.config.img_dim, "regions")
+        if names is not None and len(names) != len(regions):
+            raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
+        with self._lock:
+            info = self._gather([self.actors[-1].add_images.remote(regions, names)], "add_images", [-1])[0]
+            self._sizes["images"][-1] = info["images"]["size"]
+            return sum(self._sizes["images"])
+
+    def add_captions(self, texts: Sequence[str]) -> int:
+        """Append to the last shard (atomically, persisted); returns the caption gallery's new size."""
+        texts = list(texts)
+        if not texts:
+            raise GalleryError("captions: expected at least one caption, received none")
+        self.tokenizer.encode_batch(texts)
+        with self._lock:
+            info = self._gather([self.actors[-1].add_captions.remote(texts)], "add_captions", [-1])[0]
+            self._sizes["captions"][-1] = info["captions"]["size"]
+            return sum(self._sizes["captions"])
+
+    # ------------------------------------------------------------------ sizes and health
+
+    @property
+    def num_images(self) -> int:
+        return sum(self._sizes["images"])
+
+    @property
+    def num_captions(self) -> int:
+        return sum(self._sizes["captions"])
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def info(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """One entry per shard (index, sizes and offsets, node id, pid), asked of the live actors."""
+        return self._gather([a.info.remote() for a in self.actors], "info", timeout_s=timeout_s)
+
+    def _gather(self, refs: list, what: str, shards: Sequence[int] | None = None,
+                timeout_s: float | None = None) -> list:
+        """All results or an error: never a subset. ``shards``: the shard index of each ref (default:
+        one ref per shard, in order). User errors raised in a shard are raised as they are."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        out = []
+        for i, ref in enumerate(refs):
+            shard = (range(len(self.actors)) if shards is None else shards)[i] % len(self.actors)
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except GetTimeoutError as e:
+                raise ShardUnavailableError(f"{what}: shard {shard} did not answer within {timeout_s:g} s") from e
+            except RayActorError as e:
+                raise ShardUnavailableError(f"{what}: shard {shard} is unavailable (dead or restarting; Ray "
+                                            f"restarts it): {type(e).__name__}") from e
+            except RayTaskError as e:
+                if isinstance(e.cause, ValueError):  # the project's input errors (SearchError, GalleryError, ...)
+                    raise e.cause from None
+                raise
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in getattr(self, "actors", []):
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(a, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> ShardedSearcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
