@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -302,17 +301,19 @@ class ShardedSearcher:
         """All results or an error: never a subset. ``shards``: the shard index of each ref (default:
         one ref per shard, in order). User errors raised in a shard are raised as they are."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        shards = list(range(len(refs))) if shards is None else [s % len(self.actors) for s in shards]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)  # a dead shard's ref is ready
+        if pending:
+            late = [shards[i] for i, ref in enumerate(refs) if ref in pending]
+            raise ShardUnavailableError(f"{what}: shard {', '.join(map(str, late))} did not answer within "
+                                        f"{timeout_s:g} s (dead, restarting or overloaded)")
         out = []
-        for i, ref in enumerate(refs):
-            shard = (range(len(self.actors)) if shards is None else shards)[i] % len(self.actors)
+        for shard, ref in zip(shards, refs):
             try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except GetTimeoutError as e:
-                raise ShardUnavailableError(f"{what}: shard {shard} did not answer within {timeout_s:g} s") from e
+                out.append(ray.get(ref))
             except RayActorError as e:
                 raise ShardUnavailableError(f"{what}: shard {shard} is unavailable (dead or restarting; Ray "
                                             f"restarts it): {type(e).__name__}") from e

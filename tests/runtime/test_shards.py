@@ -10,26 +10,12 @@ import pytest
 
 from runtime.cluster import ShardServer, merge_topk
 from runtime.engine import ScanEngine
-from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.gallery import CaptionGallery, ImageGallery
 from runtime.searcher import Searcher
 from runtime.shards import ShardError, check_contiguous, load_shard, main, merge, read_layout, split
-from tests.runtime.conftest import random_captions, random_regions
+from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
 N_IMAGES, N_CAPTIONS = 23, 29
-
-
-def make_gallery(engine_path, folder, dtype="float32"):
-    """An unsharded gallery folder (images/ with names, captions/) built in two appends."""
-    regions, captions = random_regions(N_IMAGES, seed=11), random_captions(N_CAPTIONS, seed=12)
-    names = [f"img{i}" for i in range(N_IMAGES)]
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
-        for a, b in ((0, 15), (15, N_IMAGES)):
-            build_image_gallery(engine, regions[a:b], folder / "images", names=names[a:b], dtype=dtype, append=True,
-                                progress=False)
-        for a, b in ((0, 20), (20, N_CAPTIONS)):
-            build_caption_gallery(engine, captions[a:b], folder / "captions", dtype=dtype, append=True,
-                                  progress=False)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +41,7 @@ def test_split_then_merge_is_the_identity(gallery, tmp_path, shards):
     assert [s.index for s in layout] == list(range(shards))
     sizes = []
     for s in layout:
-        info, images, captions = load_shard(s.folder)  # each shard loads on its own
+        _, images, captions = load_shard(s.folder)  # each shard loads on its own
         sizes.append({"images": len(images), "captions": len(captions)})
         np.testing.assert_array_equal(images.ids, np.arange(len(images)))  # local ids, offset in shard.json
         assert sorted(captions.ids.tolist()) == list(range(len(captions)))
