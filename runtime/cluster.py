@@ -80,20 +80,35 @@ class ShardServer:
         self.shard, images, captions = load_shard(self.folder, m.image_encoder_id, m.text_encoder_id)
         self.searcher = Searcher(self.engine, images=images, captions=captions, **self.searcher_options)
 
-    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
+        """(scores, global ids), plus {global id: image name} of the hits when ``labels``."""
         scores, ids = self.searcher.search_text(captions, k)
-        return scores, globalize(ids, self.shard.images_offset)
+        return self._answer("images", scores, ids, labels)
 
-    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_images(self, regions: np.ndarray, k: int, labels: bool = False) -> tuple:
+        """(scores, global ids), plus {global id: caption text} of the hits when ``labels``."""
         scores, ids = self.searcher.search_images(regions, k)
-        return scores, globalize(ids, self.shard.captions_offset)
+        return self._answer("captions", scores, ids, labels)
+
+    def _answer(self, kind: str, scores: np.ndarray, ids: np.ndarray, labels: bool) -> tuple:
+        global_ids = globalize(ids, self.shard.offset(kind))
+        if not labels:
+            return scores, global_ids
+        texts = self._texts(kind)
+        found = {} if texts is None else {g: texts[i] for g, i in zip(global_ids.ravel().tolist(), ids.ravel().tolist())
+                                          if i >= 0}
+        return scores, global_ids, found
+
+    def _texts(self, kind: str) -> list[str] | None:
+        gallery = self.searcher.images if kind == "images" else self.searcher.captions
+        if gallery is None:
+            return None
+        return gallery.names if kind == "images" else gallery.texts
 
     def labels(self, kind: str, ids: Sequence[int]) -> list[str | None]:
         """Names of images / texts of captions for global ``ids`` held by this shard."""
-        gallery = self.searcher.images if kind == "images" else self.searcher.captions
-        labels = (gallery.names if kind == "images" else gallery.texts) if gallery is not None else None
-        offset = self.shard.offset(kind)
-        return [labels[int(i) - offset] if labels is not None else None for i in ids]
+        texts, offset = self._texts(kind), self.shard.offset(kind)
+        return [texts[int(i) - offset] if texts is not None else None for i in ids]
 
     def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
         images = self.searcher.images
@@ -214,7 +229,8 @@ class ShardedSearcher:
             queries = [queries]
         return self.search_text(list(queries), k)
 
-    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
+        """(scores, ids) as ``Searcher.search_text``; with ``labels``, also the hits' image names (n, k)."""
         k = _check_k(k)
         if sum(self._sizes["images"]) == 0:
             raise SearchError("text -> image search needs an image gallery; this sharded gallery has no images")
@@ -222,27 +238,33 @@ class ShardedSearcher:
             raise SearchError("queries: expected at least one caption, received none")
         captions = list(captions)
         self.tokenizer.encode_batch(captions)  # validates every query, as Searcher does
-        return self._fan_out("search_text", captions, k, "images")
+        return self._fan_out("search_text", captions, k, "images", labels)
 
-    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_images(self, regions: np.ndarray, k: int, labels: bool = False) -> tuple:
+        """(scores, ids) as ``Searcher.search_images``; with ``labels``, also the hits' caption texts (n, k)."""
         k = _check_k(k)
         if sum(self._sizes["captions"]) == 0:
             raise SearchError("image -> text search needs a caption gallery; this sharded gallery has no captions")
         regions = check_regions(regions, self.config.img_dim, "query regions")
-        return self._fan_out("search_images", regions, k, "captions")
+        return self._fan_out("search_images", regions, k, "captions", labels)
 
-    def _fan_out(self, method: str, queries: Any, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    def _fan_out(self, method: str, queries: Any, k: int, kind: str, labels: bool) -> tuple:
         import ray
 
         ref = ray.put(queries)  # shipped once, read by every shard
-        results = self._gather([getattr(a, method).remote(ref, k) for a in self.actors], method)
+        results = self._gather([getattr(a, method).remote(ref, k, labels) for a in self.actors], method)
         total = sum(self._sizes[kind])
-        scores, ids = merge_topk(results, min(k, max(total, 1)))
+        scores, ids = merge_topk([r[:2] for r in results], min(k, max(total, 1)))
         if scores.shape[1] < k:  # past the gallery: -inf / -1, as the single-node searcher answers
             pad = k - scores.shape[1]
             scores = np.concatenate([scores, np.full((len(scores), pad), -np.inf, np.float32)], axis=1)
             ids = np.concatenate([ids, np.full((len(ids), pad), MISSING_ID, np.int64)], axis=1)
-        return scores, ids
+        if not labels:
+            return scores, ids
+        found = {}
+        for r in results:
+            found.update(r[2])
+        return scores, ids, [[found.get(i) for i in row] for row in ids.tolist()]
 
     def labels(self, kind: str, ids: np.ndarray) -> list[list[str | None]]:
         """Names (kind "images") or texts ("captions") for a (n, k) array of global ids; None for -1."""

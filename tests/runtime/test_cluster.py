@@ -86,6 +86,12 @@ def check_equal_to_single_node(engine_path, gallery, searcher, shards):
     assert searcher.num_images == N_IMAGES and searcher.num_captions == N_CAPTIONS
     names = searcher.labels("images", expected[("text", 40)][1][:, :3])
     assert names == [[f"img{i}" for i in row] for row in expected[("text", 40)][1][:, :3]]
+    # the hits' labels come back with the search (one round trip): image names, caption texts, None past
+    _, ids, names = searcher.search_text(queries, 40, labels=True)
+    assert names == [[f"img{i}" if i >= 0 else None for i in row] for row in ids.tolist()]
+    _, ids, texts = searcher.search_images(regions, 40, labels=True)
+    captions = CaptionGallery.load(gallery / "captions").texts
+    assert texts == [[captions[i] if i >= 0 else None for i in row] for row in ids.tolist()]
 
     # bad input is the caller's error, raised before any shard is asked
     with pytest.raises(SearchError, match="k must be a positive integer"):
