@@ -129,6 +129,7 @@ class ShardServer:
     def info(self) -> dict[str, Any]:
         s = self.searcher
         out = {"index": self.shard.index, "folder": str(self.folder), "pid": os.getpid(), "node": _node_id(),
+               "backend": self.engine.backend_name, "precision": self.engine.precision,
                "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
                "captions": {"offset": self.shard.captions_offset,
                             "size": len(s.captions) if s.captions is not None else 0}}

@@ -164,9 +164,41 @@ def split(gallery: str | Path, out: str | Path, shards: int) -> list[ShardInfo]:
             atomic.write_json(folder / SHARD, {"format": SHARD_FORMAT, "index": i, "images_offset": a,
                                                "captions_offset": c})
             names.append(folder.name)
-        atomic.write_json(tmp / LAYOUT, {"format": FORMAT, "shards": names})
+        source = {"folder": str(gallery.resolve()), **_generations(images, captions)}
+        atomic.write_json(tmp / LAYOUT, {"format": FORMAT, "shards": names, "source": source})
     logger.info("split %s into %d shards at %s", gallery, shards, out)
     return read_layout(out)
+
+
+def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None) -> Path:
+    """The sharded gallery to serve for ``gallery`` with ``shards`` shards: ``gallery`` itself when it is
+    sharded; else ``out`` (default: ``<gallery>.shards-<S>`` beside it), split now if it does not exist
+    yet, refused if it was split from an older generation of ``gallery`` (it would miss later appends)."""
+    gallery = Path(gallery)
+    if (gallery / LAYOUT).is_file():
+        layout = read_layout(gallery)
+        if len(layout) != shards:
+            raise ShardError(f"{gallery}: holds {len(layout)} shards, --shards says {shards}; merge and split it "
+                             f"again with runtime/shards.py to change the number of shards")
+        return gallery
+    out = Path(out) if out is not None else gallery.with_name(f"{gallery.name}.shards-{shards}")
+    if not (out / LAYOUT).is_file():
+        split(gallery, out, shards)
+        return out
+    layout = read_layout(out)
+    recorded = json.loads((out / LAYOUT).read_text(encoding="utf-8")).get("source", {})
+    images = ImageGallery.load(gallery / "images") if (gallery / "images" / MANIFEST).is_file() else None
+    captions = CaptionGallery.load(gallery / "captions") if (gallery / "captions" / MANIFEST).is_file() else None
+    current = _generations(images, captions)
+    if len(layout) != shards or any(recorded.get(key) != value for key, value in current.items()):
+        raise ShardError(f"{out}: split from another state of {gallery} (or into another number of shards); "
+                         f"remove it to split again, or serve it directly with --gallery {out}")
+    return out
+
+
+def _generations(images: ImageGallery | None, captions: CaptionGallery | None) -> dict[str, int | None]:
+    return {"images_generation": images.manifest.get("generation") if images is not None else None,
+            "captions_generation": captions.manifest.get("generation") if captions is not None else None}
 
 
 def _write_caption_range(captions: CaptionGallery, start: int, stop: int, folder: Path) -> None:

@@ -4,15 +4,16 @@ fan-out/merge of in-process shard servers against one Searcher over the unsharde
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from runtime.cluster import ShardServer, merge_topk
 from runtime.engine import ScanEngine
-from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
 from runtime.searcher import Searcher
-from runtime.shards import ShardError, check_contiguous, load_shard, main, merge, read_layout, split
+from runtime.shards import ShardError, check_contiguous, ensure_split, load_shard, main, merge, read_layout, split
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
 N_IMAGES, N_CAPTIONS = 23, 29
@@ -144,3 +145,21 @@ def test_read_layout_errors(tmp_path):
     (tmp_path / "shards.json").write_text('{"format": "scan-shards/1", "shards": ["a"]}')
     with pytest.raises(ShardError, match="not a shard"):
         read_layout(tmp_path)
+
+
+def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
+
+
+    g = tmp_path / "g"
+    shutil.copytree(gallery, g)
+    out = ensure_split(g, 2)
+    assert out == tmp_path / "g.shards-2" and len(read_layout(out)) == 2
+    assert ensure_split(g, 2) == out  # reused as it is
+    assert ensure_split(out, 2) == out  # a sharded gallery is served as it is
+    with pytest.raises(ShardError, match="holds 2 shards, --shards says 3"):
+        ensure_split(out, 3)
+    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the unsharded gallery moves on
+        build_image_gallery(engine, random_regions(1, seed=9), g / "images", names=["late"], append=True,
+                            progress=False)
+    with pytest.raises(ShardError, match="split from another state"):
+        ensure_split(g, 2)
