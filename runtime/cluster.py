@@ -133,8 +133,9 @@ class ShardServer:
                "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
                "captions": {"offset": self.shard.captions_offset,
                             "size": len(s.captions) if s.captions is not None else 0}}
-        if s.images is not None:
-            out["images"]["dtype"] = s.images.dtype.name
+        for kind, gallery in (("images", s.images), ("captions", s.captions)):
+            if gallery is not None:
+                out[kind]["dtype"] = gallery.dtype.name
         return out
 
     def close(self) -> None:
