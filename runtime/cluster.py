@@ -136,6 +136,8 @@ class ShardServer:
         for kind, gallery in (("images", s.images), ("captions", s.captions)):
             if gallery is not None:
                 out[kind]["dtype"] = gallery.dtype.name
+        if s.images is not None:
+            out["images"]["names"] = s.images.names is not None
         return out
 
     def close(self) -> None:
@@ -219,6 +221,7 @@ class ShardedSearcher:
             raise
         check_contiguous(self.layout, [{kind: info[kind]["size"] for kind in KINDS} for info in infos])
         self._sizes = {kind: [info[kind]["size"] for info in infos] for kind in KINDS}
+        self._image_names: bool | None = infos[-1]["images"].get("names")  # None: no image gallery yet
         logger.info("%d shards ready: %s", len(infos), ", ".join(
             f"{i['index']}: {i['images']['size']} images, {i['captions']['size']} captions" for i in infos))
 
@@ -288,8 +291,12 @@ class ShardedSearcher:
         if names is not None and len(names) != len(regions):
             raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
         with self._lock:
+            if self._image_names is not None and self._image_names != (names is not None):
+                raise GalleryError(f"names: the image gallery {'has' if self._image_names else 'has no'} names; "
+                                   f"append {'one name per image' if self._image_names else 'without names'}")
             info = self._gather([self.actors[-1].add_images.remote(regions, names)], "add_images", [-1])[0]
             self._sizes["images"][-1] = info["images"]["size"]
+            self._image_names = info["images"].get("names")
             return sum(self._sizes["images"])
 
     def add_captions(self, texts: Sequence[str]) -> int:
