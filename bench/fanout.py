@@ -15,7 +15,6 @@ every absolute figure: on a shared 2-core machine they are noisy, the paired dif
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile

@@ -168,8 +168,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:  # "local": never attach to a cluster someone else started on this machine
+        # worker_niceness 0: Ray starts workers at nice 15, which starves the shards (the critical path of
+        # every request) whenever anything else runs on the machine; on a cluster: RAY_worker_niceness=0
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
     return True
 
 

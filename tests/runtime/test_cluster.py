@@ -4,6 +4,7 @@ under load (errors while it is missing, never a wrong answer; identical answers 
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -216,3 +217,9 @@ def test_unsharded_folder_is_refused(ray_cluster, small_engines, tmp_path):
     with pytest.raises(ShardError, match="unsharded gallery"):
         ShardedSearcher(small_engines["t2i"], gallery)
     shutil.rmtree(gallery)
+
+
+def test_shards_run_at_normal_priority(ray_cluster, two_shards):
+    """Ray's default worker niceness (15) starves the shards on a busy machine; connect() sets 0."""
+    _, _, searcher = two_shards
+    assert ray_cluster.get(searcher.actors[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=30) == 0
