@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 folder = work / f"shards-{s}"
                 if not (folder / "shards.json").is_file():
                     split(gallery, folder, s)
-                threads = max(1, (args.threads or 2) // s) if args.shard_threads is None else args.shard_threads
+                threads = args.shard_threads
                 contenders[f"S={s}"] = ShardedSearcher(args.engine, folder, backend="onnxruntime", threads=threads,
                                                        timeout_s=120.0)
                 settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
@@ -115,7 +115,14 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
             if not (np.array_equal(ids, ref_ids) and np.allclose(scores, ref_scores, atol=1e-5, rtol=0)):
                 mismatches += 1
                 logger.warning("request %d: %s answered differently from the local searcher", i, name)
+    rtt: dict[str, list[float]] = {n: [] for n in names if n != "local"}
+    for _ in range(args.requests):  # the transport alone: ask every shard for its info (no search)
+        for name in rtt:
+            t = time.perf_counter()
+            contenders[name].info()
+            rtt[name].append((time.perf_counter() - t) * 1e3)
     out: dict[str, Any] = {"mismatches": mismatches, "load_average": load_average(),
+                           "info_round_trip_ms": {n: percentiles(v) for n, v in rtt.items()},
                            "latency_ms": {n: percentiles(times[n]) for n in names}, "samples_ms": times}
     base = np.asarray(times["local"])
     out["vs_local"] = {n: {"p50_difference_ms": round(float(np.median(times[n]) - np.median(base)), 3),
@@ -138,6 +145,9 @@ def print_report(r: dict[str, Any]) -> None:
             extra = (f"   {v['p50_difference_ms']:>+13.2f}  {v['median_paired_difference_ms']:>+11.2f}  "
                      f"{v['p50_ratio']:>9.2f}") if v else ""
             print(f"  {name:<8} {p['p5']:>8.2f} {p['p50']:>8.2f} {p['p95']:>8.2f}{extra}")
+        for name, p in d["info_round_trip_ms"].items():
+            print(f"  {name:<8} round trip to every shard without a search (info()): p50 {p['p50']:.2f} ms, "
+                  f"p95 {p['p95']:.2f} ms")
 
 
 def plot(r: dict[str, Any], path: str) -> None:
@@ -172,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="queries per request")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the local searcher")
-    p.add_argument("--shard-threads", type=int, default=None, help="per shard (default: threads // S)")
+    # 1 thread per process by default: ONNX Runtime's thread pools spin between runs, and several processes
+    # doing so on 2 cores slow each other down (S=1 measured +42 ms p50 over local with 2 threads each,
+    # +2.6 ms with 1, under the same background load)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the local searcher")
+    p.add_argument("--shard-threads", type=int, default=1, help="ONNX Runtime threads per shard")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="folder for the gallery and its shards (reused when present; default: a temp dir)")

@@ -45,6 +45,7 @@ from runtime.topk import MISSING_ID, RunningTopK
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+INLINE_BYTES = 100_000  # Ray inlines task arguments up to 100 KiB (max_direct_call_object_size)
 
 
 class ShardUnavailableError(RuntimeError):
@@ -258,8 +259,10 @@ class ShardedSearcher:
     def _fan_out(self, method: str, queries: Any, k: int, kind: str, labels: bool) -> tuple:
         import ray
 
-        ref = ray.put(queries)  # shipped once, read by every shard
-        results = self._gather([getattr(a, method).remote(ref, k, labels) for a in self.actors], method)
+        # A large batch goes to the object store once and every shard reads it; a small one travels
+        # inside each task (cheaper than a store round trip, which a 1-shard request would pay for nothing).
+        arg = ray.put(queries) if isinstance(queries, np.ndarray) and queries.nbytes > INLINE_BYTES else queries
+        results = self._gather([getattr(a, method).remote(arg, k, labels) for a in self.actors], method)
         total = sum(self._sizes[kind])
         scores, ids = merge_topk([r[:2] for r in results], min(k, max(total, 1)))
         if scores.shape[1] < k:  # past the gallery: -inf / -1, as the single-node searcher answers
