@@ -45,8 +45,9 @@ def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: i
     cfg = engine.config
     if not (folder / "images" / "gallery.json").is_file():
         feats = rng.standard_normal((n_images, regions, cfg.img_dim), dtype=np.float32)
-        build_image_gallery(engine, feats, folder / "images", names=[f"img{i}" for i in range(n_images)],
-                            progress=False)
+        build_image_gallery(
+            engine, feats, folder / "images", names=[f"img{i}" for i in range(n_images)], progress=False
+        )
     if not (folder / "captions" / "gallery.json").is_file():
         build_caption_gallery(engine, random_texts(engine, rng, n_captions), folder / "captions", progress=False)
 
@@ -68,10 +69,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_gallery(engine, gallery, args.images, args.captions, args.regions, args.seed)
         logger.info("gallery ready in %.1f s", time.perf_counter() - t0)
         text_queries = random_texts(engine, rng, args.requests * args.batch)
-        image_queries = rng.standard_normal((args.requests * args.batch, args.regions, engine.config.img_dim),
-                                            dtype=np.float32)
-        local = Searcher(engine, images=ImageGallery.load(gallery / "images"),
-                         captions=CaptionGallery.load(gallery / "captions"))
+        image_queries = rng.standard_normal(
+            (args.requests * args.batch, args.regions, engine.config.img_dim), dtype=np.float32
+        )
+        local = Searcher(
+            engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+        )
         connect(num_cpus=args.ray_cpus)
         contenders: dict[str, Any] = {"local": local}
         settings: dict[str, Any] = {"local": {"threads": args.threads}}
@@ -81,11 +84,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not (folder / "shards.json").is_file():
                     split(gallery, folder, s)
                 threads = args.shard_threads
-                contenders[f"S={s}"] = ShardedSearcher(args.engine, folder, backend="onnxruntime", threads=threads,
-                                                       timeout_s=120.0)
+                contenders[f"S={s}"] = ShardedSearcher(
+                    args.engine, folder, backend="onnxruntime", threads=threads, timeout_s=120.0
+                )
                 settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
-            report = {"settings": {**vars(args), "contenders": settings}, "machine": describe(),
-                      "load_average_before": load_average()}
+            report = {
+                "settings": {**vars(args), "contenders": settings},
+                "machine": describe(),
+                "load_average_before": load_average(),
+            }
             for direction, queries in (("text", text_queries), ("images", image_queries)):
                 report[direction] = measure(contenders, queries, args)
             report["load_average_after"] = load_average()
@@ -100,13 +107,13 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
     names = list(contenders)
     for c in contenders.values():  # warm-up: first calls allocate and page the gallery in
         for w in range(args.warmup):
-            c.search(queries[w * args.batch:(w + 1) * args.batch], args.k)
+            c.search(queries[w * args.batch : (w + 1) * args.batch], args.k)
     times: dict[str, list[float]] = {n: [] for n in names}
     mismatches = 0
     for i in range(args.requests):
-        q = queries[i * args.batch:(i + 1) * args.batch]
+        q = queries[i * args.batch : (i + 1) * args.batch]
         answers = {}
-        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
             t = time.perf_counter()
             answers[name] = contenders[name].search(q, args.k)
             times[name].append((time.perf_counter() - t) * 1e3)
@@ -121,33 +128,52 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
             t = time.perf_counter()
             contenders[name].info()
             rtt[name].append((time.perf_counter() - t) * 1e3)
-    out: dict[str, Any] = {"mismatches": mismatches, "load_average": load_average(),
-                           "info_round_trip_ms": {n: percentiles(v) for n, v in rtt.items()},
-                           "latency_ms": {n: percentiles(times[n]) for n in names}, "samples_ms": times}
+    out: dict[str, Any] = {
+        "mismatches": mismatches,
+        "load_average": load_average(),
+        "info_round_trip_ms": {n: percentiles(v) for n, v in rtt.items()},
+        "latency_ms": {n: percentiles(times[n]) for n in names},
+        "samples_ms": times,
+    }
     base = np.asarray(times["local"])
-    out["vs_local"] = {n: {"p50_difference_ms": round(float(np.median(times[n]) - np.median(base)), 3),
-                           "median_paired_difference_ms": round(float(np.median(np.asarray(times[n]) - base)), 3),
-                           "p50_ratio": round(float(np.median(times[n]) / np.median(base)), 3)}
-                       for n in names if n != "local"}
+    out["vs_local"] = {
+        n: {
+            "p50_difference_ms": round(float(np.median(times[n]) - np.median(base)), 3),
+            "median_paired_difference_ms": round(float(np.median(np.asarray(times[n]) - base)), 3),
+            "p50_ratio": round(float(np.median(times[n]) / np.median(base)), 3),
+        }
+        for n in names
+        if n != "local"
+    }
     return out
 
 
 def print_report(r: dict[str, Any]) -> None:
     s = r["settings"]
-    print(f"gallery {s['images']} images, {s['captions']} captions; {s['requests']} requests of {s['batch']} "
-          f"quer{'y' if s['batch'] == 1 else 'ies'}, k={s['k']}; load average before {r['load_average_before']}")
+    print(
+        f"gallery {s['images']} images, {s['captions']} captions; {s['requests']} requests of {s['batch']} "
+        f"quer{'y' if s['batch'] == 1 else 'ies'}, k={s['k']}; load average before {r['load_average_before']}"
+    )
     for direction in ("text", "images"):
         d = r[direction]
         print(f"\n{direction} queries (load average {d['load_average']}, mismatches {d['mismatches']})")
         print(f"  {'contender':<8} {'p5':>8} {'p50':>8} {'p95':>8}   vs local: p50 diff  paired diff  p50 ratio")
         for name, p in d["latency_ms"].items():
             v = d["vs_local"].get(name)
-            extra = (f"   {v['p50_difference_ms']:>+13.2f}  {v['median_paired_difference_ms']:>+11.2f}  "
-                     f"{v['p50_ratio']:>9.2f}") if v else ""
+            extra = (
+                (
+                    f"   {v['p50_difference_ms']:>+13.2f}  {v['median_paired_difference_ms']:>+11.2f}  "
+                    f"{v['p50_ratio']:>9.2f}"
+                )
+                if v
+                else ""
+            )
             print(f"  {name:<8} {p['p5']:>8.2f} {p['p50']:>8.2f} {p['p95']:>8.2f}{extra}")
         for name, p in d["info_round_trip_ms"].items():
-            print(f"  {name:<8} round trip to every shard without a search (info()): p50 {p['p50']:.2f} ms, "
-                  f"p95 {p['p95']:.2f} ms")
+            print(
+                f"  {name:<8} round trip to every shard without a search (info()): p50 {p['p50']:.2f} ms, "
+                f"p95 {p['p95']:.2f} ms"
+            )
 
 
 def plot(r: dict[str, Any], path: str) -> None:

@@ -20,6 +20,7 @@ Appends go to the last shard (the only one whose id range is open-ended). Querie
 every shard (S encoder runs per batch, small next to scanning a gallery shard); ray is imported
 only here, so the rest of the runtime does not need it.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -39,8 +40,9 @@ from runtime.gallery import GalleryError, build_caption_gallery, build_image_gal
 from runtime.manifest import resolve_manifest
 from runtime.searcher import Searcher, SearchError, _check_k
 from runtime.shards import KINDS, check_contiguous, load_shard, read_layout
-from runtime.tokenizer import Tokenizer, Vocabulary
+from runtime.tokenizer import Tokenizer
 from runtime.topk import MISSING_ID, RunningTopK
+from runtime.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +71,18 @@ class ShardServer:
     """One shard with its engine, resident: searches answer global ids. Runs inside a Ray actor (or
     in-process: it does not need Ray)."""
 
-    def __init__(self, engine: str | Path, folder: str | Path, backend: str = "auto", precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None, **searcher_options: Any) -> None:
+    def __init__(
+        self,
+        engine: str | Path,
+        folder: str | Path,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+        **searcher_options: Any,
+    ) -> None:
         self.engine = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
+        self.precision = precision
         self.folder = Path(folder)
         self.searcher_options = searcher_options
         self._load()
@@ -96,8 +107,11 @@ class ShardServer:
         if not labels:
             return scores, global_ids
         texts = self._texts(kind)
-        found = {} if texts is None else {g: texts[i] for g, i in zip(global_ids.ravel().tolist(), ids.ravel().tolist())
-                                          if i >= 0}
+        found = (
+            {}
+            if texts is None
+            else {g: texts[i] for g, i in zip(global_ids.ravel().tolist(), ids.ravel().tolist()) if i >= 0}
+        )
         return scores, global_ids, found
 
     def _texts(self, kind: str) -> list[str] | None:
@@ -114,26 +128,36 @@ class ShardServer:
     def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
         images = self.searcher.images
         dtype = images.dtype.name if images is not None else "float32"
-        build_image_gallery(self.engine, regions, self.folder / "images", names=names, dtype=dtype, append=True,
-                            progress=False)
+        build_image_gallery(
+            self.engine, regions, self.folder / "images", names=names, dtype=dtype, append=True, progress=False
+        )
         self._load()
         return self.info()
 
     def add_captions(self, texts: Sequence[str]) -> dict[str, Any]:
         captions = self.searcher.captions
         dtype = captions.dtype.name if captions is not None else "float32"
-        build_caption_gallery(self.engine, list(texts), self.folder / "captions", dtype=dtype, append=True,
-                              progress=False)
+        build_caption_gallery(
+            self.engine, list(texts), self.folder / "captions", dtype=dtype, append=True, progress=False
+        )
         self._load()
         return self.info()
 
     def info(self) -> dict[str, Any]:
         s = self.searcher
-        out = {"index": self.shard.index, "folder": str(self.folder), "pid": os.getpid(), "node": _node_id(),
-               "backend": self.engine.backend_name, "precision": self.engine.precision,
-               "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
-               "captions": {"offset": self.shard.captions_offset,
-                            "size": len(s.captions) if s.captions is not None else 0}}
+        out = {
+            "index": self.shard.index,
+            "folder": str(self.folder),
+            "pid": os.getpid(),
+            "node": _node_id(),
+            "backend": self.engine.backend_name,
+            "precision": self.precision,
+            "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
+            "captions": {
+                "offset": self.shard.captions_offset,
+                "size": len(s.captions) if s.captions is not None else 0,
+            },
+        }
         for kind, gallery in (("images", s.images), ("captions", s.captions)):
             if gallery is not None:
                 out[kind]["dtype"] = gallery.dtype.name
@@ -171,8 +195,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     else:  # "local": never attach to a cluster someone else started on this machine
         # worker_niceness 0: Ray starts workers at nice 15, which starves the shards (the critical path of
         # every request) whenever anything else runs on the machine; on a cluster: RAY_worker_niceness=0
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            _system_config={"worker_niceness": 0},
+        )
     return True
 
 
@@ -193,10 +223,22 @@ def _actor_class():
 class ShardedSearcher:
     """Driver side: fans each batch out to every shard actor and merges the global top-k."""
 
-    def __init__(self, engine: str | Path, shards: str | Path, *, address: str | None = None,
-                 num_cpus: int | None = None, timeout_s: float = 30.0, startup_timeout_s: float = 600.0,
-                 shard_cpus: float | None = None, backend: str = "auto", precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None, **searcher_options: Any) -> None:
+    def __init__(
+        self,
+        engine: str | Path,
+        shards: str | Path,
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        timeout_s: float = 30.0,
+        startup_timeout_s: float = 600.0,
+        shard_cpus: float | None = None,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+        **searcher_options: Any,
+    ) -> None:
         """``shards``: a folder made by runtime/shards.py split. ``timeout_s``: how long a request waits
         for all shards. ``shard_cpus``: CPUs Ray reserves per shard actor (None: Ray's default for
         actors, which reserves none once placed). ``threads``: ONNX Runtime threads per shard."""
@@ -213,20 +255,33 @@ class ShardedSearcher:
         if shard_cpus is not None:
             options["num_cpus"] = shard_cpus
         actor = _actor_class()
-        self.actors = [actor.options(**options).remote(str(engine), str(s.folder), backend=backend,
-                                                       precision=precision, device=device, threads=threads,
-                                                       **searcher_options) for s in self.layout]
+        self.actors = [
+            actor.options(**options).remote(
+                str(engine),
+                str(s.folder),
+                backend=backend,
+                precision=precision,
+                device=device,
+                threads=threads,
+                **searcher_options,
+            )
+            for s in self.layout
+        ]
         try:
-            infos = self._gather([a.info.remote() for a in self.actors], "starting the shards",
-                                 timeout_s=startup_timeout_s)
+            infos = self._gather(
+                [a.info.remote() for a in self.actors], "starting the shards", timeout_s=startup_timeout_s
+            )
         except Exception:
             self.close()
             raise
         check_contiguous(self.layout, [{kind: info[kind]["size"] for kind in KINDS} for info in infos])
         self._sizes = {kind: [info[kind]["size"] for info in infos] for kind in KINDS}
         self._image_names: bool | None = infos[-1]["images"].get("names")  # None: no image gallery yet
-        logger.info("%d shards ready: %s", len(infos), ", ".join(
-            f"{i['index']}: {i['images']['size']} images, {i['captions']['size']} captions" for i in infos))
+        logger.info(
+            "%d shards ready: %s",
+            len(infos),
+            ", ".join(f"{i['index']}: {i['images']['size']} images, {i['captions']['size']} captions" for i in infos),
+        )
 
     # ------------------------------------------------------------------ the searcher contract
 
@@ -297,8 +352,10 @@ class ShardedSearcher:
             raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
         with self._lock:
             if self._image_names is not None and self._image_names != (names is not None):
-                raise GalleryError(f"names: the image gallery {'has' if self._image_names else 'has no'} names; "
-                                   f"append {'one name per image' if self._image_names else 'without names'}")
+                raise GalleryError(
+                    f"names: the image gallery {'has' if self._image_names else 'has no'} names; "
+                    f"append {'one name per image' if self._image_names else 'without names'}"
+                )
             info = self._gather([self.actors[-1].add_images.remote(regions, names)], "add_images", [-1])[0]
             self._sizes["images"][-1] = info["images"]["size"]
             self._image_names = info["images"].get("names")
@@ -332,8 +389,9 @@ class ShardedSearcher:
         """One entry per shard (index, sizes and offsets, node id, pid), asked of the live actors."""
         return self._gather([a.info.remote() for a in self.actors], "info", timeout_s=timeout_s)
 
-    def _gather(self, refs: list, what: str, shards: Sequence[int] | None = None,
-                timeout_s: float | None = None) -> list:
+    def _gather(
+        self, refs: list, what: str, shards: Sequence[int] | None = None, timeout_s: float | None = None
+    ) -> list:
         """All results or an error: never a subset. ``shards``: the shard index of each ref (default:
         one ref per shard, in order). User errors raised in a shard are raised as they are."""
         import ray
@@ -344,15 +402,18 @@ class ShardedSearcher:
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)  # a dead shard's ref is ready
         if pending:
             late = [shards[i] for i, ref in enumerate(refs) if ref in pending]
-            raise ShardUnavailableError(f"{what}: shard {', '.join(map(str, late))} did not answer within "
-                                        f"{timeout_s:g} s (dead, restarting or overloaded)")
+            raise ShardUnavailableError(
+                f"{what}: shard {', '.join(map(str, late))} did not answer within "
+                f"{timeout_s:g} s (dead, restarting or overloaded)"
+            )
         out = []
         for shard, ref in zip(shards, refs):
             try:
                 out.append(ray.get(ref))
             except RayActorError as e:
-                raise ShardUnavailableError(f"{what}: shard {shard} is unavailable (dead or restarting; Ray "
-                                            f"restarts it): {type(e).__name__}") from e
+                raise ShardUnavailableError(
+                    f"{what}: shard {shard} is unavailable (dead or restarting; Ray restarts it): {type(e).__name__}"
+                ) from e
             except RayTaskError as e:
                 if isinstance(e.cause, ValueError):  # the project's input errors (SearchError, GalleryError, ...)
                     raise e.cause from None

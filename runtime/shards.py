@@ -15,6 +15,7 @@ Split and merge only copy encoded arrays (no engine runs) through the gallery mo
 into a temporary sibling folder renamed into place at the end: an interrupted run leaves the
 source untouched and no half-written output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,13 +111,16 @@ def check_contiguous(shards: list[ShardInfo], sizes: list[dict[str, int]]) -> No
         expected = 0
         for s, size in zip(shards, sizes):
             if s.offset(kind) != expected:
-                raise ShardError(f"{s.folder}: its {kind} start at global id {s.offset(kind)}, but the shards before "
-                                 f"it hold {expected}; was a shard other than the last appended to?")
+                raise ShardError(
+                    f"{s.folder}: its {kind} start at global id {s.offset(kind)}, but the shards before "
+                    f"it hold {expected}; was a shard other than the last appended to?"
+                )
             expected += size.get(kind, 0)
 
 
-def load_shard(folder: str | Path, image_encoder_id: str | None = None,
-               text_encoder_id: str | None = None) -> tuple[ShardInfo, ImageGallery | None, CaptionGallery | None]:
+def load_shard(
+    folder: str | Path, image_encoder_id: str | None = None, text_encoder_id: str | None = None
+) -> tuple[ShardInfo, ImageGallery | None, CaptionGallery | None]:
     """A shard's info and its galleries (None where the shard has no gallery of that kind)."""
     info = read_shard(folder)
     images = captions = None
@@ -130,8 +134,9 @@ def load_shard(folder: str | Path, image_encoder_id: str | None = None,
 def boundaries(n: int, shards: int, kind: str) -> np.ndarray:
     """Start ids of ``shards`` contiguous ranges over n items, as even as possible: (shards + 1,)."""
     if n < shards:
-        raise ShardError(f"--shards: cannot split {n} {kind} into {shards} shards (each needs at least one); "
-                         f"use at most {n} shards")
+        raise ShardError(
+            f"--shards: cannot split {n} {kind} into {shards} shards (each needs at least one); use at most {n} shards"
+        )
     return np.array([i * n // shards for i in range(shards + 1)], np.int64)
 
 
@@ -148,21 +153,28 @@ def split(gallery: str | Path, out: str | Path, shards: int) -> list[ShardInfo]:
     if images is None and captions is None:
         raise ShardError(f"{gallery}: no gallery to split (expected images/{MANIFEST} or captions/{MANIFEST})")
     image_starts = boundaries(len(images), shards, "images") if images is not None else np.zeros(shards + 1, np.int64)
-    caption_starts = (boundaries(len(captions), shards, "captions") if captions is not None
-                      else np.zeros(shards + 1, np.int64))
+    caption_starts = (
+        boundaries(len(captions), shards, "captions") if captions is not None else np.zeros(shards + 1, np.int64)
+    )
     with _staging(out) as tmp:
         names = []
         for i in range(shards):
             folder = tmp / f"shard-{i}"
             a, b = int(image_starts[i]), int(image_starts[i + 1])
             if images is not None:
-                write_image_gallery(folder / "images", [images.images[a:b]], [images.image_gram[a:b]],
-                                    images.names[a:b] if images.names is not None else None, images.manifest)
+                write_image_gallery(
+                    folder / "images",
+                    [images.images[a:b]],
+                    [images.image_gram[a:b]],
+                    images.names[a:b] if images.names is not None else None,
+                    images.manifest,
+                )
             c, d = int(caption_starts[i]), int(caption_starts[i + 1])
             if captions is not None:
                 _write_caption_range(captions, c, d, folder / "captions")
-            atomic.write_json(folder / SHARD, {"format": SHARD_FORMAT, "index": i, "images_offset": a,
-                                               "captions_offset": c})
+            atomic.write_json(
+                folder / SHARD, {"format": SHARD_FORMAT, "index": i, "images_offset": a, "captions_offset": c}
+            )
             names.append(folder.name)
         source = {"folder": str(gallery.resolve()), **_generations(images, captions)}
         atomic.write_json(tmp / LAYOUT, {"format": FORMAT, "shards": names, "source": source})
@@ -178,8 +190,10 @@ def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None
     if (gallery / LAYOUT).is_file():
         layout = read_layout(gallery)
         if len(layout) != shards:
-            raise ShardError(f"{gallery}: holds {len(layout)} shards, --shards says {shards}; merge and split it "
-                             f"again with runtime/shards.py to change the number of shards")
+            raise ShardError(
+                f"{gallery}: holds {len(layout)} shards, --shards says {shards}; merge and split it "
+                f"again with runtime/shards.py to change the number of shards"
+            )
         return gallery
     out = Path(out) if out is not None else gallery.with_name(f"{gallery.name}.shards-{shards}")
     if not (out / LAYOUT).is_file():
@@ -191,26 +205,37 @@ def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None
     captions = CaptionGallery.load(gallery / "captions") if (gallery / "captions" / MANIFEST).is_file() else None
     current = _generations(images, captions)
     if len(layout) != shards or any(recorded.get(key) != value for key, value in current.items()):
-        raise ShardError(f"{out}: split from another state of {gallery} (or into another number of shards); "
-                         f"remove it to split again, or serve it directly with --gallery {out}")
+        raise ShardError(
+            f"{out}: split from another state of {gallery} (or into another number of shards); "
+            f"remove it to split again, or serve it directly with --gallery {out}"
+        )
     return out
 
 
 def _generations(images: ImageGallery | None, captions: CaptionGallery | None) -> dict[str, int | None]:
-    return {"images_generation": images.manifest.get("generation") if images is not None else None,
-            "captions_generation": captions.manifest.get("generation") if captions is not None else None}
+    return {
+        "images_generation": images.manifest.get("generation") if images is not None else None,
+        "captions_generation": captions.manifest.get("generation") if captions is not None else None,
+    }
 
 
 def _write_caption_range(captions: CaptionGallery, start: int, stop: int, folder: Path) -> None:
     """Captions with ids in [start, stop), relabelled from 0, keeping the stored (length, id) order."""
     keep = np.flatnonzero((captions.ids >= start) & (captions.ids < stop))  # stored positions, still sorted
     lengths = captions.lengths[keep]
-    write_caption_gallery(folder, _word_rows(captions, [keep]), lengths, captions.ids[keep] - start,
-                          captions.texts[start:stop], captions.manifest)
+    write_caption_gallery(
+        folder,
+        _word_rows(captions, [keep]),
+        lengths,
+        captions.ids[keep] - start,
+        captions.texts[start:stop],
+        captions.manifest,
+    )
 
 
-def _word_rows(captions: CaptionGallery | list[CaptionGallery], positions: list[np.ndarray],
-               rows: int = 4096) -> Iterator[np.ndarray]:
+def _word_rows(
+    captions: CaptionGallery | list[CaptionGallery], positions: list[np.ndarray], rows: int = 4096
+) -> Iterator[np.ndarray]:
     """Word rows of the captions at stored ``positions`` (one array per gallery), in that order, in
     blocks of about ``rows`` rows (memory stays bounded for any gallery)."""
     galleries = captions if isinstance(captions, list) else [captions]
@@ -218,7 +243,7 @@ def _word_rows(captions: CaptionGallery | list[CaptionGallery], positions: list[
         starts, lengths = gallery.offsets[pos], gallery.lengths[pos]
         step = max(1, rows // max(1, int(lengths.max(initial=1))))
         for a in range(0, len(pos), step):
-            s, n = starts[a:a + step], lengths[a:a + step]
+            s, n = starts[a : a + step], lengths[a : a + step]
             ends = np.cumsum(n)
             yield np.asarray(gallery.words[np.repeat(s - (ends - n), n) + np.arange(int(ends[-1]))])
 
@@ -246,8 +271,9 @@ def merge(shards_dir: str | Path, out: str | Path) -> Path:
                 if any(with_names) and not all(with_names):
                     raise ShardError(f"{shards_dir}: some shards' images have names and some do not")
                 names = [n for p in parts for n in p.names] if all(with_names) else None
-                write_image_gallery(tmp / "images", [p.images for p in parts], [p.image_gram for p in parts],
-                                    names, parts[0].manifest)
+                write_image_gallery(
+                    tmp / "images", [p.images for p in parts], [p.image_gram for p in parts], names, parts[0].manifest
+                )
             else:
                 _write_caption_merge(parts, tmp / "captions")
     logger.info("merged %d shards of %s into %s", len(shards), shards_dir, out)
@@ -269,8 +295,9 @@ def _write_caption_merge(parts: list[CaptionGallery], folder: Path) -> None:
             pieces_parts.append(parts[int(which[seg[0]])])
             pieces_pos.append(local[seg])
     texts = [t for p in parts for t in p.texts]
-    write_caption_gallery(folder, _word_rows(pieces_parts, pieces_pos), lengths[order], ids[order], texts,
-                          parts[0].manifest)
+    write_caption_gallery(
+        folder, _word_rows(pieces_parts, pieces_pos), lengths[order], ids[order], texts, parts[0].manifest
+    )
 
 
 def _check_same_encoder(parts: list, kind: str) -> None:
@@ -278,14 +305,18 @@ def _check_same_encoder(parts: list, kind: str) -> None:
     for p in parts[1:]:
         for field in (key, "dtype"):
             if p.manifest.get(field) != parts[0].manifest.get(field):
-                raise ShardError(f"{p.folder}: {field} {str(p.manifest.get(field))[:12]} differs from "
-                                 f"{parts[0].folder}'s {str(parts[0].manifest.get(field))[:12]}; these shards do "
-                                 f"not belong together")
+                raise ShardError(
+                    f"{p.folder}: {field} {str(p.manifest.get(field))[:12]} differs from "
+                    f"{parts[0].folder}'s {str(parts[0].manifest.get(field))[:12]}; these shards do "
+                    f"not belong together"
+                )
 
 
 def _sizes(images: ImageGallery | None, captions: CaptionGallery | None) -> dict[str, int]:
-    return {"images": len(images) if images is not None else 0,
-            "captions": len(captions) if captions is not None else 0}
+    return {
+        "images": len(images) if images is not None else 0,
+        "captions": len(captions) if captions is not None else 0,
+    }
 
 
 def _has_gallery(folder: Path) -> bool:
@@ -342,8 +373,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "split":
         for s in split(args.gallery, args.out, args.shards):
             _, images, captions = load_shard(s.folder)
-            print(f"{s.folder}: images {_describe(s.images_offset, images)}, "
-                  f"captions {_describe(s.captions_offset, captions)}", file=sys.stderr)
+            print(
+                f"{s.folder}: images {_describe(s.images_offset, images)}, "
+                f"captions {_describe(s.captions_offset, captions)}",
+                file=sys.stderr,
+            )
     else:
         print(f"merged into {merge(args.shards_dir, args.out)}", file=sys.stderr)
     return 0

@@ -31,8 +31,11 @@ def single_node(engine_path, gallery, queries, regions):
         images = ImageGallery.load(gallery / "images")
         captions = CaptionGallery.load(gallery / "captions")
         with Searcher(engine, images=images, captions=captions) as s:
-            return {(d, k): (s.search_text(queries, k) if d == "text" else s.search_images(regions, k))
-                    for d in ("text", "images") for k in K_VALUES}
+            return {
+                (d, k): (s.search_text(queries, k) if d == "text" else s.search_images(regions, k))
+                for d in ("text", "images")
+                for k in K_VALUES
+            }
 
 
 def assert_same(got, expected, what=""):
@@ -164,8 +167,11 @@ def test_killed_shard_fails_requests_then_recovers(ray_cluster, two_shards):
         killed_at = time.monotonic()
         ray_cluster.kill(searcher.actors[0], no_restart=False)
         _wait(lambda: _new_pid(searcher, old_pid, shard=0), 60, "shard 0 to restart")
-        _wait(lambda: sum(o[1] == "ok" and o[0] > killed_at + 0.5 for o in outcomes) >= 4 and
-              outcomes[-1][1] == "ok", 30, "answers after the restart")
+        _wait(
+            lambda: sum(o[1] == "ok" and o[0] > killed_at + 0.5 for o in outcomes) >= 4 and outcomes[-1][1] == "ok",
+            30,
+            "answers after the restart",
+        )
     finally:
         stop.set()
         for c in clients:

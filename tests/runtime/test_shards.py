@@ -59,15 +59,16 @@ def test_shard_holds_its_range(gallery, tmp_path):
     for s in split(gallery, tmp_path / "sharded", 3):
         _, images, captions = load_shard(s.folder)
         a = s.images_offset
-        np.testing.assert_array_equal(images.images, whole_images.images[a:a + len(images)])
-        assert images.names == whole_images.names[a:a + len(images)]
+        np.testing.assert_array_equal(images.images, whole_images.images[a : a + len(images)])
+        assert images.names == whole_images.names[a : a + len(images)]
         c = s.captions_offset
-        assert captions.texts == whole_captions.texts[c:c + len(captions)]
+        assert captions.texts == whole_captions.texts[c : c + len(captions)]
         for pos, cid in enumerate(captions.ids):  # every caption's words are the unsharded gallery's
             whole_pos = int(np.flatnonzero(whole_captions.ids == cid + c)[0])
             np.testing.assert_array_equal(
-                captions.words[captions.offsets[pos]:captions.offsets[pos + 1]],
-                whole_captions.words[whole_captions.offsets[whole_pos]:whole_captions.offsets[whole_pos + 1]])
+                captions.words[captions.offsets[pos] : captions.offsets[pos + 1]],
+                whole_captions.words[whole_captions.offsets[whole_pos] : whole_captions.offsets[whole_pos + 1]],
+            )
 
 
 def test_split_and_merge_refuse_bad_requests(gallery, tmp_path):
@@ -122,12 +123,14 @@ def test_merge_topk_contract():
 def test_in_process_shards_equal_one_searcher(engine_path, gallery, tmp_path, shards):
     """The fan-out and merge without Ray: k below, above a shard's size, and past the whole gallery."""
     layout = split(gallery, tmp_path / "sharded", shards)
-    servers = [ShardServer(engine_path, s.folder, backend="onnxruntime", image_block=4, caption_block=5)
-               for s in layout]
+    servers = [
+        ShardServer(engine_path, s.folder, backend="onnxruntime", image_block=4, caption_block=5) for s in layout
+    ]
     queries, regions = random_captions(6, seed=21), random_regions(5, seed=22)
     with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
-        single = Searcher(engine, images=ImageGallery.load(gallery / "images"),
-                          captions=CaptionGallery.load(gallery / "captions"))
+        single = Searcher(
+            engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+        )
         for k in (3, 13, 40):
             for method, q in (("search_text", queries), ("search_images", regions)):
                 expected = getattr(single, method)(q, k)
@@ -149,7 +152,6 @@ def test_read_layout_errors(tmp_path):
 
 def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
 
-
     g = tmp_path / "g"
     shutil.copytree(gallery, g)
     out = ensure_split(g, 2)
@@ -159,7 +161,8 @@ def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
     with pytest.raises(ShardError, match="holds 2 shards, --shards says 3"):
         ensure_split(out, 3)
     with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the unsharded gallery moves on
-        build_image_gallery(engine, random_regions(1, seed=9), g / "images", names=["late"], append=True,
-                            progress=False)
+        build_image_gallery(
+            engine, random_regions(1, seed=9), g / "images", names=["late"], append=True, progress=False
+        )
     with pytest.raises(ShardError, match="split from another state"):
         ensure_split(g, 2)
