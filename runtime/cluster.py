@@ -182,12 +182,19 @@ def _node_id() -> str | None:
 def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` or start a local instance; True when this call started Ray.
 
-    Workers import this code: the repository root goes on their PYTHONPATH (it exists on this
-    machine; on other nodes install the project at the same path or in site-packages)."""
+    A local instance must be started from the main thread: Ray's own processes (raylet, object store)
+    die with the thread that started them, and the driver process exits with them. Workers import this
+    code: the repository root goes on their PYTHONPATH (it exists on this machine; on other nodes install
+    the project at the same path or in site-packages)."""
     import ray
 
     if ray.is_initialized():
         return False
+    if not address and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "start the local Ray instance from the main thread (runtime.cluster.connect()) before "
+            "opening shards in another thread: Ray's processes die with the thread that started them"
+        )
     paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
     if address:

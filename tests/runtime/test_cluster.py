@@ -229,3 +229,24 @@ def test_shards_run_at_normal_priority(ray_cluster, two_shards):
     """Ray's default worker niceness (15) starves the shards on a busy machine; connect() sets 0."""
     _, _, searcher = two_shards
     assert ray_cluster.get(searcher.actors[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=30) == 0
+
+
+def test_local_ray_from_another_thread_is_refused(monkeypatch):
+    """Ray's processes die with the thread that started them (the driver then exits silently): refuse."""
+    import ray
+
+    from runtime.cluster import connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    errors = []
+
+    def start():
+        try:
+            connect(num_cpus=1)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join(30)
+    assert errors and "from the main thread" in errors[0]
