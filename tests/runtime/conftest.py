@@ -52,11 +52,11 @@ def make_gallery(engine_path, folder, n_images: int = 23, n_captions: int = 29, 
     names = [f"img{i}" for i in range(n_images)]
     with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
         for a, b in ((0, n_images // 2), (n_images // 2, n_images)):
-            build_image_gallery(engine, regions[a:b], folder / "images", names=names[a:b], dtype=dtype, append=True,
-                                progress=False)
+            build_image_gallery(
+                engine, regions[a:b], folder / "images", names=names[a:b], dtype=dtype, append=True, progress=False
+            )
         for a, b in ((0, n_captions // 2), (n_captions // 2, n_captions)):
-            build_caption_gallery(engine, captions[a:b], folder / "captions", dtype=dtype, append=True,
-                                  progress=False)
+            build_caption_gallery(engine, captions[a:b], folder / "captions", dtype=dtype, append=True, progress=False)
     return folder
 
 
