@@ -54,11 +54,14 @@ class ShardUnavailableError(RuntimeError):
     """A shard is dead, restarting or did not answer in time: the request fails whole (HTTP 503)."""
 
 
-def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global top-k (n, k) of per-shard top-k results with disjoint global ids (faiss's contract)."""
-    top = RunningTopK(len(results[0][0]), k)
+def merge_topk(
+    results: Sequence[tuple[np.ndarray, np.ndarray]], k: int, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k (n, k) of per-shard top-k results with disjoint global ids (faiss's contract);
+    ``size``: the whole gallery's, so only min(k, size) candidates are kept (the rest is -inf / -1)."""
+    top = RunningTopK(len(results[0][0]), k, size)
     for scores, ids in results:
-        top.merge(scores[:, :k], ids[:, :k])
+        top.merge(scores[:, : top.width], ids[:, : top.width])
     return top.result()
 
 
@@ -325,12 +328,7 @@ class ShardedSearcher:
         # inside each task (cheaper than a store round trip, which a 1-shard request would pay for nothing).
         arg = ray.put(queries) if isinstance(queries, np.ndarray) and queries.nbytes > INLINE_BYTES else queries
         results = self._gather([getattr(a, method).remote(arg, k, labels) for a in self.actors], method)
-        total = sum(self._sizes[kind])
-        scores, ids = merge_topk([r[:2] for r in results], min(k, max(total, 1)))
-        if scores.shape[1] < k:  # past the gallery: -inf / -1, as the single-node searcher answers
-            pad = k - scores.shape[1]
-            scores = np.concatenate([scores, np.full((len(scores), pad), -np.inf, np.float32)], axis=1)
-            ids = np.concatenate([ids, np.full((len(ids), pad), MISSING_ID, np.int64)], axis=1)
+        scores, ids = merge_topk([r[:2] for r in results], k, sum(self._sizes[kind]))
         if not labels:
             return scores, ids
         found = {}
