@@ -9,7 +9,7 @@ STAMP := .deps-$(shell $(PYTHON) -c "import sys; print(sys.version_info[0], sys.
 
 $(STAMP): pyproject.toml
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[cpu,export,test,bench,dev,serve,scale]" "$(TORCH)"
+	$(PIP) -e ".[cpu,export,test,bench,dev,serve,scale,cluster]" "$(TORCH)"
 	@touch $@
 
 deps: $(STAMP)

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -882,3 +882,128 @@ def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:
             f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
         )
     return gallery
+
+
+# ---------------------------------------------------------------------------------------------- encoded arrays
+# Writers for arrays that are already encoded (shard split and merge): no engine runs; the new cache
+# is bound to the encoder of the gallery the arrays came from, with the same locking and checksums.
+
+_IMAGE_BINDING = ("image_encoder_id", "config", "model", "dtype", "regions", "embed_size")
+_CAPTION_BINDING = ("text_encoder_id", "config", "model", "dtype", "embed_size")
+_CHUNK_ROWS = 4096
+
+
+def _save_rows(
+    folder: Path, generation: int, name: str, shape: tuple[int, ...], dtype: str, chunks: Iterable[np.ndarray]
+) -> dict[str, Any]:
+    """Stream consecutive row blocks into ``name.<generation>.npy`` (memory bounded by one block)."""
+    tmp = _temporary(folder, name, generation)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        pos = 0
+        for chunk in chunks:
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        if pos != shape[0]:
+            raise GalleryError(f"{folder / name}: expected {shape[0]} rows, received {pos}")
+        out.flush()
+        del out
+        return _finish_array(folder, tmp, name, generation, shape, dtype)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _row_chunks(pieces: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    for piece in pieces:
+        for start in range(0, len(piece), _CHUNK_ROWS):
+            yield np.asarray(piece[start : start + _CHUNK_ROWS])
+
+
+def _require_new(folder: Path) -> int:
+    if (folder / MANIFEST).is_file():
+        raise GalleryError(f"{folder}: a gallery is already there; write encoded arrays into a new folder")
+    return _current_generation(folder) + 1
+
+
+def write_image_gallery(
+    folder: str | Path,
+    images: Sequence[np.ndarray],
+    image_gram: Sequence[np.ndarray],
+    names: Sequence[str] | None,
+    like: dict[str, Any],
+) -> ImageGallery:
+    """Commit encoded images (the concatenation of the ``images``/``image_gram`` pieces, ids 0..N-1) as a
+    new gallery at ``folder``, bound to the encoder recorded in ``like`` (a source gallery's manifest)."""
+    folder = Path(folder)
+    n = sum(len(p) for p in images)
+    if n != sum(len(p) for p in image_gram) or n == 0:
+        raise GalleryError(
+            f"{folder}: expected as many Gram matrices as images (at least one), received "
+            f"{sum(len(p) for p in image_gram)} for {n} images"
+        )
+    if names is not None and len(names) != n:
+        raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
+    dtype, (r, d) = like["dtype"], images[0].shape[1:]
+    with writer_lock(folder):
+        generation = _require_new(folder)
+        entries = {
+            "images": _save_rows(folder, generation, "images", (n, r, d), dtype, _row_chunks(images)),
+            "image_gram": _save_rows(folder, generation, "image_gram", (n, r, r), dtype, _row_chunks(image_gram)),
+        }
+        entries.update(_save_arrays(folder, generation, {"ids": np.arange(n, dtype=np.int64)}))
+        extra = {f"names.{generation}.json": list(names)} if names is not None else {}
+        manifest = {
+            "format": FORMAT,
+            "kind": "images",
+            "generation": generation,
+            "count": n,
+            **{key: like[key] for key in _IMAGE_BINDING},
+            "arrays": entries,
+            "names_file": next(iter(extra), None),
+        }
+        _commit(folder, manifest, extra)
+    return ImageGallery.load(folder)
+
+
+def write_caption_gallery(
+    folder: str | Path,
+    words: Iterable[np.ndarray],
+    lengths: np.ndarray,
+    ids: np.ndarray,
+    texts: Sequence[str],
+    like: dict[str, Any],
+) -> CaptionGallery:
+    """Commit encoded captions as a new gallery at ``folder``: ``words`` yields the word rows of the
+    captions in stored order (sorted by length, then id), ``lengths`` and ``ids`` (a permutation of
+    0..M-1) are per stored caption, ``texts`` by id. Bound to the encoder recorded in ``like``."""
+    folder = Path(folder)
+    lengths, ids = np.asarray(lengths, np.int64), np.asarray(ids, np.int64)
+    m = len(texts)
+    if m == 0 or len(lengths) != m or len(ids) != m or not np.array_equal(np.sort(ids), np.arange(m)):
+        raise GalleryError(
+            f"{folder}: expected lengths and ids for each of the {m} captions (ids 0..{m - 1}), "
+            f"received {len(lengths)} lengths and {len(ids)} ids"
+        )
+    if np.any(np.diff(lengths) < 0):
+        raise GalleryError(f"{folder}: captions must be given sorted by length")
+    total = int(lengths.sum())
+    with writer_lock(folder):
+        generation = _require_new(folder)
+        entries = {
+            "words": _save_rows(folder, generation, "words", (total, int(like["embed_size"])), like["dtype"], words)
+        }
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        entries.update(_save_arrays(folder, generation, {"offsets": offsets, "lengths": lengths, "ids": ids}))
+        texts_file = f"texts.{generation}.json"
+        manifest = {
+            "format": FORMAT,
+            "kind": "captions",
+            "generation": generation,
+            "count": m,
+            **{key: like[key] for key in _CAPTION_BINDING},
+            "arrays": entries,
+            "texts_file": texts_file,
+        }
+        _commit(folder, manifest, {texts_file: [str(t) for t in texts]})
+    return CaptionGallery.load(folder)

@@ -11,6 +11,11 @@ finishes the requests in flight and exits 0. Binds to loopback unless --host say
 Several --engine serve an ensemble (runtime/ensemble.py; --weights 0.7,0.3, equal by default): each batch is
 scored by every member and the similarities averaged; the gallery folder holds one cache per member
 (runtime/ensemble_gallery.py), and appends extend every member's together.
+
+--shards S serves the gallery in S shards of contiguous id ranges, each resident in a Ray actor
+(runtime/cluster.py; --ray-address joins a cluster, else a local Ray instance starts): every batch goes to all
+shards and their top-k are merged, the same answers as one process. A dead or restarting shard answers 503
+with Retry-After, never a partial top-k; appends go to the last shard; /v1/info lists the shards.
 """
 
 from __future__ import annotations
@@ -68,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="two-stage search: score only the M candidates of the galleries' index (0: exact, the default)",
     )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="S",
+        help="serve the gallery in S shards, one Ray actor each (a folder made by runtime/shards.py split, "
+        "or an unsharded gallery, split once into GALLERY.shards-S beside it)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --shards: join this Ray cluster (ray start --head ...); default: a local Ray instance",
+    )
+    p.add_argument(
+        "--shard-timeout-s",
+        type=float,
+        default=30.0,
+        help="with --shards: how long a batch waits for every shard before it fails with 503",
+    )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_engine_arguments(p)
@@ -121,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--candidates must be >= 0 (0: exact search), received {args.candidates}")
         if args.candidates and len(args.engine) > 1:
             raise ValueError("--candidates: two-stage search serves one --engine; an ensemble is searched exactly")
+        if args.shards is not None and args.shards < 1:
+            raise ValueError(f"--shards must be a positive integer, received {args.shards}")
+        if args.ray_address and args.shards is None:
+            raise ValueError("--ray-address needs --shards S (the shards are the Ray actors)")
+        if args.shards is not None and (len(args.engine) > 1 or args.candidates):
+            raise ValueError("--shards serves one --engine with exact search (no ensemble, no --candidates)")
+        if args.shards is not None:
+            import ray  # noqa: F401  (the optional extra: a clear message when it is missing)
+    except ImportError as e:
+        print(f"error: --shards needs the 'cluster' extra (pip install -e '.[cluster]'): {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,6 +171,20 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     from runtime.service.service import Service
 
     def open_executor():
+        if args.shards is not None:
+            from runtime.service.sharded import ShardedExecutor
+            from runtime.shards import ensure_split
+
+            return ShardedExecutor.open(
+                args.engine[0],
+                ensure_split(args.gallery, args.shards),
+                backend=args.backend,
+                precision=args.precision,
+                device=args.device,
+                threads=args.threads,
+                ray_address=args.ray_address,
+                timeout_s=args.shard_timeout_s,
+            )
         if len(args.engine) > 1:
             return EnsembleExecutor.open(
                 args.engine,
@@ -156,6 +205,11 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
             candidates=args.candidates,
         )
 
+    started_ray = False
+    if args.shards is not None:  # in the main thread: Ray's local processes die with the thread that starts them
+        from runtime.cluster import connect
+
+        started_ray = connect(args.ray_address)
     service = Service(open_executor, settings, token=token)
     config = uvicorn.Config(
         create_app(service),
@@ -216,6 +270,10 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         for s, h in previous.items():
             signal.signal(s, h)
         service.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     if service.load_error is not None:
         e = service.load_error
         print(

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime.cluster import ShardUnavailableError
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
 from runtime.searcher import SearchError
@@ -96,6 +97,8 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
         return _error(503, f"overloaded: {e}; retry later", headers=_retry_after(e.retry_after))
     except BatcherClosed as e:
         return _error(503, f"unavailable: {e}")
+    except ShardUnavailableError as e:  # a shard is dead or restarting: the whole request fails, retry soon
+        return _error(503, f"unavailable: {e}", headers=_retry_after(1))
     except Exception as e:  # an internal failure: this request fails, the server keeps serving
         logger.exception("%s failed: %s: %s", endpoint, type(e).__name__, e)
         return _error(500, f"internal error ({type(e).__name__}); the server logged the details")

@@ -41,3 +41,34 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
 
 def random_regions(n: int, seed: int = 0, r: int = 5, img_dim: int = 12) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, r, img_dim)).astype(np.float32)
+
+
+def make_gallery(engine_path, folder, n_images: int = 23, n_captions: int = 29, dtype: str = "float32"):
+    """A gallery folder (images/ with names, captions/) as runtime/search.py lays it out, built in two appends."""
+    from runtime.engine import ScanEngine
+    from runtime.gallery import build_caption_gallery, build_image_gallery
+
+    regions, captions = random_regions(n_images, seed=11), random_captions(n_captions, seed=12)
+    names = [f"img{i}" for i in range(n_images)]
+    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+        for a, b in ((0, n_images // 2), (n_images // 2, n_images)):
+            build_image_gallery(
+                engine, regions[a:b], folder / "images", names=names[a:b], dtype=dtype, append=True, progress=False
+            )
+        for a, b in ((0, n_captions // 2), (n_captions // 2, n_captions)):
+            build_caption_gallery(engine, captions[a:b], folder / "captions", dtype=dtype, append=True, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance (2 CPUs) for the whole session: starting Ray takes seconds."""
+    pytest.importorskip("ray", reason="needs the 'cluster' extra (pip install -e '.[cluster]')")
+    import ray
+
+    from runtime.cluster import connect
+
+    started = connect(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()

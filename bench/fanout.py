@@ -1,0 +1,241 @@
+"""What sharding costs and buys per request: one ``Searcher`` in process against ``ShardedSearcher`` on
+Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards of the same gallery.
+
+    python bench/fanout.py --engine ~/.cache/scan-runtime/bench/t2i-1024-*/scan.json \\
+        --images 1000 --captions 5000 --shards 1 2 --json bench/results/fanout.json --plot bench/results/fanout.png
+
+The gallery is built with the engine (random region features, random in-vocabulary captions) and split
+with runtime/shards.py. Every contender answers the same queries, interleaved request by request (so
+background load hits all of them alike); answers are checked to be identical (ids; scores within
+1e-5). The overhead of S = 1 over the in-process searcher is reported both as the difference of the
+medians and as the median of the per-request paired differences. The load average is printed beside
+every absolute figure: on a shared 2-core machine they are noisy, the paired differences less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.machine import describe, load_average
+from runtime.atomic import write_json
+from runtime.cli import run_cli
+from runtime.engine import ScanEngine
+from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.searcher import Searcher
+from runtime.shards import split
+
+logger = logging.getLogger(__name__)
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    p = np.percentile(np.asarray(ms, np.float64), [5, 25, 50, 75, 95])
+    return dict(zip(("p5", "p25", "p50", "p75", "p95"), (round(float(v), 3) for v in p)))
+
+
+def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: int, regions: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cfg = engine.config
+    if not (folder / "images" / "gallery.json").is_file():
+        feats = rng.standard_normal((n_images, regions, cfg.img_dim), dtype=np.float32)
+        build_image_gallery(
+            engine, feats, folder / "images", names=[f"img{i}" for i in range(n_images)], progress=False
+        )
+    if not (folder / "captions" / "gallery.json").is_file():
+        build_caption_gallery(engine, random_texts(engine, rng, n_captions), folder / "captions", progress=False)
+
+
+def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[str]:
+    words = [w for w in engine.tokenizer.vocab.idx2word if not w.startswith("<")]
+    lengths = np.clip(np.rint(rng.normal(12.0, 4.0, n)), 3, 40).astype(int)  # Flickr30K-like
+    return [" ".join(rng.choice(words, size=m)) for m in lengths]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from runtime.cluster import ShardedSearcher, connect
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fanout-"))
+    gallery = work / "gallery"
+    rng = np.random.default_rng(args.seed + 1)
+    with ScanEngine.open(args.engine, backend="onnxruntime", threads=args.threads) as engine:
+        t0 = time.perf_counter()
+        build_gallery(engine, gallery, args.images, args.captions, args.regions, args.seed)
+        logger.info("gallery ready in %.1f s", time.perf_counter() - t0)
+        text_queries = random_texts(engine, rng, args.requests * args.batch)
+        image_queries = rng.standard_normal(
+            (args.requests * args.batch, args.regions, engine.config.img_dim), dtype=np.float32
+        )
+        local = Searcher(
+            engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
+        )
+        connect(num_cpus=args.ray_cpus)
+        contenders: dict[str, Any] = {"local": local}
+        settings: dict[str, Any] = {"local": {"threads": args.threads}}
+        try:
+            for s in args.shards:
+                folder = work / f"shards-{s}"
+                if not (folder / "shards.json").is_file():
+                    split(gallery, folder, s)
+                threads = args.shard_threads
+                contenders[f"S={s}"] = ShardedSearcher(
+                    args.engine, folder, backend="onnxruntime", threads=threads, timeout_s=120.0
+                )
+                settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
+            report = {
+                "settings": {**vars(args), "contenders": settings},
+                "machine": describe(),
+                "load_average_before": load_average(),
+            }
+            for direction, queries in (("text", text_queries), ("images", image_queries)):
+                report[direction] = measure(contenders, queries, args)
+            report["load_average_after"] = load_average()
+        finally:
+            for name, c in contenders.items():
+                if name != "local":
+                    c.close()
+    return report
+
+
+def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) -> dict[str, Any]:
+    names = list(contenders)
+    for c in contenders.values():  # warm-up: first calls allocate and page the gallery in
+        for w in range(args.warmup):
+            c.search(queries[w * args.batch : (w + 1) * args.batch], args.k)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    mismatches = 0
+    for i in range(args.requests):
+        q = queries[i * args.batch : (i + 1) * args.batch]
+        answers = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
+            t = time.perf_counter()
+            answers[name] = contenders[name].search(q, args.k)
+            times[name].append((time.perf_counter() - t) * 1e3)
+        ref_scores, ref_ids = answers["local"]
+        for name, (scores, ids) in answers.items():
+            if not (np.array_equal(ids, ref_ids) and np.allclose(scores, ref_scores, atol=1e-5, rtol=0)):
+                mismatches += 1
+                logger.warning("request %d: %s answered differently from the local searcher", i, name)
+    rtt: dict[str, list[float]] = {n: [] for n in names if n != "local"}
+    for _ in range(args.requests):  # the transport alone: ask every shard for its info (no search)
+        for name in rtt:
+            t = time.perf_counter()
+            contenders[name].info()
+            rtt[name].append((time.perf_counter() - t) * 1e3)
+    out: dict[str, Any] = {
+        "mismatches": mismatches,
+        "load_average": load_average(),
+        "info_round_trip_ms": {n: percentiles(v) for n, v in rtt.items()},
+        "latency_ms": {n: percentiles(times[n]) for n in names},
+        "samples_ms": times,
+    }
+    base = np.asarray(times["local"])
+    out["vs_local"] = {
+        n: {
+            "p50_difference_ms": round(float(np.median(times[n]) - np.median(base)), 3),
+            "median_paired_difference_ms": round(float(np.median(np.asarray(times[n]) - base)), 3),
+            "p50_ratio": round(float(np.median(times[n]) / np.median(base)), 3),
+        }
+        for n in names
+        if n != "local"
+    }
+    return out
+
+
+def print_report(r: dict[str, Any]) -> None:
+    s = r["settings"]
+    print(
+        f"gallery {s['images']} images, {s['captions']} captions; {s['requests']} requests of {s['batch']} "
+        f"quer{'y' if s['batch'] == 1 else 'ies'}, k={s['k']}; load average before {r['load_average_before']}"
+    )
+    for direction in ("text", "images"):
+        d = r[direction]
+        print(f"\n{direction} queries (load average {d['load_average']}, mismatches {d['mismatches']})")
+        print(f"  {'contender':<8} {'p5':>8} {'p50':>8} {'p95':>8}   vs local: p50 diff  paired diff  p50 ratio")
+        for name, p in d["latency_ms"].items():
+            v = d["vs_local"].get(name)
+            extra = (
+                (
+                    f"   {v['p50_difference_ms']:>+13.2f}  {v['median_paired_difference_ms']:>+11.2f}  "
+                    f"{v['p50_ratio']:>9.2f}"
+                )
+                if v
+                else ""
+            )
+            print(f"  {name:<8} {p['p5']:>8.2f} {p['p50']:>8.2f} {p['p95']:>8.2f}{extra}")
+        for name, p in d["info_round_trip_ms"].items():
+            print(
+                f"  {name:<8} round trip to every shard without a search (info()): p50 {p['p50']:.2f} ms, "
+                f"p95 {p['p95']:.2f} ms"
+            )
+
+
+def plot(r: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, direction in zip(axes, ("text", "images")):
+        samples = r[direction]["samples_ms"]
+        ax.boxplot(list(samples.values()), tick_labels=list(samples), showfliers=False)
+        ax.set_title(f"{direction} queries (load avg {r[direction]['load_average'][0]:.1f})")
+        ax.set_ylabel("latency per request (ms)")
+    fig.suptitle(f"sharded vs local search, {r['settings']['images']} images / {r['settings']['captions']} captions")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fanout.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", required=True, help="scan.json of the model to serve")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--captions", type=int, default=5000)
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--requests", type=int, default=40, help="timed requests per direction and contender")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="queries per request")
+    p.add_argument("-k", type=int, default=10)
+    # 1 thread per process by default: ONNX Runtime's thread pools spin between runs, and several processes
+    # doing so on 2 cores slow each other down (S=1 measured +42 ms p50 over local with 2 threads each,
+    # +2.6 ms with 1, under the same background load)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the local searcher")
+    p.add_argument("--shard-threads", type=int, default=1, help="ONNX Runtime threads per shard")
+    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", help="folder for the gallery and its shards (reused when present; default: a temp dir)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a latency box plot here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body(a: argparse.Namespace) -> int:
+        logging.getLogger().setLevel(logging.INFO)
+        report = run(a)
+        print_report(report)
+        if a.json:
+            write_json(a.json, report)
+        if a.plot:
+            plot(report, a.plot)
+        return 0
+
+    return run_cli(body, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
