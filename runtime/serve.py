@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments
-from runtime.ensemble import check_weights
+from runtime.ensemble import CANDIDATE_SOURCES, check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="M",
         help="two-stage search: score only the M candidates of the galleries' index (0: exact, the default)",
+    )
+    p.add_argument(
+        "--candidate-source",
+        choices=CANDIDATE_SOURCES,
+        default="union",
+        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
     )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -119,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         check_weights(args.weights, len(args.engine))
         if args.candidates < 0:
             raise ValueError(f"--candidates must be >= 0 (0: exact search), received {args.candidates}")
-        if args.candidates and len(args.engine) > 1:
-            raise ValueError("--candidates: two-stage search serves one --engine; an ensemble is searched exactly")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -145,6 +149,8 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
                 precision=args.precision,
                 device=args.device,
                 threads=args.threads,
+                candidates=args.candidates,
+                candidate_source=args.candidate_source,
             )
         return LocalExecutor.open(
             args.engine[0],
