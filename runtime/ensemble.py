@@ -17,6 +17,7 @@ together by ``runtime/ensemble_gallery.py``; ``Ensemble`` checks that they agree
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -63,6 +64,11 @@ def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
     return np.array([w / total for w in values])
 
 
+# Where a two-stage ensemble search takes its candidates: every member's index (the union of their
+# proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
+CANDIDATE_SOURCES = ("union", "first")
+
+
 class Ensemble:
     """``search(queries, k)`` over several engines, scores the weighted mean of their similarities.
 
@@ -82,8 +88,15 @@ class Ensemble:
         caption_block: int = DEFAULT_CAPTION_BLOCK,
         query_batch: int = DEFAULT_QUERY_BATCH,
         resident: bool | None = None,
+        candidates: int = 0,
+        neighbors: int | None = None,
+        nprobe: int | None = None,
+        candidate_source: str = "union",
     ) -> None:
         engines = list(engines)
+        if candidate_source not in CANDIDATE_SOURCES:
+            raise SearchError(f"candidate_source must be one of {CANDIDATE_SOURCES}, received {candidate_source!r}")
+        self.candidate_source = candidate_source
         if not engines:
             raise SearchError("an ensemble needs at least one engine, received none")
         self.engines = engines
@@ -118,10 +131,15 @@ class Ensemble:
                 caption_block=caption_block,
                 query_batch=query_batch,
                 resident=resident,
+                candidates=candidates,
+                neighbors=neighbors,
+                nprobe=nprobe,
             )
             for i, e in enumerate(engines)
         ]
         self.query_batch = query_batch
+        self.candidates = self.members[0].candidates  # validated by Searcher
+        self.neighbors, self.nprobe = neighbors, nprobe
 
     def close(self) -> None:
         """Free the galleries the members uploaded to their backends, if any."""
@@ -166,7 +184,10 @@ class Ensemble:
                 width = int(lengths[idx].max())
                 words = m.engine.encode_ids(ids[idx, :width], lengths[idx])  # (q, L, d)
                 queries.append({"captions": words, "lengths": lengths[idx]})
-            scores[idx], out_ids[idx] = self._score("images", self.images[0].ids, queries, len(idx), k, axis=0)
+            if self._two_stage("images"):
+                scores[idx], out_ids[idx] = self._two_stage_text(queries, k)
+            else:
+                scores[idx], out_ids[idx] = self._score("images", self.images[0].ids, queries, len(idx), k, axis=0)
         return scores, out_ids
 
     def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +209,12 @@ class Ensemble:
                 if m.engine.needs_image_gram:
                     query["image_gram"] = gram[sl]
                 queries.append(query)
-            q = min(self.query_batch, n - a)
-            scores[sl], out_ids[sl] = self._score("captions", self.captions[0].ids, queries, q, k, axis=1)
+            if self._two_stage("captions"):
+                pairs = [(images[sl], gram[sl]) for images, gram in encoded]
+                scores[sl], out_ids[sl] = self._two_stage_images(pairs, k)
+            else:
+                q = min(self.query_batch, n - a)
+                scores[sl], out_ids[sl] = self._score("captions", self.captions[0].ids, queries, q, k, axis=1)
         return scores, out_ids
 
     # ------------------------------------------------------------------ scoring
@@ -245,6 +270,66 @@ class Ensemble:
                 pending[i] = (stop, scores[:, stop - offset :]) if offset + scores.shape[1] > stop else None
             yield position, total
             position = stop
+
+    # ------------------------------------------------------------------ two-stage (runtime/candidates.py)
+
+    def _two_stage(self, kind: str) -> bool:
+        # With every item a candidate the exact path runs (identical results), as in Searcher.
+        return 0 < self.candidates < len((self.images if kind == "images" else self.captions)[0])
+
+    def _proposals(self, kind: str, vectors: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Per query, the storage positions (ascending) to score exactly: the union of every member's
+        ``candidates`` proposals (``candidate_source="union"``) or the first member's (``"first"``).
+        ``vectors``: per member, per query, the query's vectors in that member's embedding."""
+        sources = self.members if self.candidate_source == "union" else self.members[:1]
+        proposed = [
+            m.candidate_index(kind).search(v, m.engine.config, self.candidates, self.neighbors, self.nprobe)
+            for m, v in zip(sources, vectors)
+        ]
+        return [functools.reduce(np.union1d, [p[q] for p in proposed]) for q in range(len(proposed[0]))]
+
+    def _two_stage_text(self, queries: list[dict[str, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        from runtime.candidates import rescore_images
+
+        vectors = [[w[:n] for w, n in zip(q["captions"], q["lengths"])] for q in queries]
+        out = []
+        for i, positions in enumerate(self._proposals("images", vectors)):
+            total = ids = None
+            for w, m, q in zip(self.weights.astype(np.float32), self.members, queries):
+                n = int(q["lengths"][i])
+                s, ids = rescore_images(m.engine, m.images, positions, q["captions"][i : i + 1, :n], n, m.image_block)
+                total = w * s if total is None else total + w * s
+            out.append(self._top_of("images", total, ids, k))
+        return np.concatenate([t[0] for t in out]), np.concatenate([t[1] for t in out])
+
+    def _two_stage_images(self, pairs: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``pairs``: per member, the query images' (embeddings (q, R, d), Gram matrices (q, R, R))."""
+        from runtime.candidates import rescore_captions
+
+        out = []
+        for i, positions in enumerate(self._proposals("captions", [list(images) for images, _ in pairs])):
+            total = ids = None
+            for w, m, (images, gram) in zip(self.weights.astype(np.float32), self.members, pairs):
+                s, ids = rescore_captions(
+                    m.engine, m.captions, positions, images[i : i + 1], gram[i : i + 1], m.caption_block
+                )
+                total = w * s if total is None else total + w * s
+            out.append(self._top_of("captions", total, ids, k))
+        return np.concatenate([t[0] for t in out]), np.concatenate([t[1] for t in out])
+
+    def _top_of(self, kind: str, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(1, k) top-k of one query's rescored candidates, in the contract of the exact path."""
+        gallery = (self.images if kind == "images" else self.captions)[0]
+        order = np.argsort(ids, kind="stable")
+        top = RunningTopK(1, k, len(gallery))
+        try:
+            top.add_block(scores[order][None, :], ids[order])
+        except NonFiniteScore as e:
+            raise SearchError(
+                f"{gallery.label(e.item_id)} scored {e.value} in the ensemble: a member's cached arrays are "
+                f"corrupted; check the gallery with runtime/search.py --verify and rebuild it"
+            ) from e
+        return top.result()
 
 
 def describe(engine: ScanEngine, index: int | None = None) -> str:

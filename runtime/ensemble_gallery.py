@@ -334,8 +334,10 @@ def build_member_image_galleries(
     progress: bool = True,
     repeated: bool | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    index: str | None = None,
 ) -> list[ImageGallery]:
-    """Encode region features with every member into ``root`` (or append them), atomically across members."""
+    """Encode region features with every member into ``root`` (or append them), atomically across members.
+    ``index``: also build each member's candidate index (two-stage search), as ``build_image_gallery``."""
     engines = list(engines)
     if len({e.config.img_dim for e in engines}) > 1:
         raise GalleryError(
@@ -356,6 +358,7 @@ def build_member_image_galleries(
             progress=progress,
             repeated=repeated,
             lock_timeout=lock_timeout,
+            index=index,
         )
 
     return build_member_galleries(root, engines, "images", build, append, lock_timeout)
@@ -369,15 +372,24 @@ def build_member_caption_galleries(
     append: bool = True,
     progress: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    index: str | None = None,
 ) -> list[CaptionGallery]:
-    """Encode captions with every member into ``root`` (or append them), atomically across members."""
+    """Encode captions with every member into ``root`` (or append them), atomically across members.
+    ``index``: as for ``build_member_image_galleries``."""
     engines = list(engines)
     for e in engines:  # every member must accept every caption before any is encoded
         e.tokenizer.encode_batch(list(captions))
 
     def build(engine: ScanEngine, folder: Path, extend: bool) -> CaptionGallery:
         return build_caption_gallery(
-            engine, captions, folder, dtype=dtype, append=extend, progress=progress, lock_timeout=lock_timeout
+            engine,
+            captions,
+            folder,
+            dtype=dtype,
+            append=extend,
+            progress=progress,
+            lock_timeout=lock_timeout,
+            index=index,
         )
 
     return build_member_galleries(root, engines, "captions", build, append, lock_timeout)

@@ -37,7 +37,7 @@ from runtime.candidates import KINDS
 from runtime.captions import read_captions
 from runtime.cli import add_engine_arguments, run_cli
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble, check_weights
+from runtime.ensemble import CANDIDATE_SOURCES, Ensemble, check_weights
 from runtime.ensemble_gallery import (
     build_member_caption_galleries,
     build_member_image_galleries,
@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(auto: exact for small galleries, IVF for large); an existing index is extended anyway",
     )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector (two-stage search)")
+    p.add_argument(
+        "--candidate-source",
+        choices=CANDIDATE_SOURCES,
+        default="union",
+        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
     return p
@@ -133,8 +139,6 @@ def _run(args: argparse.Namespace) -> int:
         raise SearchError("--verify needs --gallery DIR")
     check_weights(args.weights, len(args.engine))  # before anything is opened or built
     if len(args.engine) > 1:
-        if args.candidates:
-            raise SearchError("--candidates (two-stage search) works with one --engine, not an ensemble")
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
@@ -257,6 +261,8 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             "--captions CAPTIONS.txt (image -> text)"
         )
     progress = not args.no_progress
+    index = args.index or ("auto" if args.candidates else None)
+    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
     with contextlib.ExitStack() as stack:
         engines = [
@@ -279,6 +285,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
                 append=not args.rebuild,
                 progress=progress,
                 lock_timeout=args.lock_timeout,
+                index=index,
             )
             print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
         if args.captions:
@@ -290,6 +297,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
                 append=not args.rebuild,
                 progress=progress,
                 lock_timeout=args.lock_timeout,
+                index=index,
             )
             print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
         verify = True if args.verify else None
@@ -302,7 +310,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
                 for q in queries:
                     for word in engine.tokenizer.unknown_words(q):
                         logging.getLogger(__name__).info("unknown word %r in %r (%s)", word, q, engine.manifest.path)
-            with Ensemble(engines, images=images, weights=args.weights) as ensemble:
+            with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(queries, args.k)
             for q, s, i in zip(queries, scores, ids):
                 results.append(
@@ -311,7 +319,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         if args.query_images:
             captions = captions or load_member_galleries(gallery, engines, "captions", verify=verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
-            with Ensemble(engines, captions=captions, weights=args.weights) as ensemble:
+            with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(np.asarray(regions), args.k)
             for n, (s, i) in enumerate(zip(scores, ids)):
                 results.append(

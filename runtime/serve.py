@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments
-from runtime.ensemble import check_weights
+from runtime.ensemble import CANDIDATE_SOURCES, check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="with --shards: how long a batch waits for every shard before it fails with 503",
     )
+    p.add_argument(
+        "--candidate-source",
+        choices=CANDIDATE_SOURCES,
+        default="union",
+        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+    )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_engine_arguments(p)
@@ -143,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         check_weights(args.weights, len(args.engine))
         if args.candidates < 0:
             raise ValueError(f"--candidates must be >= 0 (0: exact search), received {args.candidates}")
-        if args.candidates and len(args.engine) > 1:
-            raise ValueError("--candidates: two-stage search serves one --engine; an ensemble is searched exactly")
         if args.shards is not None and args.shards < 1:
             raise ValueError(f"--shards must be a positive integer, received {args.shards}")
         if args.ray_address and args.shards is None:
@@ -194,6 +198,8 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
                 precision=args.precision,
                 device=args.device,
                 threads=args.threads,
+                candidates=args.candidates,
+                candidate_source=args.candidate_source,
             )
         return LocalExecutor.open(
             args.engine[0],

@@ -39,8 +39,12 @@ class EnsembleExecutor:
         engine_paths: Sequence[str | Path] | None = None,
         precision: str = "fp32",
         device: str = "cpu",
+        candidates: int = 0,
+        candidate_source: str = "union",
     ) -> None:
+        """``candidates`` / ``candidate_source``: two-stage search, as ``Ensemble``'s; 0 is exact."""
         self.engines = list(engines)
+        self.candidates, self.candidate_source = candidates, candidate_source
         self.weights = check_weights(weights, len(self.engines))
         self.engine_paths = [str(p) for p in engine_paths] if engine_paths is not None else None
         self.precision, self.device = precision, device
@@ -58,7 +62,14 @@ class EnsembleExecutor:
         self._write = threading.Lock()  # one append at a time in this process
 
     def _new(self, images, captions) -> Ensemble:
-        return Ensemble(self.engines, images=images, captions=captions, weights=self.weights)
+        return Ensemble(
+            self.engines,
+            images=images,
+            captions=captions,
+            weights=self.weights,
+            candidates=self.candidates,
+            candidate_source=self.candidate_source,
+        )
 
     @classmethod
     def open(
@@ -70,6 +81,8 @@ class EnsembleExecutor:
         precision: str = "fp32",
         device: str = "cpu",
         threads: int | None = None,
+        candidates: int = 0,
+        candidate_source: str = "union",
     ) -> EnsembleExecutor:
         with contextlib.ExitStack() as stack:
             scans = [
@@ -78,7 +91,16 @@ class EnsembleExecutor:
                 )
                 for p in engines
             ]
-            executor = cls(scans, gallery, weights=weights, engine_paths=engines, precision=precision, device=device)
+            executor = cls(
+                scans,
+                gallery,
+                weights=weights,
+                engine_paths=engines,
+                precision=precision,
+                device=device,
+                candidates=candidates,
+                candidate_source=candidate_source,
+            )
             stack.pop_all()  # the executor owns the engines now
             return executor
 
@@ -130,6 +152,7 @@ class EnsembleExecutor:
                 dtype=old[0].dtype.name if old is not None else "float32",
                 append=True,
                 progress=False,
+                index="auto" if self.candidates else None,  # the index follows the append, not the next search
             )
             with self._swap:
                 self._ensemble = self._new(galleries, self._ensemble.captions)
@@ -146,6 +169,7 @@ class EnsembleExecutor:
                 dtype=old[0].dtype.name if old is not None else "float32",
                 append=True,
                 progress=False,
+                index="auto" if self.candidates else None,
             )
             with self._swap:
                 self._ensemble = self._new(self._ensemble.images, galleries)
@@ -193,6 +217,8 @@ class EnsembleExecutor:
             "device": self.device,
             "gallery": str(self.folder),
             "galleries": galleries,
+            "candidates": self.candidates,
+            "candidate_source": self.candidate_source,
         }
 
     def close(self) -> None:
