@@ -50,7 +50,7 @@ class PlanBuildError(PlanError):
 
 
 # Defaults chosen to cover what the runtime sends by default: text is encoded 256 captions at a
-# time (runtime/gallery.py), queries are scored 32 at a time, images 128 at a time and gallery
+# time (runtime/gallery/), queries are scored 32 at a time, images 128 at a time and gallery
 # blocks are 512 images (runtime/searcher.py). Activation memory grows with N*Q*R*L at the maximum.
 DEFAULT_MAX_BATCH = 256
 DEFAULT_BLOCK = 512

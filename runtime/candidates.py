@@ -475,7 +475,7 @@ def ensure_index(
         if encoder_id is not None and gallery.manifest.get(_encoder_key(gallery)[1]) != encoder_id:
             raise  # the gallery itself belongs to another model: rebuilding the index would not help
         logger.warning("%s; rebuilding the candidate index", e)
-    from runtime.gallery import writer_lock
+    from runtime.gallery.store import writer_lock
 
     with writer_lock(gallery.folder):  # the index is part of the cache: one writer at a time
         try:

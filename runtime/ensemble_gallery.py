@@ -1,6 +1,6 @@
 """One gallery folder for an ensemble: every member's cache, built and extended together, atomically.
 
-A cache is bound to the encoder that made it, so each member keeps its own (``runtime/gallery.py``),
+A cache is bound to the encoder that made it, so each member keeps its own (``runtime/gallery/``),
 found by its encoder id. The folder a single model uses (``images/``, ``captions/``) is left as it is;
 an ensemble adds::
 
@@ -38,12 +38,12 @@ from runtime.gallery import (
     CaptionGallery,
     GalleryError,
     ImageGallery,
-    _mapped,
     build_caption_gallery,
     build_image_gallery,
     verify_gallery,
     writer_lock,
 )
+from runtime.gallery.store import mapped
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def build_member_galleries(
 
 def _remove_superseded(root: Path, index: dict[str, Any]) -> None:
     """Remove member folders no longer listed (older generations, interrupted writers), except those a
-    gallery of this process still maps (runtime/gallery.py keeps such files too): a later commit removes
+    gallery of this process still maps (runtime/gallery/store.py keeps such files too): a later commit removes
     them. A load in another process racing this retries on the new generation."""
     for kind in KINDS:
         keep = {m["folder"] for m in (index.get(kind) or {}).get("members", {}).values()}
@@ -318,7 +318,7 @@ def _remove_superseded(root: Path, index: dict[str, Any]) -> None:
         for p in parent.iterdir():
             if not (p.is_dir() and _MEMBER_FOLDER.match(p.name)) or f"{kind}/{p.name}" in keep:
                 continue
-            if any(_mapped(f) for f in p.iterdir()):
+            if any(mapped(f) for f in p.iterdir()):
                 logger.debug("%s: superseded, kept while this process maps it", p)
                 continue
             shutil.rmtree(p, ignore_errors=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import gallery as gallery_module
 from runtime.engine import ScanEngine
 from runtime.gallery import (
     CaptionGallery,
@@ -25,6 +24,7 @@ from runtime.gallery import (
     build_image_gallery,
     writer_lock,
 )
+from runtime.gallery import store as gallery_store
 from runtime.search import main as search_main
 from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.topk import RunningTopK
@@ -276,7 +276,7 @@ def test_verification_default_is_by_size_and_verify_always_checks(small_engines,
     err = capsys.readouterr().err
     assert "verified" in err and "6 images" in err and "4 captions" in err
     path = _poke(gal / "images", "image_gram", lambda a: a.__setitem__((2, 1, 1), 7.0))
-    monkeypatch.setattr(gallery_module, "VERIFY_ON_OPEN_BYTES", 0)  # as if the cache were large
+    monkeypatch.setattr(gallery_store, "VERIFY_ON_OPEN_BYTES", 0)  # as if the cache were large
     assert len(ImageGallery.load(gal / "images")) == 6  # not verified by default
     assert search_main([*args, "a dog ."]) == 0
     capsys.readouterr()

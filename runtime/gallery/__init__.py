@@ -1,0 +1,88 @@
+"""Gallery caches: encoded images (text -> image search) and encoded captions (image -> text search).
+
+A cache is a folder with ``gallery.json`` and ``.npy`` arrays, loaded memory-mapped:
+
+* images:   ``images`` (N, R, d), ``image_gram`` (N, R, R) (the per-image term of the exact head),
+            ``ids`` (N,) int64, optional ``names.json``;
+* captions: ``words`` (W, d) ragged (all captions' words concatenated), ``offsets`` (M+1,),
+            ``lengths`` (M,), ``ids`` (M,), ``texts.json``. Captions are stored sorted by length, so
+            every run of equal-length captions is a (B, L, d) view of ``words`` with no padding and no copy.
+
+``gallery.json`` binds the cache to the encoder that made it (``image_encoder_id`` /
+``text_encoder_id`` from the export manifest) and records each array's shape, dtype and xxh3-64
+checksum of its file.
+
+Concurrency. Files carry a generation number and ``gallery.json`` is replaced last, so an interrupted
+build or append leaves the previous cache intact and a reader sees one whole generation. Writers (in
+this process or others) take an exclusive ``fcntl.flock`` on ``.lock`` from reading the current
+generation to the commit; a second writer waits up to ``lock_timeout`` seconds. A reader keeps the
+generation it opened while later ones commit: a commit removes an older generation's files only once no
+gallery in this process still maps them (readers in other processes keep their memory maps of unlinked
+files; a load that races a commit retries on the new generation). Temporary files of a killed writer
+are removed by the next writer.
+
+Integrity. Each array's checksum is verified on open when the cache is small enough for it to cost little
+(``VERIFY_ON_OPEN_BYTES``), always with ``verify=True`` (``runtime/search.py --verify``).
+
+Layout: ``store.py`` holds the on-disk mechanics (lock, generations, commit, checksums), ``images.py`` and
+``captions.py`` the two kinds of gallery; this module is their public face.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from runtime.gallery.captions import CaptionGallery, build_caption_gallery, write_caption_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery, write_image_gallery
+from runtime.gallery.store import (
+    CHECKSUM,
+    DEFAULT_LOCK_TIMEOUT,
+    DTYPES,
+    FORMAT,
+    LOCK,
+    MANIFEST,
+    VERIFY_ON_OPEN_BYTES,
+    GalleryError,
+    checksum_file,
+    writer_lock,
+)
+
+__all__ = [
+    "CHECKSUM",
+    "DEFAULT_LOCK_TIMEOUT",
+    "DTYPES",
+    "FORMAT",
+    "LOCK",
+    "MANIFEST",
+    "VERIFY_ON_OPEN_BYTES",
+    "CaptionGallery",
+    "GalleryError",
+    "ImageGallery",
+    "build_caption_gallery",
+    "build_image_gallery",
+    "checksum_file",
+    "verify_gallery",
+    "write_caption_gallery",
+    "write_image_gallery",
+    "writer_lock",
+]
+
+
+def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:
+    """Open the cache in ``folder`` with every check: checksums, finite values, ids, consistency."""
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        kind = data.get("kind") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        kind = None
+    gallery = (CaptionGallery if kind == "captions" else ImageGallery).load(folder, verify=True)
+    ids = np.asarray(gallery.ids)
+    if len(ids) and np.bincount(ids, minlength=len(ids)).max() > 1:
+        raise GalleryError(
+            f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
+        )
+    return gallery

@@ -1,0 +1,288 @@
+"""Image galleries (text -> image search): the cache of encoded images, its builder from region features and
+its writer from encoded arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.features import FeatureError, check_layout, load_regions
+from runtime.gallery import store
+from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, DTYPES, GalleryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageGallery:
+    folder: Path
+    images: np.ndarray  # (N, R, d)
+    image_gram: np.ndarray  # (N, R, R)
+    ids: np.ndarray  # (N,) int64
+    names: list[str] | None
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images.dtype
+
+    def label(self, item: int) -> str:
+        """How errors name gallery item ``item``."""
+        name = f" ({self.names[item]!r})" if self.names and 0 <= item < len(self.names) else ""
+        return f"image {item}{name} of the gallery {self.folder}"
+
+    def nbytes_per_item(self) -> float:
+        return (self.images[:1].nbytes + self.image_gram[:1].nbytes + 8) if len(self) else 0.0
+
+    def blocks(self, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(offset, images view, gram view) for consecutive blocks: slices of the memory map, no copies."""
+        for start in range(0, len(self), block):
+            yield start, self.images[start : start + block], self.image_gram[start : start + block]
+
+    def close(self) -> None:
+        """Drop this gallery's memory maps; files of a superseded generation go once nothing maps them."""
+        store.close_maps(self, ("images", "image_gram", "ids"))
+
+    def __enter__(self) -> ImageGallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def load(cls, folder: str | Path, image_encoder_id: str | None = None, verify: bool | None = None) -> ImageGallery:
+        """Open the cache in ``folder`` memory-mapped. ``verify``: check every array's checksum (and that all
+        values are finite); None checks checksums only when the arrays total at most ``VERIFY_ON_OPEN_BYTES``."""
+        folder = Path(folder)
+
+        def load(data: dict[str, Any]) -> ImageGallery:
+            if image_encoder_id is not None:
+                store.check_binding(data, "image_encoder_id", image_encoder_id, folder)
+            arrays = store.open_arrays(folder, data, ("images", "image_gram", "ids"), verify)
+            if verify:
+                store.check_finite(folder, data, arrays)
+            names = None
+            if data.get("names_file"):
+                names = store.read_side_file(folder, data["names_file"], "names")
+                if len(names) != len(arrays["ids"]):
+                    raise GalleryError(f"{folder}: {len(names)} names for {len(arrays['ids'])} images")
+            return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data)
+
+        return store.load_consistent(folder, "images", load)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        images: np.ndarray,
+        image_gram: np.ndarray,
+        names: Sequence[str] | None = None,
+        folder: str | Path = "<memory>",
+    ) -> ImageGallery:
+        """An in-memory gallery of encoded images (nothing is written): ``images`` (N, R, d), ``image_gram``
+        (N, R, R) of the same dtype; ids are 0..N-1. For galleries that come from elsewhere than an engine
+        (benchmarks' synthetic ones) and are too large to write."""
+        if images.ndim != 3 or image_gram.shape != (images.shape[0], images.shape[1], images.shape[1]):
+            raise GalleryError(
+                f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} and {image_gram.shape}"
+            )
+        if images.dtype.name not in DTYPES or image_gram.dtype != images.dtype:
+            raise GalleryError(
+                f"expected images and image_gram of one dtype in {DTYPES}, received "
+                f"{images.dtype.name} and {image_gram.dtype.name}"
+            )
+        n, r, d = images.shape
+        if names is not None and len(names) != n:
+            raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
+        manifest = {
+            "format": store.FORMAT,
+            "kind": "images",
+            "count": n,
+            "dtype": images.dtype.name,
+            "regions": r,
+            "embed_size": d,
+            "arrays": {},
+        }
+        return cls(
+            Path(folder),
+            images,
+            image_gram,
+            np.arange(n, dtype=np.int64),
+            None if names is None else list(names),
+            manifest,
+        )
+
+
+def build_image_gallery(
+    engine,
+    regions: np.ndarray | str | Path,
+    folder: str | Path,
+    names: Sequence[str] | None = None,
+    dtype: str = "float32",
+    batch: int = 128,
+    append: bool = False,
+    progress: bool = True,
+    repeated: bool | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    index: str | None = None,
+) -> ImageGallery:
+    """Encode region features into ``folder`` (or append to the gallery there), atomically.
+
+    ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
+    that repeats every image 5 times (keep every 5th row); None leaves the rows as they are.
+    Concurrent writers to one folder take turns (see the module doc); ``lock_timeout`` bounds the wait.
+    ``index``: also build the candidate index of two-stage search (runtime/candidates.py) of this kind
+    ("auto", "flat", ...); an index already in the folder is extended on append in any case.
+    """
+    folder = Path(folder)
+    if dtype not in DTYPES:
+        raise GalleryError(f"dtype must be one of {DTYPES}, received {dtype!r}")
+    cfg = engine.config
+    source = str(regions) if isinstance(regions, (str, Path)) else "regions"
+    if isinstance(regions, (str, Path)):
+        regions = load_regions(regions, cfg.img_dim)
+    else:
+        regions = check_layout(regions, cfg.img_dim)
+    if repeated:
+        regions = regions[::5]
+    n_new = int(regions.shape[0])
+    if n_new == 0:
+        raise GalleryError(
+            f"{source}: expected at least one image, received none; the gallery {folder} is left as it was"
+        )
+    if names is not None and len(names) != n_new:
+        raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
+    with store.writer_lock(folder, lock_timeout):
+        old: ImageGallery | None = None
+        if append and (folder / store.MANIFEST).is_file():
+            old = ImageGallery.load(folder, engine.manifest.image_encoder_id)
+            if old.dtype.name != dtype:
+                raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
+            if old.images.shape[1] != regions.shape[1]:
+                raise GalleryError(
+                    f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
+                    f"the new features have {regions.shape[1]}"
+                )
+            if (old.names is None) != (names is None):
+                raise GalleryError(
+                    f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
+                    f"append {'with' if old.names else 'without'} --names"
+                )
+        n_old = len(old) if old else 0
+        n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
+        generation = store.current_generation(folder) + 1
+        files = {"images": (n, r, d), "image_gram": (n, r, r)}
+        tmp_paths: dict[str, Path] = {}
+        try:  # the temporaries are made inside, so that an interruption at any point removes them
+            for name in files:
+                tmp_paths[name] = store.temporary(folder, name, generation)
+            out = {
+                name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
+                for name, shape in files.items()
+            }
+            if old is not None:
+                for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
+                    stop = min(start + 4096, n_old)
+                    out["images"][start:stop] = old.images[start:stop]
+                    out["image_gram"][start:stop] = old.image_gram[start:stop]
+            with store.progress_bar(n_new, "encoding images", progress) as bar:
+                for start in range(0, n_new, batch):
+                    chunk = np.asarray(regions[start : start + batch])
+                    try:
+                        emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
+                    except FeatureError as e:
+                        raise GalleryError(f"cannot build the gallery: {e}") from e
+                    out["images"][n_old + start : n_old + start + len(chunk)] = emb
+                    out["image_gram"][n_old + start : n_old + start + len(chunk)] = gram
+                    bar.update(len(chunk))
+            for arr in out.values():
+                arr.flush()
+            out = {}  # unmap before the files move
+            entries = {
+                name: store.finish_array(folder, tmp_paths[name], name, generation, files[name], dtype)
+                for name in files
+            }
+            ids = np.concatenate(
+                [np.asarray(old.ids) if old else np.zeros(0, np.int64), np.arange(n_old, n, dtype=np.int64)]
+            )
+            entries.update(store.save_arrays(folder, generation, {"ids": ids}))
+        finally:
+            out = {}
+            for p in tmp_paths.values():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        all_names = (list(old.names) if old and old.names else []) + list(names) if names is not None else None
+        extra = {f"names.{generation}.json": all_names} if all_names is not None else {}
+        manifest = {
+            "format": store.FORMAT,
+            "kind": "images",
+            "generation": generation,
+            "count": n,
+            "image_encoder_id": engine.manifest.image_encoder_id,
+            "config": cfg.to_dict(),
+            "model": engine.manifest.name,
+            "dtype": dtype,
+            "regions": r,
+            "embed_size": d,
+            "arrays": entries,
+            "names_file": next(iter(extra), None),
+        }
+        store.commit(folder, manifest, extra)
+        old = None  # this writer's own map of the previous generation must not keep its files
+        store.sweep(folder)
+        logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
+        return store.with_index(ImageGallery.load(folder), index, n_old, progress)
+
+
+# Bound to the encoder of the gallery the arrays came from (shard split and merge): no engine runs.
+_IMAGE_BINDING = ("image_encoder_id", "config", "model", "dtype", "regions", "embed_size")
+
+
+def write_image_gallery(
+    folder: str | Path,
+    images: Sequence[np.ndarray],
+    image_gram: Sequence[np.ndarray],
+    names: Sequence[str] | None,
+    like: dict[str, Any],
+) -> ImageGallery:
+    """Commit encoded images (the concatenation of the ``images``/``image_gram`` pieces, ids 0..N-1) as a
+    new gallery at ``folder``, bound to the encoder recorded in ``like`` (a source gallery's manifest)."""
+    folder = Path(folder)
+    n = sum(len(p) for p in images)
+    if n != sum(len(p) for p in image_gram) or n == 0:
+        raise GalleryError(
+            f"{folder}: expected as many Gram matrices as images (at least one), received "
+            f"{sum(len(p) for p in image_gram)} for {n} images"
+        )
+    if names is not None and len(names) != n:
+        raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
+    dtype, (r, d) = like["dtype"], images[0].shape[1:]
+    with store.writer_lock(folder):
+        generation = store.require_new(folder)
+        entries = {
+            "images": store.save_rows(folder, generation, "images", (n, r, d), dtype, store.row_chunks(images)),
+            "image_gram": store.save_rows(
+                folder, generation, "image_gram", (n, r, r), dtype, store.row_chunks(image_gram)
+            ),
+        }
+        entries.update(store.save_arrays(folder, generation, {"ids": np.arange(n, dtype=np.int64)}))
+        extra = {f"names.{generation}.json": list(names)} if names is not None else {}
+        manifest = {
+            "format": store.FORMAT,
+            "kind": "images",
+            "generation": generation,
+            "count": n,
+            **{key: like[key] for key in _IMAGE_BINDING},
+            "arrays": entries,
+            "names_file": next(iter(extra), None),
+        }
+        store.commit(folder, manifest, extra)
+    return ImageGallery.load(folder)
