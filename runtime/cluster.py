@@ -38,7 +38,7 @@ from runtime.engine import ScanEngine
 from runtime.features import check_regions
 from runtime.gallery import GalleryError, build_caption_gallery, build_image_gallery
 from runtime.manifest import resolve_manifest
-from runtime.searcher import Searcher, SearchError, _check_k
+from runtime.searcher import Searcher, SearcherContract, SearchError
 from runtime.shards import KINDS, check_contiguous, load_shard, read_layout
 from runtime.tokenizer import Tokenizer
 from runtime.topk import MISSING_ID, RunningTopK
@@ -230,7 +230,7 @@ def _actor_class():
     return _ACTOR
 
 
-class ShardedSearcher:
+class ShardedSearcher(SearcherContract):
     """Driver side: fans each batch out to every shard actor and merges the global top-k."""
 
     def __init__(
@@ -295,29 +295,16 @@ class ShardedSearcher:
 
     # ------------------------------------------------------------------ the searcher contract
 
-    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(queries, np.ndarray):
-            return self.search_images(queries, k)
-        if isinstance(queries, (str, bytes)):
-            queries = [queries]
-        return self.search_text(list(queries), k)
-
     def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
         """(scores, ids) as ``Searcher.search_text``; with ``labels``, also the hits' image names (n, k)."""
-        k = _check_k(k)
-        if sum(self._sizes["images"]) == 0:
-            raise SearchError("text -> image search needs an image gallery; this sharded gallery has no images")
-        if len(captions) == 0:
-            raise SearchError("queries: expected at least one caption, received none")
+        k = self._check_text_search(k, captions, sum(self._sizes["images"]) > 0, "this sharded gallery has no images")
         captions = list(captions)
         self.tokenizer.encode_batch(captions)  # validates every query, as Searcher does
         return self._fan_out("search_text", captions, k, "images", labels)
 
     def search_images(self, regions: np.ndarray, k: int, labels: bool = False) -> tuple:
         """(scores, ids) as ``Searcher.search_images``; with ``labels``, also the hits' caption texts (n, k)."""
-        k = _check_k(k)
-        if sum(self._sizes["captions"]) == 0:
-            raise SearchError("image -> text search needs a caption gallery; this sharded gallery has no captions")
+        k = self._check_image_search(k, sum(self._sizes["captions"]) > 0, "this sharded gallery has no captions")
         regions = check_regions(regions, self.config.img_dim, "query regions")
         return self._fan_out("search_images", regions, k, "captions", labels)
 
@@ -435,9 +422,3 @@ class ShardedSearcher:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-
-    def __enter__(self) -> ShardedSearcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -31,8 +31,8 @@ from runtime.searcher import (
     DEFAULT_IMAGE_BLOCK,
     DEFAULT_QUERY_BATCH,
     Searcher,
+    SearcherContract,
     SearchError,
-    _check_k,
 )
 from runtime.topk import NonFiniteScore, RunningTopK, block_topk
 
@@ -67,9 +67,12 @@ def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
 # Where a two-stage ensemble search takes its candidates: every member's index (the union of their
 # proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
 CANDIDATE_SOURCES = ("union", "first")
+# How the errors for a missing gallery say to build one.
+_BUILD_IMAGES = "build one with runtime/search.py --engine A --engine B --gallery DIR --images FEATS.npy"
+_BUILD_CAPTIONS = "build one with runtime/search.py --engine A --engine B --gallery DIR --captions CAPTIONS.txt"
 
 
-class Ensemble:
+class Ensemble(SearcherContract):
     """``search(queries, k)`` over several engines, scores the weighted mean of their similarities.
 
     ``engines``: the members (opened ``ScanEngine``s; the ensemble does not close them). ``images`` /
@@ -146,31 +149,10 @@ class Ensemble:
         for m in self.members:
             m.close()
 
-    def __enter__(self) -> Ensemble:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ public
 
-    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
-        if isinstance(queries, np.ndarray):
-            return self.search_images(queries, k)
-        if isinstance(queries, (str, bytes)):
-            queries = [queries]
-        return self.search_text(list(queries), k)
-
     def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        if self.images is None:
-            raise SearchError(
-                "text -> image search needs an image gallery; build one with runtime/search.py "
-                "--engine A --engine B --gallery DIR --images FEATS.npy"
-            )
-        if len(captions) == 0:
-            raise SearchError("queries: expected at least one caption, received none")
+        k = self._check_text_search(k, captions, self.images is not None, _BUILD_IMAGES)
         # Each member tokenises with its own vocabulary (all validate every query before any scoring).
         tokens = [m.engine.tokenizer.encode_batch(list(captions)) for m in self.members]
         scores = np.empty((len(captions), k), np.float32)
@@ -191,12 +173,7 @@ class Ensemble:
         return scores, out_ids
 
     def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        if self.captions is None:
-            raise SearchError(
-                "image -> text search needs a caption gallery; build one with runtime/search.py "
-                "--engine A --engine B --gallery DIR --captions CAPTIONS.txt"
-            )
+        k = self._check_image_search(k, self.captions is not None, _BUILD_CAPTIONS)
         encoded = [m.engine.encode_images(regions, name="query regions") for m in self.members]
         n = len(encoded[0][0])
         scores = np.empty((n, k), np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Self
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from runtime.gallery import CaptionGallery, ImageGallery
 from runtime.topk import NonFiniteScore, RunningTopK
 
 logger = logging.getLogger(__name__)
+
+# How the errors for a missing gallery say to build one.
+_BUILD_IMAGES = "build one with runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy"
+_BUILD_CAPTIONS = "build one with runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt"
 
 DEFAULT_IMAGE_BLOCK = 512
 DEFAULT_CAPTION_BLOCK = 2048
@@ -39,7 +44,53 @@ class SearchError(ValueError):
     """Bad search input (k, queries) or a missing gallery."""
 
 
-class Searcher:
+class SearcherContract:
+    """What every searcher (one engine, an ensemble, shards) shares: ``search`` picks the direction from the
+    queries' type, and a searcher is a context manager that calls its ``close``."""
+
+    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
+        if isinstance(queries, np.ndarray):
+            return self.search_images(queries, k)
+        if isinstance(queries, (str, bytes)):
+            queries = [queries]
+        return self.search_text(list(queries), k)
+
+    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _check_text_search(k: object, captions: Sequence[str], has_images: bool, remedy: str) -> int:
+        """``k`` checked; an image gallery and at least one caption required (``remedy``: how to get the gallery)."""
+        k = _check_k(k)
+        if not has_images:
+            raise SearchError(f"text -> image search needs an image gallery; {remedy}")
+        if len(captions) == 0:
+            raise SearchError("queries: expected at least one caption, received none")
+        return k
+
+    @staticmethod
+    def _check_image_search(k: object, has_captions: bool, remedy: str) -> int:
+        """``k`` checked; a caption gallery required (``remedy``: how to get it)."""
+        k = _check_k(k)
+        if not has_captions:
+            raise SearchError(f"image -> text search needs a caption gallery; {remedy}")
+        return k
+
+
+class Searcher(SearcherContract):
     def __init__(
         self,
         engine: ScanEngine,
@@ -110,31 +161,10 @@ class Searcher:
         for gallery in uploaded.values():
             gallery.close()
 
-    def __enter__(self) -> Searcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ public
 
-    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
-        if isinstance(queries, np.ndarray):
-            return self.search_images(queries, k)
-        if isinstance(queries, (str, bytes)):
-            queries = [queries]
-        return self.search_text(list(queries), k)
-
     def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        if self.images is None:
-            raise SearchError(
-                "text -> image search needs an image gallery; build one with "
-                "runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy"
-            )
-        if len(captions) == 0:
-            raise SearchError("queries: expected at least one caption, received none")
+        k = self._check_text_search(k, captions, self.images is not None, _BUILD_IMAGES)
         ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
         _warn_if_empty(self.images)
         scores = np.empty((len(captions), k), np.float32)
@@ -148,12 +178,7 @@ class Searcher:
         return scores, out_ids
 
     def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        if self.captions is None:
-            raise SearchError(
-                "image -> text search needs a caption gallery; build one with "
-                "runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt"
-            )
+        k = self._check_image_search(k, self.captions is not None, _BUILD_CAPTIONS)
         images, gram = self.engine.encode_images(regions, name="query regions")
         _warn_if_empty(self.captions)
         scores = np.empty((len(images), k), np.float32)
