@@ -142,7 +142,6 @@ def _run(args: argparse.Namespace) -> int:
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
-    index = args.index or ("auto" if args.candidates else None)
     two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
     with ScanEngine.open(
         args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
@@ -150,33 +149,13 @@ def _run(args: argparse.Namespace) -> int:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
-        progress = not args.no_progress
         images = captions = None
         if args.images:
-            names = _read_lines(args.names, "names") if args.names else None
-            images = build_image_gallery(
-                engine,
-                args.images,
-                gallery / "images",
-                names=names,
-                dtype=args.dtype,
-                append=not args.rebuild,
-                progress=progress,
-                lock_timeout=args.lock_timeout,
-                index=index,
-            )
+            images = build_image_gallery(engine, args.images, gallery / "images", names=_names(args), **_writing(args))
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
-            texts = read_captions(args.captions)
             captions = build_caption_gallery(
-                engine,
-                texts,
-                gallery / "captions",
-                dtype=args.dtype,
-                append=not args.rebuild,
-                progress=progress,
-                lock_timeout=args.lock_timeout,
-                index=index,
+                engine, read_captions(args.captions), gallery / "captions", **_writing(args)
             )
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
@@ -204,14 +183,9 @@ def _run(args: argparse.Namespace) -> int:
                 )
             if images is None:
                 raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
-            for q in queries:
-                for word in engine.tokenizer.unknown_words(q):
-                    logging.getLogger(__name__).info("unknown word %r in %r", word, q)
+            _log_unknown_words(engine, queries, "")
             scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
-            for q, s, i in zip(queries, scores, ids):
-                results.append(
-                    {"query": q, "results": [_item("name", images.names, j, v) for j, v in zip(i, s) if j >= 0]}
-                )
+            results += _results(queries, scores, ids, "name", images.names)
         if args.query_images:
             if captions is None and (gallery / "captions" / MANIFEST).is_file():
                 captions = CaptionGallery.load(
@@ -223,13 +197,7 @@ def _run(args: argparse.Namespace) -> int:
                 )
             regions = load_regions(args.query_images, engine.config.img_dim)
             scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
-            for n, (s, i) in enumerate(zip(scores, ids)):
-                results.append(
-                    {
-                        "query": f"{args.query_images}[{n}]",
-                        "results": [_item("text", captions.texts, j, v) for j, v in zip(i, s) if j >= 0],
-                    }
-                )
+            results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
     _print(results, args.json)
     return 0
 
@@ -260,8 +228,6 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
             "--captions CAPTIONS.txt (image -> text)"
         )
-    progress = not args.no_progress
-    index = args.index or ("auto" if args.candidates else None)
     two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
     with contextlib.ExitStack() as stack:
@@ -275,30 +241,10 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         ]
         images = captions = None
         if args.images:
-            names = _read_lines(args.names, "names") if args.names else None
-            images = build_member_image_galleries(
-                gallery,
-                engines,
-                args.images,
-                names=names,
-                dtype=args.dtype,
-                append=not args.rebuild,
-                progress=progress,
-                lock_timeout=args.lock_timeout,
-                index=index,
-            )
+            images = build_member_image_galleries(gallery, engines, args.images, names=_names(args), **_writing(args))
             print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
         if args.captions:
-            captions = build_member_caption_galleries(
-                gallery,
-                engines,
-                read_captions(args.captions),
-                dtype=args.dtype,
-                append=not args.rebuild,
-                progress=progress,
-                lock_timeout=args.lock_timeout,
-                index=index,
-            )
+            captions = build_member_caption_galleries(gallery, engines, read_captions(args.captions), **_writing(args))
             print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
         verify = True if args.verify else None
         if args.verify and not (queries or args.query_images):
@@ -307,30 +253,53 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         if queries:
             images = images or load_member_galleries(gallery, engines, "images", verify=verify)
             for engine in engines:
-                for q in queries:
-                    for word in engine.tokenizer.unknown_words(q):
-                        logging.getLogger(__name__).info("unknown word %r in %r (%s)", word, q, engine.manifest.path)
+                _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
             with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(queries, args.k)
-            for q, s, i in zip(queries, scores, ids):
-                results.append(
-                    {"query": q, "results": [_item("name", images[0].names, j, v) for j, v in zip(i, s) if j >= 0]}
-                )
+            results += _results(queries, scores, ids, "name", images[0].names)
         if args.query_images:
             captions = captions or load_member_galleries(gallery, engines, "captions", verify=verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
             with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(np.asarray(regions), args.k)
-            for n, (s, i) in enumerate(zip(scores, ids)):
-                results.append(
-                    {
-                        "query": f"{args.query_images}[{n}]",
-                        "results": [_item("text", captions[0].texts, j, v) for j, v in zip(i, s) if j >= 0],
-                    }
-                )
+            results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
     if queries or args.query_images:
         _print(results, args.json)
     return 0
+
+
+def _writing(args: argparse.Namespace) -> dict:
+    """How the CLI's options build or extend a gallery (the keyword arguments every gallery builder takes)."""
+    return {
+        "dtype": args.dtype,
+        "append": not args.rebuild,
+        "progress": not args.no_progress,
+        "lock_timeout": args.lock_timeout,
+        "index": args.index or ("auto" if args.candidates else None),
+    }
+
+
+def _names(args: argparse.Namespace) -> list[str] | None:
+    return _read_lines(args.names, "names") if args.names else None
+
+
+def _log_unknown_words(engine: ScanEngine, queries: list[str], where: str) -> None:
+    for q in queries:
+        for word in engine.tokenizer.unknown_words(q):
+            logging.getLogger(__name__).info("unknown word %r in %r%s", word, q, where)
+
+
+def _image_queries(args: argparse.Namespace, n: int) -> list[str]:
+    """How results name the query images: ``FILE[row]``."""
+    return [f"{args.query_images}[{row}]" for row in range(n)]
+
+
+def _results(queries: list[str], scores: np.ndarray, ids: np.ndarray, key: str, labels: list[str] | None) -> list:
+    """One result record per query: its hits (past the gallery's end left out), labelled by ``labels``."""
+    return [
+        {"query": q, "results": [_item(key, labels, j, v) for j, v in zip(i, s) if j >= 0]}
+        for q, s, i in zip(queries, scores, ids)
+    ]
 
 
 def _item(key: str, labels: list[str] | None, idx: int, score: float) -> dict:
