@@ -175,41 +175,25 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     from runtime.service.service import Service
 
     def open_executor():
+        engine = {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
         if args.shards is not None:
             from runtime.service.sharded import ShardedExecutor
             from runtime.shards import ensure_split
 
+            shards = ensure_split(args.gallery, args.shards)
             return ShardedExecutor.open(
-                args.engine[0],
-                ensure_split(args.gallery, args.shards),
-                backend=args.backend,
-                precision=args.precision,
-                device=args.device,
-                threads=args.threads,
-                ray_address=args.ray_address,
-                timeout_s=args.shard_timeout_s,
+                args.engine[0], shards, ray_address=args.ray_address, timeout_s=args.shard_timeout_s, **engine
             )
         if len(args.engine) > 1:
             return EnsembleExecutor.open(
                 args.engine,
                 args.gallery,
                 weights=args.weights,
-                backend=args.backend,
-                precision=args.precision,
-                device=args.device,
-                threads=args.threads,
                 candidates=args.candidates,
                 candidate_source=args.candidate_source,
+                **engine,
             )
-        return LocalExecutor.open(
-            args.engine[0],
-            args.gallery,
-            backend=args.backend,
-            precision=args.precision,
-            device=args.device,
-            threads=args.threads,
-            candidates=args.candidates,
-        )
+        return LocalExecutor.open(args.engine[0], args.gallery, candidates=args.candidates, **engine)
 
     started_ray = False
     if args.shards is not None:  # in the main thread: Ray's local processes die with the thread that starts them

@@ -30,7 +30,7 @@ from runtime.gallery import GalleryError
 from runtime.searcher import SearchError
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
-from runtime.service.executor import Hits
+from runtime.service.executor import Appended, Hits
 from runtime.service.requests import ApiError
 from runtime.service.service import NoGallery, NotReady, Service
 from runtime.tokenizer import TokenizerError
@@ -102,6 +102,21 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
     except Exception as e:  # an internal failure: this request fails, the server keeps serving
         logger.exception("%s failed: %s: %s", endpoint, type(e).__name__, e)
         return _error(500, f"internal error ({type(e).__name__}); the server logged the details")
+
+
+def _body(required: str, properties: dict[str, Any], npy: str | None = None) -> dict[str, Any]:
+    """The OpenAPI request body of an endpoint: a JSON object with ``properties`` (``required`` among them) and,
+    with ``npy`` (its description), a raw .npy body too."""
+    content: dict[str, Any] = {
+        "application/json": {"schema": {"type": "object", "required": [required], "properties": properties}}
+    }
+    if npy is not None:
+        content[rq.NPY] = {"schema": {"type": "string", "format": "binary", "description": npy}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _appended_json(out: Appended) -> dict[str, Any]:
+    return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
 
 
 def _hits_json(hits: Hits) -> dict[str, Any]:
@@ -213,85 +228,25 @@ def create_app(service: Service) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    search_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["queries"],
-                        "properties": {
-                            "queries": {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_queries},
-                            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K},
-                        },
-                    }
-                }
-            },
-        }
-    }
-    image_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["queries"],
-                        "properties": {
-                            "queries": {"type": "array", "description": "region features (n, regions, img_dim)"},
-                            "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K},
-                        },
-                    }
-                },
-                rq.NPY: {
-                    "schema": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": ".npy float array (n, regions, img_dim); k in the query string",
-                    }
-                },
-            },
-        }
-    }
-    append_images_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["features"],
-                        "properties": {
-                            "features": {"type": "array", "description": "region features (n, regions, img_dim)"},
-                            "names": {"type": "array", "items": {"type": "string"}},
-                        },
-                    }
-                },
-                rq.NPY: {
-                    "schema": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": ".npy features; names as a JSON array in the query string",
-                    }
-                },
-            },
-        }
-    }
-    append_captions_body = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["captions"],
-                        "properties": {"captions": {"type": "array", "items": {"type": "string"}}},
-                    }
-                }
-            },
-        }
-    }
+    k_schema = {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K}
+    search_body = _body(
+        "queries",
+        {"queries": {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_queries}, "k": k_schema},
+    )
+    image_body = _body(
+        "queries",
+        {"queries": {"type": "array", "description": "region features (n, regions, img_dim)"}, "k": k_schema},
+        npy=".npy float array (n, regions, img_dim); k in the query string",
+    )
+    append_images_body = _body(
+        "features",
+        {
+            "features": {"type": "array", "description": "region features (n, regions, img_dim)"},
+            "names": {"type": "array", "items": {"type": "string"}},
+        },
+        npy=".npy features; names as a JSON array in the query string",
+    )
+    append_captions_body = _body("captions", {"captions": {"type": "array", "items": {"type": "string"}}})
 
     @app.post("/v1/search/text", openapi_extra=search_body, summary="Text queries -> top-k images")
     async def search_text(request: Request) -> Response:
@@ -322,7 +277,7 @@ def create_app(service: Service) -> FastAPI:
                 await request.body(), request.headers.get("content-type"), request.query_params, limits
             )
             out = await run_in_threadpool(service.append_images, regions, names)
-            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
+            return _appended_json(out)
 
         return await _guard("/v1/gallery/images", run)
 
@@ -334,7 +289,7 @@ def create_app(service: Service) -> FastAPI:
             captions = rq.parse_append_captions(await request.body(), request.headers.get("content-type"), limits)
             service.require_ready().check_text(captions, field="captions")
             out = await run_in_threadpool(service.append_captions, captions)
-            return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
+            return _appended_json(out)
 
         return await _guard("/v1/gallery/captions", run)
 

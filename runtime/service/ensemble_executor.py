@@ -23,14 +23,17 @@ from runtime.ensemble_gallery import (
     load_member_galleries,
     read_index,
 )
-from runtime.features import check_regions
 from runtime.gallery import MANIFEST, GalleryError
-from runtime.searcher import SearchError
-from runtime.service.executor import KINDS, Appended, Hits, _labels
-from runtime.tokenizer import TokenizerError
+from runtime.service.executor import (
+    Appended,
+    SwappingExecutor,
+    append_options,
+    appended,
+    check_append_names,
+)
 
 
-class EnsembleExecutor:
+class EnsembleExecutor(SwappingExecutor):
     def __init__(
         self,
         engines: Sequence[ScanEngine],
@@ -57,7 +60,7 @@ class EnsembleExecutor:
             # A single model's gallery there is refused by load_member_galleries, naming the missing members.
             if (index or {}).get(kind) is not None or (self.folder / kind / MANIFEST).is_file():
                 loaded[kind] = load_member_galleries(self.folder, self.engines, kind)
-        self._ensemble = self._new(loaded.get("images"), loaded.get("captions"))
+        self._searcher = self._new(loaded.get("images"), loaded.get("captions"))
         self._swap = threading.Lock()  # guards the ensemble reference
         self._write = threading.Lock()  # one append at a time in this process
 
@@ -104,77 +107,28 @@ class EnsembleExecutor:
             stack.pop_all()  # the executor owns the engines now
             return executor
 
-    def _current(self) -> Ensemble:
-        with self._swap:
-            return self._ensemble
-
-    # ------------------------------------------------------------------ validation
-
-    def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
-        try:
-            for engine in self.engines:  # every member must take every caption
-                engine.tokenizer.encode_batch(list(queries))
-        except TokenizerError as e:  # the tokenizer says captions[i]; the client sent field[i]
-            raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
-
-    def check_regions(self, regions: np.ndarray) -> np.ndarray:
-        return check_regions(regions, self.engines[0].config.img_dim, name="queries")  # members agree on img_dim
-
-    # ------------------------------------------------------------------ search
-
-    def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
-        ensemble = self._current()  # one gallery generation for the whole batch
-        if kind == "text":
-            scores, ids = ensemble.search_text(list(queries), k)
-            labels = ensemble.images[0].names if ensemble.images is not None else None
-        elif kind == "images":
-            scores, ids = ensemble.search_images(np.asarray(queries), k)
-            labels = ensemble.captions[0].texts if ensemble.captions is not None else None
-        else:
-            raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
-        return Hits(scores, ids, _labels(ids, labels))
-
     # ------------------------------------------------------------------ appends
 
     def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
         with self._write:
             old = self._current().images
-            if old is not None and (old[0].names is None) != (names is None):
-                raise GalleryError(
-                    f"names: the image gallery {'has' if old[0].names is not None else 'has no'} names; "
-                    f"append {'one name per image' if old[0].names is not None else 'without names'}"
-                )
+            check_append_names(old, names)
             galleries = build_member_image_galleries(
-                self.folder,
-                self.engines,
-                regions,
-                names=names,
-                dtype=old[0].dtype.name if old is not None else "float32",
-                append=True,
-                progress=False,
-                index="auto" if self.candidates else None,  # the index follows the append, not the next search
+                self.folder, self.engines, regions, names=names, **append_options(old, self.candidates)
             )
             with self._swap:
-                self._ensemble = self._new(galleries, self._ensemble.captions)
-            n_old = len(old[0]) if old is not None else 0
-            return Appended(added=len(galleries[0]) - n_old, first_id=n_old, count=len(galleries[0]))
+                self._searcher = self._new(galleries, self._searcher.captions)
+            return appended(old, galleries)
 
     def append_captions(self, captions: list[str]) -> Appended:
         with self._write:
             old = self._current().captions
             galleries = build_member_caption_galleries(
-                self.folder,
-                self.engines,
-                captions,
-                dtype=old[0].dtype.name if old is not None else "float32",
-                append=True,
-                progress=False,
-                index="auto" if self.candidates else None,
+                self.folder, self.engines, captions, **append_options(old, self.candidates)
             )
             with self._swap:
-                self._ensemble = self._new(self._ensemble.images, galleries)
-            n_old = len(old[0]) if old is not None else 0
-            return Appended(added=len(galleries[0]) - n_old, first_id=n_old, count=len(galleries[0]))
+                self._searcher = self._new(self._searcher.images, galleries)
+            return appended(old, galleries)
 
     # ------------------------------------------------------------------ description
 

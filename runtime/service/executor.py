@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,7 +89,33 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-class LocalExecutor:
+class SwappingExecutor:
+    """What the in-process executors share: a searcher (a ``Searcher``, or an ``Ensemble`` of the members in
+    ``engines``) replaced whole by an append under ``_swap``; a search takes the current one."""
+
+    engines: list[ScanEngine]
+    _searcher: Any
+    _swap: threading.Lock
+
+    def _current(self) -> Any:
+        with self._swap:
+            return self._searcher
+
+    # ------------------------------------------------------------------ validation
+
+    def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
+        check_text_queries([engine.tokenizer for engine in self.engines], queries, field)  # every member, every caption
+
+    def check_regions(self, regions: np.ndarray) -> np.ndarray:
+        return check_regions(regions, self.engines[0].config.img_dim, name="queries")  # members agree on img_dim
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
+        return search_hits(self._current(), kind, queries, k)  # one gallery generation for the whole batch
+
+
+class LocalExecutor(SwappingExecutor):
     def __init__(
         self,
         engine: ScanEngine,
@@ -101,6 +127,7 @@ class LocalExecutor:
     ) -> None:
         """``candidates``: two-stage search (``Searcher(candidates=M)``, docs/two_stage.md); 0 is exact."""
         self.engine = engine
+        self.engines = [engine]
         self.candidates = candidates
         self.precision = precision
         self.folder = Path(gallery)
@@ -137,80 +164,32 @@ class LocalExecutor:
             scan.close()
             raise
 
-    def _current(self) -> Searcher:
-        with self._swap:
-            return self._searcher
-
-    # ------------------------------------------------------------------ validation
-
-    def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
-        try:
-            self.engine.tokenizer.encode_batch(list(queries))
-        except TokenizerError as e:  # the tokenizer says captions[i]; the client sent field[i]
-            raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
-
-    def check_regions(self, regions: np.ndarray) -> np.ndarray:
-        return check_regions(regions, self.engine.config.img_dim, name="queries")
-
-    # ------------------------------------------------------------------ search
-
-    def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
-        searcher = self._current()  # one gallery generation for the whole batch
-        if kind == "text":
-            scores, ids = searcher.search_text(list(queries), k)
-            labels = searcher.images.names if searcher.images is not None else None
-        elif kind == "images":
-            scores, ids = searcher.search_images(np.asarray(queries), k)
-            labels = searcher.captions.texts if searcher.captions is not None else None
-        else:
-            raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
-        return Hits(scores, ids, _labels(ids, labels))
-
     # ------------------------------------------------------------------ appends
 
     def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
         with self._write:
             old = self._current().images
-            if old is not None and (old.names is None) != (names is None):
-                raise GalleryError(
-                    f"names: the image gallery {'has' if old.names is not None else 'has no'} names; "
-                    f"append {'one name per image' if old.names is not None else 'without names'}"
-                )
+            check_append_names(old, names)
             gallery = build_image_gallery(
-                self.engine,
-                regions,
-                self.folder / "images",
-                names=names,
-                dtype=old.dtype.name if old is not None else "float32",
-                append=True,
-                progress=False,
-                index="auto" if self.candidates else None,  # the index follows the append, not the next search
+                self.engine, regions, self.folder / "images", names=names, **append_options(old, self.candidates)
             )
             with self._swap:
                 self._searcher = Searcher(
                     self.engine, images=gallery, captions=self._searcher.captions, candidates=self.candidates
                 )
-            n_old = len(old) if old is not None else 0
-            return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
+            return appended(old, gallery)
 
     def append_captions(self, captions: list[str]) -> Appended:
         with self._write:
             old = self._current().captions
             gallery = build_caption_gallery(
-                self.engine,
-                captions,
-                self.folder / "captions",
-                dtype=old.dtype.name if old is not None else "float32",
-                append=True,
-                progress=False,
-                index="auto" if self.candidates else None,  # the index follows the append, not the next search
+                self.engine, captions, self.folder / "captions", **append_options(old, self.candidates)
             )
             with self._swap:
                 self._searcher = Searcher(
                     self.engine, images=self._searcher.images, captions=gallery, candidates=self.candidates
                 )
-            n_old = len(old) if old is not None else 0
-            return Appended(added=len(gallery) - n_old, first_id=n_old, count=len(gallery))
+            return appended(old, gallery)
 
     # ------------------------------------------------------------------ description
 
@@ -249,6 +228,62 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- shared by executors
+# A gallery here is one cache (LocalExecutor) or the members' caches, all alike (EnsembleExecutor): the first
+# member's names, texts, dtype and size are the ensemble's.
+
+
+def _first(gallery: Any) -> Any:
+    return gallery[0] if isinstance(gallery, (list, tuple)) else gallery
+
+
+def check_text_queries(tokenizers: Sequence[Any], queries: Sequence[str], field: str) -> None:
+    """Every tokenizer (an ensemble's members each have one) takes every query; errors name the request's field."""
+    try:
+        for tokenizer in tokenizers:
+            tokenizer.encode_batch(list(queries))
+    except TokenizerError as e:  # the tokenizer says captions[i]; the client sent field[i]
+        raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
+
+
+def search_hits(searcher: Any, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
+    """``searcher``'s (a Searcher's or an Ensemble's) top-k in direction ``kind``, labelled by names or texts."""
+    if kind == "text":
+        scores, ids = searcher.search_text(list(queries), k)
+        labels = _first(searcher.images).names if searcher.images is not None else None
+    elif kind == "images":
+        scores, ids = searcher.search_images(np.asarray(queries), k)
+        labels = _first(searcher.captions).texts if searcher.captions is not None else None
+    else:
+        raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
+    return Hits(scores, ids, _labels(ids, labels))
+
+
+def check_append_names(old: Any, names: list[str] | None) -> None:
+    """Images appended to a gallery with names need names, and none to one without."""
+    has = old is not None and _first(old).names is not None
+    if old is not None and has != (names is not None):
+        raise GalleryError(
+            f"names: the image gallery {'has' if has else 'has no'} names; "
+            f"append {'one name per image' if has else 'without names'}"
+        )
+
+
+def append_options(old: Any, candidates: int) -> dict[str, Any]:
+    """The gallery builders' options for an append through the service."""
+    return {
+        "dtype": _first(old).dtype.name if old is not None else "float32",
+        "append": True,
+        "progress": False,
+        "index": "auto" if candidates else None,  # the index follows the append, not the next search
+    }
+
+
+def appended(old: Any, new: Any) -> Appended:
+    n_old = len(_first(old)) if old is not None else 0
+    return Appended(added=len(_first(new)) - n_old, first_id=n_old, count=len(_first(new)))
 
 
 def _labels(ids: np.ndarray, labels: list[str] | None) -> list[list[str | None]]:

@@ -16,8 +16,7 @@ import numpy as np
 from runtime.cluster import ShardedSearcher
 from runtime.features import check_regions
 from runtime.searcher import SearchError
-from runtime.service.executor import KINDS, Appended, Hits
-from runtime.tokenizer import TokenizerError
+from runtime.service.executor import KINDS, Appended, Hits, check_text_queries
 
 
 class ShardedExecutor:
@@ -66,10 +65,7 @@ class ShardedExecutor:
     # ------------------------------------------------------------------ validation
 
     def check_text(self, queries: Sequence[str], field: str = "queries") -> None:
-        try:
-            self.searcher.tokenizer.encode_batch(list(queries))
-        except TokenizerError as e:  # the tokenizer says captions[i]; the client sent field[i]
-            raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
+        check_text_queries([self.searcher.tokenizer], queries, field)
 
     def check_regions(self, regions: np.ndarray) -> np.ndarray:
         return check_regions(regions, self.searcher.config.img_dim, name="queries")
