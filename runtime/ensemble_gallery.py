@@ -32,18 +32,10 @@ from runtime import atomic
 from runtime.engine import ScanEngine
 from runtime.ensemble import check_agreement, describe
 from runtime.features import load_regions
-from runtime.gallery import (
-    DEFAULT_LOCK_TIMEOUT,
-    MANIFEST,
-    CaptionGallery,
-    GalleryError,
-    ImageGallery,
-    build_caption_gallery,
-    build_image_gallery,
-    verify_gallery,
-    writer_lock,
-)
-from runtime.gallery.store import mapped
+from runtime.gallery import verify_gallery
+from runtime.gallery.captions import CaptionGallery, build_caption_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, MANIFEST, GalleryError, mapped, read_format, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +61,7 @@ def read_index(root: Path) -> dict[str, Any] | None:
     path = root / ENSEMBLE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GalleryError(f"{path}: corrupted ensemble gallery index ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise GalleryError(
-            f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
-        )
+    data = read_format(path, FORMAT, "ensemble gallery index")
     for kind in KINDS:
         entry = data.get(kind)
         if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("members"), dict)):
@@ -347,19 +332,10 @@ def build_member_image_galleries(
     if isinstance(regions, (str, Path)):  # read (memory-mapped) once for all members
         regions = load_regions(regions, engines[0].config.img_dim)
 
+    options = {"dtype": dtype, "progress": progress, "lock_timeout": lock_timeout, "index": index}
+
     def build(engine: ScanEngine, folder: Path, extend: bool) -> ImageGallery:
-        return build_image_gallery(
-            engine,
-            regions,
-            folder,
-            names=names,
-            dtype=dtype,
-            append=extend,
-            progress=progress,
-            repeated=repeated,
-            lock_timeout=lock_timeout,
-            index=index,
-        )
+        return build_image_gallery(engine, regions, folder, names=names, repeated=repeated, append=extend, **options)
 
     return build_member_galleries(root, engines, "images", build, append, lock_timeout)
 
@@ -380,16 +356,9 @@ def build_member_caption_galleries(
     for e in engines:  # every member must accept every caption before any is encoded
         e.tokenizer.encode_batch(list(captions))
 
+    options = {"dtype": dtype, "progress": progress, "lock_timeout": lock_timeout, "index": index}
+
     def build(engine: ScanEngine, folder: Path, extend: bool) -> CaptionGallery:
-        return build_caption_gallery(
-            engine,
-            captions,
-            folder,
-            dtype=dtype,
-            append=extend,
-            progress=progress,
-            lock_timeout=lock_timeout,
-            index=index,
-        )
+        return build_caption_gallery(engine, captions, folder, append=extend, **options)
 
     return build_member_galleries(root, engines, "captions", build, append, lock_timeout)

@@ -31,14 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from runtime import atomic
-from runtime.gallery import (
-    MANIFEST,
-    CaptionGallery,
-    GalleryError,
-    ImageGallery,
-    write_caption_gallery,
-    write_image_gallery,
-)
+from runtime.gallery.captions import CaptionGallery, write_caption_gallery
+from runtime.gallery.images import ImageGallery, write_image_gallery
+from runtime.gallery.store import MANIFEST, GalleryError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CaptionGallery:
+class CaptionGallery(store.MappedGallery):
+    ARRAYS: ClassVar[tuple[str, ...]] = ("words", "offsets", "lengths", "ids")
+
     folder: Path
     words: np.ndarray  # (W, d): words of all captions, captions sorted by length
     offsets: np.ndarray  # (M+1,)
@@ -53,16 +55,6 @@ class CaptionGallery:
                 lo, hi = int(self.offsets[a]), int(self.offsets[b])
                 yield a, self.words[lo:hi].reshape(b - a, length, -1), self.lengths[a:b]
             start = stop
-
-    def close(self) -> None:
-        """Drop this gallery's memory maps; files of a superseded generation go once nothing maps them."""
-        store.close_maps(self, ("words", "offsets", "lengths", "ids"))
-
-    def __enter__(self) -> CaptionGallery:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @classmethod
     def load(cls, folder: str | Path, text_encoder_id: str | None = None, verify: bool | None = None) -> CaptionGallery:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ImageGallery:
+class ImageGallery(store.MappedGallery):
+    ARRAYS: ClassVar[tuple[str, ...]] = ("images", "image_gram", "ids")
+
     folder: Path
     images: np.ndarray  # (N, R, d)
     image_gram: np.ndarray  # (N, R, R)
@@ -47,16 +49,6 @@ class ImageGallery:
         """(offset, images view, gram view) for consecutive blocks: slices of the memory map, no copies."""
         for start in range(0, len(self), block):
             yield start, self.images[start : start + block], self.image_gram[start : start + block]
-
-    def close(self) -> None:
-        """Drop this gallery's memory maps; files of a superseded generation go once nothing maps them."""
-        store.close_maps(self, ("images", "image_gram", "ids"))
-
-    def __enter__(self) -> ImageGallery:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @classmethod
     def load(cls, folder: str | Path, image_encoder_id: str | None = None, verify: bool | None = None) -> ImageGallery:

@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
@@ -194,14 +194,7 @@ def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
             f"{folder}: no gallery here ({MANIFEST} missing); build one with "
             f"runtime/search.py --engine ENGINE --gallery {folder} --images FEATS.npy"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GalleryError(f"{path}: corrupted gallery manifest ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise GalleryError(
-            f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
-        )
+    data = read_format(path, FORMAT, "gallery manifest")
     if data.get("kind") != kind:
         raise GalleryError(f"{path}: this is a {data.get('kind')} gallery, expected a {kind} gallery")
     arrays = data.get("arrays")
@@ -213,6 +206,19 @@ def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
         for e in arrays.values()
     ):
         raise GalleryError(f"{path}: corrupted gallery manifest (arrays must map names to file, shape and dtype)")
+    return data
+
+
+def read_format(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what``: how errors name it), which must declare ``"format": fmt``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GalleryError(f"{path}: corrupted {what} ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise GalleryError(
+            f"{path}: expected format {fmt!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
+        )
     return data
 
 
@@ -392,12 +398,25 @@ def current_generation(folder: Path) -> int:
     return max(gens, default=0)
 
 
-def close_maps(gallery: Any, fields: Sequence[str]) -> None:
-    for f in fields:
-        setattr(gallery, f, np.zeros((0, *getattr(gallery, f).shape[1:]), getattr(gallery, f).dtype))
-    folder = Path(gallery.folder)
-    if (folder / MANIFEST).is_file():
-        sweep(folder)
+class MappedGallery:
+    """What image and caption galleries share: closing drops the memory maps of their ``ARRAYS``, and files
+    of a superseded generation go once nothing maps them. A context manager that closes."""
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+    folder: Path
+
+    def close(self) -> None:
+        for f in self.ARRAYS:
+            setattr(self, f, np.zeros((0, *getattr(self, f).shape[1:]), getattr(self, f).dtype))
+        folder = Path(self.folder)
+        if (folder / MANIFEST).is_file():
+            sweep(folder)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def with_index(gallery, kind: str | None, n_old: int, progress: bool):
