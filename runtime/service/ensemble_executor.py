@@ -29,7 +29,9 @@ from runtime.service.executor import (
     SwappingExecutor,
     append_options,
     appended,
+    by_kind,
     check_append_names,
+    describe_gallery,
 )
 
 
@@ -132,28 +134,10 @@ class EnsembleExecutor(SwappingExecutor):
 
     # ------------------------------------------------------------------ description
 
-    def sizes(self) -> dict[str, int | None]:
-        e = self._current()
-        return {
-            "images": len(e.images[0]) if e.images is not None else None,
-            "captions": len(e.captions[0]) if e.captions is not None else None,
-        }
-
     def describe(self) -> dict:
         e = self._current()
         index = read_index(self.folder) if self.folder.is_dir() else None
-        galleries = {}
-        for kind, g in (("images", e.images), ("captions", e.captions)):
-            galleries[kind] = (
-                None
-                if g is None
-                else {
-                    "count": len(g[0]),
-                    "dtype": g[0].dtype.name,
-                    "generation": (index or {}).get("generation"),
-                    **({"names": g[0].names is not None} if kind == "images" else {}),
-                }
-            )
+        galleries = {kind: describe_gallery(g, (index or {}).get("generation")) for kind, g in by_kind(e)}
         members = [
             {
                 "engine": None if self.engine_paths is None else self.engine_paths[i],

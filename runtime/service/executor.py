@@ -25,14 +25,9 @@ import numpy as np
 
 from runtime.engine import ScanEngine
 from runtime.features import check_regions
-from runtime.gallery import (
-    MANIFEST,
-    CaptionGallery,
-    GalleryError,
-    ImageGallery,
-    build_caption_gallery,
-    build_image_gallery,
-)
+from runtime.gallery.captions import CaptionGallery, build_caption_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.store import MANIFEST, GalleryError
 from runtime.searcher import Searcher, SearchError
 from runtime.tokenizer import TokenizerError
 
@@ -114,6 +109,9 @@ class SwappingExecutor:
     def search(self, kind: str, queries: Sequence[str] | np.ndarray, k: int) -> Hits:
         return search_hits(self._current(), kind, queries, k)  # one gallery generation for the whole batch
 
+    def sizes(self) -> dict[str, int | None]:
+        return {kind: len(_first(g)) if g is not None else None for kind, g in by_kind(self._current())}
+
 
 class LocalExecutor(SwappingExecutor):
     def __init__(
@@ -193,27 +191,11 @@ class LocalExecutor(SwappingExecutor):
 
     # ------------------------------------------------------------------ description
 
-    def sizes(self) -> dict[str, int | None]:
-        s = self._current()
-        return {
-            "images": len(s.images) if s.images is not None else None,
-            "captions": len(s.captions) if s.captions is not None else None,
-        }
-
     def describe(self) -> dict:
         s = self._current()
-        galleries = {}
-        for kind, g in (("images", s.images), ("captions", s.captions)):
-            galleries[kind] = (
-                None
-                if g is None
-                else {
-                    "count": len(g),
-                    "dtype": g.dtype.name,
-                    "generation": g.manifest.get("generation"),
-                    **({"names": g.names is not None} if kind == "images" else {}),
-                }
-            )
+        galleries = {
+            kind: describe_gallery(g, g.manifest.get("generation") if g is not None else None) for kind, g in by_kind(s)
+        }
         m = self.engine.manifest
         return {
             "engine": self.engine_path,
@@ -237,6 +219,21 @@ class LocalExecutor(SwappingExecutor):
 
 def _first(gallery: Any) -> Any:
     return gallery[0] if isinstance(gallery, (list, tuple)) else gallery
+
+
+def by_kind(searcher: Any) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    return (("images", searcher.images), ("captions", searcher.captions))
+
+
+def describe_gallery(gallery: Any, generation: int | None) -> dict[str, Any] | None:
+    """How ``describe()`` reports a gallery (None: there is none)."""
+    if gallery is None:
+        return None
+    g = _first(gallery)
+    out = {"count": len(g), "dtype": g.dtype.name, "generation": generation}
+    if isinstance(g, ImageGallery):
+        out["names"] = g.names is not None
+    return out
 
 
 def check_text_queries(tokenizers: Sequence[Any], queries: Sequence[str], field: str) -> None:

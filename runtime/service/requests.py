@@ -131,14 +131,15 @@ def parse_k(value: Any, limits: Limits, from_query: bool = False) -> int:
     return value
 
 
+def _wrong_type(field: str, expected: str, value: Any) -> ApiError:
+    return ApiError(
+        422, f"{field}: expected {expected}, received {_type_name(value)}", field=field, received=_type_name(value)
+    )
+
+
 def _captions(value: Any, field: str, limit: int, limits: Limits) -> list[str]:
     if not isinstance(value, list):
-        raise ApiError(
-            422,
-            f"{field}: expected an array of strings, received {_type_name(value)}",
-            field=field,
-            received=_type_name(value),
-        )
+        raise _wrong_type(field, "an array of strings", value)
     if not value:
         raise ApiError(422, f"{field}: expected at least one caption, received none", field=field, received=0)
     if len(value) > limit:
@@ -180,12 +181,7 @@ def parse_search_text(body: bytes, content_type: str | None, limits: Limits) -> 
 
 def _regions_from_lists(value: Any, field: str) -> np.ndarray:
     if not isinstance(value, list):
-        raise ApiError(
-            422,
-            f"{field}: expected nested arrays of numbers (n, regions, img_dim), received {_type_name(value)}",
-            field=field,
-            received=_type_name(value),
-        )
+        raise _wrong_type(field, "nested arrays of numbers (n, regions, img_dim)", value)
     try:
         arr = np.array(value)
     except (ValueError, TypeError) as e:
