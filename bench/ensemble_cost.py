@@ -26,7 +26,7 @@ from bench.plan import FULL
 from bench.synthetic import caption_texts
 from bench.timing import stats
 from runtime import atomic
-from runtime.cli import add_engine_arguments, run_cli
+from runtime.cli import add_engine_arguments, open_engines, run_cli
 from runtime.engine import ScanEngine
 from runtime.ensemble import Ensemble
 from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
@@ -58,17 +58,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: --{name} must be a positive integer, received {getattr(args, name)}", file=sys.stderr)
             return 2
     paths = args.engine or _default_models()
-    info = machine.describe()
-    print(f"machine: {machine.summary_line(info)}", file=sys.stderr)
-    engines = [
-        ScanEngine.open(p, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
-        for p in paths
-    ]
-    try:
+    info = machine.announce()
+    with open_engines(paths, args) as engines:
         rows, ratios = _measure(engines, args)
-    finally:
-        for e in engines:
-            e.close()
     result = {
         "engines": [str(p) for p in paths],
         "images": args.images,

@@ -25,7 +25,7 @@ import numpy as np
 from bench import machine
 from bench.scale import DEFAULT_CACHE, SceneFeatures, overlap_at
 from runtime import atomic
-from runtime.cli import add_engine_arguments, run_cli
+from runtime.cli import add_engine_arguments, open_engines, run_cli
 from runtime.engine import ScanEngine
 from runtime.ensemble import CANDIDATE_SOURCES, Ensemble
 from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
@@ -52,17 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     ms = [int(m) for m in args.candidates.split(",")]
-    info = machine.describe()
-    print(f"machine: {machine.summary_line(info)}", file=sys.stderr)
-    engines = [
-        ScanEngine.open(p, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
-        for p in args.engine
-    ]
-    try:
+    info = machine.announce()
+    with open_engines(args.engine, args) as engines:
         rows = _measure(engines, args, ms)
-    finally:
-        for e in engines:
-            e.close()
     result = {
         "engines": args.engine,
         "weights": args.weights,

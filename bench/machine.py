@@ -138,6 +138,13 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def announce() -> dict[str, Any]:
+    """``describe()``, after its summary line on stderr (benchmarks print it before measuring)."""
+    info = describe()
+    print(f"machine: {summary_line(info)}", file=sys.stderr)
+    return info
+
+
 def summary_line(m: dict[str, Any]) -> str:
     gpu = ", ".join(g["name"] for g in m.get("gpus") or []) or "none"
     return (

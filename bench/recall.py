@@ -22,23 +22,14 @@ from bench.evaluation import full_sims, load_split
 from bench.metrics import evaluate, evaluate_fold5, format_table
 from runtime import atomic
 from runtime.captions import DataError
-from runtime.cli import add_engine_arguments, run_cli
+from runtime.cli import add_engine_arguments, add_engines_arguments, add_gallery_dtype_argument, run_cli
 from runtime.engine import ScanEngine
 from runtime.ensemble import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recall.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--engine",
-        action="append",
-        required=True,
-        help="scan.json / scan.onnx / scan.plan; repeat for an ensemble (sims averaged)",
-    )
-    p.add_argument(
-        "--weights",
-        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
-    )
+    add_engines_arguments(p, "for an ensemble")
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
     p.add_argument("--split", default="test")
     p.add_argument(
@@ -51,11 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the float32 (n_images, n_captions) similarity matrix (.npy) to this file; its folder must exist",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument(
-        "--gallery-dtype",
-        choices=("float32", "float16"),
-        default="float32",
-        help="keep encoded images as a gallery cache of this dtype would (float16: half the memory)",
+    add_gallery_dtype_argument(
+        p, "--gallery-dtype", "keep encoded images as a gallery cache of this dtype would (float16: half the memory)"
     )
     add_engine_arguments(p)
     return p

@@ -45,6 +45,7 @@ from export.trt_build import (
 from runtime import atomic
 from runtime.backends.base import BackendError
 from runtime.backends.plan_check import PlanError
+from runtime.cli import timed_progress
 from runtime.manifest import (
     PLAN_KINDS,
     STRONGLY_TYPED,
@@ -394,10 +395,7 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+    progress = timed_progress()
 
     if not args.workspace_gb > 0:
         print(f"error: --workspace-gb must be positive, received {args.workspace_gb}", file=sys.stderr)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from export.checkpoint import MAX_CHECKPOINT_BYTES, CheckpointError, find_vocab, load_checkpoint, load_vocab
 from export.exporter import DEFAULT_MAX_WORDS, ParityError, export_all
+from runtime.cli import timed_progress
 from runtime.vocab import VocabularyError
 
 
@@ -48,11 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-
+    progress = timed_progress()
     try:
         progress(f"loading {args.checkpoint}")
         ckpt = load_checkpoint(

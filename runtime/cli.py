@@ -1,18 +1,23 @@
-"""What the serving CLIs (runtime/search.py, bench/recall.py) share: engine flags and error reporting."""
+"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py), progress lines
+(export/)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from runtime.backends import BACKENDS, BackendError
 from runtime.captions import DataError
+from runtime.engine import ScanEngine
 from runtime.features import FeatureError
-from runtime.gallery import GalleryError
+from runtime.gallery import DTYPES, GalleryError
 from runtime.manifest import ManifestError
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
@@ -54,6 +59,47 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def timed_progress() -> Callable[[str], None]:
+    """A progress printer: each line prefixed with the seconds since this call."""
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+    return progress
+
+
+def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
+    """``--engine`` (repeated ``repeat``: for an ensemble) and the ensemble's ``--weights``."""
+    p.add_argument(
+        "--engine",
+        action="append",
+        required=True,
+        help=f"scan.json, scan.onnx or scan.plan; repeat {repeat} (similarities averaged)",
+    )
+    p.add_argument(
+        "--weights",
+        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
+    )
+
+
+def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """The flag choosing how a gallery stores encoded items (float32 by default)."""
+    p.add_argument(flag, choices=DTYPES, default="float32", help=help)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The flags of ``add_engine_arguments`` as ``ScanEngine.open``'s keyword arguments."""
+    return {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+
+
+@contextlib.contextmanager
+def open_engines(paths: Sequence[str | Path], args: argparse.Namespace) -> Iterator[list[ScanEngine]]:
+    """The engines at ``paths`` opened with the CLI's engine flags; all closed on exit."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(ScanEngine.open(path, **engine_options(args))) for path in paths]
 
 
 class Terminated(BaseException):

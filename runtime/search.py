@@ -25,7 +25,6 @@ built and extended together (runtime/ensemble_gallery.py):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -35,7 +34,14 @@ import numpy as np
 
 from runtime.candidates import KINDS
 from runtime.captions import read_captions
-from runtime.cli import add_engine_arguments, run_cli
+from runtime.cli import (
+    add_engine_arguments,
+    add_engines_arguments,
+    add_gallery_dtype_argument,
+    engine_options,
+    open_engines,
+    run_cli,
+)
 from runtime.engine import ScanEngine
 from runtime.ensemble import CANDIDATE_SOURCES, Ensemble, check_weights
 from runtime.ensemble_gallery import (
@@ -45,17 +51,10 @@ from runtime.ensemble_gallery import (
     verify_member_galleries,
 )
 from runtime.features import load_regions
-from runtime.gallery import (
-    DEFAULT_LOCK_TIMEOUT,
-    MANIFEST,
-    VERIFY_ON_OPEN_BYTES,
-    CaptionGallery,
-    GalleryError,
-    ImageGallery,
-    build_caption_gallery,
-    build_image_gallery,
-    verify_gallery,
-)
+from runtime.gallery import verify_gallery
+from runtime.gallery.captions import CaptionGallery, build_caption_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError
 from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.tokenizer import TokenizerError
 
@@ -63,27 +62,13 @@ from runtime.tokenizer import TokenizerError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search.py", description="Top-k search with an exported SCAN model.")
     p.add_argument("queries", nargs="*", help="text queries (text -> image search)")
-    p.add_argument(
-        "--engine",
-        action="append",
-        required=True,
-        help="scan.json, scan.onnx or scan.plan; repeat for an ensemble (similarities averaged)",
-    )
-    p.add_argument(
-        "--weights",
-        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
-    )
+    add_engines_arguments(p, "for an ensemble")
     p.add_argument("--gallery", help="gallery folder (holds images/ and captions/ caches)")
     p.add_argument("--images", help="region features .npy (N, R, img_dim): build or extend the image gallery")
     p.add_argument("--names", help="text file, one name per image of --images")
     p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
     p.add_argument("--rebuild", action="store_true", help="replace the gallery instead of extending it")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "float16"),
-        default="float32",
-        help="gallery storage (float32 exact; float16 halves memory)",
-    )
+    add_gallery_dtype_argument(p, "--dtype", "gallery storage (float32 exact; float16 halves memory)")
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=5, help=f"results per query (default 5, at most {MAX_K})")
@@ -143,9 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     args.engine = args.engine[0]
     queries = _text_queries(args)
     two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
-    with ScanEngine.open(
-        args.engine, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
-    ) as engine:
+    with ScanEngine.open(args.engine, **engine_options(args)) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
@@ -230,15 +213,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         )
     two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
-    with contextlib.ExitStack() as stack:
-        engines = [
-            stack.enter_context(
-                ScanEngine.open(
-                    path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
-                )
-            )
-            for path in args.engine
-        ]
+    with open_engines(args.engine, args) as engines:
         images = captions = None
         if args.images:
             images = build_member_image_galleries(gallery, engines, args.images, names=_names(args), **_writing(args))

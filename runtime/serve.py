@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from runtime.cli import USER_ERRORS, add_engine_arguments
+from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options
 from runtime.ensemble import CANDIDATE_SOURCES, check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
@@ -37,16 +37,7 @@ B, L = Batching(), Limits()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
-    p.add_argument(
-        "--engine",
-        action="append",
-        required=True,
-        help="scan.json, scan.onnx or scan.plan; repeat to serve an ensemble (similarities averaged)",
-    )
-    p.add_argument(
-        "--weights",
-        help="an ensemble's weights, one per --engine, e.g. 0.7,0.3 (normalised to sum to 1; default equal)",
-    )
+    add_engines_arguments(p, "to serve an ensemble")
     p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
@@ -175,7 +166,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     from runtime.service.service import Service
 
     def open_executor():
-        engine = {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+        engine = engine_options(args)
         if args.shards is not None:
             from runtime.service.sharded import ShardedExecutor
             from runtime.shards import ensure_split

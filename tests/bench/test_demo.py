@@ -16,7 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from bench.demo.data import CAPTIONS_PER_IMAGE, N_REGIONS, SPLITS, DemoDataError, data_dir, make_dataset, vocab_file
+from bench.demo.data import (
+    CAPTIONS_PER_IMAGE,
+    N_REGIONS,
+    OBJECTS,
+    SPLITS,
+    DemoDataError,
+    data_dir,
+    make_dataset,
+    vocab_file,
+)
 from bench.demo.train import (
     DemoTrainError,
     _batches,
@@ -94,24 +103,7 @@ def test_vocab_original_layout(tiny_data):
 def test_captions_describe_regions(tiny_data):
     """Each caption names objects; some image's captions differ, i.e. subsets/orders vary."""
     caps = (data_dir(tiny_data) / "train_caps.txt").read_text(encoding="utf-8").lower().splitlines()
-    objects = {
-        "dog",
-        "cat",
-        "car",
-        "bicycle",
-        "tree",
-        "man",
-        "woman",
-        "horse",
-        "boat",
-        "ball",
-        "bird",
-        "bus",
-        "chair",
-        "umbrella",
-        "kite",
-        "truck",
-    }
+    objects = set(OBJECTS)
     assert all(objects & set(tokenize(c)) for c in caps)
     assert len(set(caps)) > len(caps) // 2
 
