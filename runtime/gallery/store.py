@@ -148,7 +148,12 @@ def writer_lock(folder: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> It
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _remove_temporaries(folder)
-        yield
+        try:
+            yield
+        finally:
+            # An interruption can land between a temporary's creation and its registration for removal;
+            # while the lock is held every temporary here is this writer's, so none outlives it.
+            _remove_temporaries(folder, quiet=True)
     finally:
         os.close(fd)  # releases the lock
 
@@ -162,9 +167,10 @@ def _make_folder(folder: Path) -> None:
         raise GalleryError(f"{folder}: cannot create the gallery folder ({e})") from e
 
 
-def _remove_temporaries(folder: Path) -> None:
+def _remove_temporaries(folder: Path, quiet: bool = False) -> None:
     for p in folder.glob(".*.tmp"):
-        logger.info("removing %s, left by an interrupted writer", p)
+        if not quiet:
+            logger.info("removing %s, left by an interrupted writer", p)
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
