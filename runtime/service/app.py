@@ -19,7 +19,6 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -204,12 +203,6 @@ def create_app(service: Service) -> FastAPI:
     )
     app.add_middleware(_Guard, service=service)
     limits = service.settings.limits
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return _error(422, f"{field}: {first.get('msg', 'invalid request')}", field=field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
