@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from export.checkpoint import save_checkpoint
 from export.model import SCAN
-from runtime.config import SCANConfig
+from runtime.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, SCANConfig
 
 WORDS = ["a", "dog", "cat", "man", "woman", "red", "blue", "on", "the", "beach", "grass", "running", "."]
 
@@ -22,6 +23,33 @@ def vocab_dict(words: list[str] = WORDS) -> dict:
         "idx2word": {str(i): w for i, w in enumerate(idx2word)},
         "idx": len(idx2word),
     }
+
+
+# Every option of the original: the head's (cross_attn, agg_func, raw_feature_norm) and the encoders'
+# (bi_gru, num_layers, no_imgnorm, no_txtnorm, precomp_enc_type).
+HEAD_OPTIONS = list(itertools.product(CROSS_ATTNS, AGG_FUNCS, RAW_FEATURE_NORMS))
+ENCODER_OPTIONS = list(itertools.product((True, False), (1, 2), (False, True), (False, True), ("basic", "weight_norm")))
+
+
+def option_config(cross_attn: str, agg_func: str, norm: str, case: int) -> SCANConfig:
+    """A tiny model with these head options, encoder options ``case`` (cycled) and lambdas varied by case."""
+    bi_gru, layers, no_imgnorm, no_txtnorm, enc = ENCODER_OPTIONS[case % len(ENCODER_OPTIONS)]
+    return SCANConfig(
+        vocab_size=20,
+        img_dim=10,
+        embed_size=8,
+        word_dim=5,
+        num_layers=layers,
+        bi_gru=bi_gru,
+        no_imgnorm=no_imgnorm,
+        no_txtnorm=no_txtnorm,
+        precomp_enc_type=enc,
+        raw_feature_norm=norm,
+        agg_func=agg_func,
+        cross_attn=cross_attn,
+        lambda_lse=20.0 if case % 2 else 6.0,
+        lambda_softmax=(4.0, 9.0, 50.0)[case % 3],
+    )
 
 
 def small_config(**overrides) -> SCANConfig:

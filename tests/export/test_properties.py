@@ -8,38 +8,20 @@ float32 with different summation orders; errors seen are ~1e-7.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from export.model import SCAN, batched_sims, slow_sims
-from runtime.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, SCANConfig
-
-ENCODER_OPTIONS = list(itertools.product((True, False), (1, 2), (False, True), (False, True), ("basic", "weight_norm")))
+from runtime.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS
+from tests.helpers import ENCODER_OPTIONS, option_config
 
 
 @pytest.mark.parametrize("cross_attn", CROSS_ATTNS)
 @pytest.mark.parametrize("agg_func", AGG_FUNCS)
 @pytest.mark.parametrize("norm", RAW_FEATURE_NORMS)
 def test_batched_equals_slow_for_every_option(cross_attn, agg_func, norm):
-    for case, (bi_gru, layers, no_imgnorm, no_txtnorm, enc) in enumerate(ENCODER_OPTIONS):
-        cfg = SCANConfig(
-            vocab_size=20,
-            img_dim=10,
-            embed_size=8,
-            word_dim=5,
-            num_layers=layers,
-            bi_gru=bi_gru,
-            no_imgnorm=no_imgnorm,
-            no_txtnorm=no_txtnorm,
-            precomp_enc_type=enc,
-            raw_feature_norm=norm,
-            agg_func=agg_func,
-            cross_attn=cross_attn,
-            lambda_lse=20.0 if case % 2 else 6.0,
-            lambda_softmax=(4.0, 9.0, 50.0)[case % 3],
-        )
+    for case in range(len(ENCODER_OPTIONS)):
+        cfg = option_config(cross_attn, agg_func, norm, case)
         gen = torch.Generator().manual_seed(case)
         torch.manual_seed(case)
         model = SCAN(cfg).eval()

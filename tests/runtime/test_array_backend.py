@@ -9,7 +9,6 @@ fp16 graphs (export/exporter.py explains it).
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 from pathlib import Path
 
@@ -18,39 +17,20 @@ import pytest
 
 from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
-from runtime.config import AGG_FUNCS, CROSS_ATTNS, RAW_FEATURE_NORMS, SCANConfig
+from runtime.config import SCANConfig
 from runtime.manifest import write_manifest
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
-from tests.helpers import BLOCKED_IMPORTS, run_with_blocked_imports
+from tests.helpers import BLOCKED_IMPORTS, ENCODER_OPTIONS, HEAD_OPTIONS, option_config, run_with_blocked_imports
 
-ENCODER_OPTIONS = list(itertools.product((True, False), (1, 2), (False, True), (False, True), ("basic", "weight_norm")))
-HEAD_OPTIONS = list(itertools.product(CROSS_ATTNS, AGG_FUNCS, RAW_FEATURE_NORMS))
 ATOL = RTOL = 1e-5
 FP16_TOL = 5e-3
 
 
-def option_config(case: int) -> SCANConfig:
+def case_config(case: int) -> SCANConfig:
     """Case ``case`` of every head option x a cycle over every encoder option (as test_properties.py)."""
-    cross_attn, agg_func, norm = HEAD_OPTIONS[case]
-    bi_gru, layers, no_imgnorm, no_txtnorm, enc = ENCODER_OPTIONS[case % len(ENCODER_OPTIONS)]
-    return SCANConfig(
-        vocab_size=20,
-        img_dim=10,
-        embed_size=8,
-        word_dim=5,
-        num_layers=layers,
-        bi_gru=bi_gru,
-        no_imgnorm=no_imgnorm,
-        no_txtnorm=no_txtnorm,
-        precomp_enc_type=enc,
-        raw_feature_norm=norm,
-        agg_func=agg_func,
-        cross_attn=cross_attn,
-        lambda_lse=20.0 if case % 2 else 6.0,
-        lambda_softmax=(4.0, 9.0, 50.0)[case % 3],
-    )
+    return option_config(*HEAD_OPTIONS[case], case)
 
 
 def seeded_inputs(case: int, n_images: int = 4):
@@ -123,7 +103,7 @@ def _torch_reference(case: int):
     from export.model import SCAN
     from export.weights import encoder_arrays
 
-    cfg = option_config(case)
+    cfg = case_config(case)
     torch.manual_seed(case)
     model = SCAN(cfg).eval()
     return cfg, model, encoder_arrays(model), torch
@@ -350,7 +330,7 @@ def test_weights_file_is_listed_and_verified(small_engines, tmp_path):
 
 
 def test_weights_that_do_not_fit_the_config_are_refused():
-    cfg = option_config(0)
+    cfg = case_config(0)
     rng = np.random.default_rng(0)
     arrays = {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(cfg).items()}
     ScanWeights.from_arrays(cfg, arrays)
@@ -369,7 +349,7 @@ def test_topk_candidates_follow_faiss_ties():
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, (20, 50)).astype(np.float32)  # many ties at every k
-    cfg = option_config(0)
+    cfg = case_config(0)
     m = ArrayModel(ScanWeights.from_arrays(cfg, {k: np.zeros(s, np.float32) for k, s in expected_shapes(cfg).items()}))
     for k in (1, 3, 7, 50, 60):
         vals, rows = m.topk_candidates(scores, k, offset=100)
@@ -594,7 +574,7 @@ def test_recall_cli_with_numpy_and_no_graph_runtime(golden, exported, tmp_path):
 
 
 def test_upload_merges_consecutive_blocks_of_one_shape():
-    cfg = option_config(0)
+    cfg = case_config(0)
     m = ArrayModel(ScanWeights.from_arrays(cfg, {k: np.zeros(s, np.float32) for k, s in expected_shapes(cfg).items()}))
     rng = np.random.default_rng(0)
     images = rng.standard_normal((23, 4, 8)).astype(np.float32)
