@@ -34,7 +34,7 @@ from runtime.searcher import (
     SearcherContract,
     SearchError,
 )
-from runtime.topk import NonFiniteScore, RunningTopK, block_topk
+from runtime.topk import NonFiniteScore, RunningTopK
 
 
 def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
@@ -204,16 +204,17 @@ class Ensemble(SearcherContract):
         top = RunningTopK(n, k, len(ids))
         try:
             for offset, scores in self._block_scores(kind, queries, axis):
-                rows = np.arange(offset, offset + scores.shape[1], dtype=np.int64)
-                s, r = block_topk(scores, top.width, rows)
-                top.merge(s, ids[r])
+                top.add_block(scores, ids[offset : offset + scores.shape[1]])
         except NonFiniteScore as e:  # never a silent drop: name the item
-            gallery = (self.images if kind == "images" else self.captions)[0]
-            raise SearchError(
-                f"{gallery.label(e.item_id)} scored {e.value} in the ensemble: a member's cached arrays are "
-                f"corrupted; check the gallery with runtime/search.py --verify and rebuild it"
-            ) from e
+            raise self._corrupted(kind, e) from e
         return top.result()
+
+    def _corrupted(self, kind: str, e: NonFiniteScore) -> SearchError:
+        gallery = (self.images if kind == "images" else self.captions)[0]
+        return SearchError(
+            f"{gallery.label(e.item_id)} scored {e.value} in the ensemble: a member's cached arrays are "
+            f"corrupted; check the gallery with runtime/search.py --verify and rebuild it"
+        )
 
     def _block_scores(
         self, kind: str, queries: list[dict[str, np.ndarray]], axis: int
@@ -302,10 +303,7 @@ class Ensemble(SearcherContract):
         try:
             top.add_block(scores[order][None, :], ids[order])
         except NonFiniteScore as e:
-            raise SearchError(
-                f"{gallery.label(e.item_id)} scored {e.value} in the ensemble: a member's cached arrays are "
-                f"corrupted; check the gallery with runtime/search.py --verify and rebuild it"
-            ) from e
+            raise self._corrupted(kind, e) from e
         return top.result()
 
 
