@@ -29,7 +29,7 @@ import numpy as np
 
 from bench import harness
 from bench.evaluation import full_sims
-from bench.head import ort_matmul_session
+from bench.head import head_inputs, ort_gemm
 from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import FULL, MODES, QUICK, caption_texts
 from runtime import atomic
@@ -47,22 +47,13 @@ def bench_head(mode: str, manifest: Path, sizes, rng: np.random.Generator, round
         ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
         ScanEngine.open(manifest, backend="numpy") as np_engine,
     ):
-        images, gram = ort_engine.encode_images(rng.standard_normal((n, r, sizes.img_dim), dtype=np.float32))
-        lengths = np.full(q, length, np.int64)
-        ids = rng.integers(4, sizes.vocab_size, (q, length)).astype(np.int64)
-        captions = ort_engine.encode_ids(ids, lengths)
+        images, gram, captions, lengths, a, b = head_inputs(ort_engine, sizes, rng)
         d = captions.shape[2]
-        a = np.ascontiguousarray(images.reshape(n * r, d))
-        b = np.ascontiguousarray(captions.reshape(q * length, d).T)
         c = np.empty((n * r, q * length), np.float32)
-        sess = ort_matmul_session(None)
-        binding = sess.io_binding()
-        binding.bind_cpu_input("a", a)
-        binding.bind_cpu_input("b", b)
-        binding.bind_output("c", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+        gemm = ort_gemm(a, b, c, None)
         fns = {
             "gemm_numpy": lambda i: np.matmul(a, b, out=c),
-            "gemm_onnxruntime": lambda i: sess.run_with_iobinding(binding),
+            "gemm_onnxruntime": lambda i: gemm(),
             "numpy": lambda i: np_engine.sims(images, gram, captions, lengths),
             "onnxruntime": lambda i: ort_engine.sims(images, gram, captions, lengths),
         }

@@ -58,6 +58,31 @@ def ort_matmul_session(threads: int | None, device: str = "cpu"):
     return open_session(model.SerializeToString(), device=device, threads=threads)
 
 
+def ort_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, threads: int | None):
+    """A call of ONNX Runtime's GEMM ``c = a @ b``, with IO binding and the preallocated ``c``: the
+    ceiling should not pay for allocating C every call."""
+    sess = ort_matmul_session(threads)
+    binding = sess.io_binding()
+    binding.bind_cpu_input("a", a)
+    binding.bind_cpu_input("b", b)
+    binding.bind_output("c", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def head_inputs(engine: ScanEngine, sizes: Sizes, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(images (N, R, d), image_gram, captions (Q, L, d), lengths, GEMM operands (N*R, d) and (d, Q*L)):
+    real encoder outputs of random regions and ids, so the attention sees the values it would serve."""
+    n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
+    images, image_gram = engine.encode_images(rng.standard_normal((n, r, sizes.img_dim), dtype=np.float32))
+    lengths = np.full(q, length, np.int64)
+    ids = rng.integers(4, sizes.vocab_size, (q, length)).astype(np.int64)
+    ids[:, 0], ids[:, -1] = 1, 2  # <start> ... <end>
+    captions = engine.encode_ids(ids, lengths)
+    d = captions.shape[2]
+    a = np.ascontiguousarray(images.reshape(n * r, d))
+    return images, image_gram, captions, lengths, a, np.ascontiguousarray(captions.reshape(q * length, d).T)
+
+
 def measure_gemm(a: np.ndarray, b: np.ndarray, sizes: Sizes, threads: int | None) -> dict[str, Any]:
     """Plain float32 GEMM of the head's shape in numpy and in ONNX Runtime; the faster is the ceiling."""
     m, k = a.shape
@@ -68,13 +93,7 @@ def measure_gemm(a: np.ndarray, b: np.ndarray, sizes: Sizes, threads: int | None
     times = time_calls(lambda: np.matmul(a, b, out=c), **sizes.head_timing())
     out["numpy"] = {"status": "measured", "seconds": stats(times), "gflops": flop / float(np.median(times)) / 1e9}
     try:
-        sess = ort_matmul_session(threads)
-        # IO binding with a preallocated output: the ceiling should not pay for allocating C every call.
-        binding = sess.io_binding()
-        binding.bind_cpu_input("a", a)
-        binding.bind_cpu_input("b", b)
-        binding.bind_output("c", "cpu", 0, np.float32, [m, n], c.ctypes.data)
-        times = time_calls(lambda: sess.run_with_iobinding(binding), **sizes.head_timing())
+        times = time_calls(ort_gemm(a, b, c, threads), **sizes.head_timing())
         out["onnxruntime"] = {
             "status": "measured",
             "seconds": stats(times),
@@ -100,15 +119,8 @@ def bench_head(
     timing = sizes.head_timing()
     with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", threads=threads) as engine:
         cfg = engine.config
-        # Real encoder outputs (not random vectors), so the attention sees the values it would serve.
-        images, image_gram = engine.encode_images(rng.standard_normal((n, r, sizes.img_dim), dtype=np.float32))
-        lengths = np.full(q, length, np.int64)
-        ids = rng.integers(4, sizes.vocab_size, (q, length)).astype(np.int64)
-        ids[:, 0], ids[:, -1] = 1, 2  # <start> ... <end>
-        captions = engine.encode_ids(ids, lengths)
+        images, image_gram, captions, lengths, a, b = head_inputs(engine, sizes, rng)
         d = captions.shape[2]
-        a = np.ascontiguousarray(images.reshape(n * r, d))
-        b = np.ascontiguousarray(captions.reshape(q * length, d).T)
         result: dict[str, Any] = {
             "config": cfg.to_dict(),
             "flop_per_pair": head_flop_per_pair(cfg, r, length),

@@ -91,12 +91,7 @@ def build_parser():
         default="t2i",
         help="which model serves the query-latency cells (default t2i)",
     )
-    p.add_argument(
-        "--cell-cap",
-        type=float,
-        default=None,
-        help="skip latency cells whose estimated single-batch cost exceeds this many seconds",
-    )
+    p.add_argument("--cell-cap", type=float, help="skip latency cells whose single batch is estimated longer (s)")
     p.add_argument("--budget", type=float, default=None, help="the run's time budget in seconds")
     return p
 
