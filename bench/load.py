@@ -294,41 +294,23 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     cells = {c["concurrency"]: c for c in cfg["cells"]}
     out = []
+
+    def target(name: str, value: float, met: bool) -> None:
+        out.append({"target": name, "value": value, "met": met})
+
     if 1 in cells and 16 in cells and cells[1]["requests_per_s"]:
         ratio = cells[16]["requests_per_s"] / cells[1]["requests_per_s"]
-        out.append(
-            {
-                "target": "16 clients >= 3x the throughput of 1",
-                "value": ratio,
-                "met": ratio >= TARGETS["throughput_16_over_1"],
-            }
-        )
+        target("16 clients >= 3x the throughput of 1", ratio, ratio >= TARGETS["throughput_16_over_1"])
     if 1 in cells and 16 in cells and cells[1]["p50_ms"] and cells[16]["p99_ms"]:
         ratio = cells[16]["p99_ms"] / cells[1]["p50_ms"]
-        out.append(
-            {
-                "target": "p99 at 16 clients <= 4x the 1-client p50",
-                "value": ratio,
-                "met": ratio <= TARGETS["p99_16_over_p50_1"],
-            }
-        )
+        target("p99 at 16 clients <= 4x the 1-client p50", ratio, ratio <= TARGETS["p99_16_over_p50_1"])
     top = max(cells)
-    out.append(
-        {
-            "target": f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s",
-            "value": cells[top]["errors"],
-            "met": cells[top]["errors"] == 0,
-        }
-    )
+    errors = cells[top]["errors"]
+    target(f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s", errors, errors == 0)
     growth = cells[top].get("rss", {}).get("growth_after_warmup")
     if growth is not None:
-        out.append(
-            {
-                "target": f"server RSS growth < 5% after warm-up ({top} clients)",
-                "value": growth,
-                "met": growth < TARGETS["rss_growth_after_warmup"],
-            }
-        )
+        name = f"server RSS growth < 5% after warm-up ({top} clients)"
+        target(name, growth, growth < TARGETS["rss_growth_after_warmup"])
     return out
 
 
