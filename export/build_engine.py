@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from export.progress import timed_progress
 from export.trt_build import (
     DEFAULT_BLOCK,
     DEFAULT_MAX_BATCH,
@@ -45,7 +46,6 @@ from export.trt_build import (
 from runtime import atomic
 from runtime.backends.base import BackendError
 from runtime.backends.plan_check import PlanError
-from runtime.cli import timed_progress
 from runtime.manifest import (
     PLAN_KINDS,
     STRONGLY_TYPED,

@@ -20,14 +20,16 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from export.model import SCAN
 from runtime.atomic import atomic_path, sha256_file
 from runtime.config import ConfigError, SCANConfig
 from runtime.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+    from export.model import SCAN
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ def save_checkpoint(
         "opt": opt,
         "Eiters": iters,
     }
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp, _use_new_zipfile_serialization=not legacy)
     return path
@@ -124,6 +128,8 @@ def read_checkpoint(
         raise CheckpointError(f"checkpoint {path}: no such file")
     if not trust:
         check_size(path, max_bytes)
+    import torch  # here, not at the top: to_onnx.py --help and the size checks need no torch
+
     try:
         if trust:
             logger.warning("loading %s with full pickle (--trust-checkpoint): it may run code", path)
@@ -171,6 +177,8 @@ def load_checkpoint(
         cfg = SCANConfig.from_opt(opt_dict, vocab_size=vocab_size)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
+    from export.model import SCAN
+
     model = SCAN(cfg)
     _load_strict(model.img_enc, img_sd, "image encoder", path)
     _load_strict(model.txt_enc, txt_sd, "text encoder", path)

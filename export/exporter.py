@@ -26,12 +26,19 @@ from export.model import SCAN
 from export.weights import encoder_arrays, weights_bytes
 from runtime import atomic
 from runtime.backends.onnxruntime import open_session
-from runtime.manifest import FORMAT, graph_file_name, graph_key, vocab_file_name, weights_file_name, write_manifest
+from runtime.manifest import (
+    DEFAULT_MAX_WORDS,
+    FORMAT,
+    graph_file_name,
+    graph_key,
+    vocab_file_name,
+    weights_file_name,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-DEFAULT_MAX_WORDS = 128
 PRECISIONS = ("fp32", "fp16")
 # float32 ONNX Runtime vs PyTorch: different kernels and summation orders, so agreement is to a few
 # float32 ulps of the accumulated values; 1e-5 (abs, plus the same relative) is 100x the errors seen.
