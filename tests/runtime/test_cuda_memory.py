@@ -22,6 +22,25 @@ from runtime.backends.cuda_memory import PycudaAllocator, open_allocator
 from tests.fake_pycuda import FakeDriver, install
 
 
+def in_threads(n: int, work) -> list[Exception]:
+    """Run ``work()`` on ``n`` threads alive at once (so their idents differ); returns what they raised."""
+    errors, together = [], threading.Barrier(n)
+
+    def run():
+        try:
+            together.wait(timeout=30)
+            work()
+        except Exception as e:  # returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_open_allocator_falls_back_to_pycuda(monkeypatch, caplog) -> None:
     install(monkeypatch, FakeDriver(gpus=[("NVIDIA L4 ", (8, 9))]))
     with caplog.at_level(logging.INFO, logger="runtime.backends.cuda_memory"):
@@ -66,24 +85,13 @@ def test_allocate_copy_and_free(monkeypatch) -> None:
 def test_every_thread_makes_the_primary_context_current(monkeypatch) -> None:
     drv = install(monkeypatch)
     alloc = open_allocator()
-    errors, together = [], threading.Barrier(3)  # all alive at once, so their idents differ
 
     def work():
-        try:
-            together.wait(timeout=30)
-            for _ in range(3):  # pushed once per thread, not per call
-                alloc.free(alloc.malloc(64))
-            alloc.stream_destroy(alloc.stream_create())
-            together.wait(timeout=30)
-        except Exception as e:  # surfaced below
-            errors.append(e)
+        for _ in range(3):  # pushed once per thread, not per call
+            alloc.free(alloc.malloc(64))
+        alloc.stream_destroy(alloc.stream_create())
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    assert not in_threads(3, work)
     assert sorted(drv.pushes.values()) == [1, 1, 1] and not drv.device
 
 
@@ -129,13 +137,6 @@ def test_neither_binding_installed_says_what_to_install(monkeypatch) -> None:
 # ================================================================================ serving through it
 
 
-@pytest.fixture(scope="module")
-def t2i_export(tmp_path_factory) -> Path:
-    from tests.fake_tensorrt import export_golden
-
-    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_pycuda"))
-
-
 def test_tensorrt_backend_serves_through_pycuda(monkeypatch, t2i_export: Path, tmp_path: Path) -> None:
     """Build with the TensorRT stand-in, then run the head, the top-k head and a resident gallery on
     the pycuda allocator from two threads; close() leaves nothing allocated."""
@@ -153,7 +154,6 @@ def test_tensorrt_backend_serves_through_pycuda(monkeypatch, t2i_export: Path, t
     feeds = head_feeds(rng, 40, 3)
     query = {"captions": feeds["captions"], "lengths": feeds["lengths"]}
     want = ort_run(manifest_path.parent / "scan.onnx", feeds)["sims"]
-    errors = []
     with TensorRTBackend.from_manifest(m, "head") as head, TensorRTBackend.from_manifest(m, "topk") as topk:
         assert isinstance(head.allocator, PycudaAllocator)
         with ResidentGallery(
@@ -161,20 +161,12 @@ def test_tensorrt_backend_serves_through_pycuda(monkeypatch, t2i_export: Path, t
         ) as resident:
 
             def work():
-                try:
-                    np.testing.assert_allclose(head.run(feeds)["sims"], want, rtol=1e-6, atol=1e-6)
-                    block = {**resident.block_feeds(10, 30), **query}
-                    np.testing.assert_allclose(head.run_device(block)["sims"], want[10:30], rtol=1e-6, atol=1e-6)
-                    top = topk.run_device(block)["topk_index"]
-                    np.testing.assert_array_equal(top, np.argsort(-want[10:30], axis=0, kind="stable")[:5])
-                except Exception as e:  # surfaced below
-                    errors.append(e)
+                np.testing.assert_allclose(head.run(feeds)["sims"], want, rtol=1e-6, atol=1e-6)
+                block = {**resident.block_feeds(10, 30), **query}
+                np.testing.assert_allclose(head.run_device(block)["sims"], want[10:30], rtol=1e-6, atol=1e-6)
+                top = topk.run_device(block)["topk_index"]
+                np.testing.assert_array_equal(top, np.argsort(-want[10:30], axis=0, kind="stable")[:5])
 
-            threads = [threading.Thread(target=work) for _ in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-    assert not errors, errors
+            assert not in_threads(2, work)
     gc.collect()
     assert not drv.device and not drv.pinned and drv.streams == 0, "close() must free everything"
