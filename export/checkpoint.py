@@ -65,12 +65,11 @@ def save_checkpoint(
     epoch: Any = 0,
     best_rsum: Any = 0.0,
     iters: int = 0,
-    legacy: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` in the original ``train.py`` layout, atomically.
 
     ``opt`` is the training options as ``train.py`` pickles them (an ``argparse.Namespace`` holding every
-    model option of ``model.cfg``); ``legacy=True`` uses the pre-zip serialization of old checkpoints.
+    model option of ``model.cfg``).
     An interrupted write leaves the previous file, never a truncated one.
     """
     path = Path(path)
@@ -84,7 +83,7 @@ def save_checkpoint(
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(state, tmp, _use_new_zipfile_serialization=not legacy)
+        torch.save(state, tmp)
     return path
 
 
@@ -158,7 +157,7 @@ def read_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, trust: bool = False, vocab_size: int | None = None, max_bytes: int | None = MAX_CHECKPOINT_BYTES
+    path: str | Path, trust: bool = False, max_bytes: int | None = MAX_CHECKPOINT_BYTES
 ) -> LoadedCheckpoint:
     path = Path(path)
     raw = read_checkpoint(path, trust=trust, max_bytes=max_bytes)
@@ -169,8 +168,7 @@ def load_checkpoint(
             f"{type(states).__name__} of length {len(states) if hasattr(states, '__len__') else '?'}"
         )
     img_sd, txt_sd = (_text_keys(sd) for sd in states)
-    if vocab_size is None and "embed.weight" in txt_sd:
-        vocab_size = int(txt_sd["embed.weight"].shape[0])
+    vocab_size = int(txt_sd["embed.weight"].shape[0]) if "embed.weight" in txt_sd else None
     opt = raw["opt"]
     opt_dict = _text_keys(dict(opt) if isinstance(opt, dict) else dict(vars(opt)))
     try:
