@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     progress("done")
-    for kind, g in manifest["graphs"].items():
-        print(f"  {out / g['file']}  ({kind}, parity max err {g['parity']['max_abs_err']:.1e})")
+    for key, g in manifest["graphs"].items():
+        print(f"  {out / g['file']}  ({key}, parity max err {g['parity']['max_abs_err']:.1e})")
     print(f"  {out / (args.name + '.json')}  (manifest)")
     return 0
 
