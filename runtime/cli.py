@@ -1,5 +1,4 @@
-"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py), progress lines
-(export/)."""
+"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -59,16 +57,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def timed_progress() -> Callable[[str], None]:
-    """A progress printer: each line prefixed with the seconds since this call."""
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-
-    return progress
 
 
 def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:

@@ -225,7 +225,7 @@ def test_every_option_equals_onnxruntime_with_graph_runtimes_blocked(tmp_path):
         with torch.no_grad():
             images = model.img_enc(torch.from_numpy(regions)).numpy()
             captions = model.txt_enc(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
-        specs = {s.kind: s for s in graph_specs(model)}
+        specs = {s.graph: s for s in graph_specs(model)}
         feeds = {
             "images": images,
             "image_gram": images @ images.transpose(0, 2, 1),

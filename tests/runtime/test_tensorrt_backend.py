@@ -34,11 +34,6 @@ from tests.helpers import minimal_manifest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def t2i_export(tmp_path_factory) -> Path:
-    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_backend"))
-
-
 @pytest.fixture
 def export_copy(t2i_export: Path, tmp_path: Path) -> Path:
     return copy_export(t2i_export, tmp_path)
