@@ -41,6 +41,7 @@ from bench.plan import FULL, QUICK, Plan
 from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import caption_texts, rng_for
 from runtime import atomic
+from runtime.options import WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,13 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
             b = min(a + 256, n)
             regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
         regions.flush()
-        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)], progress=False)
+        build_image_gallery(
+            engine,
+            regions,
+            folder / "images",
+            names=[f"image{i}" for i in range(n)],
+            options=WriteOptions(progress=False),
+        )
     return folder
 
 

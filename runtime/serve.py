@@ -168,8 +168,8 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     def open_executor():
         engine = engine_options(args)
         if args.shards is not None:
+            from runtime.gallery.shards import ensure_split
             from runtime.service.sharded import ShardedExecutor
-            from runtime.shards import ensure_split
 
             shards = ensure_split(args.gallery, args.shards)
             return ShardedExecutor.open(
