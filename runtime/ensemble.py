@@ -7,12 +7,12 @@ encoders, head and gallery cache (``Backend.block_sims``), the scores are averag
 merged into one running top-k, so memory stays bounded by the block whatever the gallery's size.
 
     engines = [ScanEngine.open("t2i/scan.json"), ScanEngine.open("i2t/scan.json")]
-    images = load_member_galleries("gal", engines, "images")      # runtime/ensemble_gallery.py
+    images = GalleryFolder("gal", engines).load().images          # runtime/gallery/folder.py
     with Ensemble(engines, images=images, weights=[0.5, 0.5]) as ensemble:
         scores, ids = ensemble.search(["a dog on the beach"], k=10)
 
 Members must hold the same gallery (same items in the same order): one cache per member, all built
-together by ``runtime/ensemble_gallery.py``; ``Ensemble`` checks that they agree.
+together by ``runtime/gallery/members.py``; ``Ensemble`` checks that they agree.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Ensemble(SearcherContract):
     """``search(queries, k)`` over several engines, scores the weighted mean of their similarities.
 
     ``engines``: the members (opened ``ScanEngine``s; the ensemble does not close them). ``images`` /
-    ``captions``: one gallery per member, in the members' order (see ``load_member_galleries``).
+    ``captions``: one gallery per member, in the members' order (see ``GalleryFolder.load``).
     ``weights``: see :func:`check_weights`. The other arguments are ``Searcher``'s, shared by all members
     (each capped to every member's backend limits, so the members' blocks line up).
     """

@@ -414,3 +414,91 @@ def test_service_executor_two_stage(small_engines, tmp_path):
         assert (two.search("text", queries, 4).ids >= 0).all()
     finally:
         two.close()
+
+
+def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: float) -> None:
+    """Appends and two-stage searches at once, as ``serve.py --candidates M --workers 2`` runs them: one
+    thread appends while two search. Only the appending thread writes the index (a search still on the
+    previous generation used to rebuild and overwrite the newer one), each append extends it (no full
+    rebuild), and every result is the two-stage search of a generation the search could have seen, made
+    afresh, with each score its item's exact SCAN score on that generation."""
+    import threading
+    import time
+
+    from runtime.gallery import ImageGallery, index
+    from runtime.service.executor import LocalExecutor
+
+    engine = small_engines["t2i"]
+    with ScanEngine.open(engine, backend="onnxruntime") as e:
+        build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", options=WriteOptions(index="flat"))
+    saves, save = [], index._save
+
+    def spy(built):
+        saves.append((threading.current_thread().name, built.meta["extended_from"], built.meta["count"]))
+        save(built)
+
+    monkeypatch.setattr(index, "_save", spy)
+    queries, k = random_captions(3, seed=2), 3
+    chunks = [random_regions(2, seed=100 + i) for i in range(200)]  # each generation's items, known in advance
+    executor = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=12, threads=1)
+    results, errors, stop = [], [], threading.Event()
+
+    def searching():
+        try:
+            while not stop.is_set():
+                before = executor.sizes()["images"]
+                hits = executor.search("text", queries, k)
+                results.append((before, executor.sizes()["images"], hits.scores, hits.ids))
+        except Exception as e:  # reported below, not lost in a thread
+            errors.append(e)
+
+    def appending():
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    break
+                executor.append_images(chunk, None)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=searching, name=f"search-{i}") for i in range(2)]
+    threads.append(threading.Thread(target=appending, name="append"))
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        appended = [s for s in saves if s[0] == "append"]
+        assert saves == appended and len(appended) >= 2  # no reader wrote the index
+        assert all(start == count - 2 for _, start, count in appended)  # every append extended it
+        final = ImageGallery.load(tmp_path / "images")
+        sizes = {n for before, after, _, _ in results for n in range(before, after + 1, 2)}
+        expected = {}  # per generation (its size): two-stage search of a fresh copy, and exact search of all
+        with ScanEngine.open(engine, backend="onnxruntime") as e:
+            for n in sizes:
+                copy = ImageGallery.from_arrays(final.images[:n], final.image_gram[:n])  # an index of its own
+                s, i = Searcher(e, images=copy).search(queries, n)
+                exact = [dict(zip(row_i.tolist(), row_s.tolist())) for row_s, row_i in zip(s, i)]
+                expected[n] = (*Searcher(e, images=copy, candidates=12).search(queries, k), exact)
+        assert len(results) >= 4
+        for before, after, scores, ids in results:
+            n = next((n for n in range(before, after + 1, 2) if np.array_equal(ids, expected[n][1])), None)
+            assert n is not None, (before, after, ids)  # the two-stage result of a generation it could see
+            np.testing.assert_allclose(scores, expected[n][0], rtol=0, atol=2e-6)
+            for row, (q_ids, q_scores) in enumerate(zip(ids, scores)):  # each score the item's exact score
+                np.testing.assert_allclose(q_scores, [expected[n][2][row][j] for j in q_ids], rtol=0, atol=2e-6)
+    finally:
+        stop.set()
+        executor.close()
+
+
+def test_appends_while_searching_never_rewrite_the_index(small_engines, tmp_path, monkeypatch):
+    _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds=5)
+
+
+@pytest.mark.slow
+def test_appends_while_searching_for_40_seconds(small_engines, tmp_path, monkeypatch):
+    _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds=40)
