@@ -46,17 +46,11 @@ def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: i
     cfg = engine.config
     if not (folder / "images" / "gallery.json").is_file():
         feats = rng.standard_normal((n_images, regions, cfg.img_dim), dtype=np.float32)
-        build_image_gallery(
-            engine,
-            feats,
-            folder / "images",
-            names=[f"img{i}" for i in range(n_images)],
-            options=WriteOptions(progress=False),
-        )
+        names = [f"img{i}" for i in range(n_images)]
+        build_image_gallery(engine, feats, folder / "images", names, WriteOptions(progress=False))
     if not (folder / "captions" / "gallery.json").is_file():
-        build_caption_gallery(
-            engine, random_texts(engine, rng, n_captions), folder / "captions", options=WriteOptions(progress=False)
-        )
+        texts = random_texts(engine, rng, n_captions)
+        build_caption_gallery(engine, texts, folder / "captions", WriteOptions(progress=False))
 
 
 def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[str]:

@@ -77,13 +77,8 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
             b = min(a + 256, n)
             regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
         regions.flush()
-        build_image_gallery(
-            engine,
-            regions,
-            folder / "images",
-            names=[f"image{i}" for i in range(n)],
-            options=WriteOptions(progress=False),
-        )
+        names = [f"image{i}" for i in range(n)]
+        build_image_gallery(engine, regions, folder / "images", names, WriteOptions(progress=False))
     return folder
 
 

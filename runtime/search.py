@@ -150,20 +150,14 @@ def _run(args: argparse.Namespace) -> int:
             )
         results = []
         if queries:
-            if images is None and (gallery / "images" / MANIFEST).is_file():
-                images = folder.load(True if args.verify else None, ["images"]).images[0]
             if images is None:
-                raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
+                images = _load(folder, "images", args.verify)[0]
             _log_unknown_words(engine, queries, "")
             scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
             results += _results(queries, scores, ids, "name", images.names)
         if args.query_images:
-            if captions is None and (gallery / "captions" / MANIFEST).is_file():
-                captions = folder.load(True if args.verify else None, ["captions"]).captions[0]
             if captions is None:
-                raise GalleryError(
-                    f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
-                )
+                captions = _load(folder, "captions", args.verify)[0]
             regions = load_regions(args.query_images, engine.config.img_dim)
             scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
@@ -204,18 +198,17 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         if args.captions:
             captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions
             print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
-        verify = True if args.verify else None
         if args.verify and not (queries or args.query_images):
             _verify(folder)
         if queries:
-            images = images or _members(folder, "images", verify)
+            images = images or _load(folder, "images", args.verify)
             for engine in engines:
                 _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
             with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(queries, args.k)
             results += _results(queries, scores, ids, "name", images[0].names)
         if args.query_images:
-            captions = captions or _members(folder, "captions", verify)
+            captions = captions or _load(folder, "captions", args.verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
             with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
                 scores, ids = ensemble.search(np.asarray(regions), args.k)
@@ -225,9 +218,9 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _members(folder: GalleryFolder, kind: str, verify: bool | None) -> tuple:
-    """Every member's ``kind`` cache, or the error naming what is missing."""
-    galleries = getattr(folder.load(verify, [kind]), kind)
+def _load(folder: GalleryFolder, kind: str, verify: bool) -> tuple:
+    """Every member's ``kind`` cache (checked whole with ``--verify``), or the error naming what is missing."""
+    galleries = getattr(folder.load(True if verify else None, [kind]), kind)
     if galleries is None:
         raise GalleryError(folder.missing(kind))
     return galleries

@@ -33,12 +33,11 @@ their public face.
 from __future__ import annotations
 
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
-from runtime.gallery.folder import Galleries, GalleryFolder, verify_gallery
+from runtime.gallery.folder import Galleries, GalleryFolder
 from runtime.gallery.images import ImageGallery, build_image_gallery
-from runtime.gallery.store import DTYPES, MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, checksum_file, writer_lock
+from runtime.gallery.store import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, checksum_file, writer_lock
 
 __all__ = [
-    "DTYPES",
     "MANIFEST",
     "VERIFY_ON_OPEN_BYTES",
     "CaptionGallery",
@@ -49,6 +48,5 @@ __all__ = [
     "build_caption_gallery",
     "build_image_gallery",
     "checksum_file",
-    "verify_gallery",
     "writer_lock",
 ]

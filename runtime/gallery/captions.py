@@ -15,8 +15,8 @@ import numpy as np
 import runtime.gallery.store as store
 from runtime.buckets import encode_by_length
 from runtime.gallery.index import update_index
-from runtime.gallery.store import DTYPES, GalleryError
-from runtime.options import WriteOptions
+from runtime.gallery.store import GalleryError
+from runtime.options import GALLERY_DTYPES, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,10 @@ class CaptionGallery(store.MappedGallery):
         """
         lengths = np.asarray(lengths, dtype=np.int64)
         ids = np.arange(len(lengths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        if words.ndim != 2 or words.dtype.name not in DTYPES:
+        if words.ndim != 2 or words.dtype.name not in GALLERY_DTYPES:
             raise GalleryError(
-                f"words: expected a (W, d) array of a dtype in {DTYPES}, received {words.dtype.name}{list(words.shape)}"
+                f"words: expected a (W, d) array of a dtype in {GALLERY_DTYPES}, "
+                f"received {words.dtype.name}{list(words.shape)}"
             )
         if lengths.ndim != 1 or np.any(lengths < 1) or np.any(np.diff(lengths) < 0):
             raise GalleryError("lengths: expected positive caption lengths in non-decreasing order (the stored order)")

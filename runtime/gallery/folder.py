@@ -13,7 +13,6 @@ commit every member together and keep each cache's candidate index up to date un
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +49,6 @@ class Galleries:
     captions: tuple[CaptionGallery, ...] | None = None
     generation: int | None = None
 
-    def generation_of(self, kind: str) -> int | None:
-        """The generation ``kind``'s caches belong to (None: no such gallery)."""
-        galleries = self.images if kind == "images" else self.captions
-        if galleries is None:
-            return None
-        return self.generation if self.generation is not None else galleries[0].manifest.get("generation")
-
 
 class GalleryFolder:
     """The gallery folder ``path`` as ``engines`` (one ``ScanEngine`` or several: the members) use it."""
@@ -89,8 +81,12 @@ class GalleryFolder:
         return Galleries(found.get("images"), found.get("captions"), generation)
 
     def missing(self, kind: str) -> str:
-        """Why this folder has no ``kind`` gallery for these engines (members layout)."""
-        return no_members(self.path, self.engines, kind)
+        """Why this folder has no ``kind`` gallery for these engines."""
+        if self.members:
+            return no_members(self.path, self.engines, kind)
+        if kind == "images":
+            return f"{self.path / kind}: no image gallery for text queries; build it with --images"
+        return f"{self.path / kind}: no caption gallery for image queries; build it with --captions"
 
     # ------------------------------------------------------------------ writing
 
@@ -135,7 +131,7 @@ class GalleryFolder:
     # ------------------------------------------------------------------ verification
 
     def verify(self) -> list[tuple[Path, str, int]]:
-        """Every check of ``verify_gallery`` on every cache of the folder: ``[(cache folder, kind, items)]``."""
+        """Every check (``_verify``) on every cache of the folder: ``[(cache folder, kind, items)]``."""
         if self.members:
             index = read_members(self.path)
             if index is None or not any(index.get(kind) for kind in KINDS):
@@ -149,25 +145,15 @@ class GalleryFolder:
             folders = [(self.path / kind, kind) for kind in KINDS if (self.path / kind / MANIFEST).is_file()]
             if not folders:
                 raise GalleryError(f"{self.path}: no gallery to verify (no images/{MANIFEST} or captions/{MANIFEST})")
-        checked = []
-        for folder, kind in folders:
-            with verify_gallery(folder) as g:
-                checked.append((folder, kind, len(g)))
-        return checked
+        return [(folder, kind, _verify(folder, kind)) for folder, kind in folders]
 
 
-def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:
-    """Open the cache in ``folder`` with every check: checksums, finite values, ids, consistency."""
-    folder = Path(folder)
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        kind = data.get("kind") if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        kind = None
-    gallery = (CaptionGallery if kind == "captions" else ImageGallery).load(folder, verify=True)
-    ids = np.asarray(gallery.ids)
-    if len(ids) and np.bincount(ids, minlength=len(ids)).max() > 1:
-        raise GalleryError(
-            f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
-        )
-    return gallery
+def _verify(folder: Path, kind: str) -> int:
+    """Open the cache in ``folder`` with every check (checksums, finite values, ids, consistency): its size."""
+    with (ImageGallery if kind == "images" else CaptionGallery).load(folder, verify=True) as gallery:
+        ids = np.asarray(gallery.ids)
+        if len(ids) and np.bincount(ids, minlength=len(ids)).max() > 1:
+            raise GalleryError(
+                f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
+            )
+        return len(gallery)

@@ -15,8 +15,8 @@ import numpy as np
 import runtime.gallery.store as store
 from runtime.features import FeatureError, check_layout, load_regions
 from runtime.gallery.index import update_index
-from runtime.gallery.store import DTYPES, GalleryError
-from runtime.options import WriteOptions
+from runtime.gallery.store import GalleryError
+from runtime.options import GALLERY_DTYPES, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class ImageGallery(store.MappedGallery):
             raise GalleryError(
                 f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} and {image_gram.shape}"
             )
-        if images.dtype.name not in DTYPES or image_gram.dtype != images.dtype:
+        if images.dtype.name not in GALLERY_DTYPES or image_gram.dtype != images.dtype:
             raise GalleryError(
-                f"expected images and image_gram of one dtype in {DTYPES}, received "
+                f"expected images and image_gram of one dtype in {GALLERY_DTYPES}, received "
                 f"{images.dtype.name} and {image_gram.dtype.name}"
             )
         n, r, d = images.shape

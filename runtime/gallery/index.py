@@ -307,6 +307,12 @@ def _meta_path(gallery) -> Path:
 
 def load_index(gallery: MappedGallery, encoder_id: str | None = None) -> CandidateIndex:
     """The gallery's candidate index; ``StaleIndexError`` when it belongs to another model or gallery state."""
+    return CandidateIndex(gallery, *_read_saved(gallery, gallery.manifest.get("generation"), len(gallery), encoder_id))
+
+
+def _read_saved(gallery: MappedGallery, generation: Any, count: int, encoder_id: str | None = None) -> tuple[Any, dict]:
+    """The index saved beside the gallery and its manifest, checked to be of the gallery's model (and
+    ``encoder_id``'s) and to index ``count`` items of generation ``generation``."""
     faiss = import_faiss()
     kind, key = _encoder_key(gallery)
     path = _meta_path(gallery)
@@ -318,28 +324,26 @@ def load_index(gallery: MappedGallery, encoder_id: str | None = None) -> Candida
         raise StaleIndexError(f"{path}: corrupted candidate index manifest ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise StaleIndexError(f"{path}: not a {FORMAT} index of {kind}")
-    expected = gallery.manifest.get(key)
-    for who, value in (("gallery", expected), ("engine", encoder_id)):
+    for who, value in (("gallery", gallery.manifest.get(key)), ("engine", encoder_id)):
         if value is not None and meta.get("encoder_id") != value:
             raise StaleIndexError(
                 f"{path}: the candidate index was built by another model ({key} "
                 f"{str(meta.get('encoder_id'))[:12]}..., the {who}'s is {str(value)[:12]}...)"
             )
-    generation = gallery.manifest.get("generation")
-    if meta.get("gallery_generation") != generation or meta.get("count") != len(gallery):
+    if meta.get("gallery_generation") != generation or meta.get("count") != count:
         raise StaleIndexError(
             f"{path}: the candidate index is stale: it indexes generation "
             f"{meta.get('gallery_generation')} ({meta.get('count')} items), the gallery is "
-            f"generation {generation} ({len(gallery)} items)"
+            f"generation {generation} ({count} items)"
         )
     file = Path(gallery.folder) / str(meta.get("file"))
     try:
         index = faiss.read_index(str(file))
     except RuntimeError as e:
         raise StaleIndexError(f"{file}: unreadable candidate index ({str(e).splitlines()[0][:200]})") from e
-    if index.ntotal != meta.get("vectors"):
+    if index.ntotal != meta.get("vectors") or not isinstance(meta.get("index"), dict):
         raise StaleIndexError(f"{file}: holds {index.ntotal} vectors, {META} says {meta.get('vectors')}")
-    return CandidateIndex(gallery, index, meta)
+    return index, meta
 
 
 def build_index(
@@ -358,15 +362,13 @@ def build_index(
     d = int(gallery.images.shape[2] if gkind == "images" else gallery.words.shape[1])
     generation = gallery.manifest.get("generation")
     start, index, info = 0, None, None
-    if appended_from:
+    if appended_from and _meta_path(gallery).is_file():
         try:
-            prev = _previous(gallery, faiss, gkind, key, appended_from)
-        except CandidateIndexError as e:
+            prev, prev_meta = _read_saved(gallery, generation - 1, appended_from)
+            if index_type in ("auto", prev_meta["index"]["kind"]):
+                index, info, start = prev, prev_meta["index"], appended_from
+        except StaleIndexError as e:
             logger.warning("%s: rebuilding the candidate index (%s)", gallery.folder, e)
-            prev = None
-        if prev is not None and (index_type in ("auto", prev[1]["kind"])):
-            index, info = prev
-            start = appended_from
     t0 = time.perf_counter()
     faiss.omp_set_num_threads(_OMP_THREADS[0])
     layout = _Layout.of(gallery)
@@ -432,21 +434,12 @@ def _save(built: CandidateIndex) -> None:
 
 
 def open_index(gallery: MappedGallery, encoder_id: str | None = None) -> CandidateIndex | None:
-    """The candidate index of a reader's gallery generation; None: search that generation exactly.
+    """The saved index of the gallery's generation; None: search that generation exactly.
 
-    The saved index when it is this generation's. A reader never writes one (a search still on an
-    older generation would overwrite a newer index, and the next append would have to rebuild it);
-    without a current index (an append is committing, or the gallery was built without ``--index``):
-
-    * up to ``FLAT_MAX_VECTORS`` vectors, an exact (flat) index is built in memory for this generation:
-      one pass over the vectors, cheaper than one exact search of the gallery, and it proposes what the
-      saved flat index would;
-    * larger galleries are searched exactly (returns None): an IVF index takes minutes to train at 100K
-      images, while the searches left on a generation that an append superseded are few, and each costs
-      about one exact search.
-
-    An in-memory gallery (``from_arrays``) gets an in-memory index. ``StaleIndexError`` when the gallery
-    itself belongs to another model than ``encoder_id``.
+    A reader never writes an index (one still on an older generation would overwrite a newer one).
+    Without a current one, up to ``FLAT_MAX_VECTORS`` vectors get a flat index built in memory (less work
+    than one exact search), larger galleries are searched exactly (an IVF index takes minutes to train);
+    docs/two_stage.md, "Persistence". ``StaleIndexError``: the gallery belongs to another model.
     """
     generation = gallery.manifest.get("generation")
     if generation is None:
@@ -472,37 +465,6 @@ def _vector_count(gallery: MappedGallery) -> int:
     if gallery.manifest["kind"] == "images":
         return int(gallery.images.shape[0] * gallery.images.shape[1])
     return int(gallery.words.shape[0])
-
-
-def _previous(gallery, faiss, gkind: str, key: str, appended_from: int) -> tuple[Any, dict[str, Any]] | None:
-    path = _meta_path(gallery)
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CandidateIndexError(f"the previous index manifest is unreadable ({e})") from e
-    ok = (
-        isinstance(meta, dict)
-        and isinstance(meta.get("file"), str)
-        and isinstance(meta.get("index"), dict)
-        and meta.get("format") == FORMAT
-        and meta.get("kind") == gkind
-        and meta.get("count") == appended_from
-        and meta.get("encoder_id") == gallery.manifest.get(key)
-        and meta.get("gallery_generation") == gallery.manifest.get("generation", 0) - 1
-    )
-    if not ok:
-        raise CandidateIndexError(f"the previous index does not cover the first {appended_from} items")
-    try:
-        index = faiss.read_index(str(Path(gallery.folder) / meta["file"]))
-    except RuntimeError as e:
-        raise CandidateIndexError(f"the previous index is unreadable ({str(e).splitlines()[0][:200]})") from e
-    if index.ntotal != meta.get("vectors"):
-        raise CandidateIndexError(
-            f"the previous index holds {index.ntotal} vectors, its manifest says {meta.get('vectors')}"
-        )
-    return index, meta["index"]
 
 
 def _training_sample(gallery, index, n_items: int, layout: _Layout) -> np.ndarray:

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "scan-gallery/1"
 MANIFEST = "gallery.json"
 LOCK = ".lock"
-DTYPES = ("float32", "float16")
 CHECKSUM = "xxh3_64"
 # Verify checksums on open when the arrays total at most this many bytes: xxh3-64 reads a warm file at
 # about 10 GB/s here (0.07-0.11 s per GiB, measured), so 1 GiB costs about 0.1 s, and the pages read are
