@@ -25,7 +25,8 @@ from bench.synthetic import FULL, caption_texts
 from runtime.cli import add_engine_arguments, open_engines
 from runtime.engine import ScanEngine
 from runtime.ensemble import Ensemble
-from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
+from runtime.gallery import GalleryFolder
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher
 
 
@@ -84,8 +85,9 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace) -> tuple[list[
     image_queries = rng.standard_normal((args.batch, args.regions, img_dim), dtype=np.float32)
     rows, ratios = [], {}
     with tempfile.TemporaryDirectory(prefix="ensemble_cost.") as tmp:
-        images = build_member_image_galleries(tmp, engines, regions, progress=False)
-        captions = build_member_caption_galleries(tmp, engines, gallery_texts, progress=False)
+        folder = GalleryFolder(tmp, engines)
+        images = folder.write_images(regions, options=WriteOptions(progress=False)).images
+        captions = folder.write_captions(gallery_texts, options=WriteOptions(progress=False)).captions
         for direction, queries, kw, size in (
             ("text_to_image", text_queries, {"images": images}, args.images),
             ("image_to_text", image_queries, {"captions": captions}, args.captions),

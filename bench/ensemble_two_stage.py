@@ -26,7 +26,8 @@ from bench.synthetic import SCENE_CACHE, SceneFeatures
 from runtime.cli import add_engine_arguments, open_engines
 from runtime.engine import ScanEngine
 from runtime.ensemble import CANDIDATE_SOURCES, Ensemble
-from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
+from runtime.gallery import GalleryFolder
+from runtime.options import WriteOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,12 +88,9 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace, ms: list[int])
     image_queries = np.asarray(features[rng.choice(args.captions // 5, args.queries, replace=False)], np.float32)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ensemble_two_stage.") as tmp:
-        images = build_member_image_galleries(
-            tmp, engines, np.asarray(features[: args.images], np.float32), progress=not args.no_progress, index="auto"
-        )
-        captions = build_member_caption_galleries(
-            tmp, engines, texts[: args.captions], progress=not args.no_progress, index="auto"
-        )
+        folder, options = GalleryFolder(tmp, engines), WriteOptions(progress=not args.no_progress, index="auto")
+        images = folder.write_images(np.asarray(features[: args.images], np.float32), options=options).images
+        captions = folder.write_captions(texts[: args.captions], options=options).captions
         for direction, queries, kw, size in (
             ("text_to_image", text_queries, {"images": images}, args.images),
             ("image_to_text", image_queries, {"captions": captions}, args.captions),

@@ -28,8 +28,9 @@ from bench import harness
 from bench.synthetic import caption_texts
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.gallery.shards import split
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher
-from runtime.shards import split
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: i
     cfg = engine.config
     if not (folder / "images" / "gallery.json").is_file():
         feats = rng.standard_normal((n_images, regions, cfg.img_dim), dtype=np.float32)
-        build_image_gallery(
-            engine, feats, folder / "images", names=[f"img{i}" for i in range(n_images)], progress=False
-        )
+        names = [f"img{i}" for i in range(n_images)]
+        build_image_gallery(engine, feats, folder / "images", names, WriteOptions(progress=False))
     if not (folder / "captions" / "gallery.json").is_file():
-        build_caption_gallery(engine, random_texts(engine, rng, n_captions), folder / "captions", progress=False)
+        texts = random_texts(engine, rng, n_captions)
+        build_caption_gallery(engine, texts, folder / "captions", WriteOptions(progress=False))
 
 
 def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[str]:

@@ -62,6 +62,7 @@ from bench.synthetic import (
 )
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher
 
 logger = logging.getLogger(__name__)
@@ -358,11 +359,11 @@ def bench_build(engine: ScanEngine, sizes: Sizes, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"images": sizes.build_images, "regions": sizes.regions, "img_dim": sizes.img_dim}
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
         # Warm the image session on a small batch so the first dtype does not pay for ORT's first run.
-        build_image_gallery(engine, regions[:4], Path(tmp) / "warm", progress=False)
+        build_image_gallery(engine, regions[:4], Path(tmp) / "warm", options=WriteOptions(progress=False))
         for dtype in ("float32", "float16"):
             folder = Path(tmp) / dtype
             t0 = time.perf_counter()
-            g = build_image_gallery(engine, regions, folder, dtype=dtype, progress=False)
+            g = build_image_gallery(engine, regions, folder, options=WriteOptions(dtype=dtype, progress=False))
             seconds = time.perf_counter() - t0
             disk = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
             out[dtype] = {

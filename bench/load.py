@@ -38,6 +38,7 @@ import numpy as np
 from bench import harness
 from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import FULL, QUICK, Sizes, caption_texts, rng_for
+from runtime.options import WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def prepare_gallery(manifest: Path, n: int, sizes: Sizes, seed: int, cache: Path
             b = min(a + 256, n)
             regions[a:b] = np.abs(rng.standard_normal((b - a, sizes.regions, sizes.img_dim), dtype=np.float32))
         regions.flush()
-        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)], progress=False)
+        names = [f"image{i}" for i in range(n)]
+        build_image_gallery(engine, regions, folder / "images", names, WriteOptions(progress=False))
     return folder
 
 

@@ -40,7 +40,8 @@ import numpy as np
 from bench import harness
 from bench.harness import overlap_at
 from bench.synthetic import CHUNK, SCENE_CACHE, SceneFeatures
-from runtime.candidates import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from runtime.options import WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def demo_engine(demo: Path, log=print) -> Path:
 
 def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: str, progress: bool):
     """The float16 gallery (+ candidate index) of the first ``n`` images, built once."""
-    from runtime.candidates import StaleIndexError, load_index
     from runtime.gallery import GalleryError, ImageGallery, build_image_gallery
+    from runtime.gallery.index import StaleIndexError, load_index
 
     try:
         g = ImageGallery.load(folder, engine.manifest.image_encoder_id)
@@ -89,7 +90,7 @@ def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: st
     except (GalleryError, StaleIndexError) as e:
         logger.info("building %s (%s)", folder, e)
     return build_image_gallery(
-        engine, features[:n], folder, dtype="float16", batch=1000, progress=progress, index=index
+        engine, features[:n], folder, batch=1000, options=WriteOptions(dtype="float16", progress=progress, index=index)
     )
 
 

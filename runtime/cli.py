@@ -15,8 +15,9 @@ from runtime.backends import BACKENDS, BackendError
 from runtime.captions import DataError
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
-from runtime.gallery import DTYPES, GalleryError
+from runtime.gallery import GalleryError
 from runtime.manifest import ManifestError
+from runtime.options import GALLERY_DTYPES
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
@@ -75,7 +76,7 @@ def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
 
 def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str) -> None:
     """The flag choosing how a gallery stores encoded items (float32 by default)."""
-    p.add_argument(flag, choices=DTYPES, default="float32", help=help)
+    p.add_argument(flag, choices=GALLERY_DTYPES, default="float32", help=help)
 
 
 def engine_options(args: argparse.Namespace) -> dict:

@@ -37,9 +37,10 @@ import numpy as np
 from runtime.engine import ScanEngine
 from runtime.features import check_regions
 from runtime.gallery import GalleryError, build_caption_gallery, build_image_gallery
+from runtime.gallery.shards import KINDS, check_contiguous, load_shard, read_layout
 from runtime.manifest import resolve_manifest
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher, SearcherContract, SearchError
-from runtime.shards import KINDS, check_contiguous, load_shard, read_layout
 from runtime.tokenizer import Tokenizer
 from runtime.topk import MISSING_ID, RunningTopK
 from runtime.vocab import Vocabulary
@@ -91,8 +92,7 @@ class ShardServer:
         self._load()
 
     def _load(self) -> None:
-        m = self.engine.manifest
-        self.shard, images, captions = load_shard(self.folder, m.image_encoder_id, m.text_encoder_id)
+        self.shard, images, captions = load_shard(self.folder, self.engine)
         self.searcher = Searcher(self.engine, images=images, captions=captions, **self.searcher_options)
 
     def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
@@ -132,7 +132,7 @@ class ShardServer:
         images = self.searcher.images
         dtype = images.dtype.name if images is not None else "float32"
         build_image_gallery(
-            self.engine, regions, self.folder / "images", names=names, dtype=dtype, append=True, progress=False
+            self.engine, regions, self.folder / "images", names, WriteOptions(dtype, append=True, progress=False)
         )
         self._load()
         return self.info()
@@ -141,7 +141,7 @@ class ShardServer:
         captions = self.searcher.captions
         dtype = captions.dtype.name if captions is not None else "float32"
         build_caption_gallery(
-            self.engine, list(texts), self.folder / "captions", dtype=dtype, append=True, progress=False
+            self.engine, list(texts), self.folder / "captions", WriteOptions(dtype, append=True, progress=False)
         )
         self._load()
         return self.info()

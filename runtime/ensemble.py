@@ -7,12 +7,12 @@ encoders, head and gallery cache (``Backend.block_sims``), the scores are averag
 merged into one running top-k, so memory stays bounded by the block whatever the gallery's size.
 
     engines = [ScanEngine.open("t2i/scan.json"), ScanEngine.open("i2t/scan.json")]
-    images = load_member_galleries("gal", engines, "images")      # runtime/ensemble_gallery.py
+    images = GalleryFolder("gal", engines).load().images          # runtime/gallery/folder.py
     with Ensemble(engines, images=images, weights=[0.5, 0.5]) as ensemble:
         scores, ids = ensemble.search(["a dog on the beach"], k=10)
 
 Members must hold the same gallery (same items in the same order): one cache per member, all built
-together by ``runtime/ensemble_gallery.py``; ``Ensemble`` checks that they agree.
+together by ``runtime/gallery/members.py``; ``Ensemble`` checks that they agree.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 from runtime.buckets import length_batches
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery
+from runtime.gallery.members import check_agreement, member_label
 from runtime.searcher import (
     DEFAULT_CAPTION_BLOCK,
     DEFAULT_IMAGE_BLOCK,
@@ -76,7 +77,7 @@ class Ensemble(SearcherContract):
     """``search(queries, k)`` over several engines, scores the weighted mean of their similarities.
 
     ``engines``: the members (opened ``ScanEngine``s; the ensemble does not close them). ``images`` /
-    ``captions``: one gallery per member, in the members' order (see ``load_member_galleries``).
+    ``captions``: one gallery per member, in the members' order (see ``GalleryFolder.load``).
     ``weights``: see :func:`check_weights`. The other arguments are ``Searcher``'s, shared by all members
     (each capped to every member's backend limits, so the members' blocks line up).
     """
@@ -108,7 +109,7 @@ class Ensemble(SearcherContract):
         if len(img_dims) > 1:
             raise SearchError(
                 "the ensemble's members take different region features: "
-                + ", ".join(f"{describe(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(engines))
+                + ", ".join(f"{member_label(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(engines))
             )
         for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -252,8 +253,11 @@ class Ensemble(SearcherContract):
     # ------------------------------------------------------------------ two-stage (runtime/candidates.py)
 
     def _two_stage(self, kind: str) -> bool:
-        # With every item a candidate the exact path runs (identical results), as in Searcher.
-        return 0 < self.candidates < len((self.images if kind == "images" else self.captions)[0])
+        # With every item a candidate the exact path runs (identical results), as in Searcher; and without
+        # an index of this generation for a member that proposes.
+        sources = self.members if self.candidate_source == "union" else self.members[:1]
+        gallery = (self.images if kind == "images" else self.captions)[0]
+        return 0 < self.candidates < len(gallery) and all(m.candidate_index(kind) is not None for m in sources)
 
     def _proposals(self, kind: str, vectors: list[list[np.ndarray]]) -> list[np.ndarray]:
         """Per query, the storage positions (ascending) to score exactly: the union of every member's
@@ -307,12 +311,6 @@ class Ensemble(SearcherContract):
         return top.result()
 
 
-def describe(engine: ScanEngine, index: int | None = None) -> str:
-    """How errors name a member: its position and manifest."""
-    where = f"member {index + 1} " if index is not None else ""
-    return f"{where}({engine.manifest.path})"
-
-
 def _one_per_member(galleries, engines: list[ScanEngine], kind: str):
     if galleries is None:
         return None
@@ -328,48 +326,7 @@ def _one_per_member(galleries, engines: list[ScanEngine], kind: str):
         have = g.manifest.get(key)
         if have is not None and have != want:
             raise GalleryError(
-                f"{kind} gallery {g.folder} for {describe(e, i)} was built by another model "
+                f"{kind} gallery {g.folder} for {member_label(e, i)} was built by another model "
                 f"({key} {str(have)[:12]}, the engine's is {want[:12]})"
             )
     return galleries
-
-
-def check_agreement(
-    galleries: Sequence[ImageGallery] | Sequence[CaptionGallery], engines: Sequence[ScanEngine], kind: str
-) -> None:
-    """Refuse member galleries that do not hold the same items in the same order, naming the mismatch."""
-    first = galleries[0]
-    label0 = f"{describe(engines[0], 0)}'s {first.folder}"
-    for i, g in enumerate(galleries[1:], 1):
-        label = f"{describe(engines[i], i)}'s {g.folder}"
-        what = "images" if kind == "images" else "captions"
-        if len(g) != len(first):
-            raise GalleryError(
-                f"the ensemble's members disagree on the {kind} gallery: {label0} holds {len(first)} "
-                f"{what}, {label} {len(g)}; rebuild them together"
-            )
-        arrays = [("ids", first.ids, g.ids)]
-        if kind == "captions":
-            arrays.append(("caption lengths", first.lengths, g.lengths))
-        for name, a, b in arrays:
-            a, b = np.asarray(a), np.asarray(b)
-            if not np.array_equal(a, b):
-                at = int(np.flatnonzero(a != b)[0])
-                raise GalleryError(
-                    f"the ensemble's members disagree on the {kind} gallery's order: {name} at "
-                    f"position {at} is {a[at]} in {label0}, {b[at]} in {label}; rebuild them together"
-                )
-        labels = [("names", first.names, g.names)] if kind == "images" else [("texts", first.texts, g.texts)]
-        for name, a, b in labels:
-            if (a is None) != (b is None):
-                raise GalleryError(
-                    f"the ensemble's members disagree on the {kind} gallery: {label0} "
-                    f"{'has' if a is not None else 'has no'} {name}, {label} "
-                    f"{'has' if b is not None else 'has no'}; rebuild them together"
-                )
-            if a is not None and list(a) != list(b):
-                at = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-                raise GalleryError(
-                    f"the ensemble's members disagree on the {kind} gallery: {name}[{at}] is "
-                    f"{a[at]!r} in {label0}, {b[at]!r} in {label}; rebuild them together"
-                )

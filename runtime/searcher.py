@@ -170,7 +170,7 @@ class Searcher(SearcherContract):
         scores = np.empty((len(captions), k), np.float32)
         out_ids = np.empty((len(captions), k), np.int64)
         for idx, words in encode_by_length(self.engine, ids, lengths, self.query_batch):  # words (q, L, d)
-            if self._two_stage(self.images):
+            if self._two_stage("images"):
                 scores[idx], out_ids[idx] = self._two_stage_text(words, lengths[idx], k)
                 continue
             query = {"captions": words, "lengths": lengths[idx]}
@@ -185,7 +185,7 @@ class Searcher(SearcherContract):
         out_ids = np.empty((len(images), k), np.int64)
         for a in range(0, len(images), self.query_batch):
             sl = slice(a, a + self.query_batch)
-            if self._two_stage(self.captions):
+            if self._two_stage("captions"):
                 scores[sl], out_ids[sl] = self._two_stage_images(images[sl], gram[sl], k)
                 continue
             query = {"images": images[sl]}
@@ -221,13 +221,15 @@ class Searcher(SearcherContract):
 
     # ------------------------------------------------------------------ two-stage (runtime/candidates.py)
 
-    def _two_stage(self, gallery) -> bool:
-        # With every item a candidate the exact path runs: identical results on every backend.
-        return 0 < self.candidates < len(gallery)
+    def _two_stage(self, kind: str) -> bool:
+        # With every item a candidate the exact path runs: identical results on every backend. Without an
+        # index of this generation (open_index says why) too.
+        gallery = self.images if kind == "images" else self.captions
+        return 0 < self.candidates < len(gallery) and self.candidate_index(kind) is not None
 
     def candidate_index(self, kind: str):
-        """The gallery's candidate index, loaded once (built, or rebuilt with a warning, when missing or stale)."""
-        from runtime.candidates import ensure_index
+        """The gallery's candidate index, opened once (None: search exactly; see ``open_index``)."""
+        from runtime.gallery.index import open_index
 
         with self._index_lock:
             if kind not in self._indexes:
@@ -235,7 +237,7 @@ class Searcher(SearcherContract):
                 encoder = (
                     self.engine.manifest.image_encoder_id if kind == "images" else self.engine.manifest.text_encoder_id
                 )
-                self._indexes[kind] = ensure_index(gallery, encoder)
+                self._indexes[kind] = open_index(gallery, encoder)
             return self._indexes[kind]
 
     def _two_stage_text(self, words: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 Same contract as ``LocalExecutor`` (runtime/service/executor.py): the batcher calls ``search`` with a
 batch of queries, which the ``Ensemble`` scores with every member and averages; appends go through
-``runtime/ensemble_gallery.py`` (every member's cache extended, committed together) and then swap the
+``runtime/gallery/members.py`` (every member's cache extended, committed together) and then swap the
 ``Ensemble`` reference under a lock, so searches in flight keep the generation they started with.
 """
 
@@ -17,13 +17,7 @@ import numpy as np
 
 from runtime.engine import ScanEngine
 from runtime.ensemble import Ensemble, check_weights
-from runtime.ensemble_gallery import (
-    build_member_caption_galleries,
-    build_member_image_galleries,
-    load_member_galleries,
-    read_index,
-)
-from runtime.gallery import MANIFEST, GalleryError
+from runtime.gallery import GalleryError, GalleryFolder
 from runtime.service.executor import (
     Appended,
     SwappingExecutor,
@@ -56,13 +50,10 @@ class EnsembleExecutor(SwappingExecutor):
         self.folder = Path(gallery)
         if self.folder.exists() and not self.folder.is_dir():
             raise GalleryError(f"--gallery {self.folder}: expected a folder, received a file")
-        index = read_index(self.folder) if self.folder.is_dir() else None
-        loaded = {}
-        for kind in ("images", "captions"):
-            # A single model's gallery there is refused by load_member_galleries, naming the missing members.
-            if (index or {}).get(kind) is not None or (self.folder / kind / MANIFEST).is_file():
-                loaded[kind] = load_member_galleries(self.folder, self.engines, kind)
-        self._searcher = self._new(loaded.get("images"), loaded.get("captions"))
+        self.gallery = GalleryFolder(self.folder, self.engines)
+        loaded = self.gallery.load()  # a single model's gallery there is refused, naming the missing members
+        self._generation = loaded.generation
+        self._searcher = self._new(loaded.images, loaded.captions)
         self._swap = threading.Lock()  # guards the ensemble reference
         self._write = threading.Lock()  # one append at a time in this process
 
@@ -115,29 +106,29 @@ class EnsembleExecutor(SwappingExecutor):
         with self._write:
             old = self._current().images
             check_append_names(old, names)
-            galleries = build_member_image_galleries(
-                self.folder, self.engines, regions, names=names, **append_options(old, self.candidates)
-            )
+            written = self.gallery.write_images(regions, names, append_options(old, self.candidates))
+            galleries = written.images
             with self._swap:
                 self._searcher = self._new(galleries, self._searcher.captions)
+                self._generation = written.generation
             return appended(old, galleries)
 
     def append_captions(self, captions: list[str]) -> Appended:
         with self._write:
             old = self._current().captions
-            galleries = build_member_caption_galleries(
-                self.folder, self.engines, captions, **append_options(old, self.candidates)
-            )
+            written = self.gallery.write_captions(captions, append_options(old, self.candidates))
+            galleries = written.captions
             with self._swap:
                 self._searcher = self._new(self._searcher.images, galleries)
+                self._generation = written.generation
             return appended(old, galleries)
 
     # ------------------------------------------------------------------ description
 
     def describe(self) -> dict:
-        e = self._current()
-        index = read_index(self.folder) if self.folder.is_dir() else None
-        galleries = {kind: describe_gallery(g, (index or {}).get("generation")) for kind, g in by_kind(e)}
+        with self._swap:
+            e, generation = self._searcher, self._generation
+        galleries = {kind: describe_gallery(g, generation) for kind, g in by_kind(e)}
         members = [
             {
                 "engine": None if self.engine_paths is None else self.engine_paths[i],

@@ -25,9 +25,8 @@ import numpy as np
 
 from runtime.engine import ScanEngine
 from runtime.features import check_regions
-from runtime.gallery.captions import CaptionGallery, build_caption_gallery
-from runtime.gallery.images import ImageGallery, build_image_gallery
-from runtime.gallery.store import MANIFEST, GalleryError
+from runtime.gallery import GalleryError, GalleryFolder, ImageGallery
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher, SearchError
 from runtime.tokenizer import TokenizerError
 
@@ -135,11 +134,9 @@ class LocalExecutor(SwappingExecutor):
             raise GalleryError(
                 f"--gallery {self.folder}: expected a folder (holding images/ and captions/), received a file"
             )
-        images = captions = None
-        if (self.folder / "images" / MANIFEST).is_file():
-            images = ImageGallery.load(self.folder / "images", engine.manifest.image_encoder_id)
-        if (self.folder / "captions" / MANIFEST).is_file():
-            captions = CaptionGallery.load(self.folder / "captions", engine.manifest.text_encoder_id)
+        self.gallery = GalleryFolder(self.folder, engine)
+        loaded = self.gallery.load()
+        images, captions = (None if g is None else g[0] for g in (loaded.images, loaded.captions))
         self._searcher = Searcher(engine, images=images, captions=captions, candidates=candidates)
         self._swap = threading.Lock()  # guards the searcher reference
         self._write = threading.Lock()  # one append at a time in this process
@@ -168,9 +165,7 @@ class LocalExecutor(SwappingExecutor):
         with self._write:
             old = self._current().images
             check_append_names(old, names)
-            gallery = build_image_gallery(
-                self.engine, regions, self.folder / "images", names=names, **append_options(old, self.candidates)
-            )
+            gallery = self.gallery.write_images(regions, names, append_options(old, self.candidates)).images[0]
             with self._swap:
                 self._searcher = Searcher(
                     self.engine, images=gallery, captions=self._searcher.captions, candidates=self.candidates
@@ -180,9 +175,7 @@ class LocalExecutor(SwappingExecutor):
     def append_captions(self, captions: list[str]) -> Appended:
         with self._write:
             old = self._current().captions
-            gallery = build_caption_gallery(
-                self.engine, captions, self.folder / "captions", **append_options(old, self.candidates)
-            )
+            gallery = self.gallery.write_captions(captions, append_options(old, self.candidates)).captions[0]
             with self._swap:
                 self._searcher = Searcher(
                     self.engine, images=self._searcher.images, captions=gallery, candidates=self.candidates
@@ -268,14 +261,14 @@ def check_append_names(old: Any, names: list[str] | None) -> None:
         )
 
 
-def append_options(old: Any, candidates: int) -> dict[str, Any]:
-    """The gallery builders' options for an append through the service."""
-    return {
-        "dtype": _first(old).dtype.name if old is not None else "float32",
-        "append": True,
-        "progress": False,
-        "index": "auto" if candidates else None,  # the index follows the append, not the next search
-    }
+def append_options(old: Any, candidates: int) -> WriteOptions:
+    """The gallery writers' options for an append through the service."""
+    return WriteOptions(
+        dtype=_first(old).dtype.name if old is not None else "float32",
+        append=True,
+        progress=False,
+        index="auto" if candidates else None,  # the index follows the append, not the next search
+    )
 
 
 def appended(old: Any, new: Any) -> Appended:

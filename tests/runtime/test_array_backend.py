@@ -19,6 +19,7 @@ from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import SCANConfig
 from runtime.manifest import write_manifest
+from runtime.options import WriteOptions
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
@@ -547,8 +548,12 @@ def test_searcher_on_numpy_equals_searcher_on_onnxruntime(engine_path, tmp_path,
     found = {}
     for backend in ("onnxruntime", "numpy"):
         with ScanEngine.open(engine_path, backend=backend) as engine:
-            images = build_image_gallery(engine, regions, tmp_path / backend / "images", progress=False)
-            caps = build_caption_gallery(engine, captions, tmp_path / backend / "captions", progress=False)
+            images = build_image_gallery(
+                engine, regions, tmp_path / backend / "images", options=WriteOptions(progress=False)
+            )
+            caps = build_caption_gallery(
+                engine, captions, tmp_path / backend / "captions", options=WriteOptions(progress=False)
+            )
             with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4, resident=resident) as s:
                 found[backend] = (s.search(queries_text, 7), s.search(queries_images, 9))
     for (s_ref, i_ref), (s_got, i_got) in zip(found["onnxruntime"], found["numpy"]):
@@ -628,8 +633,12 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
     (tmp_path / "queries.json").write_text(json.dumps(queries_text))
     np.save(tmp_path / "queries.npy", queries_images)
     with ScanEngine.open(engine_path, backend="numpy") as engine:
-        images = build_image_gallery(engine, random_regions(23, seed=2), tmp_path / "images", progress=False)
-        caps = build_caption_gallery(engine, random_captions(31, seed=2), tmp_path / "captions", progress=False)
+        images = build_image_gallery(
+            engine, random_regions(23, seed=2), tmp_path / "images", options=WriteOptions(progress=False)
+        )
+        caps = build_caption_gallery(
+            engine, random_captions(31, seed=2), tmp_path / "captions", options=WriteOptions(progress=False)
+        )
         with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
         words, lengths = engine.encode_captions(queries_text)

@@ -10,12 +10,9 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.ensemble import Ensemble
-from runtime.ensemble_gallery import (
-    ENSEMBLE,
-    build_member_caption_galleries,
-    build_member_image_galleries,
-    load_member_galleries,
-)
+from runtime.gallery import GalleryFolder
+from runtime.gallery.members import ENSEMBLE
+from runtime.options import WriteOptions
 from runtime.serve import main as serve_main
 from runtime.service.ensemble_executor import EnsembleExecutor
 from runtime.service.service import Service
@@ -35,8 +32,12 @@ def build(small_engines, folder):
     engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
     try:
         names = [f"img{i}" for i in range(N_IMAGES)]
-        build_member_image_galleries(folder, engines, random_regions(N_IMAGES, seed=1), names=names, progress=False)
-        build_member_caption_galleries(folder, engines, random_captions(N_CAPTIONS, seed=2), progress=False)
+        GalleryFolder(folder, engines).write_images(
+            random_regions(N_IMAGES, seed=1), names=names, options=WriteOptions(progress=False, append=True)
+        )
+        GalleryFolder(folder, engines).write_captions(
+            random_captions(N_CAPTIONS, seed=2), options=WriteOptions(progress=False, append=True)
+        )
     finally:
         for e in engines:
             e.close()
@@ -59,8 +60,8 @@ class Reference:
         self.engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
         self.ensemble = Ensemble(
             self.engines,
-            images=load_member_galleries(folder, self.engines, "images"),
-            captions=load_member_galleries(folder, self.engines, "captions"),
+            images=GalleryFolder(folder, self.engines).load().images,
+            captions=GalleryFolder(folder, self.engines).load().captions,
             weights=WEIGHTS,
         )
 
@@ -157,7 +158,9 @@ def test_a_single_model_gallery_is_refused_at_load(small_engines, tmp_path):
     from runtime.gallery import build_image_gallery
 
     with ScanEngine.open(small_engines["t2i"], backend="onnxruntime", threads=1) as engine:
-        build_image_gallery(engine, random_regions(4, seed=1), tmp_path / "single" / "images", progress=False)
+        build_image_gallery(
+            engine, random_regions(4, seed=1), tmp_path / "single" / "images", options=WriteOptions(progress=False)
+        )
     svc = Service(
         lambda: EnsembleExecutor.open(paths(small_engines), tmp_path / "single", backend="onnxruntime", threads=1)
     )

@@ -23,8 +23,8 @@ QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue 
 @pytest.fixture(scope="module")
 def services(ray_cluster, small_engines, tmp_path_factory):
     """(single-node service, service over 2 shards) of the same gallery; the sharded one splits it beside."""
+    from runtime.gallery.shards import ensure_split
     from runtime.service.sharded import ShardedExecutor
-    from runtime.shards import ensure_split
 
     engine = small_engines["t2i"]
     folder = build_gallery(engine, tmp_path_factory.mktemp("serve_shards") / "g")

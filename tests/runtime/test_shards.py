@@ -12,8 +12,10 @@ import pytest
 from runtime.cluster import ShardServer, merge_topk
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
+from runtime.gallery.shards import ShardError, check_contiguous, ensure_split, load_shard, merge, read_layout, split
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher
-from runtime.shards import ShardError, check_contiguous, ensure_split, load_shard, main, merge, read_layout, split
+from runtime.shards import main
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
 N_IMAGES, N_CAPTIONS = 23, 29
@@ -162,7 +164,11 @@ def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
         ensure_split(out, 3)
     with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the unsharded gallery moves on
         build_image_gallery(
-            engine, random_regions(1, seed=9), g / "images", names=["late"], append=True, progress=False
+            engine,
+            random_regions(1, seed=9),
+            g / "images",
+            names=["late"],
+            options=WriteOptions(append=True, progress=False),
         )
     with pytest.raises(ShardError, match="split from another state"):
         ensure_split(g, 2)

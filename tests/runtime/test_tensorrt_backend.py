@@ -22,6 +22,7 @@ import pytest
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.manifest import load_manifest
+from runtime.options import WriteOptions
 from tests.fake_tensorrt import (
     FakeAllocator,
     build_with_fakes,
@@ -374,8 +375,8 @@ def test_searcher_on_tensorrt_equals_onnxruntime(monkeypatch, export_copy: Path,
     words = ["a", "dog", "man", "on", "the", "beach", "two", "red", "car", "."]
     texts = [" ".join(rng.choice(words, size=rng.integers(1, 15))) for _ in range(90)]
     with ScanEngine(m, backend="onnxruntime") as ref:
-        images = build_image_gallery(ref, regions, tmp_path / "images", progress=False)
-        captions = build_caption_gallery(ref, texts, tmp_path / "captions", progress=False)
+        images = build_image_gallery(ref, regions, tmp_path / "images", options=WriteOptions(progress=False))
+        captions = build_caption_gallery(ref, texts, tmp_path / "captions", options=WriteOptions(progress=False))
         with Searcher(ref, images=images, captions=captions, image_block=50, caption_block=40) as s:
             want = {k: s.search(texts[:20], k) for k in (3, 9)}
             want_i2t = s.search(regions[:20], 6)
