@@ -55,3 +55,15 @@ def load_regions(path: str | Path, img_dim: int, mmap: bool = True) -> np.ndarra
         raise FeatureError(f"{path}: not a readable .npy array ({e})") from e
     # Finite-ness is checked batch by batch while encoding, not here: the file may be many GB.
     return check_layout(x, img_dim, name=str(path))
+
+
+def model_regions(engine: object) -> int | None:
+    """Regions per image the engine's image graph accepts at most: a TensorRT plan's profile maximum, or a fixed
+    dimension of the graph's input; None where it is dynamic (an ONNX export takes any count)."""
+    graph = engine.image  # type: ignore[attr-defined]
+    spec = graph.inputs[0]
+    profile = getattr(graph, "profile", None)
+    if isinstance(profile, dict) and spec.name in profile:
+        return int(profile[spec.name]["max"][1])
+    regions = spec.shape[1] if len(spec.shape) == 3 else None
+    return regions if isinstance(regions, int) and regions > 0 else None

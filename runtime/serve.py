@@ -33,6 +33,7 @@ from runtime.service.settings import Batching, Limits, MiB, Settings
 logger = logging.getLogger("runtime.serve")
 
 B, L = Batching(), Limits()
+MIN_TOKEN_CHARS = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=L.max_body_bytes / MiB, help="search request bodies")
     p.add_argument("--max-append-mb", type=float, default=L.max_append_bytes / MiB, help="gallery append bodies")
     p.add_argument("--max-append-items", type=int, default=L.max_append_items)
+    p.add_argument(
+        "--max-regions",
+        type=int,
+        default=None,
+        help="regions per image in queries and appends (default: the model's, when its engine fixes them, else 100)",
+    )
+    p.add_argument(
+        "--header-timeout-s", type=float, default=L.header_timeout_s, help="a request's headers must arrive within it"
+    )
+    p.add_argument(
+        "--body-timeout-s", type=float, default=L.body_timeout_s, help="a request's body must arrive within it (408)"
+    )
     p.add_argument("--token-file", help="file holding the bearer token that gallery writes require")
     p.add_argument(
         "--candidates",
@@ -91,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--no-access-log", action="store_true", help="do not log each request (logged at info level)")
     add_engine_arguments(p)
     return p
 
@@ -104,6 +118,14 @@ def read_token(path: str) -> str:
         raise ValueError(f"--token-file {p}: empty (expected the token on one line)")
     if p.stat().st_mode & 0o077:
         logger.warning("--token-file %s is readable by other users (chmod 600 it)", p)
+    if len(token) < MIN_TOKEN_CHARS:
+        logger.warning(
+            "--token-file %s: the token has %d characters; use at least %d random ones "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            p,
+            len(token),
+            MIN_TOKEN_CHARS,
+        )
     return token
 
 
@@ -129,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 int(args.max_body_mb * MiB),
                 int(args.max_append_mb * MiB),
                 args.max_append_items,
+                args.max_regions,
+                args.header_timeout_s,
+                args.body_timeout_s,
             ),
         )
         token = read_token(args.token_file) if args.token_file else None
@@ -163,6 +188,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     from runtime.service.app import create_app
     from runtime.service.ensemble_executor import EnsembleExecutor
     from runtime.service.executor import LocalExecutor
+    from runtime.service.server import Server, header_deadline
     from runtime.service.service import Service
 
     def open_executor():
@@ -192,16 +218,18 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
 
         started_ray = connect(args.ray_address)
     service = Service(open_executor, settings, token=token)
+    app = create_app(service, access_log=not args.no_access_log)
     config = uvicorn.Config(
-        create_app(service),
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        access_log=False,
+        access_log=False,  # the app logs each request, with its latency
         timeout_graceful_shutdown=args.grace_s,
         lifespan="on",
+        http=header_deadline(settings.limits.header_timeout_s),
     )
-    server = uvicorn.Server(config)
+    server = Server(config, on_shutdown=app.state.reads.stop)
 
     def summary(svc: Service) -> None:
         d = svc.executor.describe()

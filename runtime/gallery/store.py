@@ -16,7 +16,6 @@ import logging
 import mmap
 import os
 import re
-import tempfile
 import threading
 import time
 import weakref
@@ -360,9 +359,7 @@ def check_finite(folder: Path, data: dict[str, Any], arrays: dict[str, np.ndarra
 
 def temporary(folder: Path, name: str, generation: int) -> Path:
     """A unique temporary path in ``folder`` (removed by the next writer if this one is killed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{generation}.", suffix=".npy.tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
+    return atomic.temporary(folder, f".{name}.{generation}.", ".npy.tmp")
 
 
 def finish_array(

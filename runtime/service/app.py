@@ -1,17 +1,24 @@
 """The FastAPI application of the search service: routes, status codes, error bodies, auth, body limits.
 
 Every error is ``{"error": message}`` (plus ``field``/``limit``/``received`` when one input is at fault):
-400 malformed body, 401 missing or wrong token, 404/405 unknown route, 409 no gallery for that direction
-or a gallery conflict, 413 too large, 415 wrong Content-Type, 422 invalid value, 503 not ready or queue
-full (with ``Retry-After``), 500 an internal failure of that one request (logged; the server keeps serving).
+400 malformed body, 401 missing or wrong token, 404/405 unknown route, 408 body too slow, 409 no gallery
+for that direction or a gallery conflict, 413 too large, 415 wrong Content-Type, 422 invalid value, 503 not
+ready, queue full or shutting down (with ``Retry-After``), 500 an internal failure of that one request or a
+corrupted gallery (logged; the server keeps serving).
+
+Bodies are parsed and checked in worker threads, large ones two at a time, so /healthz answers while a
+100k-caption append is checked; each body must arrive within ``body_timeout_s``, and at shutdown the bodies
+still arriving are abandoned (``Reads.stop``) rather than waited for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,20 +26,23 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.cluster import ShardUnavailableError
-from runtime.features import FeatureError
+from runtime.features import FeatureError, model_regions
 from runtime.gallery import GalleryError
 from runtime.searcher import SearchError
+from runtime.service import openapi as api
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
 from runtime.service.executor import Appended, Hits
 from runtime.service.requests import ApiError
 from runtime.service.service import NoGallery, NotReady, Service
+from runtime.service.settings import DEFAULT_MAX_REGIONS
 from runtime.tokenizer import TokenizerError
+from runtime.topk import NonFiniteScore
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,11 @@ ENDPOINTS = (
     "/openapi.json",
 )
 WRITE_PREFIX = "/v1/gallery/"
+PATH_KEYS = ("engine", "gallery", "folder")  # the server's paths in /v1/info: shown only with the token
+SMALL_BODY = 64 << 10  # parsed on the event loop (microseconds); larger ones in a worker thread
+PARSERS = 2  # large bodies parsed at once: bounds the memory of their parsed objects
+# The tokenizer, the feature checks and the gallery start their messages with the input at fault.
+_FIELD = re.compile(r"([a-z_]+(?:\[\d+\])?)[: ]")
 
 
 def _version(dist: str) -> str | None:
@@ -77,6 +92,20 @@ def _retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+def _field(message: str) -> str | None:
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+def _corrupted(e: BaseException) -> bool:
+    """A score that is NaN or infinite comes from the gallery's cached arrays, never from the request."""
+    while e is not None:
+        if isinstance(e, NonFiniteScore):
+            return True
+        e = e.__cause__
+    return False
+
+
 async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
     """Run a handler body: client mistakes -> 4xx, overload -> 503, anything else -> 500 for this request only."""
     try:
@@ -85,11 +114,14 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
     except ApiError as e:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
     except (TokenizerError, FeatureError, SearchError) as e:
-        return _error(422, str(e))
+        if _corrupted(e):
+            logger.error("%s failed: the gallery is corrupted: %s", endpoint, e)
+            return _error(500, "internal error: a gallery's cached arrays are corrupted; the server logged the details")
+        return _error(422, str(e), field=_field(str(e)))
     except NoGallery as e:
         return _error(409, str(e))
     except GalleryError as e:
-        return _error(409, str(e))
+        return _error(409, str(e), field=_field(str(e)))
     except NotReady as e:
         return _error(503, f"not ready: {e}", headers=_retry_after(1))
     except QueueFull as e:
@@ -103,17 +135,6 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
         return _error(500, f"internal error ({type(e).__name__}); the server logged the details")
 
 
-def _body(required: str, properties: dict[str, Any], npy: str | None = None) -> dict[str, Any]:
-    """The OpenAPI request body of an endpoint: a JSON object with ``properties`` (``required`` among them) and,
-    with ``npy`` (its description), a raw .npy body too."""
-    content: dict[str, Any] = {
-        "application/json": {"schema": {"type": "object", "required": [required], "properties": properties}}
-    }
-    if npy is not None:
-        content[rq.NPY] = {"schema": {"type": "string", "format": "binary", "description": npy}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
 def _appended_json(out: Appended) -> dict[str, Any]:
     return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
 
@@ -122,12 +143,58 @@ def _hits_json(hits: Hits) -> dict[str, Any]:
     return {"ids": hits.ids.tolist(), "scores": rq.json_scores(hits.scores), "names": hits.names}
 
 
-class _Guard:
-    """ASGI middleware: body size limits (Content-Length and while streaming), per-request metrics and log line."""
+class Reads:
+    """The request bodies being received: ``stop`` (at shutdown) abandons them with 503, so that a slow client
+    does not hold the server for its grace period."""
 
-    def __init__(self, app, service: Service) -> None:
+    def __init__(self) -> None:
+        self.waiting: set[asyncio.Future] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        for read in list(self.waiting):
+            read.cancel()
+
+    async def receive(self, receive, deadline: float, limit: float) -> dict:
+        if self.stopping:
+            raise _shutting_down()
+        read = asyncio.ensure_future(receive())
+        self.waiting.add(read)
+        try:
+            return await asyncio.wait_for(read, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"body: not received within {limit:g} s",
+                field="body",
+                headers={"Connection": "close"},
+            ) from None
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+            raise _shutting_down() from None
+        finally:
+            self.waiting.discard(read)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "unavailable: the server is shutting down before the request body arrived",
+        headers={"Connection": "close", **_retry_after(1)},
+    )
+
+
+class _Guard:
+    """ASGI middleware: body size limits (Content-Length and while streaming), the body deadline, per-request
+    metrics and the access log."""
+
+    def __init__(self, app, service: Service, reads: Reads, access_log: bool) -> None:
         self.app = app
         self.service = service
+        self.reads = reads
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -137,6 +204,7 @@ class _Guard:
         limits = self.service.settings.limits
         limit = limits.max_append_bytes if path.startswith(WRITE_PREFIX) else limits.max_body_bytes
         t0 = time.perf_counter()
+        deadline = time.monotonic() + limits.body_timeout_s
         status = 500
         api = path.startswith("/v1/")
         if api:
@@ -159,13 +227,16 @@ class _Guard:
                     received=int(declared),
                 )(scope, receive, send_status)
                 return
-            received = 0
+            received, complete = 0, False
 
             async def counted_receive():
-                nonlocal received
-                message = await receive()
+                nonlocal received, complete
+                if complete:  # after the body: only a disconnect can come, whenever it does
+                    return await receive()
+                message = await self.reads.receive(receive, deadline, limits.body_timeout_s)
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    complete = not message.get("more_body", False)
                     if received > limit:
                         raise ApiError(
                             413, f"body: at most {limit} bytes, received more than {limit}", field="body", limit=limit
@@ -179,13 +250,20 @@ class _Guard:
             seconds = time.perf_counter() - t0
             self.service.monitoring.record_request(endpoint, status, seconds)
             # 503 from /readyz while loading is its job, not an error
-            level = logging.WARNING if status >= 500 and path != "/readyz" else logging.DEBUG
+            if status >= 500 and path != "/readyz":
+                level = logging.WARNING
+            else:
+                level = logging.INFO if self.access_log else logging.DEBUG
             if logger.isEnabledFor(level):
-                logger.log(level, "%s %s %d %.1f ms", scope["method"], path, status, seconds * 1000)
+                client = scope.get("client") or ("-", 0)
+                logger.log(
+                    level, "%s:%s %s %s %d %.1f ms", client[0], client[1], scope["method"], path, status, seconds * 1000
+                )
 
 
-def create_app(service: Service) -> FastAPI:
-    """The application for ``service``; its lifespan starts loading and, at shutdown, drains the batcher."""
+def create_app(service: Service, access_log: bool = True) -> FastAPI:
+    """The application for ``service``; its lifespan starts loading and, at shutdown, drains the batcher.
+    ``app.state.reads.stop()`` abandons the bodies still arriving (runtime/service/server.py calls it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -200,20 +278,25 @@ def create_app(service: Service) -> FastAPI:
         version=_version("scan-runtime") or "dev",
         lifespan=lifespan,
         description="Top-k image-text search with an exported SCAN model; queries of concurrent requests are batched.",
+        docs_url=None,  # served below from the package: the default page loads Swagger UI from a CDN
+        redoc_url=None,
     )
-    app.add_middleware(_Guard, service=service)
+    app.state.reads = Reads()
+    app.add_middleware(_Guard, service=service, reads=app.state.reads, access_log=access_log)
     limits = service.settings.limits
+    parsers = asyncio.Semaphore(PARSERS)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers)
 
-    def _authorize(request: Request) -> None:
-        if service.token is None:
-            return
+    def _has_token(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), service.token.encode())
+
+    def _authorize(request: Request) -> None:
+        if service.token is not None and not _has_token(request):
             raise ApiError(
                 401,
                 "Authorization: gallery writes need 'Authorization: Bearer <token>' (missing or wrong token)",
@@ -221,73 +304,124 @@ def create_app(service: Service) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    k_schema = {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": rq.DEFAULT_K}
-    search_body = _body(
-        "queries",
-        {"queries": {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_queries}, "k": k_schema},
-    )
-    image_body = _body(
-        "queries",
-        {"queries": {"type": "array", "description": "region features (n, regions, img_dim)"}, "k": k_schema},
-        npy=".npy float array (n, regions, img_dim); k in the query string",
-    )
-    append_images_body = _body(
-        "features",
-        {
-            "features": {"type": "array", "description": "region features (n, regions, img_dim)"},
-            "names": {"type": "array", "items": {"type": "string"}},
-        },
-        npy=".npy features; names as a JSON array in the query string",
-    )
-    append_captions_body = _body("captions", {"captions": {"type": "array", "items": {"type": "string"}}})
+    def max_regions() -> int:
+        """--max-regions, else the model's fixed count (the smallest of the members'), else the default."""
+        if limits.max_regions is not None:
+            return limits.max_regions
+        known = [r for r in map(model_regions, getattr(service.executor, "engines", ())) if r is not None]
+        return min(known) if known else DEFAULT_MAX_REGIONS
 
-    @app.post("/v1/search/text", openapi_extra=search_body, summary="Text queries -> top-k images")
+    async def parsed(request: Request, check: Callable[..., Any], *args: Any) -> Any:
+        """``check(body, content_type, *args)``: on the event loop for a small body, else in a worker thread,
+        ``PARSERS`` at a time."""
+        body = await request.body()
+        content_type = request.headers.get("content-type")
+        if len(body) <= SMALL_BODY:
+            return check(body, content_type, *args)
+        async with parsers:
+            return await run_in_threadpool(check, body, content_type, *args)
+
+    def checked_images(body: bytes, content_type: str | None, query: Any) -> tuple[Any, list[str] | None]:
+        regions, names = rq.parse_append_images(body, content_type, query, limits, max_regions())
+        try:  # what a search would refuse is refused before the append, alike (422 naming the field)
+            return service.require_ready().check_regions(regions), names
+        except FeatureError as e:
+            raise ApiError(422, "features" + str(e).removeprefix("queries"), field="features") from e
+
+    def checked_captions(body: bytes, content_type: str | None) -> list[str]:
+        captions = rq.parse_append_captions(body, content_type, limits)
+        service.require_ready().check_text(captions, field="captions")
+        return captions
+
+    k_doc = api.k_schema(limits)
+    search_errors = (400, 408, 409, 413, 415, 422, 500, 503)
+    write_errors = (400, 401, 408, 409, 413, 415, 422, 500, 503)
+
+    @app.post(
+        "/v1/search/text",
+        summary="Text queries -> top-k images",
+        openapi_extra=api.operation(
+            limits, "queries", {"queries": api.captions_schema(limits.max_queries, limits), "k": k_doc}
+        ),
+        responses=api.responses(api.SearchResults, *search_errors),
+    )
     async def search_text(request: Request) -> Response:
         async def run():
-            queries, k = rq.parse_search_text(await request.body(), request.headers.get("content-type"), limits)
+            queries, k = await parsed(request, rq.parse_search_text, limits)
             return _hits_json(await service.search_text(queries, k))
 
         return await _guard("/v1/search/text", run)
 
     @app.post(
-        "/v1/search/images", openapi_extra=image_body, summary="Image queries (region features) -> top-k captions"
+        "/v1/search/images",
+        summary="Image queries (region features) -> top-k captions",
+        openapi_extra=api.operation(
+            limits,
+            "queries",
+            {"queries": api.regions_schema(limits, "the query images"), "k": k_doc},
+            npy=".npy float array (n, regions, img_dim); k in the query string",
+            query=("k",),
+        ),
+        responses=api.responses(api.SearchResults, *search_errors),
     )
     async def search_images(request: Request) -> Response:
         async def run():
-            regions, k = rq.parse_search_images(
-                await request.body(), request.headers.get("content-type"), request.query_params, limits
-            )
+            regions, k = await parsed(request, rq.parse_search_images, request.query_params, limits, max_regions())
             return _hits_json(await service.search_images(regions, k))
 
         return await _guard("/v1/search/images", run)
 
-    @app.post("/v1/gallery/images", openapi_extra=append_images_body, summary="Append images to the gallery")
+    @app.post(
+        "/v1/gallery/images",
+        summary="Append images to the gallery",
+        openapi_extra=api.operation(
+            limits,
+            "features",
+            {
+                "features": api.regions_schema(limits, "the new images"),
+                "names": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "one name per image: required when the gallery has names, refused when not",
+                },
+            },
+            npy=".npy float array (n, regions, img_dim); names in the query string",
+            query=("names",),
+        ),
+        responses=api.responses(api.AppendResult, *write_errors),
+    )
     async def append_images(request: Request) -> Response:
         async def run():
             _authorize(request)
             service.require_ready()  # 503 before reading a large body
-            regions, names = rq.parse_append_images(
-                await request.body(), request.headers.get("content-type"), request.query_params, limits
-            )
-            out = await run_in_threadpool(service.append_images, regions, names)
+            regions, names = await parsed(request, checked_images, request.query_params)
+            try:
+                out = await run_in_threadpool(service.append_images, regions, names)
+            except GalleryError as e:  # a conflict with the gallery: the names, or the regions per image
+                raise ApiError(409, str(e), field=_field(str(e)) or "features") from e
             return _appended_json(out)
 
         return await _guard("/v1/gallery/images", run)
 
-    @app.post("/v1/gallery/captions", openapi_extra=append_captions_body, summary="Append captions to the gallery")
+    @app.post(
+        "/v1/gallery/captions",
+        summary="Append captions to the gallery",
+        openapi_extra=api.operation(
+            limits, "captions", {"captions": api.captions_schema(limits.max_append_items, limits)}
+        ),
+        responses=api.responses(api.AppendResult, *write_errors),
+    )
     async def append_captions(request: Request) -> Response:
         async def run():
             _authorize(request)
             service.require_ready()
-            captions = rq.parse_append_captions(await request.body(), request.headers.get("content-type"), limits)
-            service.require_ready().check_text(captions, field="captions")
-            out = await run_in_threadpool(service.append_captions, captions)
-            return _appended_json(out)
+            captions = await parsed(request, checked_captions)
+            return _appended_json(await run_in_threadpool(service.append_captions, captions))
 
         return await _guard("/v1/gallery/captions", run)
 
-    @app.get("/v1/info", summary="Model, galleries, backend, batching, limits, versions")
-    async def info() -> Response:
+    @app.get("/v1/info", summary="Model, galleries, backend, batching, limits, versions (paths: with the token)")
+    async def info(request: Request) -> Response:
         async def run():
             out: dict[str, Any] = {
                 "ready": service.ready,
@@ -295,8 +429,11 @@ def create_app(service: Service) -> FastAPI:
                 "auth": {"writes_need_token": service.token is not None},
                 "versions": versions(),
             }
+            out["limits"]["max_regions"] = max_regions()
             if service.ready:
                 out.update(service.executor.describe())
+            if service.token is not None and not _has_token(request):
+                out = _without_paths(out)
             return out
 
         return await _guard("/v1/info", run)
@@ -316,4 +453,17 @@ def create_app(service: Service) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.monitoring.exposition(), media_type=service.monitoring.CONTENT_TYPE)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(api.DOCS_HTML)
+
     return app
+
+
+def _without_paths(obj: Any) -> Any:
+    """``obj`` with the server's file paths (``PATH_KEYS``, at any depth) replaced by null."""
+    if isinstance(obj, dict):
+        return {k: None if k in PATH_KEYS else _without_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_paths(v) for v in obj]
+    return obj

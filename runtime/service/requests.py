@@ -2,7 +2,9 @@
 expected (or the limit) and what was received; nothing here lets a client's mistake become a 500.
 
 Search bodies: ``{"queries": [...], "k": int}`` as JSON; image queries may instead be an ``.npy`` body
-(``application/octet-stream``, read with ``allow_pickle=False``) with ``k`` in the query string.
+(``application/octet-stream``) with ``k`` in the query string. An ``.npy`` header is checked against the
+body's length before anything is allocated, and the array is a view of the body. Large bodies are parsed
+in a worker thread (runtime/service/app.py); the JSON number hooks below keep that thread yielding the GIL.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from runtime.service.settings import Limits
 
 DEFAULT_K = 10
 NPY = "application/octet-stream"
+NPY_MAGIC = b"\x93NUMPY"
+MAX_INT_DIGITS = 4300  # CPython's limit for int(str) (sys.get_int_max_str_digits): past it int() raises
 
 
 class ApiError(Exception):
@@ -54,6 +58,38 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _received(value: Any) -> Any:
+    """What an error body echoes of a bad JSON value: a finite number itself, anything else its JSON type
+    (NaN and infinities are not JSON; strings are named, not quoted back)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _type_name(value)
+    return value if math.isfinite(value) else _short(value)
+
+
+def _number(text: str) -> float:
+    # A Python-level hook: json's C scanner calls it for every number, so a worker thread parsing a large
+    # body gives the GIL (and the event loop) a turn every few milliseconds instead of holding it throughout.
+    return float(text)
+
+
+def _integer(text: str) -> int | float:
+    # An integer past the digit limit is out of every range here: +-inf, refused where it is checked.
+    return int(text) if len(text) <= MAX_INT_DIGITS else float(text)
+
+
+def _check_text(value: str, field: str) -> None:
+    """Text must encode as UTF-8: a lone surrogate (JSON "\\ud800") would be stored and break every answer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            422,
+            f"{field}: character {e.start} is a lone surrogate ({value[e.start]!a}); expected text that encodes "
+            f"as UTF-8",
+            field=field,
+        ) from None
+
+
 def _type_name(value: Any) -> str:
     return {
         dict: "object",
@@ -79,7 +115,7 @@ def parse_json(body: bytes, content_type: str | None) -> dict[str, Any]:
     if not body:
         raise ApiError(400, "body: expected a JSON object, received an empty body", field="body")
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_float=_number, parse_int=_integer)
     except UnicodeDecodeError as e:
         raise ApiError(400, f"body: expected UTF-8 JSON, received an invalid byte at {e.start}", field="body") from e
     except json.JSONDecodeError as e:
@@ -110,23 +146,27 @@ def parse_k(value: Any, limits: Limits, from_query: bool = False) -> int:
             value = int(value.strip())
         except ValueError:
             raise ApiError(
-                422, f"k: expected a positive integer, received {_short(value)}", field="k", received=value
+                422, f"k: expected a positive integer, received {value[:60]!r}", field="k", received=value[:60]
             ) from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ApiError(
-                422,
-                f"k: expected a positive integer, received {_type_name(value)} {_short(value)}",
-                field="k",
-                received=value if isinstance(value, (int, float)) else _short(value),
-            )
+        shown = "" if isinstance(value, str) else f" {_short(value)}"
+        raise ApiError(
+            422,
+            f"k: expected a positive integer, received {_type_name(value)}{shown}",
+            field="k",
+            received=_received(value),
+        )
     if value <= 0:
         raise ApiError(422, f"k: expected a positive integer, received {value}", field="k", received=value)
     if value > limits.max_k:
         raise ApiError(
-            422, f"k: at most {limits.max_k}, received {value}", field="k", limit=limits.max_k, received=value
+            422,
+            f"k: at most {limits.max_k}, received {_short(value)}",
+            field="k",
+            limit=limits.max_k,
+            received=value,
         )
     return value
 
@@ -170,6 +210,7 @@ def _captions(value: Any, field: str, limit: int, limits: Limits) -> list[str]:
             raise ApiError(
                 422, f"{field}[{i}]: empty caption (expected at least one word)", field=f"{field}[{i}]", received=c
             )
+        _check_text(c, f"{field}[{i}]")
     return value
 
 
@@ -179,50 +220,98 @@ def parse_search_text(body: bytes, content_type: str | None, limits: Limits) -> 
     return _captions(obj["queries"], "queries", limits.max_queries, limits), parse_k(obj.get("k"), limits)
 
 
-def _regions_from_lists(value: Any, field: str) -> np.ndarray:
+def _regions_from_lists(value: Any, field: str, max_regions: int) -> np.ndarray:
     if not isinstance(value, list):
         raise _wrong_type(field, "nested arrays of numbers (n, regions, img_dim)", value)
-    try:
-        arr = np.array(value)
-    except (ValueError, TypeError) as e:
-        raise ApiError(
-            422, f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths ({e})", field=field
-        ) from e
-    if arr.dtype.kind not in "iuf":  # strings, booleans, nulls (object) and mixtures
+    if not value:
+        return np.zeros((0,), np.float32)  # refused by _check_count, naming the field
+    for q in value:  # before converting anything
+        if isinstance(q, list) and q and isinstance(q[0], list):
+            _check_regions(len(q), field, max_regions)
+    pieces = []
+    for q in value:  # one image at a time: no conversion holds the GIL for the whole body
+        try:
+            piece = np.array(q)
+        except (ValueError, TypeError) as e:
+            raise ApiError(
+                422,
+                f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths ({e})",
+                field=field,
+            ) from e
+        if piece.dtype.kind not in "iuf":  # strings, booleans, nulls (object) and mixtures
+            raise ApiError(
+                422,
+                f"{field}: expected numbers, received elements of type {piece.dtype.kind!r} "
+                f"({'strings' if piece.dtype.kind == 'U' else piece.dtype.name})",
+                field=field,
+            )
+        pieces.append(piece.astype(np.float32))
+    if len({p.shape for p in pieces}) > 1:
         raise ApiError(
             422,
-            f"{field}: expected numbers, received elements of type {arr.dtype.kind!r} "
-            f"({'strings' if arr.dtype.kind == 'U' else arr.dtype.name})",
+            f"{field}: expected nested arrays of numbers (n, regions, img_dim) of equal lengths, received images "
+            f"of shapes {pieces[0].shape} and {next(p.shape for p in pieces if p.shape != pieces[0].shape)}",
             field=field,
         )
-    return arr.astype(np.float32)
+    return np.stack(pieces)
 
 
 def regions_from_npy(body: bytes, field: str) -> np.ndarray:
+    """The float array of an ``.npy`` body, a read-only view of it: the header's shape and dtype must account
+    for exactly the bytes after it, so a header declaring terabytes allocates nothing."""
     if not body:
         raise ApiError(400, f"{field}: expected an .npy body, received an empty body", field=field)
-    try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    if body.startswith(b"PK\x03\x04"):
+        raise ApiError(400, f"{field}: expected one .npy array, received an .npz archive", field=field)
+    if not body.startswith(NPY_MAGIC):
         raise ApiError(
             400,
-            f"{field}: expected an .npy array (numpy.save, no pickled objects), received "
-            f"{len(body)} bytes that are not one ({e})",
+            f"{field}: expected an .npy array (numpy.save), received {len(body)} bytes that do not start with "
+            f"the .npy magic string \\x93NUMPY",
             field=field,
-        ) from e
-    if not isinstance(arr, np.ndarray):  # an .npz archive
-        raise ApiError(400, f"{field}: expected one .npy array, received an .npz archive", field=field)
-    if arr.dtype.kind != "f":
-        raise ApiError(
-            422,
-            f"{field}: expected floating-point features, received dtype {arr.dtype}",
-            field=field,
-            received=str(arr.dtype),
         )
-    return arr
+    f = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise ApiError(400, f"{field}: expected an .npy array, its header is unreadable ({e})", field=field) from e
+    if dtype.hasobject:
+        raise ApiError(
+            400, f"{field}: expected an .npy array of numbers, received pickled objects (dtype {dtype})", field=field
+        )
+    if dtype.kind != "f":
+        raise ApiError(
+            422, f"{field}: expected floating-point features, received dtype {dtype}", field=field, received=str(dtype)
+        )
+    count = math.prod(shape)
+    declared, held = count * dtype.itemsize, len(body) - f.tell()
+    if declared != held:
+        raise ApiError(
+            400,
+            f"{field}: the .npy header declares shape {shape} of {dtype} ({declared} bytes), the body holds "
+            f"{held} bytes after the header",
+            field=field,
+            received=held,
+        )
+    return np.frombuffer(body, dtype, count, f.tell()).reshape(shape, order="F" if fortran_order else "C")
 
 
-def _check_count(arr: np.ndarray, field: str, limit: int) -> None:
+def _check_regions(regions: int, field: str, limit: int) -> None:
+    if regions > limit:
+        raise ApiError(
+            413,
+            f"{field}: at most {limit} regions per image, received {regions}",
+            field=field,
+            limit=limit,
+            received=regions,
+        )
+
+
+def _check_count(arr: np.ndarray, field: str, limit: int, max_regions: int) -> None:
+    if arr.ndim == 3:
+        _check_regions(int(arr.shape[1]), field, max_regions)
     n = int(arr.shape[0]) if arr.ndim else 0
     if arr.ndim >= 1 and n == 0:
         raise ApiError(422, f"{field}: expected at least one image, received none", field=field, received=0)
@@ -233,15 +322,16 @@ def _check_count(arr: np.ndarray, field: str, limit: int) -> None:
 
 
 def parse_search_images(
-    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits, max_regions: int
 ) -> tuple[np.ndarray, int]:
+    """``max_regions``: regions per image (``limits.max_regions``, or the model's; see app.py)."""
     if media_type(content_type) == NPY:
         regions, k = regions_from_npy(body, "body"), parse_k(query.get("k"), limits, from_query=True)
     else:
         obj = parse_json(body, content_type)
         _check_fields(obj, ("queries", "k"), ("queries",))
-        regions, k = _regions_from_lists(obj["queries"], "queries"), parse_k(obj.get("k"), limits)
-    _check_count(regions, "queries", limits.max_queries)
+        regions, k = _regions_from_lists(obj["queries"], "queries", max_regions), parse_k(obj.get("k"), limits)
+    _check_count(regions, "queries", limits.max_queries, max_regions)
     return regions, k
 
 
@@ -254,11 +344,13 @@ def _names(value: Any, n: int) -> list[str] | None:
         raise ApiError(
             422, f"names: expected one name per image ({n}), received {len(value)}", field="names", received=len(value)
         )
+    for i, name in enumerate(value):
+        _check_text(name, f"names[{i}]")
     return value
 
 
 def parse_append_images(
-    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits, max_regions: int
 ) -> tuple[np.ndarray, list[str] | None]:
     """JSON ``{"features": [...], "names": [...]}``, or an ``.npy`` body with ``names`` as a JSON array in the
     query string (``?names=["a.jpg","b.jpg"]``)."""
@@ -266,7 +358,7 @@ def parse_append_images(
         regions = regions_from_npy(body, "body")
         names_raw = query.get("names")
         try:
-            names_value = json.loads(names_raw) if names_raw is not None else None
+            names_value = json.loads(names_raw, parse_int=_integer) if names_raw is not None else None
         except json.JSONDecodeError as e:
             raise ApiError(
                 422, f"names: expected a JSON array of strings in the query string ({e.msg})", field="names"
@@ -274,8 +366,8 @@ def parse_append_images(
     else:
         obj = parse_json(body, content_type)
         _check_fields(obj, ("features", "names"), ("features",))
-        regions, names_value = _regions_from_lists(obj["features"], "features"), obj.get("names")
-    _check_count(regions, "features", limits.max_append_items)
+        regions, names_value = _regions_from_lists(obj["features"], "features", max_regions), obj.get("names")
+    _check_count(regions, "features", limits.max_append_items, max_regions)
     return regions, _names(names_value, int(regions.shape[0]) if regions.ndim else 0)
 
 

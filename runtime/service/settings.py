@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MiB = 1 << 20
+# Regions per image when the model does not fix them (an ONNX graph's R is dynamic): bottom-up attention
+# features have 10 to 100 (36 in the paper's setting); a query's cost grows with its regions.
+DEFAULT_MAX_REGIONS = 100
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,17 @@ class Limits:
     max_body_bytes: int = 32 * MiB  # search requests
     max_append_bytes: int = 256 * MiB  # gallery appends
     max_append_items: int = 100_000  # images or captions in one append
+    max_regions: int | None = None  # regions per image; None: the model's count when it fixes one, else 100
+    header_timeout_s: float = 10.0  # a connection's request line and headers must arrive within it
+    body_timeout_s: float = 60.0  # a request's body must arrive within it (from the end of its headers)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            _positive_int(name, value)
+            if name.endswith("_s"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"{name} must be a number > 0, received {value!r}")
+            elif not (name == "max_regions" and value is None):
+                _positive_int(name, value)
 
 
 @dataclass(frozen=True)
