@@ -6,9 +6,9 @@ for that direction or a gallery conflict, 413 too large, 415 wrong Content-Type,
 ready, queue full or shutting down (with ``Retry-After``), 500 an internal failure of that one request or a
 corrupted gallery (logged; the server keeps serving).
 
-Bodies are parsed and checked in worker threads, large ones two at a time, so /healthz answers while a
-100k-caption append is checked; each body must arrive within ``body_timeout_s``, and at shutdown the bodies
-still arriving are abandoned (``Reads.stop``) rather than waited for.
+Large JSON bodies are parsed in worker processes (``Parsers``) and captions checked in worker threads, so
+/healthz answers while a 100k-caption append is checked; each body must arrive within ``body_timeout_s``,
+and at shutdown the bodies still arriving are abandoned (``Reads.stop``) rather than waited for.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ import asyncio
 import hmac
 import logging
 import math
+import multiprocessing
+import os
 import platform
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any
@@ -60,8 +65,8 @@ ENDPOINTS = (
 )
 WRITE_PREFIX = "/v1/gallery/"
 PATH_KEYS = ("engine", "gallery", "folder")  # the server's paths in /v1/info: shown only with the token
-SMALL_BODY = 64 << 10  # parsed on the event loop (microseconds); larger ones in a worker thread
-PARSERS = 2  # large bodies parsed at once: bounds the memory of their parsed objects
+SMALL_BODY = 64 << 10  # JSON bodies up to this size are parsed on the event loop (a millisecond at most)
+PARSERS = 2  # worker processes parsing the larger JSON bodies
 # The tokenizer, the feature checks and the gallery start their messages with the input at fault.
 _FIELD = re.compile(r"([a-z_]+(?:\[\d+\])?)[: ]")
 
@@ -141,6 +146,44 @@ def _appended_json(out: Appended) -> dict[str, Any]:
 
 def _hits_json(hits: Hits) -> dict[str, Any]:
     return {"ids": hits.ids.tolist(), "scores": rq.json_scores(hits.scores), "names": hits.names}
+
+
+class Parsers:
+    """Worker processes for large JSON bodies. In a thread, json's C scanner and the cyclic GC over the
+    millions of objects a 24 MB array of numbers makes hold the GIL (the event loop) for up to seconds, and
+    the objects leave the server's heap fragmented; a worker returns the checked arrays or raises ApiError."""
+
+    def __init__(self, workers: int = PARSERS) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:  # spawned: forking a process that runs engine threads is unsafe
+                self._pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=rq.parser_process,
+                    initargs=(os.getpid(),),
+                )
+            return self._pool
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        pool = self._executor()
+        try:
+            return await asyncio.wrap_future(pool.submit(fn, *args))
+        except BrokenProcessPool:  # a worker died (killed for memory?): fail this request, start new workers
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
 
 class Reads:
@@ -271,6 +314,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         try:
             yield
         finally:
+            parsers.close()
             await run_in_threadpool(service.close)
 
     app = FastAPI(
@@ -284,7 +328,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     app.state.reads = Reads()
     app.add_middleware(_Guard, service=service, reads=app.state.reads, access_log=access_log)
     limits = service.settings.limits
-    parsers = asyncio.Semaphore(PARSERS)
+    parsers = Parsers()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -311,27 +355,20 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         known = [r for r in map(model_regions, getattr(service.executor, "engines", ())) if r is not None]
         return min(known) if known else DEFAULT_MAX_REGIONS
 
-    async def parsed(request: Request, check: Callable[..., Any], *args: Any) -> Any:
-        """``check(body, content_type, *args)``: on the event loop for a small body, else in a worker thread,
-        ``PARSERS`` at a time."""
+    async def parsed(request: Request, parse: Callable[..., Any], *args: Any) -> Any:
+        """``parse(body, content_type, *args)``: a large JSON body in a worker process, else here (an .npy body
+        becomes a view of its bytes, in microseconds)."""
         body = await request.body()
         content_type = request.headers.get("content-type")
-        if len(body) <= SMALL_BODY:
-            return check(body, content_type, *args)
-        async with parsers:
-            return await run_in_threadpool(check, body, content_type, *args)
+        if len(body) <= SMALL_BODY or rq.media_type(content_type) == rq.NPY:
+            return parse(body, content_type, *args)
+        return await parsers.run(parse, body, content_type, *args)
 
-    def checked_images(body: bytes, content_type: str | None, query: Any) -> tuple[Any, list[str] | None]:
-        regions, names = rq.parse_append_images(body, content_type, query, limits, max_regions())
+    def check_features(regions: Any) -> Any:
         try:  # what a search would refuse is refused before the append, alike (422 naming the field)
-            return service.require_ready().check_regions(regions), names
+            return service.require_ready().check_regions(regions)
         except FeatureError as e:
             raise ApiError(422, "features" + str(e).removeprefix("queries"), field="features") from e
-
-    def checked_captions(body: bytes, content_type: str | None) -> list[str]:
-        captions = rq.parse_append_captions(body, content_type, limits)
-        service.require_ready().check_text(captions, field="captions")
-        return captions
 
     k_doc = api.k_schema(limits)
     search_errors = (400, 408, 409, 413, 415, 422, 500, 503)
@@ -366,7 +403,8 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     )
     async def search_images(request: Request) -> Response:
         async def run():
-            regions, k = await parsed(request, rq.parse_search_images, request.query_params, limits, max_regions())
+            query = dict(request.query_params)
+            regions, k = await parsed(request, rq.parse_search_images, query, limits, max_regions())
             return _hits_json(await service.search_images(regions, k))
 
         return await _guard("/v1/search/images", run)
@@ -394,11 +432,14 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         async def run():
             _authorize(request)
             service.require_ready()  # 503 before reading a large body
-            regions, names = await parsed(request, checked_images, request.query_params)
+            query = dict(request.query_params)
+            regions, names = await parsed(request, rq.parse_append_images, query, limits, max_regions())
+            regions = await run_in_threadpool(check_features, regions)
             try:
                 out = await run_in_threadpool(service.append_images, regions, names)
             except GalleryError as e:  # a conflict with the gallery: the names, or the regions per image
-                raise ApiError(409, str(e), field=_field(str(e)) or "features") from e
+                field = _field(str(e))
+                raise ApiError(409, str(e) if field else f"features: {e}", field=field or "features") from e
             return _appended_json(out)
 
         return await _guard("/v1/gallery/images", run)
@@ -415,7 +456,8 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         async def run():
             _authorize(request)
             service.require_ready()
-            captions = await parsed(request, checked_captions)
+            captions = await parsed(request, rq.parse_append_captions, limits)
+            await run_in_threadpool(service.require_ready().check_text, captions, "captions")
             return _appended_json(await run_in_threadpool(service.append_captions, captions))
 
         return await _guard("/v1/gallery/captions", run)

@@ -3,8 +3,8 @@ expected (or the limit) and what was received; nothing here lets a client's mist
 
 Search bodies: ``{"queries": [...], "k": int}`` as JSON; image queries may instead be an ``.npy`` body
 (``application/octet-stream``) with ``k`` in the query string. An ``.npy`` header is checked against the
-body's length before anything is allocated, and the array is a view of the body. Large bodies are parsed
-in a worker thread (runtime/service/app.py); the JSON number hooks below keep that thread yielding the GIL.
+body's length before anything is allocated, and the array is a view of the body. Large JSON bodies are
+parsed in worker processes (runtime/service/app.py): these functions and their errors are picklable.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +48,9 @@ class ApiError(Exception):
         self.received = received
         self.headers = headers or {}
 
+    def __reduce__(self):  # raised in a parser process (runtime/service/app.py), answered by the server
+        return ApiError, (self.status, self.message, self.field, self.limit, self.received, self.headers)
+
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.message}
         for key in ("field", "limit", "received"):
@@ -64,12 +70,6 @@ def _received(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _type_name(value)
     return value if math.isfinite(value) else _short(value)
-
-
-def _number(text: str) -> float:
-    # A Python-level hook: json's C scanner calls it for every number, so a worker thread parsing a large
-    # body gives the GIL (and the event loop) a turn every few milliseconds instead of holding it throughout.
-    return float(text)
 
 
 def _integer(text: str) -> int | float:
@@ -115,7 +115,7 @@ def parse_json(body: bytes, content_type: str | None) -> dict[str, Any]:
     if not body:
         raise ApiError(400, "body: expected a JSON object, received an empty body", field="body")
     try:
-        obj = json.loads(body, parse_float=_number, parse_int=_integer)
+        obj = json.loads(body, parse_int=_integer)
     except UnicodeDecodeError as e:
         raise ApiError(400, f"body: expected UTF-8 JSON, received an invalid byte at {e.start}", field="body") from e
     except json.JSONDecodeError as e:
@@ -229,7 +229,7 @@ def _regions_from_lists(value: Any, field: str, max_regions: int) -> np.ndarray:
         if isinstance(q, list) and q and isinstance(q[0], list):
             _check_regions(len(q), field, max_regions)
     pieces = []
-    for q in value:  # one image at a time: no conversion holds the GIL for the whole body
+    for q in value:  # one image at a time: ragged input is named, and float32 pieces keep the peak low
         try:
             piece = np.array(q)
         except (ValueError, TypeError) as e:
@@ -375,6 +375,20 @@ def parse_append_captions(body: bytes, content_type: str | None, limits: Limits)
     obj = parse_json(body, content_type)
     _check_fields(obj, ("captions",), ("captions",))
     return _captions(obj["captions"], "captions", limits.max_append_items, limits)
+
+
+def parser_process(parent: int) -> None:
+    """A parser process's initializer. It yields the CPU to the server's event loop (parsing is background
+    work, health checks are not), and exits once the server (``parent``) is gone, even killed, rather than
+    parse the bodies still queued as an orphan."""
+    os.nice(5)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def json_scores(scores: np.ndarray) -> list[list[float | None]]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
+import os
 import threading
 
 import numpy as np
@@ -559,3 +562,357 @@ def test_a_failed_load_stays_not_ready_with_the_reason():
     r = request(svc, "GET", "/readyz")
     assert r.status_code == 503 and "no such file" in r.json()["error"]
     svc.close()
+
+
+# ---------------------------------------------------------------------------------------------- limits and input
+# (issue 18: one request must not freeze the service, one input must not poison it)
+
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+def npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """An .npy v1.0 header declaring ``shape`` (no data follows)."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+@pytest.mark.parametrize(
+    "url,kwargs,field",
+    [
+        (IMAGES + "?k=3", dict(content=npy_bytes(np.ones((1, 101, 12), np.float32)), headers=OCTET), "queries"),
+        (IMAGES, dict(json={"queries": np.ones((1, 101, 12)).tolist()}), "queries"),
+        ("/v1/gallery/images", dict(json={"features": np.ones((1, 101, 12)).tolist(), "names": ["a"]}), "features"),
+    ],
+    ids=["npy", "json", "append"],
+)
+def test_regions_per_image_are_capped(service, url, kwargs, field):
+    r = request(service, "POST", url, **kwargs)
+    assert r.status_code == 413, r.text
+    assert r.json() == {
+        "error": f"{field}: at most 100 regions per image, received 101",
+        "field": field,
+        "limit": 100,
+        "received": 101,
+    }
+    assert request(service, "GET", "/v1/info").json()["limits"]["max_regions"] == 100  # an ONNX export: R dynamic
+
+
+def test_max_regions_setting_and_the_model_count(engine_t2i, gallery):
+    svc = local_service(engine_t2i, gallery, Settings(limits=Limits(max_regions=3)))
+    try:
+        r = request(svc, "POST", IMAGES, json={"queries": np.ones((1, 4, 12)).tolist()})
+        assert r.status_code == 413 and r.json()["limit"] == 3
+        assert request(svc, "POST", IMAGES, json={"queries": np.ones((1, 3, 12)).tolist()}).status_code == 200
+    finally:
+        svc.close()
+
+    from types import SimpleNamespace
+
+    from runtime.backends.base import TensorSpec
+    from runtime.features import model_regions
+
+    def engine(shape, profile=None):
+        image = SimpleNamespace(inputs=[TensorSpec("regions", np.dtype(np.float32), shape)])
+        if profile is not None:
+            image.profile = profile
+        return SimpleNamespace(image=image)
+
+    assert model_regions(engine(("N", "R", 12))) is None  # ONNX: dynamic
+    assert model_regions(engine(("N", 36, 12))) == 36  # fixed in the graph
+    assert model_regions(engine((-1, -1, 12), {"regions": {"min": [1, 36, 12], "max": [64, 36, 12]}})) == 36  # a plan
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (npy_header((10**12, 5, 12)) + b"\0" * 64, 400, "declares shape (1000000000000, 5, 12)"),
+        (npy_header((2, 5, 12)) + np.ones((1, 5, 12), np.float32).tobytes(), 400, "the body holds 240 bytes"),
+        (npy_header((1, 5, 12)) + np.ones((1, 5, 12), np.float32).tobytes() + b"x", 400, "holds 241 bytes"),
+        (b"not an npy", 400, "do not start with the .npy magic string"),
+        (b"\x93NUMPY\x01\x00\xff\xff{garbage", 400, "header is unreadable"),
+    ],
+    ids=["terabytes", "short", "long", "not-npy", "bad-header"],
+)
+def test_npy_header_is_checked_against_the_body_before_allocating(service, body, status, message):
+    r = request(service, "POST", IMAGES + "?k=2", content=body, headers=OCTET)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == "body" and message in r.json()["error"]
+    assert "pickle" not in r.json()["error"]
+
+
+def test_npy_body_is_a_view_and_searches_like_json(service):
+    regions = random_regions(2, seed=5)
+    fortran = np.asfortranarray(regions.astype(">f8"))  # another byte order and layout
+    a = request(service, "POST", IMAGES + "?k=4", content=npy_bytes(fortran), headers=OCTET)
+    b = request(service, "POST", IMAGES, json={"queries": regions.tolist(), "k": 4})
+    assert a.status_code == b.status_code == 200 and a.json()["ids"] == b.json()["ids"]
+
+
+@pytest.mark.parametrize(
+    "url,body,field",
+    [
+        (TEXT, b'{"queries": ["dog \\ud800"]}', "queries[0]"),
+        ("/v1/gallery/captions", b'{"captions": ["dog", "a cat \\udfff ."]}', "captions[1]"),
+        (
+            "/v1/gallery/images",
+            b'{"names": ["a\\ud800"], "features": ' + json.dumps(np.ones((1, 5, 12)).tolist()).encode() + b"}",
+            "names[0]",
+        ),
+    ],
+    ids=["search", "captions", "names"],
+)
+def test_text_that_is_not_utf8_is_refused_and_never_stored(engine_t2i, gallery, tmp_path, url, body, field):
+    svc = local_service(engine_t2i, copy_gallery(gallery, tmp_path / "g"))
+    try:
+        r = request(svc, "POST", url, content=body)
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+        assert "lone surrogate" in r.json()["error"]
+        assert request(svc, "GET", "/readyz").json() == {"status": "ready", "images": N_IMAGES, "captions": N_CAPTIONS}
+        r = request(
+            svc,
+            "POST",
+            "/v1/gallery/images?names=" + json.dumps(["b\ud800"]),
+            content=npy_bytes(random_regions(1)),
+            headers=OCTET,
+        )
+        assert r.status_code == 422 and r.json()["field"] == "names[0]", r.text
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize(
+    "k,received",
+    [
+        (b"NaN", "NaN"),
+        (b"Infinity", "Infinity"),
+        (b"-Infinity", "-Infinity"),
+        (b"1e400", "Infinity"),
+        (b"1" * 5000, "Infinity"),
+        (b'"5"', "string"),
+        (b"[5]", "array"),
+    ],
+    ids=["nan", "inf", "-inf", "1e400", "5000-digits", "string", "array"],
+)
+def test_unrepresentable_k_is_a_json_422(service, k, received):
+    r = request(service, "POST", TEXT, content=b'{"queries": ["dog"], "k": ' + k + b"}")
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["field"] == "k" and r.json()["received"] == received
+    assert '\\"' not in r.text  # no JSON-quoted string echoed back
+
+
+@pytest.mark.parametrize(
+    "url,kwargs,status,field",
+    [
+        (IMAGES, dict(content=npy_bytes(np.ones((1, 5, 11), np.float32)), headers=OCTET), 422, "queries"),
+        (IMAGES, dict(content=npy_bytes(np.ones((5, 12), np.float32)), headers=OCTET), 422, "queries"),
+        (IMAGES, dict(content=b'{"queries": [[[NaN' + b", 1.0" * 11 + b"]]]}"), 422, "queries"),
+        (
+            "/v1/gallery/images",
+            dict(content=json.dumps({"features": [[[float("nan")] * 12] * 5], "names": ["a"]}).encode()),
+            422,
+            "features",
+        ),
+        ("/v1/gallery/images", dict(json={"features": [[[1.0] * 11] * 5], "names": ["a"]}), 422, "features"),
+        ("/v1/gallery/images", dict(json={"features": [[[1.0] * 12] * 2], "names": ["a"]}), 409, "features"),
+        ("/v1/gallery/images", dict(json={"features": [[[1.0] * 12] * 5]}), 409, "names"),
+        ("/v1/gallery/captions", dict(json={"captions": ["dog " * 40]}), 422, "captions[0]"),  # over max_words
+        (TEXT, dict(json={"queries": ["a", "dog " * 30]}), 422, "queries[1]"),
+    ],
+    ids=["npy-width", "npy-2d", "nan-search", "nan-append", "append-width", "append-regions", "names", "tokens", "q"],
+)
+def test_every_error_names_its_field(service, url, kwargs, status, field):
+    r = request(service, "POST", url, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and r.json()["error"].startswith(field), r.text
+
+
+def test_a_corrupted_gallery_is_a_logged_500(engine_t2i, gallery, tmp_path, caplog):
+    folder = copy_gallery(gallery, tmp_path / "g")
+    svc = local_service(engine_t2i, folder)
+    try:
+        images = np.load(folder / "images" / "images.1.npy", mmap_mode="r+")
+        images[3] = np.nan
+        images.flush()
+        del images
+        with caplog.at_level(logging.ERROR, logger="runtime.service.app"):
+            r = request(svc, "POST", TEXT, json={"queries": ["dog"], "k": 5})
+        assert r.status_code == 500 and "corrupted" in r.json()["error"], r.text
+        assert str(folder / "images") not in r.text  # the path is for the log, not the client
+        assert any(str(folder / "images") in rec.getMessage() for rec in caplog.records)
+    finally:
+        svc.close()
+
+
+# ---------------------------------------------------------------------------------------------- off the event loop
+
+
+def test_large_json_bodies_are_parsed_in_a_worker_process(engine_t2i, gallery, monkeypatch):
+    """A 24 MB JSON body held the event loop (and /healthz) for seconds: the C scanner and the cyclic GC over
+    its millions of objects hold the GIL. Parsed in a worker process, the loop only waits for the result."""
+    from runtime.service.app import SMALL_BODY, Parsers
+
+    calls = []
+    real = Parsers.run
+
+    async def run(self, fn, *args):
+        calls.append((fn.__name__, len(args[0])))
+        return await real(self, fn, *args)
+
+    monkeypatch.setattr(Parsers, "run", run)
+    service = local_service(engine_t2i, gallery)
+    queries = random_regions(8, seed=3, r=60)  # about 15 KB of JSON per image
+    big = json.dumps({"queries": queries.tolist(), "k": 3}).encode()
+    assert len(big) > SMALL_BODY
+    ok = request(service, "POST", IMAGES, content=big)
+    bad = request(service, "POST", IMAGES, content=big.replace(b'"k": 3', b'"k": NaN'))  # ApiError from the worker
+    small = request(service, "POST", IMAGES, json={"queries": queries[:1, :2].tolist(), "k": 3})
+    assert (
+        ok.status_code == 200
+        and ok.json()["ids"]
+        == request(service, "POST", IMAGES + "?k=3", content=npy_bytes(queries), headers=OCTET).json()["ids"]
+    )
+    assert bad.status_code == 422 and bad.json() == {
+        "error": "k: expected a positive integer, received number NaN",
+        "field": "k",
+        "received": "NaN",
+    }
+    assert small.status_code == 200
+    assert calls == [("parse_search_images", len(big)), ("parse_search_images", len(big) + 2)]  # not the small
+    # body nor the .npy body: those are parsed in place
+    service.close()
+
+
+def test_a_slow_body_times_out_with_408(engine_t2i, gallery):
+    svc = local_service(engine_t2i, gallery, Settings(limits=Limits(body_timeout_s=0.3)))
+
+    async def body(client):
+        async def chunks():
+            yield b'{"queries": '
+            await asyncio.sleep(1.0)
+            yield b'["dog"]}'
+
+        return await client.post(TEXT, content=chunks(), headers={"Content-Type": "application/json"})
+
+    try:
+        r = run_client(svc, body)
+        assert r.status_code == 408 and r.json()["field"] == "body" and "0.3 s" in r.json()["error"]
+        assert r.headers["connection"] == "close"
+    finally:
+        svc.close()
+
+
+def test_shutdown_abandons_bodies_still_arriving(engine_t2i, gallery):
+    import httpx
+
+    from runtime.service.app import create_app
+
+    svc = local_service(engine_t2i, gallery)
+    app = create_app(svc)
+
+    async def main():
+        async def chunks():
+            yield b'{"queries": '
+            await asyncio.sleep(30)
+            yield b'["dog"]}'
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://scan.test", timeout=60) as client:
+            pending = asyncio.ensure_future(
+                client.post(TEXT, content=chunks(), headers={"Content-Type": "application/json"})
+            )
+            while not app.state.reads.waiting:
+                await asyncio.sleep(0.01)
+            app.state.reads.stop()
+            return await asyncio.wait_for(pending, 5)
+
+    try:
+        r = asyncio.run(main())
+        assert r.status_code == 503 and "shutting down" in r.json()["error"] and r.headers["retry-after"] == "1"
+    finally:
+        svc.close()
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def test_openapi_documents_bodies_parameters_and_errors(service):
+    spec = request(service, "GET", "/openapi.json").json()
+    paths = spec["paths"]
+    images = paths[IMAGES]["post"]
+    assert [p["name"] for p in images["parameters"]] == ["k"]
+    assert [p["name"] for p in paths["/v1/gallery/images"]["post"]["parameters"]] == ["names"]
+    assert images["requestBody"]["content"]["application/json"]["schema"]["required"] == ["queries"]
+    assert "application/octet-stream" in images["requestBody"]["content"]
+    features = paths["/v1/gallery/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(features["properties"]) == {"features", "names"} and features["required"] == ["features"]
+    for path, codes in ((TEXT, {"400", "413", "422", "503"}), ("/v1/gallery/captions", {"401", "409", "422"})):
+        responses = paths[path]["post"]["responses"]
+        assert codes <= set(responses)
+        assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/AppendResult")
+    assert paths[TEXT]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/SearchResults"
+    )
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field", "limit", "received"}
+    docs = request(service, "GET", "/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text  # works offline: nothing from a CDN
+    assert request(service, "GET", "/redoc").status_code == 404
+
+
+def test_access_log_is_on_by_default(engine_t2i, gallery, caplog):
+    from runtime.service.app import create_app
+
+    svc = local_service(engine_t2i, gallery)
+    try:
+        for access_log, expected in ((True, 1), (False, 0)):
+            caplog.clear()
+
+            app = create_app(svc, access_log=access_log)
+
+            async def main(app=app):
+                import httpx
+
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://scan.test") as client:
+                    return await client.get("/healthz")
+
+            with caplog.at_level(logging.INFO, logger="runtime.service.app"):
+                assert asyncio.run(main()).status_code == 200
+            lines = [r for r in caplog.records if r.levelno == logging.INFO and "GET /healthz 200" in r.getMessage()]
+            assert len(lines) == expected
+    finally:
+        svc.close()
+
+
+def test_info_shows_paths_only_with_the_token(engine_t2i, gallery):
+    svc = local_service(engine_t2i, gallery, token="a-long-enough-token")
+    try:
+        hidden = request(svc, "GET", "/v1/info").json()
+        shown = request(svc, "GET", "/v1/info", headers={"Authorization": "Bearer a-long-enough-token"}).json()
+        assert hidden["engine"] is None and hidden["gallery"] is None
+        assert shown["engine"] == str(engine_t2i) and shown["gallery"] == str(gallery)
+        assert str(gallery) not in json.dumps(hidden) and hidden["galleries"] == shown["galleries"]
+    finally:
+        svc.close()
+    open_svc = local_service(engine_t2i, gallery)  # no token: nothing to hide from
+    try:
+        assert request(open_svc, "GET", "/v1/info").json()["gallery"] == str(gallery)
+    finally:
+        open_svc.close()
+
+
+def test_gallery_files_share_one_mode(engine_t2i, gallery, tmp_path):
+    folder = copy_gallery(gallery, tmp_path / "g")
+    svc = local_service(engine_t2i, folder)
+    try:
+        r = request(svc, "POST", "/v1/gallery/captions", json={"captions": ["a dog ."]})
+        assert r.status_code == 200
+    finally:
+        svc.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (folder / "captions").iterdir() if ".2." in p.name}
+    modes["gallery.json"] = oct((folder / "captions" / "gallery.json").stat().st_mode & 0o777)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
