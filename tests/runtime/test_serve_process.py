@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -163,3 +164,58 @@ def test_bad_arguments_exit_2_before_serving(tmp_path, capsys, extra, message):
     assert main(args + [a.format(tmp=tmp_path) for a in extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
+
+
+def test_slow_clients_time_out_and_do_not_hold_shutdown(small_engines, tmp_path):
+    """Clients that send part of a request: their headers time out; bodies still arriving at SIGTERM are
+    answered 503 at once instead of holding the shutdown for the grace period (30 s here)."""
+    gallery = build_gallery(small_engines["t2i"], tmp_path / "gallery")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--engine", str(small_engines["t2i"]), "--gallery", str(gallery), "--port", str(port)]
+    args += ["--header-timeout-s", "1", "--grace-s", "30", "--threads", "1", "--no-progress"]
+    proc, log = start(args, tmp_path)
+    headers, bodies = [], []
+    try:
+        wait_ready(url, proc, log)
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/search/text HTTP/1.1\r\nHost: x\r\n")
+            headers.append(s)
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/search/text HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            bodies.append(s)
+        time.sleep(2.5)
+        for s in headers:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed by the server
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        assert time.monotonic() - t0 < 10
+        for s in bodies:
+            s.settimeout(5)
+            assert s.recv(100).startswith(b"HTTP/1.1 503"), log.read_text()
+        text = log.read_text()
+        assert "GET /readyz 200" in text and "GET /healthz 200" in text  # the access log is on by default
+    finally:
+        for s in headers + bodies:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_short_token_is_warned_about(tmp_path, caplog):
+    from runtime.serve import read_token
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    short.write_text("abc\n")
+    long.write_text("x" * 16)
+    os.chmod(short, 0o600)
+    os.chmod(long, 0o600)
+    with caplog.at_level(logging.WARNING, logger="runtime.serve"):
+        assert read_token(str(long)) == "x" * 16
+        assert not caplog.records
+        assert read_token(str(short)) == "abc"
+    assert "3 characters" in caplog.text and "at least 16" in caplog.text
