@@ -37,6 +37,7 @@ from bench.synthetic import caption_texts
 from bench.timing import stats
 from runtime import atomic
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def alternate(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, budge
 def bench_head(mode: str, manifest: Path, plan, rng: np.random.Generator, rounds: int, budget_s: float) -> dict:
     n, q, length, r = plan.head_images, plan.head_captions, plan.head_len, plan.regions
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
         images, gram = ort_engine.encode_images(rng.standard_normal((n, r, plan.img_dim), dtype=np.float32))
         lengths = np.full(q, length, np.int64)
@@ -122,8 +123,8 @@ def bench_evaluation(manifest: Path, plan, rng: np.random.Generator, n_images: i
     captions = caption_texts(rng, 5 * n_images, plan.vocab_size)
     results: dict[str, np.ndarray] = {}
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
         engines = {"numpy": np_engine, "onnxruntime": ort_engine}
 

@@ -28,7 +28,6 @@ from bench.timing import stats
 from runtime import atomic
 from runtime.cli import add_engine_arguments, open_engines, run_cli
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
 from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
 from runtime.searcher import Searcher
 
@@ -103,7 +102,7 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace) -> tuple[list[
             ("image_to_text", image_queries, {"captions": captions}, args.captions),
         ):
             members = [Searcher(e, **{key: g[i] for key, g in kw.items()}) for i, e in enumerate(engines)]
-            ensemble = Ensemble(engines, **kw)
+            ensemble = Searcher(engines, **kw)
             contenders = [(f"member{i + 1}", m) for i, m in enumerate(members)] + [("ensemble", ensemble)]
             samples: dict[str, list[float]] = {name: [] for name, _ in contenders}
             for repeat in range(args.repeats + 1):  # the first round warms up

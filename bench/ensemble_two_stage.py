@@ -105,12 +105,17 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace, ms: list[int])
             ("text_to_image", text_queries, {"images": images}, args.images),
             ("image_to_text", image_queries, {"captions": captions}, args.captions),
         ):
-            with Ensemble(engines, weights=args.weights, **kw) as exact:
+            with Searcher(engines, weights=args.weights, **kw) as exact:
                 _, want = exact.search(queries, 10)
                 rows.append(_row(direction, size, "exact", None, None, size, 1.0, _p50(exact, queries, args.timed)))
             for m in ms:
                 for source in CANDIDATE_SOURCES:
-                    with Ensemble(engines, weights=args.weights, candidates=m, candidate_source=source, **kw) as e:
+                    with Searcher(
+                        engines,
+                        weights=args.weights,
+                        **kw,
+                        options=SearchOptions(candidates=m, candidate_source=source),
+                    ) as e:
                         _, got = e.search(queries, 10)
                         scored = _scored(e, direction, queries[: args.timed])
                         rows.append(

@@ -28,6 +28,7 @@ from bench.machine import describe, load_average
 from runtime.atomic import write_json
 from runtime.cli import run_cli
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
 from runtime.searcher import Searcher
 from runtime.shards import split
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fanout-"))
     gallery = work / "gallery"
     rng = np.random.default_rng(args.seed + 1)
-    with ScanEngine.open(args.engine, backend="onnxruntime", threads=args.threads) as engine:
+    with ScanEngine.open(args.engine, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         t0 = time.perf_counter()
         build_gallery(engine, gallery, args.images, args.captions, args.regions, args.seed)
         logger.info("gallery ready in %.1f s", time.perf_counter() - t0)

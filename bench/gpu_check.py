@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.options import EngineOptions
+
 from bench.torch_cuda import torch_cuda_head, unavailable
 from runtime import atomic
 from runtime.config import SCANConfig
@@ -549,8 +551,8 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     rng = np.random.default_rng(0)
     with (
-        ScanEngine.open(manifest_path, backend="onnxruntime") as ref,
-        ScanEngine.open(manifest_path, backend="tensorrt") as trt,
+        ScanEngine.open(manifest_path, EngineOptions(backend="onnxruntime")) as ref,
+        ScanEngine.open(manifest_path, EngineOptions(backend="tensorrt")) as trt,
     ):
         cfg = ref.config
         regions = rng.standard_normal((64, 36, cfg.img_dim)).astype(np.float32)

@@ -24,6 +24,7 @@ from bench.torch_cuda import torch_cuda_head
 from runtime.backends.onnxruntime import open_session
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def bench_head(
     n, q, length, r = plan.head_images, plan.head_captions, plan.head_len, plan.regions
     rng = rng_for(seed, 1, list(MODES).index(mode))
     timing = plan.head_timing()
-    with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", threads=threads) as engine:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", precision="fp32", threads=threads)) as engine:
         cfg = engine.config
         # Real encoder outputs (not random vectors), so the attention sees the values it would serve.
         images, image_gram = engine.encode_images(rng.standard_normal((n, r, plan.img_dim), dtype=np.float32))
@@ -208,7 +209,9 @@ def _ort_cuda(
     if "CUDAExecutionProvider" not in machine.ort_providers():
         return skipped("ONNX Runtime has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
     try:
-        with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", device="cuda", threads=threads) as eng:
+        with ScanEngine.open(
+            manifest, EngineOptions(backend="onnxruntime", precision="fp32", device="cuda", threads=threads)
+        ) as eng:
             got = eng.sims(*feeds)
             # Host arrays in, host array out: this includes the transfers, as the runtime serves today.
             times = time_calls(lambda: eng.sims(*feeds), **timing)

@@ -51,6 +51,7 @@ from bench.random_models import DEFAULT_CACHE, MODES, prepare_model
 from bench.report import TARGETS, format_report, targets
 from runtime import atomic
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 
 logger = logging.getLogger(__name__)
@@ -158,12 +159,12 @@ def run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             ceiling = h.pop("gemm_ceiling")  # same shapes in both modes: measure the GEMM once
             report["head"]["gemm_ceiling"] = ceiling
             report["head"]["modes"][mode] = h
-        with ScanEngine.open(manifests["t2i"], backend="onnxruntime", threads=args.threads) as engine:
+        with ScanEngine.open(manifests["t2i"], EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
             logger.info("gallery build")
             report["gallery_build"] = bench_build(engine, plan, args.seed)
         mode = args.latency_model
         rate = report["head"]["modes"][mode]["contenders"]["ort_cpu"]["pairs_per_s"]
-        with ScanEngine.open(manifests[mode], backend="onnxruntime", threads=args.threads) as engine:
+        with ScanEngine.open(manifests[mode], EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
             searcher = Searcher(engine)
             report["latency"] = {
                 "model": mode,

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.options import EngineOptions
+
 from bench import machine
 from bench.plan import FULL, QUICK, Plan
 from bench.random_models import DEFAULT_CACHE, prepare_model
@@ -68,7 +70,10 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
 
     rng = rng_for(seed, 20)
     logger.info("encoding a %d-image gallery into %s", n, folder)
-    with ScanEngine.open(manifest, backend="onnxruntime") as engine, tempfile.TemporaryDirectory(dir=cache) as tmp:
+    with (
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine,
+        tempfile.TemporaryDirectory(dir=cache) as tmp,
+    ):
         regions = np.lib.format.open_memmap(
             Path(tmp) / "regions.npy", mode="w+", dtype=np.float32, shape=(n, plan.regions, plan.img_dim)
         )

@@ -24,6 +24,7 @@ from runtime import atomic
 from runtime.captions import DataError
 from runtime.cli import add_engine_arguments, add_engines_arguments, add_gallery_dtype_argument, run_cli
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.ensemble import check_weights
 
 
@@ -61,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     sims = None
     for w, path in zip(weights, args.engine):
         with ScanEngine.open(
-            path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
+            path,
+            EngineOptions(backend=args.backend, precision=args.precision, device=args.device, threads=args.threads),
         ) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
             print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)

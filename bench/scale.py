@@ -15,7 +15,7 @@ gallery size, in one process:
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
   image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``Searcher(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
+* two-stage search (``Searcher(options=SearchOptions(candidates=M))``) for each M: p50/p95 latency and top-10 overlap with
   exact on the same queries (only where exact ran);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
   after loading and searching), peak RSS.
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.options import EngineOptions, SearchOptions
 
 from bench import machine
 from runtime import atomic
@@ -233,7 +235,9 @@ def bench_size(
     for m in ms:
         if m >= n:
             continue
-        with Searcher(engine, images=gallery, candidates=m, neighbors=args.neighbors, nprobe=args.nprobe) as s:
+        with Searcher(
+            engine, images=gallery, options=SearchOptions(candidates=m, neighbors=args.neighbors, nprobe=args.nprobe)
+        ) as s:
             times, ids = time_queries(s, queries)
         two_ids.append(ids)
         two_stage.append(
@@ -463,7 +467,7 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
         "model": str(manifest),
         "rows": [],
     }
-    with ScanEngine.open(manifest, backend="onnxruntime", threads=args.threads) as engine:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         features, captions = SceneFeatures(cache, engine.config.img_dim, chunk=args.chunk).ensure(max(sizes), progress)
         rng = np.random.default_rng(1)
         pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds

@@ -19,6 +19,7 @@ from runtime.engine import ScanEngine
 from runtime.features import FeatureError
 from runtime.gallery import DTYPES, GalleryError
 from runtime.manifest import ManifestError
+from runtime.options import EngineOptions, OptionsError, SearchOptions
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
@@ -30,6 +31,7 @@ USER_ERRORS = (
     FeatureError,
     GalleryError,
     ManifestError,
+    OptionsError,
     SearchError,
     TokenizerError,
     VocabularyError,
@@ -90,16 +92,22 @@ def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str)
     p.add_argument(flag, choices=DTYPES, default="float32", help=help)
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    """The flags of ``add_engine_arguments`` as ``ScanEngine.open``'s keyword arguments."""
-    return {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The flags of ``add_engine_arguments``."""
+    return EngineOptions(args.backend, args.precision, args.device, args.threads)
+
+
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """The search flags a CLI has (``--candidates``, ``--nprobe``, ``--candidate-source``); the rest default."""
+    flags = {name: getattr(args, name) for name in ("candidates", "nprobe", "candidate_source") if hasattr(args, name)}
+    return SearchOptions(**flags)
 
 
 @contextlib.contextmanager
 def open_engines(paths: Sequence[str | Path], args: argparse.Namespace) -> Iterator[list[ScanEngine]]:
     """The engines at ``paths`` opened with the CLI's engine flags; all closed on exit."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(ScanEngine.open(path, **engine_options(args))) for path in paths]
+        yield [stack.enter_context(ScanEngine.open(path, engine_options(args))) for path in paths]
 
 
 class Terminated(BaseException):

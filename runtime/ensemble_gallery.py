@@ -30,7 +30,6 @@ import numpy as np
 
 from runtime import atomic
 from runtime.engine import ScanEngine
-from runtime.ensemble import check_agreement, describe
 from runtime.features import load_regions
 from runtime.gallery import verify_gallery
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
@@ -362,3 +361,50 @@ def build_member_caption_galleries(
         return build_caption_gallery(engine, captions, folder, append=extend, **options)
 
     return build_member_galleries(root, engines, "captions", build, append, lock_timeout)
+
+
+def describe(engine: ScanEngine, index: int | None = None) -> str:
+    """How errors name a member: its position and manifest."""
+    where = f"member {index + 1} " if index is not None else ""
+    return f"{where}({engine.manifest.path})"
+
+
+def check_agreement(
+    galleries: Sequence[ImageGallery] | Sequence[CaptionGallery], engines: Sequence[ScanEngine], kind: str
+) -> None:
+    """Refuse member galleries that do not hold the same items in the same order, naming the mismatch."""
+    first = galleries[0]
+    label0 = f"{describe(engines[0], 0)}'s {first.folder}"
+    for i, g in enumerate(galleries[1:], 1):
+        label = f"{describe(engines[i], i)}'s {g.folder}"
+        what = "images" if kind == "images" else "captions"
+        if len(g) != len(first):
+            raise GalleryError(
+                f"the ensemble's members disagree on the {kind} gallery: {label0} holds {len(first)} "
+                f"{what}, {label} {len(g)}; rebuild them together"
+            )
+        arrays = [("ids", first.ids, g.ids)]
+        if kind == "captions":
+            arrays.append(("caption lengths", first.lengths, g.lengths))
+        for name, a, b in arrays:
+            a, b = np.asarray(a), np.asarray(b)
+            if not np.array_equal(a, b):
+                at = int(np.flatnonzero(a != b)[0])
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery's order: {name} at "
+                    f"position {at} is {a[at]} in {label0}, {b[at]} in {label}; rebuild them together"
+                )
+        labels = [("names", first.names, g.names)] if kind == "images" else [("texts", first.texts, g.texts)]
+        for name, a, b in labels:
+            if (a is None) != (b is None):
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery: {label0} "
+                    f"{'has' if a is not None else 'has no'} {name}, {label} "
+                    f"{'has' if b is not None else 'has no'}; rebuild them together"
+                )
+            if a is not None and list(a) != list(b):
+                at = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                raise GalleryError(
+                    f"the ensemble's members disagree on the {kind} gallery: {name}[{at}] is "
+                    f"{a[at]!r} in {label0}, {b[at]!r} in {label}; rebuild them together"
+                )

@@ -112,7 +112,11 @@ class WriteOptions(_Options):
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, GALLERY_DTYPES)
-        if not isinstance(self.lock_timeout, (int, float)) or isinstance(self.lock_timeout, bool) or self.lock_timeout < 0:
+        if (
+            not isinstance(self.lock_timeout, (int, float))
+            or isinstance(self.lock_timeout, bool)
+            or self.lock_timeout < 0
+        ):
             raise OptionsError(f"lock_timeout must be a non-negative number of seconds, received {self.lock_timeout!r}")
         if self.index is not None:
             _one_of("index", self.index, INDEX_KINDS)

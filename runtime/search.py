@@ -14,7 +14,7 @@
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
 
-Several ``--engine`` search an ensemble (runtime/ensemble.py): scores are the weighted mean of the models'
+Several ``--engine`` search an ensemble (runtime/searcher.py): scores are the weighted mean of the models'
 similarities (``--weights 0.5,0.5``; equal by default). The gallery folder then holds one cache per model,
 built and extended together (runtime/ensemble_gallery.py):
 
@@ -41,9 +41,9 @@ from runtime.cli import (
     engine_options,
     open_engines,
     run_cli,
+    search_options,
 )
 from runtime.engine import ScanEngine
-from runtime.ensemble import CANDIDATE_SOURCES, Ensemble, check_weights
 from runtime.ensemble_gallery import (
     build_member_caption_galleries,
     build_member_image_galleries,
@@ -55,7 +55,8 @@ from runtime.gallery import verify_gallery
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
 from runtime.gallery.images import ImageGallery, build_image_gallery
 from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError
-from runtime.searcher import MAX_K, Searcher, SearchError
+from runtime.options import CANDIDATE_SOURCES
+from runtime.searcher import MAX_K, Searcher, SearchError, check_weights
 from runtime.tokenizer import TokenizerError
 
 
@@ -127,8 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
-    with ScanEngine.open(args.engine, **engine_options(args)) as engine:
+    with ScanEngine.open(args.engine, engine_options(args)) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
@@ -167,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
             if images is None:
                 raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
             _log_unknown_words(engine, queries, "")
-            scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
+            scores, ids = Searcher(engine, images=images, options=search_options(args)).search(queries, args.k)
             results += _results(queries, scores, ids, "name", images.names)
         if args.query_images:
             if captions is None and (gallery / "captions" / MANIFEST).is_file():
@@ -179,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
                     f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
                 )
             regions = load_regions(args.query_images, engine.config.img_dim)
-            scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
+            searcher = Searcher(engine, captions=captions, options=search_options(args))
+            scores, ids = searcher.search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
     _print(results, args.json)
     return 0
@@ -211,7 +212,6 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
             "--captions CAPTIONS.txt (image -> text)"
         )
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
     with open_engines(args.engine, args) as engines:
         images = captions = None
@@ -229,14 +229,14 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             images = images or load_member_galleries(gallery, engines, "images", verify=verify)
             for engine in engines:
                 _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
-            with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(queries, args.k)
+            with Searcher(engines, images=images, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(queries, args.k)
             results += _results(queries, scores, ids, "name", images[0].names)
         if args.query_images:
             captions = captions or load_member_galleries(gallery, engines, "captions", verify=verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
-            with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(np.asarray(regions), args.k)
+            with Searcher(engines, captions=captions, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
     if queries or args.query_images:
         _print(results, args.json)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from runtime.options import EngineOptions
 import pytest
 
 from bench.synthetic import ImageStore, VectorPool, caption_texts, synthetic_caption_gallery, vocab_json
@@ -66,7 +68,7 @@ def test_galleries_from_arrays_search_like_the_built_ones(golden, exported, tmp_
     from runtime.gallery import build_caption_gallery, build_image_gallery
     from runtime.searcher import Searcher
 
-    with ScanEngine.open(exported[golden.name], backend="onnxruntime") as engine:
+    with ScanEngine.open(exported[golden.name], EngineOptions(backend="onnxruntime")) as engine:
         regions, captions = load_split(golden, "test", engine.config.img_dim)
         built_images = build_image_gallery(engine, regions, tmp_path / "images", progress=False)
         built_captions = build_caption_gallery(engine, captions, tmp_path / "captions", progress=False)

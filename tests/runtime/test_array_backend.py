@@ -18,6 +18,7 @@ import pytest
 from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import SCANConfig
+from runtime.options import EngineOptions, SearchOptions
 from runtime.manifest import write_manifest
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
@@ -271,10 +272,11 @@ GOLDEN_SCRIPT = """
 import json, sys
 import numpy as np
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from bench.evaluation import full_sims, load_split
 
 manifest, golden = sys.argv[1], sys.argv[2]
-with ScanEngine.open(manifest, backend="numpy") as engine:
+with ScanEngine.open(manifest, EngineOptions(backend="numpy")) as engine:
     regions, captions = load_split(golden, "test", engine.config.img_dim)
     sims = full_sims(engine, regions, captions, image_block=5, caption_batch=7, progress=False)
 err = float(np.abs(sims - np.load(golden + "/expected_sims.npy")).max())
@@ -406,7 +408,10 @@ def test_engine_numpy_backend_matches_onnxruntime_search(engine_path):
 
     regions = random_regions(9, seed=5)
     captions = random_captions(7, seed=5)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as ref, ScanEngine.open(engine_path, backend="numpy") as m:
+    with (
+        ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as ref,
+        ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as m,
+    ):
         assert m.backend_name == "numpy"
         i_ref, g_ref = ref.encode_images(regions)
         i_got, g_got = m.encode_images(regions)
@@ -470,7 +475,7 @@ def test_array_backend_without_weights_is_a_clear_error(small_engines, tmp_path)
     del data["weights"]
     write_manifest(copy / "scan.json", data)
     with pytest.raises(BackendError, match=r"--backend numpy: .*re-export"):
-        ScanEngine.open(copy / "scan.json", backend="numpy")
+        ScanEngine.open(copy / "scan.json", EngineOptions(backend="numpy"))
 
 
 # ---------------------------------------------------------------------------------------------- CuPy (GPU)
@@ -546,10 +551,15 @@ def test_searcher_on_numpy_equals_searcher_on_onnxruntime(engine_path, tmp_path,
     queries_text, queries_images = random_captions(5, seed=3), random_regions(4, seed=3)
     found = {}
     for backend in ("onnxruntime", "numpy"):
-        with ScanEngine.open(engine_path, backend=backend) as engine:
+        with ScanEngine.open(engine_path, EngineOptions(backend=backend)) as engine:
             images = build_image_gallery(engine, regions, tmp_path / backend / "images", progress=False)
             caps = build_caption_gallery(engine, captions, tmp_path / backend / "captions", progress=False)
-            with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4, resident=resident) as s:
+            with Searcher(
+                engine,
+                images=images,
+                captions=caps,
+                options=SearchOptions(image_block=6, caption_block=4, resident=resident),
+            ) as s:
                 found[backend] = (s.search(queries_text, 7), s.search(queries_images, 9))
     for (s_ref, i_ref), (s_got, i_got) in zip(found["onnxruntime"], found["numpy"]):
         np.testing.assert_array_equal(i_got, i_ref)
@@ -602,10 +612,10 @@ from runtime.gallery import ImageGallery, CaptionGallery
 from runtime.searcher import Searcher
 
 engine_path, folder = sys.argv[1], sys.argv[2]
-with ScanEngine.open(engine_path, backend="cupy") as engine:
+with ScanEngine.open(engine_path, EngineOptions(backend="cupy")) as engine:
     images = ImageGallery.load(folder + "/images")
     caps = CaptionGallery.load(folder + "/captions")
-    with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
+    with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
         text = s.search(json.load(open(folder + "/queries.json")), 7)
         image = s.search(np.load(folder + "/queries.npy"), 9)
         words, lengths = engine.encode_captions(json.load(open(folder + "/queries.json")))
@@ -627,10 +637,10 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
     queries_text, queries_images = random_captions(5, seed=3), random_regions(4, seed=3)
     (tmp_path / "queries.json").write_text(json.dumps(queries_text))
     np.save(tmp_path / "queries.npy", queries_images)
-    with ScanEngine.open(engine_path, backend="numpy") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as engine:
         images = build_image_gallery(engine, random_regions(23, seed=2), tmp_path / "images", progress=False)
         caps = build_caption_gallery(engine, random_captions(31, seed=2), tmp_path / "captions", progress=False)
-        with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
+        with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
         words, lengths = engine.encode_captions(queries_text)
         want_sims = engine.sims(images.images, images.image_gram, words, lengths).T  # (queries, images)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions, SearchOptions
 from runtime.gallery import build_caption_gallery, build_image_gallery
 from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import export_small, random_captions, random_regions
@@ -51,7 +52,7 @@ def engines(small_engines, tmp_path_factory):
             path = export_small(
                 tmp_path_factory.mktemp(f"cand_{attn}_{agg}"), seed=AGGS.index(agg), cross_attn=attn, agg_func=agg
             )
-        return ScanEngine.open(path, backend="onnxruntime")
+        return ScanEngine.open(path, EngineOptions(backend="onnxruntime"))
 
     out = _Lazy(make)
     yield out
@@ -88,7 +89,9 @@ def test_all_candidates_is_exact(engines, galleries, model, direction):
     queries = _queries(direction)
     exact = Searcher(engine, images=images, captions=captions).search(queries, 6)
     for m in (n, n + 5):
-        s, i = Searcher(engine, images=images, captions=captions, candidates=m).search(queries, 6)
+        s, i = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m)).search(
+            queries, 6
+        )
         assert np.array_equal(i, exact[1]) and np.array_equal(s, exact[0])
 
 
@@ -104,7 +107,7 @@ def test_rerank_is_exact_on_the_candidates(engines, galleries, model, direction)
     k = 5
     exact_s, exact_i = Searcher(engine, images=images, captions=captions).search(queries, len(gallery))
     m = len(gallery) - 3
-    searcher = Searcher(engine, images=images, captions=captions, candidates=m)
+    searcher = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m))
     s, i = searcher.search(queries, k)
     index = searcher.candidate_index("images" if direction == "t2i" else "captions")
     assert np.all(np.diff(s, axis=1) <= 0) and (i >= 0).all()
@@ -196,8 +199,8 @@ def test_index_extended_on_append_equals_a_fresh_build(engines, tmp_path):
     texts, regs = random_captions(6, seed=7), random_regions(4, seed=8)
     for a, b, q in ((parts, whole, texts), (cparts, cwhole, regs)):
         kw = "images" if a is parts else "captions"
-        ra = Searcher(engine, **{kw: a}, candidates=7).search(q, 4)
-        rb = Searcher(engine, **{kw: b}, candidates=7).search(q, 4)
+        ra = Searcher(engine, **{kw: a}, options=SearchOptions(candidates=7)).search(q, 4)
+        rb = Searcher(engine, **{kw: b}, options=SearchOptions(candidates=7)).search(q, 4)
         np.testing.assert_array_equal(ra[1], rb[1])
         np.testing.assert_allclose(ra[0], rb[0], atol=1e-6)
     # reload from disk: the same index
@@ -208,7 +211,7 @@ def test_index_extended_on_append_equals_a_fresh_build(engines, tmp_path):
 def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_path, monkeypatch):
     engine = engines["t2i", "LogSumExp"]
     g = build_image_gallery(engine, random_regions(12, seed=1), tmp_path, progress=False, index="flat")
-    before = Searcher(engine, images=g, candidates=5).search(random_captions(3, seed=2), 3)
+    before = Searcher(engine, images=g, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
     calls = {"n": 0}
     real = engine.encode_images
 
@@ -226,7 +229,7 @@ def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_
 
     g2 = ImageGallery.load(tmp_path, engine.manifest.image_encoder_id)
     assert len(g2) == 12 and load_index(g2, engine.manifest.image_encoder_id).index.ntotal == 12 * 5
-    after = Searcher(engine, images=g2, candidates=5).search(random_captions(3, seed=2), 3)
+    after = Searcher(engine, images=g2, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
     np.testing.assert_array_equal(before[1], after[1])
 
 
@@ -249,12 +252,13 @@ def test_interrupted_index_write_is_rebuilt_with_a_message(engines, tmp_path, mo
     with pytest.raises(StaleIndexError, match=r"stale.*generation 1 \(12 items\).*generation 2 \(16 items\)"):
         load_index(g, engine.manifest.image_encoder_id)
     with caplog.at_level(logging.WARNING, logger="runtime.candidates"):
-        Searcher(engine, images=g, candidates=6).search(random_captions(2, seed=4), 3)
+        Searcher(engine, images=g, options=SearchOptions(candidates=6)).search(random_captions(2, seed=4), 3)
     assert "rebuilding the candidate index" in caplog.text
     assert load_index(g, engine.manifest.image_encoder_id).index.ntotal == 16 * 5
     exact = Searcher(engine, images=g).search(random_captions(2, seed=4), 3)
     np.testing.assert_array_equal(
-        Searcher(engine, images=g, candidates=16).search(random_captions(2, seed=4), 3)[1], exact[1]
+        Searcher(engine, images=g, options=SearchOptions(candidates=16)).search(random_captions(2, seed=4), 3)[1],
+        exact[1],
     )
 
 
@@ -283,7 +287,7 @@ def test_approximate_index_kinds(engines, tmp_path, kind):
     index = load_index(g, engine.manifest.image_encoder_id)
     assert index.kind == kind and index.index.ntotal == 300 * regions.shape[1]
     queries = random_captions(5, seed=10)
-    s, i = Searcher(engine, images=g, candidates=40).search(queries, 5)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=40)).search(queries, 5)
     assert (i >= 0).all() and np.all(np.diff(s, axis=1) <= 0)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 300)
     for q in range(len(queries)):  # rescored exactly
@@ -296,7 +300,7 @@ def test_bad_arguments(engines, galleries, tmp_path):
     images, _ = galleries["t2i", "LogSumExp"]
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(SearchError, match="candidates"):
-            Searcher(engine, images=images, candidates=bad)
+            Searcher(engine, images=images, options=SearchOptions(candidates=bad))
     with pytest.raises(CandidateIndexError, match="index kind"):
         build_index(images, kind="lsh")
 
@@ -342,7 +346,7 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
     emb, gram = engine.encode_images(random_regions(25, seed=3))
     g = ImageGallery.from_arrays(emb, gram)
     queries = random_captions(3, seed=5)
-    s, i = Searcher(engine, images=g, candidates=8).search(queries, 4)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=8)).search(queries, 4)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 25)
     for q in range(3):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
@@ -356,7 +360,7 @@ def test_service_executor_two_stage(small_engines, tmp_path):
     from runtime.service.executor import LocalExecutor
 
     engine = small_engines["t2i"]
-    with ScanEngine.open(engine, backend="onnxruntime") as e:
+    with ScanEngine.open(engine, EngineOptions(backend="onnxruntime")) as e:
         build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", progress=False)
     queries = random_captions(3, seed=2)
     exact = LocalExecutor.open(engine, tmp_path, backend="onnxruntime")

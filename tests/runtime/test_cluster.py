@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.features import FeatureError
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
 from runtime.searcher import Searcher, SearchError
@@ -27,7 +28,7 @@ K_VALUES = (3, 13, 40)  # below a shard, above a shard (7..12 items), past the w
 
 def single_node(engine_path, gallery, queries, regions):
     """{(direction, k): (scores, ids)} of one Searcher over the unsharded gallery."""
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         images = ImageGallery.load(gallery / "images")
         captions = CaptionGallery.load(gallery / "captions")
         with Searcher(engine, images=images, captions=captions) as s:
@@ -112,7 +113,7 @@ def test_appends_go_to_the_last_shard(ray_cluster, small_engines, tmp_path):
     split(gallery, tmp_path / "sharded", 2)
     new_regions, new_captions = random_regions(4, seed=31), random_captions(3, seed=32)
     new_names = [f"new{i}" for i in range(4)]
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the same appends, unsharded
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the same appends, unsharded
         build_image_gallery(engine, new_regions, gallery / "images", names=new_names, append=True, progress=False)
         build_caption_gallery(engine, new_captions, gallery / "captions", append=True, progress=False)
     queries, regions = random_captions(6, seed=21), random_regions(5, seed=22)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
+from runtime.options import EngineOptions
 from runtime.ensemble_gallery import (
     ENSEMBLE,
     build_member_caption_galleries,
@@ -32,7 +32,7 @@ def paths(small_engines) -> list:
 
 
 def build(small_engines, folder):
-    engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
+    engines = [ScanEngine.open(p, EngineOptions(backend="onnxruntime", threads=1)) for p in paths(small_engines)]
     try:
         names = [f"img{i}" for i in range(N_IMAGES)]
         build_member_image_galleries(folder, engines, random_regions(N_IMAGES, seed=1), names=names, progress=False)
@@ -56,8 +56,10 @@ class Reference:
     """The ensemble over the same folder, opened apart from the service: what each request alone returns."""
 
     def __init__(self, small_engines, folder) -> None:
-        self.engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
-        self.ensemble = Ensemble(
+        self.engines = [
+            ScanEngine.open(p, EngineOptions(backend="onnxruntime", threads=1)) for p in paths(small_engines)
+        ]
+        self.ensemble = Searcher(
             self.engines,
             images=load_member_galleries(folder, self.engines, "images"),
             captions=load_member_galleries(folder, self.engines, "captions"),
@@ -156,7 +158,7 @@ def test_ensemble_service_starts_empty_and_appends_create_the_gallery(small_engi
 def test_a_single_model_gallery_is_refused_at_load(small_engines, tmp_path):
     from runtime.gallery import build_image_gallery
 
-    with ScanEngine.open(small_engines["t2i"], backend="onnxruntime", threads=1) as engine:
+    with ScanEngine.open(small_engines["t2i"], EngineOptions(backend="onnxruntime", threads=1)) as engine:
         build_image_gallery(engine, random_regions(4, seed=1), tmp_path / "single" / "images", progress=False)
     svc = Service(
         lambda: EnsembleExecutor.open(paths(small_engines), tmp_path / "single", backend="onnxruntime", threads=1)

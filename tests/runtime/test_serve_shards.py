@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from runtime.options import EngineOptions
 import pytest
 
 from runtime.cluster import ShardUnavailableError
@@ -200,7 +202,7 @@ def test_real_process_with_shards(small_engines, tmp_path):
             body = httpx.post(url + TEXT, json={"queries": QUERIES, "k": 7}, timeout=60).json()
         except httpx.TransportError as e:
             pytest.fail(f"{e}: {log.read_text()}")
-        with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+        with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             scores, ids = Searcher(engine, images=ImageGallery.load(gallery / "images")).search(QUERIES, 7)
         assert body["ids"] == ids.tolist()
         np.testing.assert_allclose(np.array(body["scores"], np.float32), scores, atol=1e-5, rtol=0)

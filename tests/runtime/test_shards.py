@@ -11,6 +11,7 @@ import pytest
 
 from runtime.cluster import ShardServer, merge_topk
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
 from runtime.searcher import Searcher
 from runtime.shards import ShardError, check_contiguous, ensure_split, load_shard, main, merge, read_layout, split
@@ -127,7 +128,7 @@ def test_in_process_shards_equal_one_searcher(engine_path, gallery, tmp_path, sh
         ShardServer(engine_path, s.folder, backend="onnxruntime", image_block=4, caption_block=5) for s in layout
     ]
     queries, regions = random_captions(6, seed=21), random_regions(5, seed=22)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         single = Searcher(
             engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
         )
@@ -160,7 +161,7 @@ def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
     assert ensure_split(out, 2) == out  # a sharded gallery is served as it is
     with pytest.raises(ShardError, match="holds 2 shards, --shards says 3"):
         ensure_split(out, 3)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the unsharded gallery moves on
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the unsharded gallery moves on
         build_image_gallery(
             engine, random_regions(1, seed=9), g / "images", names=["late"], append=True, progress=False
         )
