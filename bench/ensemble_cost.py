@@ -4,7 +4,7 @@
     python bench/ensemble_cost.py --engine A/scan.json --engine B/scan.json --images 200 --captions 1000
 
 Per direction (text -> image, image -> text) and repeat, the contenders run interleaved on the same
-queries: each member's ``Searcher`` alone and the ``Ensemble`` of all. Reported: medians and p10..p90
+queries: each member's ``Searcher`` alone and the ``Searcher`` of all. Reported: medians and p10..p90
 (ms), and the per-repeat ratio of the ensemble's time to the sum of its members' (1.0: the ensemble
 costs exactly its members; the ensemble's extra work is one weighted sum and one top-k per block).
 Without ``--engine`` the models are the benchmark's random full-size ones (bench/random_models.py).

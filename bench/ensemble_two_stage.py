@@ -27,8 +27,9 @@ from bench.scale import DEFAULT_CACHE, SceneFeatures, overlap_at
 from runtime import atomic
 from runtime.cli import add_engine_arguments, open_engines, run_cli
 from runtime.engine import ScanEngine
-from runtime.ensemble import CANDIDATE_SOURCES, Ensemble
 from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
+from runtime.options import CANDIDATE_SOURCES, SearchOptions
+from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,17 +158,24 @@ def _p50(searcher, queries, n: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _scored(ensemble: Ensemble, direction: str, queries) -> float:
+def _scored(ensemble: Searcher, direction: str, queries) -> float:
     """Mean number of items the candidate stage hands to the exact score, per query."""
-    if direction == "text_to_image":
+    kind, engines, two_stage = (
+        ("images" if direction == "text_to_image" else "captions"),
+        ensemble.engines,
+        ensemble.two_stage,
+    )
+    if kind == "images":
         vectors = []
-        for m in ensemble.members:
-            ids, lengths = m.engine.tokenizer.encode_batch(list(queries))
-            words = m.engine.encode_ids(ids, lengths)
+        for e in engines:
+            ids, lengths = e.tokenizer.encode_batch(list(queries))
+            words = e.encode_ids(ids, lengths)
             vectors.append([w[:n] for w, n in zip(words, lengths)])
-        return float(np.mean([len(p) for p in ensemble._proposals("images", vectors)]))
-    vectors = [list(m.engine.encode_images(queries)[0]) for m in ensemble.members]
-    return float(np.mean([len(p) for p in ensemble._proposals("captions", vectors)]))
+    else:
+        vectors = [list(e.encode_images(queries)[0]) for e in engines]
+    galleries = ensemble.galleries(kind)
+    proposals = two_stage.proposals(lambda i: two_stage.index(engines[i], galleries[i], kind), engines, vectors)
+    return float(np.mean([len(p) for p in proposals]))
 
 
 if __name__ == "__main__":

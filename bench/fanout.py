@@ -1,5 +1,6 @@
-"""What sharding costs and buys per request: one ``Searcher`` in process against ``ShardedSearcher`` on
-Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards of the same gallery.
+"""What sharding costs and buys per request: one ``Searcher`` in process against a sharded one
+(``runtime.cluster.open_shards``) on Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards
+of the same gallery.
 
     python bench/fanout.py --engine ~/.cache/scan-runtime/bench/t2i-1024-*/scan.json \\
         --images 1000 --captions 5000 --shards 1 2 --json bench/results/fanout.json --plot bench/results/fanout.png
@@ -28,8 +29,8 @@ from bench.machine import describe, load_average
 from runtime.atomic import write_json
 from runtime.cli import run_cli
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from runtime.shards import split
 
@@ -60,7 +61,7 @@ def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.cluster import ShardedSearcher, connect
+    from runtime.cluster import connect, open_shards
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fanout-"))
     gallery = work / "gallery"
@@ -85,9 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not (folder / "shards.json").is_file():
                     split(gallery, folder, s)
                 threads = args.shard_threads
-                contenders[f"S={s}"] = ShardedSearcher(
-                    args.engine, folder, backend="onnxruntime", threads=threads, timeout_s=120.0
-                )
+                options = EngineOptions(backend="onnxruntime", threads=threads)
+                contenders[f"S={s}"] = open_shards(args.engine, folder, options, timeout_s=120.0)
                 settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
             report = {
                 "settings": {**vars(args), "contenders": settings},
@@ -127,7 +127,7 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
     for _ in range(args.requests):  # the transport alone: ask every shard for its info (no search)
         for name in rtt:
             t = time.perf_counter()
-            contenders[name].info()
+            contenders[name].shards.info()
             rtt[name].append((time.perf_counter() - t) * 1e3)
     out: dict[str, Any] = {
         "mismatches": mismatches,

@@ -34,11 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.options import EngineOptions
-
 from bench.torch_cuda import torch_cuda_head, unavailable
 from runtime import atomic
 from runtime.config import SCANConfig
+from runtime.options import EngineOptions
 
 
 def torch_cuda_baseline(

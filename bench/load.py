@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from runtime.options import EngineOptions
-
 from bench import machine
 from bench.plan import FULL, QUICK, Plan
 from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import caption_texts, rng_for
 from runtime import atomic
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ gallery size, in one process:
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
   image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``Searcher(options=SearchOptions(candidates=M))``) for each M: p50/p95 latency and top-10 overlap with
+* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
   exact on the same queries (only where exact ran);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
   after loading and searching), peak RSS.
@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.options import EngineOptions, SearchOptions
-
 from bench import machine
 from runtime import atomic
 from runtime.candidates import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from runtime.options import EngineOptions, SearchOptions
 
 logger = logging.getLogger(__name__)
 

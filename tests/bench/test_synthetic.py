@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from runtime.options import EngineOptions
 import pytest
 
 from bench.synthetic import ImageStore, VectorPool, caption_texts, synthetic_caption_gallery, vocab_json
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery
+from runtime.options import EngineOptions
 from runtime.vocab import Vocabulary
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
-from runtime.options import EngineOptions
 import pytest
 
+from runtime.options import EngineOptions
 from tests.helpers import WORDS, small_config, write_checkpoint
 
 

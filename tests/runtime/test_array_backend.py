@@ -18,8 +18,8 @@ import pytest
 from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import SCANConfig
-from runtime.options import EngineOptions, SearchOptions
 from runtime.manifest import write_manifest
+from runtime.options import EngineOptions, SearchOptions
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
@@ -412,7 +412,7 @@ def test_engine_numpy_backend_matches_onnxruntime_search(engine_path):
         ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as ref,
         ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as m,
     ):
-        assert m.backend_name == "numpy"
+        assert m.options.backend == "numpy"
         i_ref, g_ref = ref.encode_images(regions)
         i_got, g_got = m.encode_images(regions)
         np.testing.assert_allclose(i_got, i_ref, atol=ATOL, rtol=RTOL)
@@ -526,7 +526,7 @@ AUTO_SCRIPT = """
 import json, sys
 from runtime.engine import ScanEngine
 with ScanEngine.open(sys.argv[1]) as engine:
-    print(json.dumps({"backend": engine.backend_name}))
+    print(json.dumps({"backend": engine.options.backend}))
 """
 
 
@@ -609,6 +609,7 @@ from tests.fake_cupy import install
 install()
 from runtime.engine import ScanEngine
 from runtime.gallery import ImageGallery, CaptionGallery
+from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import Searcher
 
 engine_path, folder = sys.argv[1], sys.argv[2]
@@ -619,10 +620,11 @@ with ScanEngine.open(engine_path, EngineOptions(backend="cupy")) as engine:
         text = s.search(json.load(open(folder + "/queries.json")), 7)
         image = s.search(np.load(folder + "/queries.npy"), 9)
         words, lengths = engine.encode_captions(json.load(open(folder + "/queries.json")))
-        rows = [r for _, r in engine.head.block_sims(s._gallery("images"), {"captions": words, "lengths": lengths}, 0)]
-        held = {kind: len(list(g)) for kind, g in s._uploaded.items()}
+        uploaded = s._upload(s._generation, "images", 0)
+        rows = [r for _, r in engine.head.block_sims(uploaded, {"captions": words, "lengths": lengths}, 0)]
+        held = {key[1]: len(list(g)) for key, g in s._generation._made.items()}
 np.savez(folder + "/found.npz", ts=text[0], ti=text[1], is_=image[0], ii=image[1], sims=np.concatenate(rows, 1))
-print(json.dumps({"backend": engine.backend_name, "blocks": held}))
+print(json.dumps({"backend": engine.options.backend, "blocks": held}))
 """
 
 

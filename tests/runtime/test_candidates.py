@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions, SearchOptions
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.searcher import Searcher, SearchError
+from runtime.options import EngineOptions, OptionsError, SearchOptions
+from runtime.searcher import Searcher
 from tests.runtime.conftest import export_small, random_captions, random_regions
 
 faiss = pytest.importorskip("faiss", reason="two-stage search needs faiss (pip install 'scan-runtime[scale]')")
@@ -109,7 +109,7 @@ def test_rerank_is_exact_on_the_candidates(engines, galleries, model, direction)
     m = len(gallery) - 3
     searcher = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m))
     s, i = searcher.search(queries, k)
-    index = searcher.candidate_index("images" if direction == "t2i" else "captions")
+    index = searcher.two_stage.index(engine, gallery, "images" if direction == "t2i" else "captions")
     assert np.all(np.diff(s, axis=1) <= 0) and (i >= 0).all()
     for q in range(len(queries)):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
@@ -299,7 +299,7 @@ def test_bad_arguments(engines, galleries, tmp_path):
     engine = engines["t2i", "LogSumExp"]
     images, _ = galleries["t2i", "LogSumExp"]
     for bad in (-1, 1.5, True, "10"):
-        with pytest.raises(SearchError, match="candidates"):
+        with pytest.raises(OptionsError, match="candidates"):
             Searcher(engine, images=images, options=SearchOptions(candidates=bad))
     with pytest.raises(CandidateIndexError, match="index kind"):
         build_index(images, kind="lsh")
@@ -357,29 +357,32 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
 def test_service_executor_two_stage(small_engines, tmp_path):
     """The search service's executor with ``candidates``: exact results at M >= N, rescored candidates
     below, and an append extends the index (``serve.py --candidates``)."""
-    from runtime.service.executor import LocalExecutor
+    from runtime.service.executor import Executor
+
+    def search(executor, queries, k):
+        return executor.search("text_to_image", executor.prepare("text_to_image", queries), k)
 
     engine = small_engines["t2i"]
     with ScanEngine.open(engine, EngineOptions(backend="onnxruntime")) as e:
         build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", progress=False)
     queries = random_captions(3, seed=2)
-    exact = LocalExecutor.open(engine, tmp_path, backend="onnxruntime")
-    full = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=20)
+    exact = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"))
+    full = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=20))
     try:
-        a, b = exact.search("text", queries, 4), full.search("text", queries, 4)
+        a, b = search(exact, queries, 4), search(full, queries, 4)
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
     finally:
         exact.close()
         full.close()
-    two = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=6)
+    two = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=6))
     try:
         assert two.describe()["candidates"] == 6
-        hits = two.search("text", queries, 4)  # builds the index on first use
+        hits = search(two, queries, 4)  # builds the index on first use
         assert (hits.ids >= 0).all()
         two.append_images(random_regions(5, seed=3), None)
         meta = json.loads((tmp_path / "images" / "candidates.json").read_text())
         assert meta["count"] == 25 and meta["extended_from"] == 20
-        assert (two.search("text", queries, 4).ids >= 0).all()
+        assert (search(two, queries, 4).ids >= 0).all()
     finally:
         two.close()

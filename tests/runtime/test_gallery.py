@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.options import EngineOptions
 from tests.runtime.conftest import random_captions, random_regions
 
 

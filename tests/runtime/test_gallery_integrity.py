@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions, SearchOptions
 from runtime.gallery import (
     CaptionGallery,
     GalleryError,
@@ -26,6 +25,7 @@ from runtime.gallery import (
     writer_lock,
 )
 from runtime.gallery import store as gallery_store
+from runtime.options import EngineOptions, SearchOptions
 from runtime.search import main as search_main
 from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.topk import RunningTopK
@@ -40,6 +40,7 @@ WRITER = """
 import os, pathlib, sys, time
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
+from runtime.options import EngineOptions
 engine_path, kind, data, *trials = sys.argv[1:]
 with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
     for trial in trials:

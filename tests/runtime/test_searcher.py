@@ -9,8 +9,8 @@ import pytest
 
 from bench.evaluation import full_sims
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions, SearchOptions
 from runtime.gallery import build_caption_gallery, build_image_gallery
+from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import random_captions, random_regions
 

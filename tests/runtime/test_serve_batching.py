@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from runtime.service.batcher import Batcher, BatcherClosed, QueueFull
-from runtime.service.types import Hits
 from runtime.service.settings import Batching, Settings
+from runtime.service.types import Hits
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import build_gallery, local_service, run_client
 

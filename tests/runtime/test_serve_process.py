@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import build_gallery

@@ -17,13 +17,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
-from runtime.options import EngineOptions, SearchOptions
 import pytest
 
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.manifest import load_manifest
+from runtime.options import EngineOptions, SearchOptions
 from tests.fake_tensorrt import (
     FakeAllocator,
     build_with_fakes,
@@ -86,7 +85,7 @@ def test_from_manifest_without_tensorrt_is_helpful(monkeypatch, tmp_path: Path) 
     from runtime.backends import open_backend
 
     with pytest.raises(BackendError, match="pip install tensorrt"):
-        open_backend(load_manifest(manifest), "head", backend="tensorrt")
+        open_backend(load_manifest(manifest), "head", EngineOptions(backend="tensorrt"))
 
 
 def test_allocator_without_cuda_bindings_is_helpful(monkeypatch) -> None:
@@ -393,11 +392,12 @@ def test_searcher_on_tensorrt_equals_onnxruntime(monkeypatch, export_copy: Path,
         with Searcher(
             eng, images=images, captions=captions, options=SearchOptions(image_block=100, caption_block=40)
         ) as s:
-            assert (s.image_block, s.caption_block, s.query_batch) == (64, 16, 16)  # capped to the profile
+            o = s.options
+            assert (o.image_block, o.caption_block, o.query_batch) == (64, 16, 16)  # capped to the profile
             got = {k: s.search(texts[:20], k) for k in (3, 9)}  # k=3: the top-k plan; k=9 > topk_max: the head
             assert eng.head._topk is not None  # the top-k plan was opened for k=3
             got_i2t = s.search(regions[:20], 6)
-            uploaded = list(s._uploaded["images"])
+            uploaded = list(s._upload(s._generation, "images", 0))
             assert [offset for offset, _ in uploaded] == [0, 64, 128]
             assert all(type(v).__name__ == "DeviceArray" for _, feeds in uploaded for v in feeds.values())
     for k in (3, 9):
