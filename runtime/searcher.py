@@ -490,7 +490,7 @@ class Searcher:
         if kind is None:
             raise SearchError(f"direction must be one of {tuple(DIRECTIONS)}, received {direction!r}")
         if self.shards is not None:
-            return self.shards.labels(kind, ids)
+            return self.shards.labels(direction, ids)
         galleries = self._generation.of(kind)
         labels = None if galleries is None else (galleries[0].names if kind == "images" else galleries[0].texts)
         return [[labels[i] if labels is not None and i >= 0 else None for i in row] for row in np.asarray(ids).tolist()]
