@@ -5,7 +5,7 @@
 
 Several engines form an ensemble: their similarity matrices are averaged, as in the paper
 ("t-i AVG + i-t LSE"), or weighted with ``--weights`` (the mean ``runtime/search.py`` and
-``runtime/ensemble.py`` search with). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
+``runtime/searcher.py`` searches with). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
         if sims is not None and sims.shape != s.shape:
             raise DataError(f"the engines read different splits: {sims.shape} vs {s.shape} similarities")
-        # The weighted mean in float32, accumulated in the members' order as runtime/ensemble.py does.
+        # The weighted mean in float32, accumulated in the members' order as runtime/searcher.py does.
         sims = w * s if sims is None else sims + w * s
     sims = sims.astype(np.float32, copy=False)
     seconds = time.perf_counter() - t0

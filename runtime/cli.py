@@ -1,5 +1,4 @@
-"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py), progress lines
-(export/)."""
+"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -17,9 +15,9 @@ from runtime.backends import BACKENDS, BackendError
 from runtime.captions import DataError
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
-from runtime.gallery import DTYPES, GalleryError
+from runtime.gallery import GalleryError
 from runtime.manifest import ManifestError
-from runtime.options import EngineOptions, OptionsError, SearchOptions
+from runtime.options import GALLERY_DTYPES, EngineOptions, OptionsError, SearchOptions
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
@@ -63,16 +61,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def timed_progress() -> Callable[[str], None]:
-    """A progress printer: each line prefixed with the seconds since this call."""
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-
-    return progress
-
-
 def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
     """``--engine`` (repeated ``repeat``: for an ensemble) and the ensemble's ``--weights``."""
     p.add_argument(
@@ -89,7 +77,7 @@ def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
 
 def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str) -> None:
     """The flag choosing how a gallery stores encoded items (float32 by default)."""
-    p.add_argument(flag, choices=DTYPES, default="float32", help=help)
+    p.add_argument(flag, choices=GALLERY_DTYPES, default="float32", help=help)
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:

@@ -35,9 +35,9 @@ import numpy as np
 
 from runtime.engine import ScanEngine, ScanModel
 from runtime.gallery import GalleryError
+from runtime.gallery.shards import KINDS, check_contiguous, read_layout, read_shard
 from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import DIRECTIONS, Queries, Searcher, ShardUnavailableError, check_names
-from runtime.shards import KINDS, check_contiguous, read_layout, read_shard
 from runtime.topk import MISSING_ID
 
 logger = logging.getLogger(__name__)

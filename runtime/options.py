@@ -16,7 +16,7 @@ GALLERY_DTYPES = ("float32", "float16")
 # Where a two-stage search of an ensemble takes its candidates: every member's index (the union of their
 # proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
 CANDIDATE_SOURCES = ("union", "first")
-# "auto" or a faiss index family (runtime/candidates.py); None: no candidate index is built.
+# "auto" or a faiss index family (runtime/gallery/index.py); None: no candidate index is built.
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
 DEFAULT_LOCK_TIMEOUT = 600.0
 

@@ -4,7 +4,7 @@
 * image -> text: ``Searcher(engine, captions=CaptionGallery).search(regions (n, R, img_dim), k)``
 * an ensemble (the paper's best results average a t2i and an i2t model): ``Searcher([t2i, i2t], images=[g1, g2],
   weights=[0.6, 0.4])`` scores the weighted mean of the members' similarities; one gallery per member, the
-  same items in the same order (runtime/ensemble_gallery.py builds them together). A single model is an
+  same items in the same order (``GalleryFolder`` builds them together). A single model is an
   ensemble of one member.
 * a gallery on disk: ``Searcher.open(engines, folder)``, which can also append (``add_images``, ``add_captions``);
 * a sharded gallery: ``runtime.cluster.open_shards``, a Searcher whose scoring fans out to Ray shard actors,
@@ -35,23 +35,9 @@ import numpy as np
 from runtime.backends.base import GalleryBlocks
 from runtime.buckets import length_batches
 from runtime.engine import ScanEngine, ScanModel
-from runtime.ensemble_gallery import (
-    build_member_caption_galleries,
-    build_member_image_galleries,
-    check_agreement,
-    describe,
-    load_member_galleries,
-    read_index,
-)
 from runtime.features import check_regions
-from runtime.gallery import (
-    MANIFEST,
-    CaptionGallery,
-    GalleryError,
-    ImageGallery,
-    build_caption_gallery,
-    build_image_gallery,
-)
+from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFolder, ImageGallery
+from runtime.gallery.members import check_agreement, member_label
 from runtime.options import SearchOptions, WriteOptions
 from runtime.tokenizer import TokenizerError
 from runtime.topk import NonFiniteScore, RunningTopK, block_topk
@@ -196,7 +182,7 @@ class Searcher:
         if len({e.config.img_dim for e in self.engines}) > 1:
             raise SearchError(
                 "the ensemble's members take different region features: "
-                + ", ".join(f"{describe(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(self.engines))
+                + ", ".join(f"{member_label(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(self.engines))
             )
         # A backend may only serve bounded shapes (a TensorRT profile): blocks and batches fit in every member's.
         for e in self.engines:
@@ -211,7 +197,7 @@ class Searcher:
         self.options = options
         self.two_stage = candidates if candidates is not None or not options.candidates else TwoStage(options)
         self.shards = shards
-        self.folder: Path | None = None
+        self.folder: GalleryFolder | None = None  # where appends go
         self._generation = self._new_generation(images, captions)
         self._write = threading.Lock()  # one append at a time in this process
 
@@ -222,17 +208,17 @@ class Searcher:
         """A searcher over the galleries in ``folder`` (none yet is fine: appends create them); ``kw`` as
         ``Searcher``'s. ``verify``: as ``ImageGallery.load``'s."""
         searcher = cls(engines, **kw)
-        searcher.folder = Path(folder)
-        if searcher.folder.exists() and not searcher.folder.is_dir():
-            raise GalleryError(f"--gallery {searcher.folder}: expected a folder, received a file")
-        searcher._generation = _load_folder(searcher.folder, searcher.engines, verify)
-        searcher._check_members(searcher._generation)
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise GalleryError(f"--gallery {folder}: expected a folder, received a file")
+        searcher.folder = GalleryFolder(folder, searcher.engines)
+        searcher._generation = _generation(searcher.folder.load(verify))
         return searcher
 
     def _new_generation(self, images: Any, captions: Any) -> Generation:
-        g = Generation(self._per_member(images, "images"), self._per_member(captions, "captions"))
-        g.numbers = {kind: gs[0].manifest.get("generation") for kind, gs in _kinds(g) if gs is not None}
-        self._check_members(g)
+        g = _generation(Galleries(self._per_member(images, "images"), self._per_member(captions, "captions")))
+        for kind, galleries in _kinds(g):
+            if galleries is not None and len(galleries) > 1:
+                check_agreement(galleries, self.engines, kind)
         return g
 
     def _per_member(self, galleries: Any, kind: str) -> tuple | None:
@@ -248,15 +234,10 @@ class Searcher:
             have, want = g.manifest.get(key), getattr(e.manifest, key)
             if have is not None and have != want:
                 raise GalleryError(
-                    f"{kind} gallery {g.folder} for {describe(e, i)} was built by another model "
+                    f"{kind} gallery {g.folder} for {member_label(e, i)} was built by another model "
                     f"({key} {str(have)[:12]}, the engine's is {want[:12]})"
                 )
         return galleries
-
-    def _check_members(self, g: Generation) -> None:
-        for kind, galleries in _kinds(g):
-            if galleries is not None and len(galleries) > 1:
-                check_agreement(galleries, self.engines, kind)
 
     def close(self) -> None:
         """Free the galleries uploaded to the backends, if any (and the shards' actors)."""
@@ -311,9 +292,10 @@ class Searcher:
             logger.warning("the gallery %s is empty: every result is -1", g.of(kind)[0].folder)
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
+        indexes = self._indexes(g, kind)
         for rows, batch in self._encoded(queries):
-            if self.two_stage is not None and self.two_stage.applies(len(g.of(kind)[0])):
-                scores[rows], ids[rows] = self._two_stage(g, kind, batch, k)
+            if indexes is not None:
+                scores[rows], ids[rows] = self._two_stage(g, kind, indexes, batch, k)
             else:
                 scores[rows], ids[rows] = self._merged(kind, self._blocks(g, kind, batch, k), len(rows), k, g)
         return scores, ids
@@ -439,16 +421,23 @@ class Searcher:
 
     # ------------------------------------------------------------------ two-stage (runtime/two_stage.py)
 
+    def _indexes(self, g: Generation, kind: str) -> list | None:
+        """The proposing members' candidate indexes when this search is two-stage; None: exact (every item a
+        candidate, or a member without an index of this generation)."""
+        two_stage, galleries = self.two_stage, g.of(kind)
+        if two_stage is None or not two_stage.applies(len(galleries[0])):
+            return None
+        indexes = [
+            g.once(("index", kind, i), lambda i=i: two_stage.index(self.engines[i], galleries[i], kind))
+            for i in two_stage.asked(len(self.engines))
+        ]
+        return None if any(index is None for index in indexes) else indexes
+
     def _two_stage(
-        self, g: Generation, kind: str, queries: list[dict[str, np.ndarray]], k: int
+        self, g: Generation, kind: str, indexes: list, queries: list[dict[str, np.ndarray]], k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each query's proposals, scored exactly by every member and averaged, then its top-k."""
         galleries, two_stage = g.of(kind), self.two_stage
-
-        def index(member: int):
-            return g.once(
-                ("index", kind, member), lambda: two_stage.index(self.engines[member], galleries[member], kind)
-            )
 
         if kind == "images":
             vectors = [[w[:n] for w, n in zip(q["captions"], q["lengths"])] for q in queries]
@@ -456,7 +445,7 @@ class Searcher:
             vectors = [list(q["images"]) for q in queries]
         block = self.options.image_block if kind == "images" else self.options.caption_block
         out = []
-        for row, positions in enumerate(two_stage.proposals(index, self.engines, vectors)):
+        for row, positions in enumerate(two_stage.proposals(indexes.__getitem__, self.engines, vectors)):
             total = ids = None
             for w, e, gallery, q in zip(self.weights.astype(np.float32), self.engines, galleries, queries):
                 s, ids = two_stage.rescore(
@@ -528,16 +517,31 @@ class Searcher:
             progress=False,
             index="auto" if self.options.candidates else None,  # the index follows the append, not the next search
         )
-        galleries, number = _write_folder(self.folder, self.engines, kind, items, names, options)
+        if kind == "images":
+            written = _generation(self.folder.write_images(items, names, options))
+        else:
+            written = _generation(self.folder.write_captions(items, options))
         current = self._generation
-        new = Generation(**{"images": current.images, "captions": current.captions, kind: tuple(galleries)})
-        new.numbers = {**current.numbers, kind: number}
+        new = Generation(**{"images": current.images, "captions": current.captions, kind: written.of(kind)})
+        new.numbers = {**current.numbers, **written.numbers}
         self._generation = new  # searches that started before keep the generation they took
-        return len(galleries[0])
+        return len(new.of(kind)[0])
 
 
-def _kinds(g: Generation) -> tuple[tuple[str, Any], tuple[str, Any]]:
+def _kinds(g: Generation | Galleries) -> tuple[tuple[str, Any], tuple[str, Any]]:
     return (("images", g.images), ("captions", g.captions))
+
+
+def _generation(galleries: Galleries) -> Generation:
+    """What a search sees of a gallery folder's caches; their generation is the members file's (members layout)
+    or each cache's own (one model)."""
+    g = Generation(galleries.images, galleries.captions)
+    g.numbers = {
+        kind: galleries.generation if galleries.generation is not None else gs[0].manifest.get("generation")
+        for kind, gs in _kinds(galleries)
+        if gs is not None
+    }
+    return g
 
 
 def _head_query(engine: ScanModel, query: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -545,50 +549,3 @@ def _head_query(engine: ScanModel, query: dict[str, np.ndarray]) -> dict[str, np
     if "image_gram" in query and not engine.needs_image_gram:
         return {"images": query["images"]}
     return query
-
-
-# ---------------------------------------------------------------------------------------------- the gallery folder
-# Where a searcher opened on a folder reads and writes its galleries: one cache per kind (images/, captions/)
-# for one engine, one per member (ensemble.json) for several (runtime/ensemble_gallery.py).
-
-
-def _load_folder(folder: Path, engines: list[ScanEngine], verify: bool | None) -> Generation:
-    if len(engines) == 1:
-        m = engines[0].manifest
-        loaded = {
-            kind: (cls.load(folder / kind, encoder, verify=verify),)
-            for kind, cls, encoder in (
-                ("images", ImageGallery, m.image_encoder_id),
-                ("captions", CaptionGallery, m.text_encoder_id),
-            )
-            if (folder / kind / MANIFEST).is_file()
-        }
-        g = Generation(loaded.get("images"), loaded.get("captions"))
-        g.numbers = {kind: gs[0].manifest.get("generation") for kind, gs in loaded.items()}
-        return g
-    index = read_index(folder) if folder.is_dir() else None
-    loaded = {}
-    for kind in ("images", "captions"):
-        # A single model's gallery there is refused by load_member_galleries, naming the missing members.
-        if (index or {}).get(kind) is not None or (folder / kind / MANIFEST).is_file():
-            loaded[kind] = tuple(load_member_galleries(folder, engines, kind, verify=verify))
-    g = Generation(loaded.get("images"), loaded.get("captions"))
-    g.numbers = {kind: (index or {}).get("generation") for kind in loaded}
-    return g
-
-
-def _write_folder(
-    folder: Path, engines: list[ScanEngine], kind: str, items: Any, names: Sequence[str] | None, options: WriteOptions
-) -> tuple[list, int | None]:
-    """Build or extend every member's ``kind`` gallery in ``folder``, committed together: (galleries, generation)."""
-    if len(engines) == 1:
-        if kind == "images":
-            gallery = build_image_gallery(engines[0], items, folder / kind, names=names, **options.to_dict())
-        else:
-            gallery = build_caption_gallery(engines[0], items, folder / kind, **options.to_dict())
-        return [gallery], gallery.manifest.get("generation")
-    if kind == "images":
-        galleries = build_member_image_galleries(folder, engines, items, names=names, **options.to_dict())
-    else:
-        galleries = build_member_caption_galleries(folder, engines, items, **options.to_dict())
-    return galleries, (read_index(folder) or {}).get("generation")

@@ -10,7 +10,7 @@ finishes the requests in flight and exits 0. Binds to loopback unless --host say
 
 Several --engine serve an ensemble (runtime/searcher.py; --weights 0.7,0.3, equal by default): each batch is
 scored by every member and the similarities averaged; the gallery folder holds one cache per member
-(runtime/ensemble_gallery.py), and appends extend every member's together.
+(runtime/gallery/members.py), and appends extend every member's together.
 
 --shards S serves the gallery in S shards of contiguous id ranges, each resident in a Ray actor
 (runtime/cluster.py; --ray-address joins a cluster, else a local Ray instance starts): every batch goes to all
@@ -168,7 +168,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     def open_executor():
         gallery, shards = args.gallery, None
         if args.shards is not None:
-            from runtime.shards import ensure_split
+            from runtime.gallery.shards import ensure_split
 
             gallery = ensure_split(args.gallery, args.shards)
             shards = {"address": args.ray_address, "timeout_s": args.shard_timeout_s}

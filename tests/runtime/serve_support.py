@@ -12,7 +12,7 @@ import httpx
 
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.options import EngineOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.service.app import create_app
 from runtime.service.executor import Executor
 from runtime.service.service import Service
@@ -29,9 +29,11 @@ def build_gallery(engine_path: Path, folder: Path, names: bool = True) -> Path:
             random_regions(N_IMAGES, seed=1),
             folder / "images",
             names=[f"img{i}" for i in range(N_IMAGES)] if names else None,
-            progress=False,
+            options=WriteOptions(progress=False),
         )
-        build_caption_gallery(engine, random_captions(N_CAPTIONS, seed=2), folder / "captions", progress=False)
+        build_caption_gallery(
+            engine, random_captions(N_CAPTIONS, seed=2), folder / "captions", options=WriteOptions(progress=False)
+        )
     return folder
 
 

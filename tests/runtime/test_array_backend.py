@@ -19,7 +19,7 @@ from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import SCANConfig
 from runtime.manifest import write_manifest
-from runtime.options import EngineOptions, SearchOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
@@ -226,7 +226,7 @@ def test_every_option_equals_onnxruntime_with_graph_runtimes_blocked(tmp_path):
         with torch.no_grad():
             images = model.img_enc(torch.from_numpy(regions)).numpy()
             captions = model.txt_enc(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
-        specs = {s.kind: s for s in graph_specs(model)}
+        specs = {s.graph: s for s in graph_specs(model)}
         feeds = {
             "images": images,
             "image_gram": images @ images.transpose(0, 2, 1),
@@ -272,7 +272,7 @@ GOLDEN_SCRIPT = """
 import json, sys
 import numpy as np
 from runtime.engine import ScanEngine
-from runtime.options import EngineOptions
+from runtime.options import EngineOptions, SearchOptions
 from bench.evaluation import full_sims, load_split
 
 manifest, golden = sys.argv[1], sys.argv[2]
@@ -552,8 +552,12 @@ def test_searcher_on_numpy_equals_searcher_on_onnxruntime(engine_path, tmp_path,
     found = {}
     for backend in ("onnxruntime", "numpy"):
         with ScanEngine.open(engine_path, EngineOptions(backend=backend)) as engine:
-            images = build_image_gallery(engine, regions, tmp_path / backend / "images", progress=False)
-            caps = build_caption_gallery(engine, captions, tmp_path / backend / "captions", progress=False)
+            images = build_image_gallery(
+                engine, regions, tmp_path / backend / "images", options=WriteOptions(progress=False)
+            )
+            caps = build_caption_gallery(
+                engine, captions, tmp_path / backend / "captions", options=WriteOptions(progress=False)
+            )
             with Searcher(
                 engine,
                 images=images,
@@ -640,8 +644,12 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
     (tmp_path / "queries.json").write_text(json.dumps(queries_text))
     np.save(tmp_path / "queries.npy", queries_images)
     with ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as engine:
-        images = build_image_gallery(engine, random_regions(23, seed=2), tmp_path / "images", progress=False)
-        caps = build_caption_gallery(engine, random_captions(31, seed=2), tmp_path / "captions", progress=False)
+        images = build_image_gallery(
+            engine, random_regions(23, seed=2), tmp_path / "images", options=WriteOptions(progress=False)
+        )
+        caps = build_caption_gallery(
+            engine, random_captions(31, seed=2), tmp_path / "captions", options=WriteOptions(progress=False)
+        )
         with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
         words, lengths = engine.encode_captions(queries_text)

@@ -15,9 +15,9 @@ import pytest
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
-from runtime.options import EngineOptions, SearchOptions
+from runtime.gallery.shards import split
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.searcher import Searcher, SearchError
-from runtime.shards import split
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
 pytestmark = pytest.mark.ray
@@ -53,7 +53,7 @@ def sharded(engine_path, folder, **kw):
 
 @pytest.fixture(scope="module")
 def two_shards(ray_cluster, small_engines, tmp_path_factory):
-    """(engine, unsharded gallery, a ShardedSearcher over 2 shards of it): started once, not modified."""
+    """(engine, unsharded gallery, a Searcher over 2 shards of it): started once, not modified."""
     engine_path, tmp = small_engines["t2i"], tmp_path_factory.mktemp("two_shards")
     gallery = make_gallery(engine_path, tmp / "gallery", N_IMAGES, N_CAPTIONS)
     split(gallery, tmp / "sharded", 2)
@@ -113,8 +113,12 @@ def test_appends_go_to_the_last_shard(ray_cluster, small_engines, tmp_path):
     new_regions, new_captions = random_regions(4, seed=31), random_captions(3, seed=32)
     new_names = [f"new{i}" for i in range(4)]
     with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the same appends, unsharded
-        build_image_gallery(engine, new_regions, gallery / "images", names=new_names, append=True, progress=False)
-        build_caption_gallery(engine, new_captions, gallery / "captions", append=True, progress=False)
+        build_image_gallery(
+            engine, new_regions, gallery / "images", names=new_names, options=WriteOptions(append=True, progress=False)
+        )
+        build_caption_gallery(
+            engine, new_captions, gallery / "captions", options=WriteOptions(append=True, progress=False)
+        )
     queries, regions = random_captions(6, seed=21), random_regions(5, seed=22)
     expected = single_node(engine_path, gallery, queries, regions)
     with sharded(engine_path, tmp_path / "sharded") as searcher:
@@ -217,7 +221,7 @@ def test_worker_imports_this_checkout(ray_cluster):
 
 def test_unsharded_folder_is_refused(ray_cluster, small_engines, tmp_path):
     from runtime.cluster import open_shards
-    from runtime.shards import ShardError
+    from runtime.gallery.shards import ShardError
 
     gallery = make_gallery(small_engines["t2i"], tmp_path / "gallery", 4, 4)
     with pytest.raises(ShardError, match="unsharded gallery"):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
-from runtime.options import EngineOptions, OptionsError, SearchOptions
+from runtime.gallery import GalleryFolder
+from runtime.options import EngineOptions, OptionsError, SearchOptions, WriteOptions
 from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.test_ensemble import ATOL, reference_sims, weighted
@@ -23,8 +23,8 @@ def setup(small_engines, tmp_path_factory):
     engines = [ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for p in paths]
     regions, captions = random_regions(40, seed=41), random_captions(60, seed=42)
     root = tmp_path_factory.mktemp("ensemble_two_stage") / "gal"
-    images = build_member_image_galleries(root, engines, regions, progress=False)
-    caps = build_member_caption_galleries(root, engines, captions, progress=False)
+    images = GalleryFolder(root, engines).write_images(regions, options=WriteOptions(progress=False)).images
+    caps = GalleryFolder(root, engines).write_captions(captions, options=WriteOptions(progress=False)).captions
     avg = weighted([reference_sims(p, regions, captions, e.tokenizer) for p, e in zip(paths, engines)], WEIGHTS)
     yield engines, regions, captions, images, caps, avg
     for e in engines:
@@ -133,9 +133,8 @@ def test_cli_and_service_search_the_two_stage_ensemble(setup, small_engines, tmp
     two_stage = ["--candidates", "6", "--candidate-source", "first"]
     assert search([*flags, *two_stage, "--gallery", str(gal), "--json", "-k", "4", *captions[:3]]) == 0
     got = json.loads(capsys.readouterr().out)
-    from runtime.ensemble_gallery import load_member_galleries
 
-    images = load_member_galleries(gal, engines, "images")
+    images = GalleryFolder(gal, engines).load().images
     with Searcher(
         engines, images=images, weights=WEIGHTS, options=SearchOptions(candidates=6, candidate_source="first")
     ) as e:

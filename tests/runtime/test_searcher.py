@@ -10,7 +10,7 @@ import pytest
 from bench.evaluation import full_sims
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.options import EngineOptions, SearchOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import random_captions, random_regions
 
@@ -46,8 +46,8 @@ def setup(engine_path, tmp_path_factory):
     engine = ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime"))
     regions = random_regions(23, seed=1)
     captions = random_captions(37, seed=2)
-    images = build_image_gallery(engine, regions, tmp_path / "images", progress=False)
-    caps = build_caption_gallery(engine, captions, tmp_path / "captions", progress=False)
+    images = build_image_gallery(engine, regions, tmp_path / "images", options=WriteOptions(progress=False))
+    caps = build_caption_gallery(engine, captions, tmp_path / "captions", options=WriteOptions(progress=False))
     sims = full_sims(engine, regions, captions, progress=False)  # (23, 37) unblocked reference
     yield engine, regions, captions, images, caps, sims
     engine.close()

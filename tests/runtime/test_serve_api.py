@@ -11,7 +11,7 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
-from runtime.options import EngineOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
 from runtime.service.executor import Executor
 from runtime.service.service import Service
@@ -313,7 +313,10 @@ def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery
             from runtime.gallery import build_image_gallery
 
             ref_images = build_image_gallery(
-                engine, np.concatenate([random_regions(N_IMAGES, seed=1), new, more]), tmp_path / "ref", progress=False
+                engine,
+                np.concatenate([random_regions(N_IMAGES, seed=1), new, more]),
+                tmp_path / "ref",
+                options=WriteOptions(progress=False),
             )
             scores, ids = Searcher(engine, images=ref_images).search(QUERIES, 10)
         hits = search_text(restarted, QUERIES, 10)

@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.ensemble_gallery import (
-    ENSEMBLE,
-    build_member_caption_galleries,
-    build_member_image_galleries,
-    load_member_galleries,
-)
-from runtime.options import EngineOptions
+from runtime.gallery import GalleryFolder
+from runtime.gallery.members import ENSEMBLE
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
 from runtime.serve import main as serve_main
 from runtime.service.executor import Executor
@@ -37,8 +33,12 @@ def build(small_engines, folder):
     engines = [ScanEngine.open(p, EngineOptions(backend="onnxruntime", threads=1)) for p in paths(small_engines)]
     try:
         names = [f"img{i}" for i in range(N_IMAGES)]
-        build_member_image_galleries(folder, engines, random_regions(N_IMAGES, seed=1), names=names, progress=False)
-        build_member_caption_galleries(folder, engines, random_captions(N_CAPTIONS, seed=2), progress=False)
+        GalleryFolder(folder, engines).write_images(
+            random_regions(N_IMAGES, seed=1), names=names, options=WriteOptions(progress=False, append=True)
+        )
+        GalleryFolder(folder, engines).write_captions(
+            random_captions(N_CAPTIONS, seed=2), options=WriteOptions(progress=False, append=True)
+        )
     finally:
         for e in engines:
             e.close()
@@ -63,8 +63,8 @@ class Reference:
         ]
         self.ensemble = Searcher(
             self.engines,
-            images=load_member_galleries(folder, self.engines, "images"),
-            captions=load_member_galleries(folder, self.engines, "captions"),
+            images=GalleryFolder(folder, self.engines).load().images,
+            captions=GalleryFolder(folder, self.engines).load().captions,
             weights=WEIGHTS,
         )
 
@@ -161,7 +161,9 @@ def test_a_single_model_gallery_is_refused_at_load(small_engines, tmp_path):
     from runtime.gallery import build_image_gallery
 
     with ScanEngine.open(small_engines["t2i"], EngineOptions(backend="onnxruntime", threads=1)) as engine:
-        build_image_gallery(engine, random_regions(4, seed=1), tmp_path / "single" / "images", progress=False)
+        build_image_gallery(
+            engine, random_regions(4, seed=1), tmp_path / "single" / "images", options=WriteOptions(progress=False)
+        )
     svc = Service(lambda: Executor.open(paths(small_engines), tmp_path / "single", ONE_THREAD))
     svc.start()
     try:

@@ -25,7 +25,7 @@ ONE_THREAD = EngineOptions(backend="onnxruntime", threads=1)
 @pytest.fixture(scope="module")
 def services(ray_cluster, small_engines, tmp_path_factory):
     """(single-node service, service over 2 shards) of the same gallery; the sharded one splits it beside."""
-    from runtime.shards import ensure_split
+    from runtime.gallery.shards import ensure_split
 
     engine = small_engines["t2i"]
     folder = build_gallery(engine, tmp_path_factory.mktemp("serve_shards") / "g")

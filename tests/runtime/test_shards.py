@@ -12,19 +12,19 @@ import pytest
 from runtime.cluster import ShardServer
 from runtime.engine import ScanEngine, ScanModel
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
-from runtime.options import EngineOptions, SearchOptions
-from runtime.searcher import Searcher
-from runtime.shards import (
+from runtime.gallery.shards import (
     KINDS,
     ShardError,
     check_contiguous,
     ensure_split,
     load_shard,
-    main,
     merge,
     read_layout,
     split,
 )
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
+from runtime.searcher import Searcher
+from runtime.shards import main
 from runtime.topk import RunningTopK
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
@@ -192,7 +192,11 @@ def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
         ensure_split(out, 3)
     with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the unsharded gallery moves on
         build_image_gallery(
-            engine, random_regions(1, seed=9), g / "images", names=["late"], append=True, progress=False
+            engine,
+            random_regions(1, seed=9),
+            g / "images",
+            names=["late"],
+            options=WriteOptions(append=True, progress=False),
         )
     with pytest.raises(ShardError, match="split from another state"):
         ensure_split(g, 2)

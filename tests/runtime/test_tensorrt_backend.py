@@ -22,7 +22,7 @@ import pytest
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.manifest import load_manifest
-from runtime.options import EngineOptions, SearchOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from tests.fake_tensorrt import (
     FakeAllocator,
     build_with_fakes,
@@ -33,11 +33,6 @@ from tests.fake_tensorrt import (
 from tests.helpers import minimal_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def t2i_export(tmp_path_factory) -> Path:
-    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_backend"))
 
 
 @pytest.fixture
@@ -380,8 +375,8 @@ def test_searcher_on_tensorrt_equals_onnxruntime(monkeypatch, export_copy: Path,
     words = ["a", "dog", "man", "on", "the", "beach", "two", "red", "car", "."]
     texts = [" ".join(rng.choice(words, size=rng.integers(1, 15))) for _ in range(90)]
     with ScanEngine(m, EngineOptions(backend="onnxruntime")) as ref:
-        images = build_image_gallery(ref, regions, tmp_path / "images", progress=False)
-        captions = build_caption_gallery(ref, texts, tmp_path / "captions", progress=False)
+        images = build_image_gallery(ref, regions, tmp_path / "images", options=WriteOptions(progress=False))
+        captions = build_caption_gallery(ref, texts, tmp_path / "captions", options=WriteOptions(progress=False))
         with Searcher(
             ref, images=images, captions=captions, options=SearchOptions(image_block=50, caption_block=40)
         ) as s:
