@@ -33,13 +33,6 @@ class CaptionGallery(store.MappedGallery):
     texts: list[str]  # by caption id
     manifest: dict[str, Any]
 
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.words.dtype
-
     def label(self, item: int) -> str:
         """How errors name gallery item ``item`` (a caption id)."""
         text = f" ({self.texts[item]!r})" if 0 <= item < len(self.texts) else ""

@@ -32,13 +32,6 @@ class ImageGallery(store.MappedGallery):
     names: list[str] | None
     manifest: dict[str, Any]
 
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.images.dtype
-
     def label(self, item: int) -> str:
         """How errors name gallery item ``item``."""
         name = f" ({self.names[item]!r})" if self.names and 0 <= item < len(self.names) else ""

@@ -30,7 +30,7 @@ from runtime import atomic
 from runtime.gallery.captions import CaptionGallery, write_caption_gallery
 from runtime.gallery.folder import GalleryFolder
 from runtime.gallery.images import ImageGallery, write_image_gallery
-from runtime.gallery.store import MANIFEST, GalleryError
+from runtime.gallery.store import MANIFEST, GalleryError, read_format
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,8 @@ class ShardInfo:
 def read_shard(folder: str | Path) -> ShardInfo:
     folder = Path(folder)
     path = folder / SHARD
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ShardError(f"{folder}: not a shard ({SHARD} missing); make shards with runtime/shards.py split") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: corrupted shard file ({e})") from e
-    if not isinstance(data, dict) or data.get("format") != SHARD_FORMAT:
-        raise ShardError(f"{path}: expected format {SHARD_FORMAT!r}")
+    missing = f"{folder}: not a shard ({SHARD} missing); make shards with runtime/shards.py split"
+    data = read_format(path, SHARD_FORMAT, "shard file", ShardError, missing)
     try:
         return ShardInfo(folder, int(data["index"]), int(data["images_offset"]), int(data["captions_offset"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -83,11 +77,7 @@ def read_layout(folder: str | Path) -> list[ShardInfo]:
     if not path.is_file():
         hint = " (it is an unsharded gallery: split it with runtime/shards.py split)" if _has_gallery(folder) else ""
         raise ShardError(f"{folder}: no sharded gallery here ({LAYOUT} missing){hint}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        names = data["shards"] if isinstance(data, dict) and data.get("format") == FORMAT else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
-        raise ShardError(f"{path}: corrupted shard layout ({e})") from e
+    names = read_format(path, FORMAT, "shard layout", ShardError).get("shards")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise ShardError(f"{path}: expected format {FORMAT!r} with a non-empty list of shard folders")
     shards = [read_shard(folder / name) for name in names]

@@ -210,16 +210,19 @@ def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     return data
 
 
-def read_format(path: Path, fmt: str, what: str) -> dict[str, Any]:
-    """The JSON object in ``path`` (``what``: how errors name it), which must declare ``"format": fmt``."""
+def read_format(
+    path: Path, fmt: str, what: str, error: type[GalleryError] = GalleryError, missing: str | None = None
+) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what``: how errors name it), which must declare ``"format": fmt``.
+    Errors are ``error``s; ``missing``: the message when the file does not exist."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GalleryError(f"{path}: corrupted {what} ({e})") from e
+    except FileNotFoundError as e:
+        raise error(missing or f"{path}: {what} missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: corrupted {what} ({e})") from e
     if not isinstance(data, dict) or data.get("format") != fmt:
-        raise GalleryError(
-            f"{path}: expected format {fmt!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
-        )
+        raise error(f"{path}: expected format {fmt!r}, got {data.get('format') if isinstance(data, dict) else data!r}")
     return data
 
 
@@ -411,10 +414,20 @@ def current_generation(folder: Path) -> int:
 
 class MappedGallery:
     """What image and caption galleries share: closing drops the memory maps of their ``ARRAYS``, and files
-    of a superseded generation go once nothing maps them. A context manager that closes."""
+    of a superseded generation go once nothing maps them. A context manager that closes.
+
+    ``ARRAYS[0]`` holds the encoded items (its dtype is the cache's); ``ids`` has one entry per item."""
 
     ARRAYS: ClassVar[tuple[str, ...]] = ()
     folder: Path
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return getattr(self, self.ARRAYS[0]).dtype
 
     def close(self) -> None:
         for f in self.ARRAYS:
