@@ -150,11 +150,7 @@ def build_caption_gallery(
                 new_words[j] = emb[row, : lengths[j]]
             bar.update(len(idx))
     with store.writer_lock(folder, options.lock_timeout):
-        old: CaptionGallery | None = None
-        if options.append and (folder / store.MANIFEST).is_file():
-            old = CaptionGallery.load(folder, engine.manifest.text_encoder_id)
-            if old.dtype.name != dtype:
-                raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
+        old = store.previous(CaptionGallery, folder, engine.manifest.text_encoder_id, options)
         n_old = len(old) if old else 0
         all_lengths = np.concatenate([old.lengths if old else np.zeros(0, np.int64), lengths]).astype(np.int64)
         all_ids = np.concatenate(

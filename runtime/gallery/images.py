@@ -144,21 +144,17 @@ def build_image_gallery(
     if names is not None and len(names) != n_new:
         raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
     with store.writer_lock(folder, options.lock_timeout):
-        old: ImageGallery | None = None
-        if options.append and (folder / store.MANIFEST).is_file():
-            old = ImageGallery.load(folder, engine.manifest.image_encoder_id)
-            if old.dtype.name != dtype:
-                raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
-            if old.images.shape[1] != regions.shape[1]:
-                raise GalleryError(
-                    f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
-                    f"the new features have {regions.shape[1]}"
-                )
-            if (old.names is None) != (names is None):
-                raise GalleryError(
-                    f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
-                    f"append {'with' if old.names else 'without'} --names"
-                )
+        old = store.previous(ImageGallery, folder, engine.manifest.image_encoder_id, options)
+        if old is not None and old.images.shape[1] != regions.shape[1]:
+            raise GalleryError(
+                f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
+                f"the new features have {regions.shape[1]}"
+            )
+        if old is not None and (old.names is None) != (names is None):
+            raise GalleryError(
+                f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
+                f"append {'with' if old.names else 'without'} --names"
+            )
         n_old = len(old) if old else 0
         n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
         generation = store.current_generation(folder) + 1

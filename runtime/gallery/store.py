@@ -412,6 +412,17 @@ def current_generation(folder: Path) -> int:
     return max(gens, default=0)
 
 
+def previous(cls: type[T], folder: Path, encoder_id: str, options: Any) -> T | None:
+    """The cache an append extends (None when building, or when there is none yet), checked to store the dtype
+    ``options`` (``WriteOptions``) asks for. Called with the writer lock held."""
+    if not (options.append and (folder / MANIFEST).is_file()):
+        return None
+    old = cls.load(folder, encoder_id)
+    if old.dtype.name != options.dtype:
+        raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
+    return old
+
+
 class MappedGallery:
     """What image and caption galleries share: closing drops the memory maps of their ``ARRAYS``, and files
     of a superseded generation go once nothing maps them. A context manager that closes.
