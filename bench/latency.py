@@ -171,9 +171,7 @@ def run(sizes: Sizes, args) -> dict[str, Any]:
                 "model": mode,
                 "k": sizes.k,
                 "searcher": {
-                    "image_block": searcher.image_block,
-                    "caption_block": searcher.caption_block,
-                    "query_batch": searcher.query_batch,
+                    name: getattr(searcher.options, name) for name in ("image_block", "caption_block", "query_batch")
                 },
                 "latency_is": "wall time of one Searcher.search call on a batch of queries",
                 "cell_budget_s": sizes.cell_budget_s,
