@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.install import TORCH_CPU, install_command
+from runtime.logs import add_log_format_argument, setup_logging
 
 QUERIES = ["a red dog", "a small blue car next to a large tree", "a man on a bicycle"]
 # What the demo needs beyond the base install: training (torch), export (onnx, onnxscript), search (onnxruntime).
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="demo", help="working folder")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint matches")
+    add_log_format_argument(p)
     args = p.parse_args(argv)
+    setup_logging(logging.WARNING, args.log_format)
     missing = missing_modules()
     if missing:
         print(
@@ -50,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported once the check passed: each of these imports torch or onnx.
     from bench.demo.data import data_dir, make_dataset
-    from bench.demo.train import train_demo
+    from bench.demo.train import keep_freed_memory, train_demo
     from bench.recall import main as recall
     from export.to_onnx import main as to_onnx
     from runtime.search import main as search
 
+    keep_freed_memory()
     out = Path(args.out)
     t0 = time.perf_counter()
 

@@ -15,9 +15,13 @@ indistinguishable in layout from a real one:
 Differences, all for speed on a 2-core machine: a small model (embed 128, word_dim 64, img_dim 256),
 a higher learning rate (1e-3, divided by 10 for the last third of the epochs), the batched similarity
 head (``export.model.batched_sims``, exact) instead of the original per-caption loop, batches of
-similar caption lengths, and denormals flushed to zero (see :func:`cpu_settings`). Batches hold
-distinct images, each with one of its captions; an epoch visits every caption once. The default run
-(2000 images, 3 epochs) trains in about 2 minutes on 2 cores.
+similar caption lengths, denormals flushed to zero (see :func:`cpu_settings`), one thread and freed memory
+kept for reuse (:func:`keep_freed_memory`). Batches hold distinct images, each with one of its captions; an
+epoch visits every caption once. The default run (2000 images, 3 epochs) takes about 125 s of CPU time.
+
+One thread, because the demo often shares its machine: measured on the 2-core machine, two threads trained
+in 100 s idle but 210 s beside one CPU-bound process (the threads wait on each other), while one thread
+needs about 125 s of CPU time (measured at load average 5-7), which it gets from the free core.
 
 Training is skipped when the checkpoint is there and the stamp beside it (``demo_stamp.json``) records
 the same dataset, configuration and hyper-parameters and the checkpoint's hash.
@@ -51,6 +55,7 @@ from runtime.atomic import atomic_path, sha256_file, write_json
 from runtime.captions import read_captions
 from runtime.config import SCANConfig
 from runtime.features import load_regions
+from runtime.logs import add_log_format_argument, setup_logging
 from runtime.tokenizer import Tokenizer
 from runtime.vocab import Vocabulary
 
@@ -83,7 +88,7 @@ class HParams:
     margin: float = 0.2
     max_violation: bool = True
     grad_clip: float = 2.0
-    threads: int = 2
+    threads: int = 1
 
 
 def demo_config(vocab_size: int, img_dim: int = 256, embed_size: int = 128, word_dim: int = 64) -> SCANConfig:
@@ -302,7 +307,7 @@ def train_demo(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     lr_update: int | None = None,
-    threads: int = 2,
+    threads: int = 1,
 ) -> Path:
     """Make (or reuse) the demo dataset under ``out_dir``, train, and return the checkpoint path.
 
@@ -482,12 +487,19 @@ def evaluate_checkpoint(ckpt: str | Path, out_dir: str | Path, split: str = "tes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.demo.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo", help="output folder (default: demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.demo.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="demo", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the training")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     p.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
+    add_log_format_argument(p)
     args = p.parse_args(argv)
+    setup_logging(logging.WARNING, args.log_format)
+    keep_freed_memory()
     t0 = time.perf_counter()
     try:
         ckpt = train_demo(args.out, seed=args.seed, epochs=args.epochs, retrain=args.retrain)
