@@ -14,6 +14,9 @@ TORCH := torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # One stamp per environment (sys.prefix) and set of extras: a new venv installs again.
 ENV_KEY := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])")
+ifeq ($(ENV_KEY),)
+$(error PYTHON=$(PYTHON) does not run; give a Python 3.10+ interpreter, e.g. make demo PYTHON=.venv/bin/python)
+endif
 DEMO_EXTRAS := cpu,export
 ALL_EXTRAS := cpu,export,test,bench,dev,serve,scale,cluster
 DEMO_STAMP := .deps-demo-$(ENV_KEY).stamp
@@ -28,8 +31,8 @@ define install_torch
 	@$(PYTHON) -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" || echo "note: installing into \
 	$$($(PYTHON) -c 'import sys; print(sys.prefix)'), not a venv (python3 -m venv .venv && . .venv/bin/activate)"
 	@$(PYTHON) -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 2))" \
-	2>/dev/null || $(PIP) -c $(CONSTRAINTS) "$(TORCH)" 2>/dev/null || { echo "$(TORCH): not in a local wheel \
-	cache, installing it from $(TORCH_INDEX)"; $(PIP) -c $(CONSTRAINTS) --extra-index-url $(TORCH_INDEX) "$(TORCH)"; }
+	2>/dev/null || { echo "installing $(TORCH)"; $(PIP) -c $(CONSTRAINTS) "$(TORCH)" 2>/dev/null || { echo "$(TORCH): \
+	not in a local wheel cache, from $(TORCH_INDEX)"; $(PIP) -c $(CONSTRAINTS) --extra-index-url $(TORCH_INDEX) "$(TORCH)"; }; }
 endef
 
 $(DEMO_STAMP): pyproject.toml $(CONSTRAINTS)
