@@ -23,7 +23,8 @@ DEMO_STAMP := .deps-demo-$(ENV_KEY).stamp
 STAMP := .deps-all-$(ENV_KEY).stamp
 # `make test-lowest`: the lowest versions pyproject.toml allows, in their own venv (ray, ruff and torch excepted:
 # see .ci/lowest.py).
-LOWEST_VENV := .venv-lowest
+# Under build/: ignored by git and by ruff.
+LOWEST_VENV := build/venv-lowest
 
 .PHONY: deps demo-deps demo lint format test test-all test-lowest constraints bench clean
 

@@ -311,9 +311,9 @@ def train_demo(
 ) -> Path:
     """Make (or reuse) the demo dataset under ``out_dir``, train, and return the checkpoint path.
 
-        ``data``: keyword arguments for :func:`bench.demo.data.make_dataset` (img_dim, n_train, n_dev,
-        n_test); the dataset's seed is ``seed``. ``lr_update`` defaults to two thirds of ``epochs``.
-        Reuses an existing checkpoint whose stamp matches everything that determines it, unless ``retrain``.
+    ``data``: keyword arguments for :func:`bench.demo.data.make_dataset` (img_dim, n_train, n_dev,
+    n_test); the dataset's seed is ``seed``. ``lr_update`` defaults to two thirds of ``epochs``.
+    Reuses an existing checkpoint whose stamp matches everything that determines it, unless ``retrain``.
     ``progress``: a progress bar within each epoch (on stderr: captions/s, mean loss, ETA).
     """
     out_dir = Path(out_dir)
