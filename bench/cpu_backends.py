@@ -17,7 +17,6 @@ lower bounds on what an idle machine does.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -28,15 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine
+from bench import harness
 from bench.evaluation import full_sims
-from bench.head import ort_matmul_session
-from bench.plan import FULL, QUICK
-from bench.random_models import DEFAULT_CACHE, MODES, prepare_model
-from bench.synthetic import caption_texts
-from bench.timing import stats
+from bench.head import head_inputs, ort_gemm
+from bench.random_models import DEFAULT_CACHE, prepare_model
+from bench.synthetic import FULL, MODES, QUICK, caption_texts
 from runtime import atomic
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -44,68 +42,36 @@ SCHEMA = "scan-runtime-bench-cpu-backends/1"
 BACKENDS = ("numpy", "onnxruntime")
 
 
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, budget_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each function, timed in alternation: ``rounds`` rounds or until ``budget_s``.
-
-    Each timed call follows an untimed one of the same function: ONNX Runtime's and OpenBLAS's worker
-    threads keep spinning a little after a call, and on a 2-core machine that tail would otherwise be
-    charged to whichever contender runs next.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    for i in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return samples
-
-
-def bench_head(mode: str, manifest: Path, plan, rng: np.random.Generator, rounds: int, budget_s: float) -> dict:
-    n, q, length, r = plan.head_images, plan.head_captions, plan.head_len, plan.regions
+def bench_head(mode: str, manifest: Path, sizes, rng: np.random.Generator, rounds: int, budget_s: float) -> dict:
+    n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
-        images, gram = ort_engine.encode_images(rng.standard_normal((n, r, plan.img_dim), dtype=np.float32))
-        lengths = np.full(q, length, np.int64)
-        ids = rng.integers(4, plan.vocab_size, (q, length)).astype(np.int64)
-        captions = ort_engine.encode_ids(ids, lengths)
+        images, gram, captions, lengths, a, b = head_inputs(ort_engine, sizes, rng)
         d = captions.shape[2]
-        a = np.ascontiguousarray(images.reshape(n * r, d))
-        b = np.ascontiguousarray(captions.reshape(q * length, d).T)
         c = np.empty((n * r, q * length), np.float32)
-        sess = ort_matmul_session(None)
-        binding = sess.io_binding()
-        binding.bind_cpu_input("a", a)
-        binding.bind_cpu_input("b", b)
-        binding.bind_output("c", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+        gemm = ort_gemm(a, b, c, None)
         fns = {
-            "gemm_numpy": lambda: np.matmul(a, b, out=c),
-            "gemm_onnxruntime": lambda: sess.run_with_iobinding(binding),
-            "numpy": lambda: np_engine.sims(images, gram, captions, lengths),
-            "onnxruntime": lambda: ort_engine.sims(images, gram, captions, lengths),
+            "gemm_numpy": lambda i: np.matmul(a, b, out=c),
+            "gemm_onnxruntime": lambda i: gemm(),
+            "numpy": lambda i: np_engine.sims(images, gram, captions, lengths),
+            "onnxruntime": lambda i: ort_engine.sims(images, gram, captions, lengths),
         }
-        diff = float(np.abs(fns["numpy"]() - fns["onnxruntime"]()).max())
-        load_before = machine.load_average()
-        samples = alternate(fns, warmup=1, rounds=rounds, budget_s=budget_s)
+        diff = float(np.abs(fns["numpy"](0) - fns["onnxruntime"](0)).max())
+        load_before = harness.load_average()
+        samples = harness.interleaved(fns, rounds, warmup=1, settle=True, budget_s=budget_s)
     out: dict[str, Any] = {
         "config": {k: v for k, v in np_engine.config.to_dict().items() if k in MODES[mode]},
         "shape": {"N": n, "Q": q, "L": length, "R": r, "d": d},
         "gemm_shape": [n * r, d, q * length],
         "load_before": load_before,
-        "load_after": machine.load_average(),
+        "load_after": harness.load_average(),
         "max_abs_diff_numpy_vs_onnxruntime": diff,
     }
     pairs = n * q
     for name, times in samples.items():
-        s = stats(times)
+        s = harness.stats(times)
         out[name] = {"seconds": s, "pairs_per_s": pairs / s["median"]}
         if name.startswith("gemm"):
             out[name]["gflops"] = 2.0 * n * r * d * q * length / s["median"] / 1e9
@@ -117,33 +83,33 @@ def bench_head(mode: str, manifest: Path, plan, rng: np.random.Generator, rounds
     return out
 
 
-def bench_evaluation(manifest: Path, plan, rng: np.random.Generator, n_images: int, rounds: int) -> dict:
-    regions = rng.standard_normal((n_images, plan.regions, plan.img_dim), dtype=np.float32)
-    captions = caption_texts(rng, 5 * n_images, plan.vocab_size)
+def bench_evaluation(manifest: Path, sizes, rng: np.random.Generator, n_images: int, rounds: int) -> dict:
+    regions = rng.standard_normal((n_images, sizes.regions, sizes.img_dim), dtype=np.float32)
+    captions = caption_texts(rng, 5 * n_images, sizes.vocab_size)
     results: dict[str, np.ndarray] = {}
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
         engines = {"numpy": np_engine, "onnxruntime": ort_engine}
 
-        def evaluate(name: str) -> Callable[[], None]:
-            def run() -> None:
+        def evaluate(name: str) -> Callable[[int], None]:
+            def run(i: int) -> None:
                 results[name] = full_sims(engines[name], regions, captions, progress=False)
 
             return run
 
-        load_before = machine.load_average()
-        samples = alternate({name: evaluate(name) for name in BACKENDS}, warmup=0, rounds=rounds, budget_s=0)
+        load_before = harness.load_average()
+        samples = harness.interleaved({name: evaluate(name) for name in BACKENDS}, rounds, settle=True, budget_s=0)
     out: dict[str, Any] = {
         "images": n_images,
         "captions": len(captions),
         "load_before": load_before,
-        "load_after": machine.load_average(),
+        "load_after": harness.load_average(),
         "max_abs_diff_numpy_vs_onnxruntime": float(np.abs(results["numpy"] - results["onnxruntime"]).max()),
     }
     for name, times in samples.items():
-        out[name] = {"seconds": stats(times)}
+        out[name] = {"seconds": harness.stats(times)}
     out["numpy_over_onnxruntime_speed"] = out["onnxruntime"]["seconds"]["median"] / out["numpy"]["seconds"]["median"]
     return out
 
@@ -191,16 +157,17 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cpu_backends.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run with tiny dimensions")
-    p.add_argument("--json", type=Path, help="write the figures to this JSON file (atomically)")
+    p = harness.parser(
+        "cpu_backends.py", __doc__, quick="seconds-long smoke run with tiny dimensions", cache=DEFAULT_CACHE
+    )
     p.add_argument("--text", type=Path, help="write the text report to this file (atomically)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="exported models are kept here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    plan = QUICK if args.quick else FULL
+    return harness.run(_run, p.parse_args(argv))
+
+
+def _run(args) -> int:
+    harness.positive(args, "rounds")
+    sizes = QUICK if args.quick else FULL
     rounds = args.rounds or (3 if args.quick else 15)
     t0 = time.monotonic()
     rng = np.random.default_rng(args.seed)
@@ -208,30 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": SCHEMA,
         "quick": args.quick,
         "seed": args.seed,
-        "machine": machine.describe(),
+        "machine": harness.describe(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
-        "load_before": machine.load_average(),
+        "load_before": harness.load_average(),
         "head": {},
     }
-    manifests = {mode: prepare_model(plan, mode, args.seed, args.cache)[0] for mode in MODES}
+    manifests = {mode: prepare_model(sizes, mode, args.seed, args.cache)[0] for mode in MODES}
     for mode in MODES:
         logger.info("head throughput, %s", mode)
         report["head"][mode] = bench_head(
-            mode, manifests[mode], plan, rng, rounds, budget_s=10.0 if args.quick else 60.0
+            mode, manifests[mode], sizes, rng, rounds, budget_s=10.0 if args.quick else 60.0
         )
     logger.info("whole evaluation")
     report["evaluation"] = bench_evaluation(
-        manifests["t2i"], plan, rng, n_images=8 if args.quick else 100, rounds=2 if args.quick else 3
+        manifests["t2i"], sizes, rng, n_images=8 if args.quick else 100, rounds=2 if args.quick else 3
     )
-    report["load_after"] = machine.load_average()
+    report["load_after"] = harness.load_average()
     report["wall_seconds"] = time.monotonic() - t0
     votes = [h["numpy_over_onnxruntime"] > 1 for h in report["head"].values()]
     votes.append(report["evaluation"]["numpy_over_onnxruntime_speed"] > 1)
     report["faster"] = "numpy" if sum(votes) * 2 > len(votes) else "onnxruntime"
     text = format_report(report)
-    print(text)
-    if args.json:
-        atomic.write_json(args.json, report)
+    harness.finish(report, text, args.json)
     if args.text:
         atomic.write_bytes(args.text, (text + "\n").encode("utf-8"))
     return 0

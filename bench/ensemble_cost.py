@@ -4,7 +4,7 @@
     python bench/ensemble_cost.py --engine A/scan.json --engine B/scan.json --images 200 --captions 1000
 
 Per direction (text -> image, image -> text) and repeat, the contenders run interleaved on the same
-queries: each member's ``Searcher`` alone and the ``Ensemble`` of all. Reported: medians and p10..p90
+queries: each member's ``Searcher`` alone and the ``Searcher`` of all. Reported: medians and p10..p90
 (ms), and the per-repeat ratio of the ensemble's time to the sum of its members' (1.0: the ensemble
 costs exactly its members; the ensemble's extra work is one weighted sum and one top-k per block).
 Without ``--engine`` the models are the benchmark's random full-size ones (bench/random_models.py).
@@ -15,26 +15,22 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import machine
-from bench.plan import FULL
-from bench.synthetic import caption_texts
-from bench.timing import stats
-from runtime import atomic
-from runtime.cli import add_engine_arguments, open_engines, run_cli
+from bench import harness
+from bench.synthetic import FULL, caption_texts
+from runtime.cli import add_engine_arguments, open_engines
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
-from runtime.ensemble_gallery import build_member_caption_galleries, build_member_image_galleries
+from runtime.gallery import GalleryFolder
+from runtime.options import WriteOptions
 from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ensemble_cost.py", description=__doc__.split("\n\n")[0])
+    p = harness.parser("ensemble_cost.py", __doc__)
     p.add_argument("--engine", action="append", help="a member (repeat); default: the random full-size t2i + i2t")
     p.add_argument("--images", type=int, default=1000, help="image gallery size (default 1000)")
     p.add_argument("--captions", type=int, default=5000, help="caption gallery size (default 5000)")
@@ -42,23 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="queries per search call (default 8)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per contender after one warm-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the results here")
     add_engine_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_run, build_parser().parse_args(argv))
+    return harness.run(_run, build_parser().parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
-    for name in ("images", "captions", "regions", "batch", "k", "repeats"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be a positive integer, received {getattr(args, name)}", file=sys.stderr)
-            return 2
+    harness.positive(args, "images", "captions", "regions", "batch", "k", "repeats")
     paths = args.engine or _default_models()
-    info = machine.announce()
+    info = harness.describe(announce=True)
     with open_engines(paths, args) as engines:
         rows, ratios = _measure(engines, args)
     result = {
@@ -69,14 +60,11 @@ def _run(args: argparse.Namespace) -> int:
         "k": args.k,
         "repeats": args.repeats,
         "machine": info,
-        "load_average_at_end": machine.load_average(),
+        "load_average_at_end": harness.load_average(),
         "rows": rows,
         "ratio_to_sum_of_members": ratios,
     }
-    _print(result)
-    if args.json:
-        atomic.write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
+    harness.finish(result, _format(result), args.json)
     return 0
 
 
@@ -96,57 +84,48 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace) -> tuple[list[
     image_queries = rng.standard_normal((args.batch, args.regions, img_dim), dtype=np.float32)
     rows, ratios = [], {}
     with tempfile.TemporaryDirectory(prefix="ensemble_cost.") as tmp:
-        images = build_member_image_galleries(tmp, engines, regions, progress=False)
-        captions = build_member_caption_galleries(tmp, engines, gallery_texts, progress=False)
+        folder = GalleryFolder(tmp, engines)
+        images = folder.write_images(regions, options=WriteOptions(progress=False)).images
+        captions = folder.write_captions(gallery_texts, options=WriteOptions(progress=False)).captions
         for direction, queries, kw, size in (
             ("text_to_image", text_queries, {"images": images}, args.images),
             ("image_to_text", image_queries, {"captions": captions}, args.captions),
         ):
             members = [Searcher(e, **{key: g[i] for key, g in kw.items()}) for i, e in enumerate(engines)]
-            ensemble = Ensemble(engines, **kw)
-            contenders = [(f"member{i + 1}", m) for i, m in enumerate(members)] + [("ensemble", ensemble)]
-            samples: dict[str, list[float]] = {name: [] for name, _ in contenders}
-            for repeat in range(args.repeats + 1):  # the first round warms up
-                for name, c in contenders:
-                    t0 = time.perf_counter()
-                    c.search(queries, args.k)
-                    if repeat:
-                        samples[name].append(time.perf_counter() - t0)
-            for name, _ in contenders:
-                s = stats(samples[name])
-                rows.append(
-                    {
-                        "direction": direction,
-                        "gallery": size,
-                        "batch": args.batch,
-                        "contender": name,
-                        "median_ms": 1e3 * s["median"],
-                        "p10_ms": 1e3 * s["p10"],
-                        "p90_ms": 1e3 * s["p90"],
-                        "n": s["n"],
-                    }
-                )
-            per_repeat = np.array(samples["ensemble"]) / np.sum([samples[n] for n, _ in contenders[:-1]], axis=0)
-            r = stats(per_repeat)
-            ratios[direction] = {"median": r["median"], "p10": r["p10"], "p90": r["p90"]}
+            ensemble = Searcher(engines, **kw)
+            contenders = {f"member{i + 1}": m for i, m in enumerate(members)} | {"ensemble": ensemble}
+            samples = harness.interleaved(
+                {name: lambda i, c=c, q=queries: c.search(q, args.k) for name, c in contenders.items()},
+                args.repeats,
+                warmup=1,
+            )
+            for name, times in samples.items():
+                spread = harness.percentiles(times, (50, 10, 90), unit="_ms", scale=1e3, median="median")
+                row = {"direction": direction, "gallery": size, "batch": args.batch, "contender": name}
+                rows.append({**row, **spread, "n": len(times)})
+            per_repeat = np.array(samples.pop("ensemble")) / np.sum(list(samples.values()), axis=0)
+            ratios[direction] = harness.percentiles(per_repeat, (50, 10, 90), median="median")
             ensemble.close()
             for m in members:
                 m.close()
     return rows, ratios
 
 
-def _print(result: dict[str, Any]) -> None:
-    print(
+def _format(result: dict[str, Any]) -> str:
+    lines = [
         f"ensemble of {len(result['engines'])}: {result['images']} images, {result['captions']} captions, "
         f"batch {result['batch']}, k {result['k']}, {result['repeats']} repeats; load average "
-        f"{result['machine']['load_average_at_start']} -> {result['load_average_at_end']}"
-    )
-    print(f"  {'direction':<14} {'contender':<10} {'median ms':>10} {'p10..p90 ms':>20}")
+        f"{result['machine']['load_average_at_start']} -> {result['load_average_at_end']}",
+        f"  {'direction':<14} {'contender':<10} {'median ms':>10} {'p10..p90 ms':>20}",
+    ]
     for row in result["rows"]:
         spread = f"{row['p10_ms']:.1f}..{row['p90_ms']:.1f}"
-        print(f"  {row['direction']:<14} {row['contender']:<10} {row['median_ms']:>10.1f} {spread:>20}")
+        lines.append(f"  {row['direction']:<14} {row['contender']:<10} {row['median_ms']:>10.1f} {spread:>20}")
     for direction, r in result["ratio_to_sum_of_members"].items():
-        print(f"  {direction}: ensemble / sum of members = {r['median']:.3f} (p10..p90 {r['p10']:.3f}..{r['p90']:.3f})")
+        lines.append(
+            f"  {direction}: ensemble / sum of members = {r['median']:.3f} (p10..p90 {r['p10']:.3f}..{r['p90']:.3f})"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

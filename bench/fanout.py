@@ -1,5 +1,6 @@
-"""What sharding costs and buys per request: one ``Searcher`` in process against ``ShardedSearcher`` on
-Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards of the same gallery.
+"""What sharding costs and buys per request: one ``Searcher`` in process against a sharded one
+(``runtime.cluster.open_shards``) on Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards
+of the same gallery.
 
     python bench/fanout.py --engine ~/.cache/scan-runtime/bench/t2i-1024-*/scan.json \\
         --images 1000 --captions 5000 --shards 1 2 --json bench/results/fanout.json --plot bench/results/fanout.png
@@ -24,20 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from bench.machine import describe, load_average
-from runtime.atomic import write_json
-from runtime.cli import run_cli
+from bench import harness
+from bench.synthetic import caption_texts
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.gallery.shards import split
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
-from runtime.shards import split
 
 logger = logging.getLogger(__name__)
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
-    p = np.percentile(np.asarray(ms, np.float64), [5, 25, 50, 75, 95])
-    return dict(zip(("p5", "p25", "p50", "p75", "p95"), (round(float(v), 3) for v in p)))
+    return harness.percentiles(ms, (5, 25, 50, 75, 95), ndigits=3)
 
 
 def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: int, regions: int, seed: int) -> None:
@@ -45,26 +45,24 @@ def build_gallery(engine: ScanEngine, folder: Path, n_images: int, n_captions: i
     cfg = engine.config
     if not (folder / "images" / "gallery.json").is_file():
         feats = rng.standard_normal((n_images, regions, cfg.img_dim), dtype=np.float32)
-        build_image_gallery(
-            engine, feats, folder / "images", names=[f"img{i}" for i in range(n_images)], progress=False
-        )
+        names = [f"img{i}" for i in range(n_images)]
+        build_image_gallery(engine, feats, folder / "images", names, WriteOptions(progress=False))
     if not (folder / "captions" / "gallery.json").is_file():
-        build_caption_gallery(engine, random_texts(engine, rng, n_captions), folder / "captions", progress=False)
+        texts = random_texts(engine, rng, n_captions)
+        build_caption_gallery(engine, texts, folder / "captions", WriteOptions(progress=False))
 
 
 def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[str]:
-    words = [w for w in engine.tokenizer.vocab.idx2word if not w.startswith("<")]
-    lengths = np.clip(np.rint(rng.normal(12.0, 4.0, n)), 3, 40).astype(int)  # Flickr30K-like
-    return [" ".join(rng.choice(words, size=m)) for m in lengths]
+    return caption_texts(rng, n, [w for w in engine.tokenizer.vocab.idx2word if not w.startswith("<")])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.cluster import ShardedSearcher, connect
+    from runtime.cluster import connect, open_shards
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fanout-"))
     gallery = work / "gallery"
     rng = np.random.default_rng(args.seed + 1)
-    with ScanEngine.open(args.engine, backend="onnxruntime", threads=args.threads) as engine:
+    with ScanEngine.open(args.engine, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         t0 = time.perf_counter()
         build_gallery(engine, gallery, args.images, args.captions, args.regions, args.seed)
         logger.info("gallery ready in %.1f s", time.perf_counter() - t0)
@@ -84,18 +82,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not (folder / "shards.json").is_file():
                     split(gallery, folder, s)
                 threads = args.shard_threads
-                contenders[f"S={s}"] = ShardedSearcher(
-                    args.engine, folder, backend="onnxruntime", threads=threads, timeout_s=120.0
-                )
+                options = EngineOptions(backend="onnxruntime", threads=threads)
+                contenders[f"S={s}"] = open_shards(args.engine, folder, options, timeout_s=120.0)
                 settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
+            given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
             report = {
-                "settings": {**vars(args), "contenders": settings},
-                "machine": describe(),
-                "load_average_before": load_average(),
+                "settings": {**given, "contenders": settings},
+                "machine": harness.describe(),
+                "load_average_before": harness.load_average(),
             }
             for direction, queries in (("text", text_queries), ("images", image_queries)):
                 report[direction] = measure(contenders, queries, args)
-            report["load_average_after"] = load_average()
+            report["load_average_after"] = harness.load_average()
         finally:
             for name, c in contenders.items():
                 if name != "local":
@@ -105,32 +103,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) -> dict[str, Any]:
     names = list(contenders)
-    for c in contenders.values():  # warm-up: first calls allocate and page the gallery in
-        for w in range(args.warmup):
-            c.search(queries[w * args.batch : (w + 1) * args.batch], args.k)
-    times: dict[str, list[float]] = {n: [] for n in names}
     mismatches = 0
-    for i in range(args.requests):
-        q = queries[i * args.batch : (i + 1) * args.batch]
-        answers = {}
-        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
-            t = time.perf_counter()
-            answers[name] = contenders[name].search(q, args.k)
-            times[name].append((time.perf_counter() - t) * 1e3)
+
+    def check(i: int, answers: dict[str, Any]) -> None:
+        nonlocal mismatches
         ref_scores, ref_ids = answers["local"]
         for name, (scores, ids) in answers.items():
             if not (np.array_equal(ids, ref_ids) and np.allclose(scores, ref_scores, atol=1e-5, rtol=0)):
                 mismatches += 1
                 logger.warning("request %d: %s answered differently from the local searcher", i, name)
-    rtt: dict[str, list[float]] = {n: [] for n in names if n != "local"}
-    for _ in range(args.requests):  # the transport alone: ask every shard for its info (no search)
-        for name in rtt:
-            t = time.perf_counter()
-            contenders[name].info()
-            rtt[name].append((time.perf_counter() - t) * 1e3)
+
+    # The warm-up's first calls allocate and page the gallery in; rotating who goes first spreads the
+    # cost of running after another contender evenly.
+    seconds = harness.interleaved(
+        {
+            n: lambda i, c=c: c.search(queries[i * args.batch : (i + 1) * args.batch], args.k)
+            for n, c in contenders.items()
+        },
+        args.requests,
+        warmup=args.warmup,
+        rotate=True,
+        check=check,
+    )
+    times = {n: [1e3 * t for t in ts] for n, ts in seconds.items()}
+    # The transport alone: ask every shard for its info (no search).
+    shards = {n: lambda i, c=c: c.shards.info() for n, c in contenders.items() if n != "local"}
+    rtt = {n: [1e3 * t for t in ts] for n, ts in harness.interleaved(shards, args.requests).items()}
     out: dict[str, Any] = {
         "mismatches": mismatches,
-        "load_average": load_average(),
+        "load_average": harness.load_average(),
         "info_round_trip_ms": {n: percentiles(v) for n, v in rtt.items()},
         "latency_ms": {n: percentiles(times[n]) for n in names},
         "samples_ms": times,
@@ -148,16 +149,16 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
     return out
 
 
-def print_report(r: dict[str, Any]) -> None:
+def format_report(r: dict[str, Any]) -> str:
     s = r["settings"]
-    print(
+    lines = [
         f"gallery {s['images']} images, {s['captions']} captions; {s['requests']} requests of {s['batch']} "
         f"quer{'y' if s['batch'] == 1 else 'ies'}, k={s['k']}; load average before {r['load_average_before']}"
-    )
+    ]
     for direction in ("text", "images"):
         d = r[direction]
-        print(f"\n{direction} queries (load average {d['load_average']}, mismatches {d['mismatches']})")
-        print(f"  {'contender':<8} {'p5':>8} {'p50':>8} {'p95':>8}   vs local: p50 diff  paired diff  p50 ratio")
+        lines.append(f"\n{direction} queries (load average {d['load_average']}, mismatches {d['mismatches']})")
+        lines.append(f"  {'contender':<8} {'p5':>8} {'p50':>8} {'p95':>8}   vs local: p50 diff  paired diff  p50 ratio")
         for name, p in d["latency_ms"].items():
             v = d["vs_local"].get(name)
             extra = (
@@ -168,23 +169,16 @@ def print_report(r: dict[str, Any]) -> None:
                 if v
                 else ""
             )
-            print(f"  {name:<8} {p['p5']:>8.2f} {p['p50']:>8.2f} {p['p95']:>8.2f}{extra}")
+            lines.append(f"  {name:<8} {p['p5']:>8.2f} {p['p50']:>8.2f} {p['p95']:>8.2f}{extra}")
         for name, p in d["info_round_trip_ms"].items():
-            print(
+            lines.append(
                 f"  {name:<8} round trip to every shard without a search (info()): p50 {p['p50']:.2f} ms, "
                 f"p95 {p['p95']:.2f} ms"
             )
+    return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot")
-        return
+def plot(r: dict[str, Any], plt):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, direction in zip(axes, ("text", "images")):
         samples = r[direction]["samples_ms"]
@@ -193,12 +187,11 @@ def plot(r: dict[str, Any], path: str) -> None:
         ax.set_ylabel("latency per request (ms)")
     fig.suptitle(f"sharded vs local search, {r['settings']['images']} images / {r['settings']['captions']} captions")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fanout.py", description=__doc__.split("\n\n")[0])
+    p = harness.parser("fanout.py", __doc__, plot="file")
     p.add_argument("--engine", required=True, help="scan.json of the model to serve")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--captions", type=int, default=5000)
@@ -214,27 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the local searcher")
     p.add_argument("--shard-threads", type=int, default=1, help="ONNX Runtime threads per shard")
     p.add_argument("--ray-cpus", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="folder for the gallery and its shards (reused when present; default: a temp dir)")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--plot", help="write a latency box plot here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return harness.run(_run, build_parser().parse_args(argv))
 
-    def body(a: argparse.Namespace) -> int:
-        logging.getLogger().setLevel(logging.INFO)
-        report = run(a)
-        print_report(report)
-        if a.json:
-            write_json(a.json, report)
-        if a.plot:
-            plot(report, a.plot)
-        return 0
 
-    return run_cli(body, args)
+def _run(args: argparse.Namespace) -> int:
+    report = run(args)
+    harness.finish(report, format_report(report), args.json)
+    if args.plot and harness.write_plot(args.plot, lambda plt: plot(report, plt))["status"] != "written":
+        logger.warning("matplotlib is not installed: no plot")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@
   head (pairs/s).
 * With PyTorch + CUDA (with or without TensorRT): runs the batched reference head of
   ``export/model.py`` on the GPU in float32 and float16 on full-size synthetic shapes and records
-  pairs/s: the GPU baseline the benchmark compares against.
+  pairs/s: the project's one GPU baseline (``torch_cuda_head``; bench/latency.py reports it beside the
+  CPU contenders). Each dtype also times a plain GEMM of the head's shape ``(N*R, d) @ (d, Q*L)`` on
+  the same device: the ceiling the head is measured against.
 Each part is skipped, with the reason in the JSON, when what it needs is missing; a part that fails
 records its error and the others still run. Writes ``gpu_check.json`` and ``gpu_check.txt`` into
 ``--out-dir`` (atomically).
@@ -22,9 +24,9 @@ records its error and the others still run. Writes ``gpu_check.json`` and ``gpu_
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -34,24 +36,103 @@ from typing import Any
 
 import numpy as np
 
-from bench.torch_cuda import torch_cuda_head, unavailable
+from bench import harness
+from bench.synthetic import MODES, unit_rows
 from runtime import atomic
 from runtime.config import SCANConfig
+from runtime.options import EngineOptions
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"torch_cuda_fp32": "float32", "torch_cuda_fp16": "float16"}
+
+
+def unavailable() -> str | None:
+    """Why the baseline cannot run here (no PyTorch, no CUDA device), or None."""
+    torch = harness.optional_torch()
+    if torch is None:
+        return "PyTorch is not installed (pip install 'scan-runtime[export]')"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to PyTorch"
+    return None
+
+
+def torch_cuda_head(
+    images: np.ndarray,
+    image_gram: np.ndarray | None,
+    captions: np.ndarray,
+    lengths: np.ndarray,
+    cfg: SCANConfig,
+    timing: dict[str, Any],
+    ref: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{name: figures}`` for ``torch_cuda_fp32`` and ``torch_cuda_fp16``, each skipped or failed with the reason.
+
+    ``images`` (N, R, d), ``captions`` (Q, L, d), ``lengths`` (Q,) on the host; ``image_gram`` (N, R, R) or None
+    (t2i: made on the GPU before timing; i2t: the head makes the caption Gram itself, as it serves). A
+    measured entry holds ``throughput``'s figures, ``shape``, ``gemm_pairs_per_s`` and ``gemm_gflops``, and
+    ``max_abs_diff_vs_batched`` against ``ref`` (N, Q) when given. ``timing``: ``time_calls`` arguments.
+    """
+    reason = unavailable()
+    if reason:
+        return {name: harness.skipped(reason) for name in DTYPES}
+    torch = harness.optional_torch()
+    out: dict[str, dict[str, Any]] = {}
+    for name, dtype in DTYPES.items():
+        try:
+            feeds = (images, image_gram, captions, lengths)
+            out[name] = _time_on_gpu(torch, getattr(torch, dtype), feeds, cfg, timing, ref)
+        except Exception as e:  # report a broken GPU path, keep the other figures
+            logger.warning("%s failed: %s", name, e)
+            out[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def _time_on_gpu(
+    torch, dtype, feeds: tuple, cfg: SCANConfig, timing: dict[str, Any], ref: np.ndarray | None
+) -> dict[str, Any]:
+    from export.model import batched_sims, gram
+
+    images, image_gram, captions, lengths = feeds  # host arrays, as torch_cuda_head takes them
+    n, r, d = images.shape
+    q, length = captions.shape[:2]
+    pairs = n * q
+    dev = torch.device("cuda")
+    ti, tc = (torch.from_numpy(np.ascontiguousarray(x)).to(dev, dtype) for x in (images, captions))
+    tl = torch.from_numpy(np.asarray(lengths, np.int64)).to(dev)
+    tg = None
+    if image_gram is not None:
+        tg = torch.from_numpy(np.ascontiguousarray(image_gram)).to(dev, dtype)
+    elif cfg.cross_attn == "t2i":
+        tg = gram(ti)
+    a, b = ti.reshape(n * r, d), tc.reshape(q * length, d).T
+    with torch.no_grad():
+        got = batched_sims(ti, tg, tc, tl, None, cfg).float().cpu().numpy()
+        sync = torch.cuda.synchronize
+        times = harness.time_calls(lambda: batched_sims(ti, tg, tc, tl, None, cfg), sync=sync, **timing)
+        gemm_times = harness.time_calls(lambda: a @ b, sync=sync, **timing)
+    gemm_s = float(np.median(gemm_times))
+    out = {
+        **harness.throughput(times, pairs),
+        "shape": [n, q, length],
+        "gemm_pairs_per_s": pairs / gemm_s,
+        "gemm_gflops": 2.0 * n * r * d * q * length / gemm_s / 1e9,
+    }
+    if ref is not None:
+        out["max_abs_diff_vs_batched"] = float(np.abs(got - ref).max())
+    return out
 
 
 def torch_cuda_baseline(
     n: int = 4096, q: int = 32, length: int = 14, r: int = 36, d: int = 1024, repeats: int = 10
 ) -> dict[str, Any]:
-    """pairs/s of the exact batched head in PyTorch on CUDA (bench/torch_cuda.py), fp32 and fp16, both
+    """pairs/s of the exact batched head in PyTorch on CUDA (``torch_cuda_head``), fp32 and fp16, both
     cross_attn modes, on seeded random unit-norm embeddings of full size."""
     reason = unavailable()
     if reason:
         return {"skipped": reason}
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((n, r, d), dtype=np.float32)
-    images /= np.linalg.norm(images, axis=-1, keepdims=True)
-    captions = rng.standard_normal((q, length, d), dtype=np.float32)
-    captions /= np.linalg.norm(captions, axis=-1, keepdims=True)
+    images, captions = unit_rows(rng, (n, r, d)), unit_rows(rng, (q, length, d))
     lengths = np.full(q, length, np.int64)
     timing = dict(warmup=3, min_repeats=repeats, max_repeats=repeats, budget_s=0.0)
     out: dict[str, Any] = {"shapes": {"N": n, "Q": q, "L": length, "R": r, "d": d}}
@@ -81,10 +162,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
 FULL = dict(vocab_size=10000, img_dim=2048, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True)
 # --quick: the same code on tiny shapes (the CPU tests run it against a numpy stand-in for CuPy).
 QUICK = dict(vocab_size=50, img_dim=64, embed_size=32, word_dim=16, num_layers=1, bi_gru=True)
-MODES = {
-    "t2i": dict(cross_attn="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
-    "i2t": dict(cross_attn="i2t", agg_func="Mean", lambda_softmax=4.0, lambda_lse=6.0),
-}
 
 
 def _guarded(fn) -> dict[str, Any]:
@@ -106,23 +183,8 @@ def _free_torch() -> None:
 
 
 def _timed(fn, sync, repeats: int, warmup: int = 2) -> dict[str, Any]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    x = np.asarray(times)
-    return {
-        "median_s": float(np.median(x)),
-        "p10_s": float(np.percentile(x, 10)),
-        "p90_s": float(np.percentile(x, 90)),
-        "p99_s": float(np.percentile(x, 99)),
-        "n": len(times),
-    }
+    times = harness.time_calls(fn, warmup, repeats, repeats, 0.0, sync)
+    return {**harness.percentiles(times, (50, 10, 90, 99), unit="_s", median="median"), "n": len(times)}
 
 
 def synthetic_weights(cfg, seed: int = 0):
@@ -549,8 +611,8 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     rng = np.random.default_rng(0)
     with (
-        ScanEngine.open(manifest_path, backend="onnxruntime") as ref,
-        ScanEngine.open(manifest_path, backend="tensorrt") as trt,
+        ScanEngine.open(manifest_path, EngineOptions(backend="onnxruntime")) as ref,
+        ScanEngine.open(manifest_path, EngineOptions(backend="tensorrt")) as trt,
     ):
         cfg = ref.config
         regions = rng.standard_normal((64, 36, cfg.img_dim)).astype(np.float32)
@@ -571,33 +633,25 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
             "head": float(np.abs(sims_ref - sims_trt).max()),
         }
         result["top1_agreement"] = float((sims_ref.argmax(0) == sims_trt.argmax(0)).mean())
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            trt.sims(images_ref, gram_ref, words_ref, lengths)
-            times.append(time.perf_counter() - t0)
+        times = harness.time_calls(lambda: trt.sims(images_ref, gram_ref, words_ref, lengths), 0, 20, 20, 0.0)
         result["head_pairs_per_s_host_roundtrip"] = sims_ref.size / float(np.median(times))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    p = harness.parser("gpu_check.py", __doc__, quick="tiny shapes: a smoke run of the same code", seed=False)
     p.add_argument("--engine", help="manifest scan.json to build TensorRT engines for")
     p.add_argument("--out", default=None, help="engine output folder (default: the manifest's folder)")
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where gpu_check.json/.txt go (default {RESULTS})")
-    p.add_argument("--json", default=None, help="also write the JSON report here")
     p.add_argument("--n", type=int, default=4096, help="gallery images for the head throughput cells")
     p.add_argument("--galleries", default="100000,1000000", help="image gallery sizes of the latency cells")
     p.add_argument(
         "--budget", type=float, default=200.0, help="seconds; latency cells that would start later are skipped"
     )
-    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the same code")
     args = p.parse_args(argv)
     t0 = time.monotonic()
-    from bench import machine
-
-    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine.describe()}
-    galleries = [int(x) for x in args.galleries.split(",") if x]
+    report: dict[str, Any] = {"started": harness.started(), "machine": harness.describe()}
+    galleries = harness.ints(args.galleries, "galleries")
     report["cupy"] = _guarded(
         lambda: cupy_check(n=args.n, galleries=galleries, deadline=t0 + args.budget, quick=args.quick)
     )
@@ -607,15 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Path(args.engine)
         report["tensorrt"] = _guarded(lambda: tensorrt_check(manifest, Path(args.out) if args.out else manifest.parent))
     report["summary"] = summarize(report)
-    report["load_average_at_end"] = machine.load_average()
+    report["load_average_at_end"] = harness.load_average()
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
     text = format_report(report)
     out_dir = Path(args.out_dir)
     atomic.write_json(out_dir / "gpu_check.json", report)
     atomic.write_bytes(out_dir / "gpu_check.txt", (text + "\n").encode("utf-8"))
-    if args.json:
-        atomic.write_json(args.json, report)
-    print(text)
+    harness.finish(report, text, args.json)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Similarity-head throughput (pairs/s) of every contender on the same encoded images and captions.
 
 Contenders: the original per-caption loop (``slow_sims``, PyTorch CPU), the batched PyTorch head, the
-exported head in ONNX Runtime on the CPU, and where present PyTorch CUDA fp32/fp16 (bench/torch_cuda.py)
+exported head in ONNX Runtime on the CPU, and where present PyTorch CUDA fp32/fp16 (bench/gpu_check.py)
 and ONNX Runtime CUDA. Each is given as a multiple of the original loop and as a fraction of the GEMM
 ceiling: a plain float32 GEMM of the head's own shape ``(N*R, d) @ (d, Q*L)`` timed in numpy and in a
 one-node ONNX Runtime graph (the faster sets the ceiling).
@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine
-from bench.plan import Plan
-from bench.random_models import MODES
-from bench.synthetic import rng_for
-from bench.timing import skipped, stats, throughput, time_calls
-from bench.torch_cuda import torch_cuda_head
+from bench import harness
+from bench.gpu_check import torch_cuda_head
+from bench.harness import skipped, stats, throughput, time_calls
+from bench.synthetic import MODES, Sizes, rng_for
 from runtime.backends.onnxruntime import open_session
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +59,42 @@ def ort_matmul_session(threads: int | None, device: str = "cpu"):
     return open_session(model.SerializeToString(), device=device, threads=threads)
 
 
-def measure_gemm(a: np.ndarray, b: np.ndarray, plan: Plan, threads: int | None) -> dict[str, Any]:
+def ort_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, threads: int | None):
+    """A call of ONNX Runtime's GEMM ``c = a @ b``, with IO binding and the preallocated ``c``: the
+    ceiling should not pay for allocating C every call."""
+    sess = ort_matmul_session(threads)
+    binding = sess.io_binding()
+    binding.bind_cpu_input("a", a)
+    binding.bind_cpu_input("b", b)
+    binding.bind_output("c", "cpu", 0, np.float32, list(c.shape), c.ctypes.data)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def head_inputs(engine: ScanEngine, sizes: Sizes, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """(images (N, R, d), image_gram, captions (Q, L, d), lengths, GEMM operands (N*R, d) and (d, Q*L)):
+    real encoder outputs of random regions and ids, so the attention sees the values it would serve."""
+    n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
+    images, image_gram = engine.encode_images(rng.standard_normal((n, r, sizes.img_dim), dtype=np.float32))
+    lengths = np.full(q, length, np.int64)
+    ids = rng.integers(4, sizes.vocab_size, (q, length)).astype(np.int64)
+    ids[:, 0], ids[:, -1] = 1, 2  # <start> ... <end>
+    captions = engine.encode_ids(ids, lengths)
+    d = captions.shape[2]
+    a = np.ascontiguousarray(images.reshape(n * r, d))
+    return images, image_gram, captions, lengths, a, np.ascontiguousarray(captions.reshape(q * length, d).T)
+
+
+def measure_gemm(a: np.ndarray, b: np.ndarray, sizes: Sizes, threads: int | None) -> dict[str, Any]:
     """Plain float32 GEMM of the head's shape in numpy and in ONNX Runtime; the faster is the ceiling."""
     m, k = a.shape
     n = b.shape[1]
     flop = gemm_flop(m, k, n)
     out: dict[str, Any] = {"shape": [m, k, n], "flop": flop}
     c = np.empty((m, n), np.float32)
-    times = time_calls(lambda: np.matmul(a, b, out=c), **plan.head_timing())
+    times = time_calls(lambda: np.matmul(a, b, out=c), **sizes.head_timing())
     out["numpy"] = {"status": "measured", "seconds": stats(times), "gflops": flop / float(np.median(times)) / 1e9}
     try:
-        sess = ort_matmul_session(threads)
-        # IO binding with a preallocated output: the ceiling should not pay for allocating C every call.
-        binding = sess.io_binding()
-        binding.bind_cpu_input("a", a)
-        binding.bind_cpu_input("b", b)
-        binding.bind_output("c", "cpu", 0, np.float32, [m, n], c.ctypes.data)
-        times = time_calls(lambda: sess.run_with_iobinding(binding), **plan.head_timing())
+        times = time_calls(ort_gemm(a, b, c, threads), **sizes.head_timing())
         out["onnxruntime"] = {
             "status": "measured",
             "seconds": stats(times),
@@ -94,23 +112,16 @@ def measure_gemm(a: np.ndarray, b: np.ndarray, plan: Plan, threads: int | None) 
 
 
 def bench_head(
-    mode: str, manifest: Path, plan: Plan, seed: int, threads: int | None, cpu_ceiling: dict[str, Any] | None
+    mode: str, manifest: Path, sizes: Sizes, seed: int, threads: int | None, cpu_ceiling: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Pairs/s of every contender on the same encoded images and captions."""
-    n, q, length, r = plan.head_images, plan.head_captions, plan.head_len, plan.regions
+    n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
     rng = rng_for(seed, 1, list(MODES).index(mode))
-    timing = plan.head_timing()
-    with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", threads=threads) as engine:
+    timing = sizes.head_timing()
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", precision="fp32", threads=threads)) as engine:
         cfg = engine.config
-        # Real encoder outputs (not random vectors), so the attention sees the values it would serve.
-        images, image_gram = engine.encode_images(rng.standard_normal((n, r, plan.img_dim), dtype=np.float32))
-        lengths = np.full(q, length, np.int64)
-        ids = rng.integers(4, plan.vocab_size, (q, length)).astype(np.int64)
-        ids[:, 0], ids[:, -1] = 1, 2  # <start> ... <end>
-        captions = engine.encode_ids(ids, lengths)
+        images, image_gram, captions, lengths, a, b = head_inputs(engine, sizes, rng)
         d = captions.shape[2]
-        a = np.ascontiguousarray(images.reshape(n * r, d))
-        b = np.ascontiguousarray(captions.reshape(q * length, d).T)
         result: dict[str, Any] = {
             "config": cfg.to_dict(),
             "flop_per_pair": head_flop_per_pair(cfg, r, length),
@@ -118,7 +129,7 @@ def bench_head(
             "contenders": {},
         }
         if cpu_ceiling is None:
-            cpu_ceiling = measure_gemm(a, b, plan, threads)
+            cpu_ceiling = measure_gemm(a, b, sizes, threads)
         result["gemm_ceiling"] = cpu_ceiling
         ceiling_pairs = n * q / cpu_ceiling["ceiling"]["seconds"]
         result["ceiling_pairs_per_s"] = ceiling_pairs
@@ -128,14 +139,14 @@ def bench_head(
         times = time_calls(lambda: engine.sims(images, image_gram, captions, lengths), **timing)
         contenders["ort_cpu"] = {**throughput(times, n * q), "shape": [n, q, length]}
 
-        torch = machine.optional_torch()
+        torch = harness.optional_torch()
         gram_or_none = image_gram if cfg.cross_attn == "t2i" else None  # i2t: the head makes the caption Gram
         ref = None
         if torch is None:
             for name in ("slow_torch_cpu", "batched_torch_cpu"):
                 contenders[name] = skipped("PyTorch is not installed (pip install 'scan-runtime[export]')")
         else:
-            ref = _torch_cpu(torch, contenders, (images, gram_or_none, captions, lengths), cfg, plan, timing)
+            ref = _torch_cpu(torch, contenders, (images, gram_or_none, captions, lengths), cfg, sizes, timing)
             contenders["ort_cpu"]["max_abs_diff_vs_batched"] = float(np.abs(ort_sims - ref).max())
         ceilings = result.setdefault("gpu_ceilings", {})
         for name, c in torch_cuda_head(images, gram_or_none, captions, lengths, cfg, timing, ref).items():
@@ -172,14 +183,14 @@ def bench_head(
 
 
 def _torch_cpu(
-    torch, contenders: dict[str, Any], feeds: tuple, cfg: SCANConfig, plan: Plan, timing: dict[str, Any]
+    torch, contenders: dict[str, Any], feeds: tuple, cfg: SCANConfig, sizes: Sizes, timing: dict[str, Any]
 ) -> np.ndarray:
     """The original loop on a slice and the batched PyTorch head on the CPU; returns the batched sims (N, Q)."""
     from export.model import batched_sims, slow_sims
 
     ti, tg, tc, tl = (None if x is None else torch.from_numpy(x) for x in feeds)
     n, q, length = ti.shape[0], tc.shape[0], tc.shape[1]
-    sn, sq = plan.slow_images, plan.slow_captions
+    sn, sq = sizes.slow_images, sizes.slow_captions
     with torch.no_grad():
         ref = batched_sims(ti, tg, tc, tl, None, cfg).numpy()
         slow = slow_sims(ti[:sn], tc[:sq], tl[:sq], cfg).numpy()
@@ -205,10 +216,12 @@ def _ort_cuda(
     gemm: tuple,
     result: dict[str, Any],
 ) -> dict[str, Any]:
-    if "CUDAExecutionProvider" not in machine.ort_providers():
+    if "CUDAExecutionProvider" not in harness.ort_providers():
         return skipped("ONNX Runtime has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
     try:
-        with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", device="cuda", threads=threads) as eng:
+        with ScanEngine.open(
+            manifest, EngineOptions(backend="onnxruntime", precision="fp32", device="cuda", threads=threads)
+        ) as eng:
             got = eng.sims(*feeds)
             # Host arrays in, host array out: this includes the transfers, as the runtime serves today.
             times = time_calls(lambda: eng.sims(*feeds), **timing)

@@ -19,7 +19,6 @@ part of the CPU; the load average is recorded beside the figures. ``--quick``: t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -36,11 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine
-from bench.plan import FULL, QUICK, Plan
+from bench import harness
 from bench.random_models import DEFAULT_CACHE, prepare_model
-from bench.synthetic import caption_texts, rng_for
-from runtime import atomic
+from bench.synthetic import FULL, QUICK, Sizes, caption_texts, rng_for
+from runtime.options import EngineOptions, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ TARGETS = {
 # ----------------------------------------------------------------------------------------- preparation
 
 
-def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) -> Path:
+def prepare_gallery(manifest: Path, n: int, sizes: Sizes, seed: int, cache: Path) -> Path:
     """A gallery folder of ``n`` random images encoded by the model (built once, kept in the cache)."""
     folder = cache / f"load-gallery-{manifest.parent.name}-{n}-{seed}"
     if (folder / "images" / "gallery.json").is_file():
@@ -68,15 +66,19 @@ def prepare_gallery(manifest: Path, n: int, plan: Plan, seed: int, cache: Path) 
 
     rng = rng_for(seed, 20)
     logger.info("encoding a %d-image gallery into %s", n, folder)
-    with ScanEngine.open(manifest, backend="onnxruntime") as engine, tempfile.TemporaryDirectory(dir=cache) as tmp:
+    with (
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine,
+        tempfile.TemporaryDirectory(dir=cache) as tmp,
+    ):
         regions = np.lib.format.open_memmap(
-            Path(tmp) / "regions.npy", mode="w+", dtype=np.float32, shape=(n, plan.regions, plan.img_dim)
+            Path(tmp) / "regions.npy", mode="w+", dtype=np.float32, shape=(n, sizes.regions, sizes.img_dim)
         )
         for a in range(0, n, 256):  # streamed: 1K full-size images are 300 MB of features
             b = min(a + 256, n)
-            regions[a:b] = np.abs(rng.standard_normal((b - a, plan.regions, plan.img_dim), dtype=np.float32))
+            regions[a:b] = np.abs(rng.standard_normal((b - a, sizes.regions, sizes.img_dim), dtype=np.float32))
         regions.flush()
-        build_image_gallery(engine, regions, folder / "images", names=[f"image{i}" for i in range(n)], progress=False)
+        names = [f"image{i}" for i in range(n)]
+        build_image_gallery(engine, regions, folder / "images", names, WriteOptions(progress=False))
     return folder
 
 
@@ -256,17 +258,13 @@ async def drive(
         await asyncio.gather(*[one(c) for c in range(concurrency)])
         metrics_before = await scrape
         metrics_after = (await scraper.get("/metrics")).text
-    lat = np.asarray(latencies) * 1000.0
-    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
     return {
         "concurrency": concurrency,
         "seconds": duration,
         "requests": len(latencies),
         "requests_per_s": len(latencies) / duration,
-        "p50_ms": pct(50),
-        "p95_ms": pct(95),
-        "p99_ms": pct(99),
-        "mean_ms": float(lat.mean()) if len(lat) else None,
+        **harness.percentiles(latencies, (50, 95, 99), unit="_ms", scale=1e3),
+        "mean_ms": 1e3 * float(np.mean(latencies)) if latencies else None,
         "errors": sum(errors.values()),
         "errors_by_kind": errors,
         "batch_sizes": batch_distribution(batch_histogram(metrics_before), batch_histogram(metrics_after)),
@@ -301,41 +299,23 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     cells = {c["concurrency"]: c for c in cfg["cells"]}
     out = []
+
+    def target(name: str, value: float, met: bool) -> None:
+        out.append({"target": name, "value": value, "met": met})
+
     if 1 in cells and 16 in cells and cells[1]["requests_per_s"]:
         ratio = cells[16]["requests_per_s"] / cells[1]["requests_per_s"]
-        out.append(
-            {
-                "target": "16 clients >= 3x the throughput of 1",
-                "value": ratio,
-                "met": ratio >= TARGETS["throughput_16_over_1"],
-            }
-        )
+        target("16 clients >= 3x the throughput of 1", ratio, ratio >= TARGETS["throughput_16_over_1"])
     if 1 in cells and 16 in cells and cells[1]["p50_ms"] and cells[16]["p99_ms"]:
         ratio = cells[16]["p99_ms"] / cells[1]["p50_ms"]
-        out.append(
-            {
-                "target": "p99 at 16 clients <= 4x the 1-client p50",
-                "value": ratio,
-                "met": ratio <= TARGETS["p99_16_over_p50_1"],
-            }
-        )
+        target("p99 at 16 clients <= 4x the 1-client p50", ratio, ratio <= TARGETS["p99_16_over_p50_1"])
     top = max(cells)
-    out.append(
-        {
-            "target": f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s",
-            "value": cells[top]["errors"],
-            "met": cells[top]["errors"] == 0,
-        }
-    )
+    errors = cells[top]["errors"]
+    target(f"zero errors at {top} clients over {cells[top]['seconds']:.0f} s", errors, errors == 0)
     growth = cells[top].get("rss", {}).get("growth_after_warmup")
     if growth is not None:
-        out.append(
-            {
-                "target": f"server RSS growth < 5% after warm-up ({top} clients)",
-                "value": growth,
-                "met": growth < TARGETS["rss_growth_after_warmup"],
-            }
-        )
+        name = f"server RSS growth < 5% after warm-up ({top} clients)"
+        target(name, growth, growth < TARGETS["rss_growth_after_warmup"])
     return out
 
 
@@ -366,14 +346,7 @@ def _f(x: float | None) -> str:
     return f"{x:>8.1f}" if x is not None else f"{'-':>8}"
 
 
-def write_plot(report: dict[str, Any], path: Path) -> dict[str, Any]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {"status": "skipped", "reason": "matplotlib is not installed"}
+def plot(report: dict[str, Any], plt):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mb, cfg in report["configs"].items():
         conc = [c["concurrency"] for c in cfg["cells"]]
@@ -398,73 +371,49 @@ def write_plot(report: dict[str, Any], path: Path) -> dict[str, Any]:
         fontsize=10,
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return {"status": "written", "file": str(path)}
+    return fig
 
 
 # ----------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="load.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, 1 s cells, 1 and 4 clients")
-    p.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 20)")
-    p.add_argument(
-        "--long",
-        type=float,
-        default=None,
-        help="seconds for the highest concurrency of the default setting (default 60)",
+def build_parser():
+    p = harness.parser(
+        "load.py", __doc__, quick="tiny model, 1 s cells, 1 and 4 clients", plot="file", cache=DEFAULT_CACHE
     )
+    p.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 20)")
+    p.add_argument("--long", type=float, help="seconds for the highest concurrency of the default setting (default 60)")
     p.add_argument("--warmup", type=float, default=None, help="seconds discarded at the start of each cell")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,4,16,64)")
     p.add_argument("--batches", default=None, help="comma-separated --max-batch settings (default 1,32)")
     p.add_argument("--images", type=int, default=None, help="gallery size (default 1000)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--server-args", default="", help="extra arguments for serve.py (e.g. '--max-delay-ms 2')")
-    p.add_argument("--json", type=Path, help="write the report here (atomically)")
-    p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="exported models and galleries are kept here")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--{name}: expected comma-separated positive integers, received {text!r}")
-    return values
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    return harness.run(_run, build_parser().parse_args(argv))
+
+
+def _run(args) -> int:
     quick = args.quick
-    try:
-        concurrency = _ints(args.concurrency or ("1,4" if quick else "1,4,16,64"), "concurrency")
-        batches = _ints(args.batches or ("1,8" if quick else "1,32"), "batches")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    concurrency = harness.ints(args.concurrency or ("1,4" if quick else "1,4,16,64"), "concurrency")
+    batches = harness.ints(args.batches or ("1,8" if quick else "1,32"), "batches")
     duration = args.duration or (1.0 if quick else 20.0)
     long = args.long or (duration if quick else 60.0)
     warmup = args.warmup if args.warmup is not None else (0.3 if quick else 2.0)
     n_images = args.images or (100 if quick else 1000)
-    plan = QUICK if quick else FULL
+    sizes = QUICK if quick else FULL
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "quick": quick,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine.describe(),
-        "load_average_at_start": machine.load_average(),
+        "started": harness.started(),
+        "machine": harness.describe(),
+        "load_average_at_start": harness.load_average(),
         "k": args.k,
         "gallery_images": n_images,
         "warmup_s": warmup,
@@ -472,10 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets_definition": TARGETS,
         "configs": {},
     }
-    manifest, report["export"] = prepare_model(plan, "t2i", args.seed, cache)
-    report["model"] = f"t2i embed {plan.embed_size}, {plan.regions} regions x {plan.img_dim}"
-    gallery = prepare_gallery(manifest, n_images, plan, args.seed, cache)
-    queries = caption_texts(rng_for(args.seed, 21), 1000, plan.vocab_size)
+    manifest, report["export"] = prepare_model(sizes, "t2i", args.seed, cache)
+    report["model"] = f"t2i embed {sizes.embed_size}, {sizes.regions} regions x {sizes.img_dim}"
+    gallery = prepare_gallery(manifest, n_images, sizes, args.seed, cache)
+    queries = caption_texts(rng_for(args.seed, 21), 1000, sizes.vocab_size)
     log = cache / "load-server.log"  # the server's warnings and errors, if any
     log.write_text("")
     for mb in batches:
@@ -493,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cell = asyncio.run(drive(server.url, c, seconds, cell_warmup, queries, args.k))
                 cell["warmup_s"] = cell_warmup
                 cell["rss"] = rss_summary(rss.samples, cell_warmup)
-                cell["load_average_after"] = machine.load_average()
+                cell["load_average_after"] = harness.load_average()
                 cells.append(cell)
             report["configs"][str(mb)] = {
                 "max_batch": mb,
@@ -503,13 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         finally:
             report["configs"].setdefault(str(mb), {"max_batch": mb, "cells": []})["shutdown"] = server.stop()
-    report["load_average_at_end"] = machine.load_average()
+    report["load_average_at_end"] = harness.load_average()
     report["targets"] = targets(report)
-    report["plot"] = write_plot(report, args.plot) if args.plot else {"status": "not requested"}
-    print(format_report(report))
-    if args.json:
-        atomic.write_json(args.json, report)
-        print(f"wrote {args.json}")
+    report["plot"] = (
+        harness.write_plot(args.plot, lambda plt: plot(report, plt)) if args.plot else {"status": "not requested"}
+    )
+    harness.finish(report, format_report(report), args.json)
     return 0
 
 

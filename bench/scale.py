@@ -15,7 +15,7 @@ gallery size, in one process:
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
   image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``Searcher(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
+* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
   exact on the same queries (only where exact ran);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
   after loading and searching), peak RSS.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,17 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from bench import machine
-from runtime import atomic
-from runtime.candidates import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from bench import harness
+from bench.harness import overlap_at
+from bench.synthetic import CHUNK, SCENE_CACHE, SceneFeatures
+from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "scan-runtime-bench-scale/1"
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = Path("~/.cache/scan-runtime/scale").expanduser()
-CHUNK = 10_000
-FEATURES_VERSION = 1
 TARGETS = {
     "p50_ms_100k": 30.0,
     "p50_ms_1m": 100.0,
@@ -79,71 +77,10 @@ def demo_engine(demo: Path, log=print) -> Path:
 # ---------------------------------------------------------------------------------------------- data
 
 
-class SceneFeatures:
-    """Region features from the demo's generator, made in seeded chunks and cached as float16 (N, 36, img_dim).
-
-    Chunk ``c`` is drawn from its own seed, so the first N images are the same whatever the total.
-    """
-
-    def __init__(self, cache: Path, img_dim: int, seed: int = 0, chunk: int = CHUNK) -> None:
-        self.folder = cache / f"features-seed{seed}-dim{img_dim}-chunk{chunk}-v{FEATURES_VERSION}"
-        self.img_dim, self.seed, self.chunk = img_dim, seed, chunk
-
-    def _stamp(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.folder / "stamp.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def ensure(self, n: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
-        """(features (>= n, 36, img_dim) float16 memory map, the 5 captions of each image of the first chunk)."""
-        from tqdm import tqdm
-
-        from bench.demo.data import N_REGIONS, World, _make_split
-
-        stamp = self._stamp()
-        have = int(stamp.get("count", 0))
-        step = self.chunk
-        n = -(-n // step) * step
-        if have < n:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            world_ss = np.random.SeedSequence(self.seed).spawn(4)[0]  # the demo dataset's world (make_dataset)
-            world = World(np.random.default_rng(world_ss), self.img_dim)
-            tmp = self.folder / f".features.{n}.npy.tmp"
-            try:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, N_REGIONS, self.img_dim))
-                captions = stamp.get("captions")
-                with tqdm(total=n, initial=have, desc="generating scenes", unit="img", disable=not progress) as bar:
-                    if have:
-                        old = np.load(self.folder / stamp["file"], mmap_mode="r")
-                        for a in range(0, have, step):
-                            out[a : a + step] = old[a : a + step]
-                    for c in range(have // step, n // step):
-                        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919, c]))
-                        ims, caps = _make_split(rng, world, step)
-                        out[c * step : (c + 1) * step] = ims
-                        if c == 0:
-                            captions = caps
-                        bar.update(step)
-                out.flush()
-                del out
-            except BaseException:
-                tmp.unlink(missing_ok=True)  # an interrupted run leaves the previous features as they were
-                raise
-            final = self.folder / f"features.{n}.npy"
-            os.replace(tmp, final)
-            atomic.write_json(self.folder / "stamp.json", {"count": n, "file": final.name, "captions": captions})
-            for p in self.folder.glob("features.*.npy"):
-                if p.name != final.name:
-                    p.unlink()
-            stamp = self._stamp()
-        return np.load(self.folder / stamp["file"], mmap_mode="r"), list(stamp["captions"])
-
-
 def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: str, progress: bool):
     """The float16 gallery (+ candidate index) of the first ``n`` images, built once."""
-    from runtime.candidates import StaleIndexError, load_index
     from runtime.gallery import GalleryError, ImageGallery, build_image_gallery
+    from runtime.gallery.index import StaleIndexError, load_index
 
     try:
         g = ImageGallery.load(folder, engine.manifest.image_encoder_id)
@@ -153,41 +90,22 @@ def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: st
     except (GalleryError, StaleIndexError) as e:
         logger.info("building %s (%s)", folder, e)
     return build_image_gallery(
-        engine, features[:n], folder, dtype="float16", batch=1000, progress=progress, index=index
+        engine, features[:n], folder, batch=1000, options=WriteOptions(dtype="float16", progress=progress, index=index)
     )
 
 
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _pct(samples: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(samples) * 1e3, q)), 3)
+    return harness.percentiles(samples, (q,), scale=1e3, ndigits=3)[f"p{q:g}"]
 
 
 def time_queries(searcher, queries: Sequence[str], k: int = 10) -> tuple[list[float], np.ndarray]:
-    """One ``search`` call per query (the single-query latency a user sees): (seconds each, ids (n, k))."""
-    searcher.search(queries[:1], k)  # warm-up: loads the index, touches the code paths
-    times, ids = [], []
-    for q in queries:
-        t0 = time.perf_counter()
-        _, i = searcher.search([q], k)
-        times.append(time.perf_counter() - t0)
-        ids.append(i[0])
-    return times, np.stack(ids)
-
-
-def overlap_at(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a, b)]))
+    """One ``search`` call per query (the single-query latency a user sees): (seconds each, ids (n, k)).
+    The untimed first call loads the index and touches the code paths."""
+    times, found = harness.time_each(lambda i: searcher.search([queries[i]], k), len(queries), warmup=1)
+    return times, np.stack([ids[0] for _, ids in found])
 
 
 def disk_bytes(folder: Path) -> dict[str, int]:
@@ -228,12 +146,14 @@ def bench_size(
     }
     # Two-stage first, so its resident figure counts what it touches (the index, the candidates' pages),
     # not the pages of the whole gallery that exact search reads.
-    rss0 = _rss()
+    rss0 = harness.rss_bytes()
     two_stage, two_ids = [], []
     for m in ms:
         if m >= n:
             continue
-        with Searcher(engine, images=gallery, candidates=m, neighbors=args.neighbors, nprobe=args.nprobe) as s:
+        with Searcher(
+            engine, images=gallery, options=SearchOptions(candidates=m, neighbors=args.neighbors, nprobe=args.nprobe)
+        ) as s:
             times, ids = time_queries(s, queries)
         two_ids.append(ids)
         two_stage.append(
@@ -247,9 +167,9 @@ def bench_size(
                 "p95_ms": _pct(times, 95),
                 "overlap_at_10": None,
                 "queries": len(queries),
-                "load_average": machine.load_average(),
-                "resident_bytes_per_image": round(max(_rss() - rss0, 0) / n, 1),
-                "peak_rss_bytes": machine.peak_rss_bytes(),
+                "load_average": harness.load_average(),
+                "resident_bytes_per_image": round(max(harness.rss_bytes() - rss0, 0) / n, 1),
+                "peak_rss_bytes": harness.peak_rss_bytes(),
             }
         )
     n_timed = min(len(queries), args.exact_queries)
@@ -270,8 +190,8 @@ def bench_size(
             p95_ms=_pct(times, 95),
             overlap_at_10=1.0,
             queries=n_timed,
-            load_average=machine.load_average(),
-            peak_rss_bytes=machine.peak_rss_bytes(),
+            load_average=harness.load_average(),
+            peak_rss_bytes=harness.peak_rss_bytes(),
         )
     if batch and batch > args.overlap_cap_s:
         note = (
@@ -362,12 +282,7 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict[str, Any], plt):
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     rows = [r for r in report["rows"] if r["p50_ms"] is not None]
     series = [("exact", None)] + [
@@ -387,17 +302,21 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scale.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="galleries of 2K and 20K images, few queries (minutes)")
+    p = harness.parser(
+        "scale.py",
+        __doc__,
+        quick="galleries of 2K and 20K images, few queries (minutes)",
+        plot="file",
+        cache=SCENE_CACHE,
+        seed=False,
+    )
     p.add_argument("--sizes", help="comma-separated gallery sizes (default 10000,100000,1000000)")
     p.add_argument("--candidates", default="100,250,500,1000", help="values of M (default 100,250,500,1000)")
     p.add_argument("--queries", type=int, help="text queries per size (default 40; quick 20)")
@@ -418,9 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector")
     p.add_argument("--neighbors", type=int, default=None, help="index neighbours per query vector (default 8 M)")
     p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's; trained here if missing)")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="features and galleries cache")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--plot", help="write the log-log latency plot here (.png)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)  # generator chunk (tests)
     p.add_argument("--no-progress", action="store_true")
@@ -428,25 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        sizes = [int(x) for x in (args.sizes or ("2000,20000" if args.quick else "10000,100000,1000000")).split(",")]
-        ms = [int(x) for x in args.candidates.split(",")]
-    except ValueError as e:
-        print(f"error: --sizes/--candidates must be comma-separated integers ({e})", file=sys.stderr)
-        return 2
-    if min(sizes) < 1 or min(ms) < 1:
-        print("error: --sizes and --candidates must be positive", file=sys.stderr)
-        return 2
+    return harness.run(_run, build_parser().parse_args(argv), level=logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    sizes = harness.ints(args.sizes or ("2000,20000" if args.quick else "10000,100000,1000000"), "sizes")
+    ms = harness.ints(args.candidates, "candidates")
     n_queries = args.queries or (20 if args.quick else 40)
     report = run(sorted(sizes), ms, n_queries, args)
-    text = format_table(report)
-    print(text)
-    if args.json:
-        atomic.write_json(args.json, report)
-    if args.plot:
-        write_plot(report, Path(args.plot))
+    harness.finish(report, format_table(report), args.json)
+    if args.plot and harness.write_plot(args.plot, lambda plt: plot(report, plt))["status"] != "written":
+        print("plot: matplotlib is not installed", file=sys.stderr)
     return 0
 
 
@@ -458,13 +366,13 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
     manifest = demo_engine(Path(args.demo))
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "machine": machine.describe(),
+        "machine": harness.describe(),
         "command": sys.argv,
         "model": str(manifest),
         "rows": [],
     }
-    with ScanEngine.open(manifest, backend="onnxruntime", threads=args.threads) as engine:
-        features, captions = SceneFeatures(cache, engine.config.img_dim, chunk=args.chunk).ensure(max(sizes), progress)
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
+        features, captions = SceneFeatures(engine.config.img_dim, cache, chunk=args.chunk).ensure(max(sizes), progress)
         rng = np.random.default_rng(1)
         pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds
         queries = [pool[i] for i in rng.choice(len(pool), size=min(n_queries, len(pool)), replace=False)]
@@ -484,7 +392,7 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
                 )
             del gallery
     report["targets"] = check_targets(report["rows"], args.quick)
-    report["load_average_at_end"] = machine.load_average()
+    report["load_average_at_end"] = harness.load_average()
     return report
 
 

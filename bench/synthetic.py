@@ -1,19 +1,136 @@
-"""Seeded synthetic data at full size: caption texts, vocabularies, and galleries of random unit-norm embeddings.
+"""Seeded synthetic benchmark data: the sizes, caption texts, vocabularies, galleries of random unit-norm
+embeddings, and the demo world's scenes.
 
 Large galleries are not encoded (far too slow on a CPU): their arrays are random unit-norm embeddings,
 and the galleries are made by the gallery module (``ImageGallery.from_arrays`` /
-``CaptionGallery.from_arrays``) in the layout it stores.
+``CaptionGallery.from_arrays``) in the layout it stores. Where a benchmark needs data a trained model
+can match (two-stage overlap), ``SceneFeatures`` draws images and captions from the demo's world
+(bench/demo/data.py), cached.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.machine import optional_torch
+from bench.harness import optional_torch
+from runtime import atomic
 from runtime.gallery import CaptionGallery, ImageGallery
+
+SCENE_CACHE = Path("~/.cache/scan-runtime/scale").expanduser()
+CHUNK = 10_000
+FEATURES_VERSION = 1
+# The paper's Flickr30K settings (Lee et al. 2018, section 4.2): t-i LSE and i-t AVG.
+MODES: dict[str, dict[str, Any]] = {
+    "t2i": dict(cross_attn="t2i", agg_func="LogSumExp", lambda_softmax=9.0, lambda_lse=6.0),
+    "i2t": dict(cross_attn="i2t", agg_func="Mean", lambda_softmax=4.0, lambda_lse=6.0),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes, repeats and budgets of one benchmark run (full or quick): the synthetic models' and data's
+    dimensions, and the latency run's repeats and budgets."""
+
+    embed_size: int
+    img_dim: int
+    regions: int
+    word_dim: int
+    vocab_size: int
+    # head throughput: N images x Q captions of head_len ids; the slow loop runs on a slice
+    head_images: int
+    head_captions: int
+    head_len: int
+    slow_images: int
+    slow_captions: int
+    head_warmup: int
+    head_min_repeats: int
+    head_max_repeats: int
+    head_budget_s: float
+    # query latency
+    image_galleries: tuple[int, ...]
+    caption_galleries: tuple[int, ...]
+    batches: tuple[int, ...]
+    k: int
+    cell_warmup: int
+    cell_min_repeats: int
+    cell_max_repeats: int
+    cell_budget_s: float
+    cell_cap_s: float
+    # gallery build
+    build_images: int
+    # the whole run; latency cells that would overrun it are skipped
+    run_budget_s: float
+
+    def head_timing(self) -> dict[str, float]:
+        """``time_calls`` keyword arguments for the head contenders."""
+        return dict(
+            warmup=self.head_warmup,
+            min_repeats=self.head_min_repeats,
+            max_repeats=self.head_max_repeats,
+            budget_s=self.head_budget_s,
+        )
+
+
+FULL = Sizes(
+    embed_size=1024,
+    img_dim=2048,
+    regions=36,
+    word_dim=300,
+    vocab_size=10000,
+    head_images=256,
+    head_captions=32,
+    head_len=14,
+    slow_images=64,
+    slow_captions=8,
+    head_warmup=2,
+    head_min_repeats=5,
+    head_max_repeats=60,
+    head_budget_s=3.0,
+    image_galleries=(1000, 10000, 50000),
+    caption_galleries=(5000, 50000),
+    batches=(1, 8, 32, 128),
+    k=10,
+    cell_warmup=1,
+    cell_min_repeats=3,
+    cell_max_repeats=200,
+    cell_budget_s=5.0,
+    cell_cap_s=10.0,
+    build_images=512,
+    run_budget_s=570.0,
+)
+# The same run scaled down to seconds (CI, --quick): only what differs from FULL.
+QUICK = replace(
+    FULL,
+    embed_size=64,
+    img_dim=128,
+    word_dim=32,
+    vocab_size=200,
+    head_images=32,
+    head_captions=8,
+    slow_images=8,
+    slow_captions=4,
+    head_warmup=1,
+    head_min_repeats=3,
+    head_max_repeats=5,
+    head_budget_s=0.05,
+    image_galleries=(100, 200),
+    caption_galleries=(100, 200),
+    batches=(1, 8),
+    k=5,
+    cell_max_repeats=10,
+    cell_budget_s=0.05,
+    cell_cap_s=5.0,
+    build_images=32,
+    run_budget_s=120.0,
+)
 
 
 def rng_for(seed: int, *stream: int) -> np.random.Generator:
@@ -36,10 +153,13 @@ def vocab_json(size: int) -> dict[str, Any]:
     }
 
 
-def caption_texts(rng: np.random.Generator, n: int, vocab_size: int) -> list[str]:
-    """Query strings of in-vocabulary words (``w17 w4051 ...``) with Flickr30K-like lengths."""
+def caption_texts(rng: np.random.Generator, n: int, words: int | Sequence[str]) -> list[str]:
+    """Captions of random in-vocabulary ``words`` with Flickr30K-like lengths; an int is the size of a
+    ``vocab_json`` vocabulary (``w17 w4051 ...``)."""
     lengths = caption_words(rng, n)
-    return [" ".join(f"w{i}" for i in rng.integers(0, vocab_size - 4, int(m))) for m in lengths]
+    if isinstance(words, int):
+        return [" ".join(f"w{i}" for i in rng.integers(0, words - 4, int(m))) for m in lengths]
+    return [" ".join(words[i] for i in rng.integers(0, len(words), int(m))) for m in lengths]
 
 
 def unit_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -131,3 +251,64 @@ def synthetic_caption_gallery(
     words = pool.draw(rng, (total,)) if pool is not None else unit_rows(rng, (total, dim))
     texts = [f"synthetic caption {i}" for i in range(n)]
     return CaptionGallery.from_arrays(words, sorted_lengths, texts, ids=order, folder="<synthetic>")
+
+
+class SceneFeatures:
+    """Region features from the demo's generator, made in seeded chunks and cached as float16 (N, 36, img_dim).
+
+    Chunk ``c`` is drawn from its own seed, so the first N images are the same whatever the total.
+    """
+
+    def __init__(self, img_dim: int, cache: Path = SCENE_CACHE, seed: int = 0, chunk: int = CHUNK) -> None:
+        self.folder = cache / f"features-seed{seed}-dim{img_dim}-chunk{chunk}-v{FEATURES_VERSION}"
+        self.img_dim, self.seed, self.chunk = img_dim, seed, chunk
+
+    def _stamp(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / "stamp.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def ensure(self, n: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+        """(features (>= n, 36, img_dim) float16 memory map, the 5 captions of each image of the first chunk)."""
+        from tqdm import tqdm
+
+        from bench.demo.data import N_REGIONS, World, _make_split
+
+        stamp = self._stamp()
+        have = int(stamp.get("count", 0))
+        step = self.chunk
+        n = -(-n // step) * step
+        if have < n:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            world_ss = np.random.SeedSequence(self.seed).spawn(4)[0]  # the demo dataset's world (make_dataset)
+            world = World(np.random.default_rng(world_ss), self.img_dim)
+            tmp = self.folder / f".features.{n}.npy.tmp"
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, N_REGIONS, self.img_dim))
+                captions = stamp.get("captions")
+                with tqdm(total=n, initial=have, desc="generating scenes", unit="img", disable=not progress) as bar:
+                    if have:
+                        old = np.load(self.folder / stamp["file"], mmap_mode="r")
+                        for a in range(0, have, step):
+                            out[a : a + step] = old[a : a + step]
+                    for c in range(have // step, n // step):
+                        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7919, c]))
+                        ims, caps = _make_split(rng, world, step)
+                        out[c * step : (c + 1) * step] = ims
+                        if c == 0:
+                            captions = caps
+                        bar.update(step)
+                out.flush()
+                del out
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # an interrupted run leaves the previous features as they were
+                raise
+            final = self.folder / f"features.{n}.npy"
+            os.replace(tmp, final)
+            atomic.write_json(self.folder / "stamp.json", {"count": n, "file": final.name, "captions": captions})
+            for p in self.folder.glob("features.*.npy"):
+                if p.name != final.name:
+                    p.unlink()
+            stamp = self._stamp()
+        return np.load(self.folder / stamp["file"], mmap_mode="r"), list(stamp["captions"])

@@ -18,6 +18,7 @@ Exit status: 0 built; 1 bad manifest or a failed build; 2 TensorRT, CUDA binding
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import sys
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from export.progress import timed_progress
 from export.trt_build import (
     DEFAULT_BLOCK,
     DEFAULT_MAX_BATCH,
@@ -45,7 +47,6 @@ from export.trt_build import (
 from runtime import atomic
 from runtime.backends.base import BackendError
 from runtime.backends.plan_check import PlanError
-from runtime.cli import timed_progress
 from runtime.manifest import (
     PLAN_KINDS,
     STRONGLY_TYPED,
@@ -335,6 +336,13 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
     if cache_path is not None:
         timing_blob = cache_path.read_bytes() if cache_path.is_file() else b""
         progress(f"timing cache {cache_path} ({f'loaded, {len(timing_blob)} bytes' if timing_blob else 'new'})")
+    # What stays the same for every plan of this run, bound once.
+    build = functools.partial(
+        build_serialized, trt, strategy=strategy, workspace_gb=args.workspace_gb, progress=progress
+    )
+    record = functools.partial(
+        plan_record, strategy=strategy, tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc
+    )
     records: dict[str, Any] = {}
     for kind in kinds:
         key = source_graph_key(kind, strategy)
@@ -360,29 +368,16 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
             + ", ".join(f"{n} {p['min']}..{p['max']}" for n, p in profiles.items())
         )
         t0 = time.perf_counter()
-        plan, timing_blob = build_serialized(
-            trt,
-            source=source,
-            strategy=strategy,
-            profiles=profiles,
-            workspace_gb=args.workspace_gb,
-            timing_blob=timing_blob,
-            label=label,
-            progress=progress,
-        )
+        plan, timing_blob = build(source=source, profiles=profiles, timing_blob=timing_blob, label=label)
         target = out / plan_file_name(manifest.name, kind)
         atomic.write_bytes(target, plan)
         if cache_path is not None and timing_blob:
             atomic.write_bytes(cache_path, timing_blob)  # after every engine: a later failure keeps the tuning
-        records[kind] = plan_record(
+        records[kind] = record(
             file=relative_file(manifest.directory, target),
             sha256=hashlib.sha256(plan).hexdigest(),
             source_key=key,
             source_graph=graph,
-            strategy=strategy,
-            tensorrt_version=trt.__version__,
-            gpu_name=gpu_name,
-            compute_capability=cc,
             profiles=profiles,
             build_seconds=round(time.perf_counter() - t0, 1),
             **extra,

@@ -20,14 +20,16 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from export.model import SCAN
 from runtime.atomic import atomic_path, sha256_file
 from runtime.config import ConfigError, SCANConfig
 from runtime.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    import torch
+
+    from export.model import SCAN
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +65,11 @@ def save_checkpoint(
     epoch: Any = 0,
     best_rsum: Any = 0.0,
     iters: int = 0,
-    legacy: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` in the original ``train.py`` layout, atomically.
 
     ``opt`` is the training options as ``train.py`` pickles them (an ``argparse.Namespace`` holding every
-    model option of ``model.cfg``); ``legacy=True`` uses the pre-zip serialization of old checkpoints.
+    model option of ``model.cfg``).
     An interrupted write leaves the previous file, never a truncated one.
     """
     path = Path(path)
@@ -79,8 +80,10 @@ def save_checkpoint(
         "opt": opt,
         "Eiters": iters,
     }
+    import torch
+
     with atomic_path(path) as tmp:
-        torch.save(state, tmp, _use_new_zipfile_serialization=not legacy)
+        torch.save(state, tmp)
     return path
 
 
@@ -124,6 +127,8 @@ def read_checkpoint(
         raise CheckpointError(f"checkpoint {path}: no such file")
     if not trust:
         check_size(path, max_bytes)
+    import torch  # here, not at the top: to_onnx.py --help and the size checks need no torch
+
     try:
         if trust:
             logger.warning("loading %s with full pickle (--trust-checkpoint): it may run code", path)
@@ -152,7 +157,7 @@ def read_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, trust: bool = False, vocab_size: int | None = None, max_bytes: int | None = MAX_CHECKPOINT_BYTES
+    path: str | Path, trust: bool = False, max_bytes: int | None = MAX_CHECKPOINT_BYTES
 ) -> LoadedCheckpoint:
     path = Path(path)
     raw = read_checkpoint(path, trust=trust, max_bytes=max_bytes)
@@ -163,14 +168,15 @@ def load_checkpoint(
             f"{type(states).__name__} of length {len(states) if hasattr(states, '__len__') else '?'}"
         )
     img_sd, txt_sd = (_text_keys(sd) for sd in states)
-    if vocab_size is None and "embed.weight" in txt_sd:
-        vocab_size = int(txt_sd["embed.weight"].shape[0])
+    vocab_size = int(txt_sd["embed.weight"].shape[0]) if "embed.weight" in txt_sd else None
     opt = raw["opt"]
     opt_dict = _text_keys(dict(opt) if isinstance(opt, dict) else dict(vars(opt)))
     try:
         cfg = SCANConfig.from_opt(opt_dict, vocab_size=vocab_size)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
+    from export.model import SCAN
+
     model = SCAN(cfg)
     _load_strict(model.img_enc, img_sd, "image encoder", path)
     _load_strict(model.txt_enc, txt_sd, "text encoder", path)

@@ -26,12 +26,19 @@ from export.model import SCAN
 from export.weights import encoder_arrays, weights_bytes
 from runtime import atomic
 from runtime.backends.onnxruntime import open_session
-from runtime.manifest import FORMAT, graph_file_name, graph_key, vocab_file_name, weights_file_name, write_manifest
+from runtime.manifest import (
+    DEFAULT_MAX_WORDS,
+    FORMAT,
+    graph_file_name,
+    graph_key,
+    vocab_file_name,
+    weights_file_name,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-DEFAULT_MAX_WORDS = 128
 PRECISIONS = ("fp32", "fp16")
 # float32 ONNX Runtime vs PyTorch: different kernels and summation orders, so agreement is to a few
 # float32 ulps of the accumulated values; 1e-5 (abs, plus the same relative) is 100x the errors seen.
@@ -51,7 +58,7 @@ class ParityError(RuntimeError):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    kind: str
+    graph: str  # "image", "text" or "head"
     precision: str
     module: torch.nn.Module
     inputs: list[str]
@@ -153,14 +160,14 @@ def export_graph(spec: GraphSpec) -> bytes:
     return buf.getvalue()
 
 
-def parity_cases(model: SCAN, kind: str, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+def parity_cases(model: SCAN, graph: str) -> list[dict[str, torch.Tensor]]:
     """Inputs of shapes unlike the export example, including the edge cases that break frozen graphs."""
     cfg = model.cfg
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "image":
+    gen = torch.Generator().manual_seed(1)
+    if graph == "image":
         return [{"regions": torch.randn(n, r, cfg.img_dim, generator=gen)} for n, r in ((1, 36), (5, 3), (3, 1))]
     text_shapes = [(1, 1, None), (4, 40, None), (6, 9, [9, 1, 3, 9, 2, 5]), (1, 64, [64])]
-    if kind == "text":
+    if graph == "text":
         cases = []
         for q, max_len, lens in text_shapes:
             ids, lengths = random_captions(q, max_len, cfg.vocab_size, gen, lens)
@@ -187,28 +194,28 @@ def parity_cases(model: SCAN, kind: str, seed: int = 1) -> list[dict[str, torch.
     return cases
 
 
-def reference(model: SCAN, kind: str, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+def reference(model: SCAN, graph: str, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
     """What the original model computes for these inputs (packed GRU, batched head)."""
     with torch.no_grad():
-        if kind == "image":
+        if graph == "image":
             images = model.img_enc(feeds["regions"])
             return [images.numpy(), (images @ images.transpose(1, 2)).numpy()]
-        if kind == "text":
+        if graph == "text":
             return [model.txt_enc(feeds["ids"], feeds["lengths"]).numpy()]
         from export.model import slow_sims
 
         return [slow_sims(feeds["images"], feeds["captions"], feeds["lengths"], model.cfg).numpy()]
 
 
-def check_parity(model: SCAN, kind: str, onnx_bytes: bytes, precision: str = "fp32") -> dict[str, Any]:
+def check_parity(model: SCAN, graph: str, onnx_bytes: bytes, precision: str = "fp32") -> dict[str, Any]:
     """Run the graph in ONNX Runtime on ``parity_cases`` against the float32 PyTorch reference."""
     atol, rtol = TOLERANCES[precision]
-    name = graph_key(kind, precision)
+    name = graph_key(graph, precision)
     session = open_session(onnx_bytes)
     worst = 0.0
     shapes = []
-    for feeds in parity_cases(model, kind):
-        expected = reference(model, kind, feeds)
+    for feeds in parity_cases(model, graph):
+        expected = reference(model, graph, feeds)
         onnx_feeds = {
             k: (v.half() if precision == "fp16" and v.is_floating_point() else v).numpy() for k, v in feeds.items()
         }
@@ -251,15 +258,15 @@ def export_all(
     blobs: dict[str, bytes] = {}
     for precision in PRECISIONS:
         for spec in graph_specs(model, precision):
-            key = graph_key(spec.kind, precision)
+            key = graph_key(spec.graph, precision)
             t0 = time.perf_counter()
             progress(f"exporting {key} graph")
             blob = export_graph(spec)
             progress(f"checking {key} graph against PyTorch in ONNX Runtime")
-            parity = check_parity(model, spec.kind, blob, precision)
+            parity = check_parity(model, spec.graph, blob, precision)
             blobs[key] = blob
             graphs[key] = {
-                "file": graph_file_name(name, spec.kind, precision),
+                "file": graph_file_name(name, spec.graph, precision),
                 "sha256": hashlib.sha256(blob).hexdigest(),
                 "precision": precision,
                 **_io_entries(blob),

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from export.checkpoint import MAX_CHECKPOINT_BYTES, CheckpointError, find_vocab, load_checkpoint, load_vocab
-from export.exporter import DEFAULT_MAX_WORDS, ParityError, export_all
-from runtime.cli import timed_progress
+from export.progress import timed_progress
+from runtime.manifest import DEFAULT_MAX_WORDS
 from runtime.vocab import VocabularyError
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from export.exporter import ParityError, export_all  # torch: imported after --help has been answered
+
     progress = timed_progress()
     try:
         progress(f"loading {args.checkpoint}")
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     progress("done")
-    for kind, g in manifest["graphs"].items():
-        print(f"  {out / g['file']}  ({kind}, parity max err {g['parity']['max_abs_err']:.1e})")
+    for key, g in manifest["graphs"].items():
+        print(f"  {out / g['file']}  ({key}, parity max err {g['parity']['max_abs_err']:.1e})")
     print(f"  {out / (args.name + '.json')}  (manifest)")
     return 0
 

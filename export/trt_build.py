@@ -274,7 +274,6 @@ def plan_record(
     gpu_name: str,
     compute_capability: str,
     profiles: Mapping[str, Mapping[str, Sequence[int]]],
-    built_at: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """One ``plans`` entry of the manifest."""
@@ -290,7 +289,7 @@ def plan_record(
         "gpu_name": str(gpu_name),
         "compute_capability": str(compute_capability),
         "profiles": {k: {b: [int(x) for x in v[b]] for b in ("min", "opt", "max")} for k, v in profiles.items()},
-        "built_at": built_at or utc_now(),
+        "built_at": utc_now(),
     }
     record.update(extra)
     return record
@@ -299,7 +298,7 @@ def plan_record(
 # ---------------------------------------------------------------------------------------------- device top-k
 
 
-def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str = "sims"):
+def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int):
     """The head graph with ``TopK`` over the image axis (axis 0) of ``sims`` (N, Q) appended.
 
     ``K = min(k_max, N)`` is computed in the graph (Shape -> Gather -> Min -> Reshape to a 1-D int64),
@@ -327,6 +326,7 @@ def add_topk_to_head(onnx_model: bytes | str | Path | Any, k_max: int, sims: str
             f"add_topk_to_head: expected ONNX bytes, a path or a ModelProto, received {type(onnx_model).__name__}"
         )
     graph = model.graph
+    sims = "sims"  # the head graph's output (export/exporter.py graph_specs)
     outputs = {o.name: o for o in graph.output}
     if sims not in outputs:
         raise PlanError(f"add_topk_to_head: the graph has no output {sims!r} (outputs: {sorted(outputs)})")

@@ -1,5 +1,4 @@
-"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py), progress lines
-(export/)."""
+"""What the CLIs share: engine flags and error reporting (runtime/search.py, bench/recall.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -17,8 +15,9 @@ from runtime.backends import BACKENDS, BackendError
 from runtime.captions import DataError
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
-from runtime.gallery import DTYPES, GalleryError
+from runtime.gallery import GalleryError
 from runtime.manifest import ManifestError
+from runtime.options import GALLERY_DTYPES, EngineOptions, OptionsError, SearchOptions
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
@@ -30,6 +29,7 @@ USER_ERRORS = (
     FeatureError,
     GalleryError,
     ManifestError,
+    OptionsError,
     SearchError,
     TokenizerError,
     VocabularyError,
@@ -61,16 +61,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def timed_progress() -> Callable[[str], None]:
-    """A progress printer: each line prefixed with the seconds since this call."""
-    t0 = time.perf_counter()
-
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-
-    return progress
-
-
 def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
     """``--engine`` (repeated ``repeat``: for an ensemble) and the ensemble's ``--weights``."""
     p.add_argument(
@@ -87,19 +77,25 @@ def add_engines_arguments(p: argparse.ArgumentParser, repeat: str) -> None:
 
 def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str) -> None:
     """The flag choosing how a gallery stores encoded items (float32 by default)."""
-    p.add_argument(flag, choices=DTYPES, default="float32", help=help)
+    p.add_argument(flag, choices=GALLERY_DTYPES, default="float32", help=help)
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    """The flags of ``add_engine_arguments`` as ``ScanEngine.open``'s keyword arguments."""
-    return {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The flags of ``add_engine_arguments``."""
+    return EngineOptions(args.backend, args.precision, args.device, args.threads)
+
+
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """The search flags a CLI has (``--candidates``, ``--nprobe``, ``--candidate-source``); the rest default."""
+    flags = {name: getattr(args, name) for name in ("candidates", "nprobe", "candidate_source") if hasattr(args, name)}
+    return SearchOptions(**flags)
 
 
 @contextlib.contextmanager
 def open_engines(paths: Sequence[str | Path], args: argparse.Namespace) -> Iterator[list[ScanEngine]]:
     """The engines at ``paths`` opened with the CLI's engine flags; all closed on exit."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(ScanEngine.open(path, **engine_options(args))) for path in paths]
+        yield [stack.enter_context(ScanEngine.open(path, engine_options(args))) for path in paths]
 
 
 class Terminated(BaseException):

@@ -33,6 +33,8 @@ from runtime.config import ConfigError, SCANConfig
 
 FORMAT = "scan-runtime/1"
 GRAPH_PRECISIONS = ("fp32", "fp16")
+# Longest caption an export serves, in tokens incl. <start>/<end> (export/to_onnx.py --max-words).
+DEFAULT_MAX_WORDS = 128
 # "topk" is the head graph with a TopK appended (export/trt_build.add_topk_to_head); it has no graph of its own.
 PLAN_KINDS = ("head", "text", "image", "topk")
 PLANS_KEY = "plans"
@@ -115,7 +117,7 @@ class Manifest:
 
     @property
     def max_words(self) -> int:
-        return int(self.data.get("max_words", 128))
+        return int(self.data.get("max_words", DEFAULT_MAX_WORDS))
 
     @property
     def image_encoder_id(self) -> str:

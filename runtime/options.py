@@ -16,7 +16,7 @@ GALLERY_DTYPES = ("float32", "float16")
 # Where a two-stage search of an ensemble takes its candidates: every member's index (the union of their
 # proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
 CANDIDATE_SOURCES = ("union", "first")
-# "auto" or a faiss index family (runtime/candidates.py); None: no candidate index is built.
+# "auto" or a faiss index family (runtime/gallery/index.py); None: no candidate index is built.
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
 DEFAULT_LOCK_TIMEOUT = 600.0
 
@@ -112,7 +112,11 @@ class WriteOptions(_Options):
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, GALLERY_DTYPES)
-        if not isinstance(self.lock_timeout, (int, float)) or isinstance(self.lock_timeout, bool) or self.lock_timeout < 0:
+        if (
+            not isinstance(self.lock_timeout, (int, float))
+            or isinstance(self.lock_timeout, bool)
+            or self.lock_timeout < 0
+        ):
             raise OptionsError(f"lock_timeout must be a non-negative number of seconds, received {self.lock_timeout!r}")
         if self.index is not None:
             _one_of("index", self.index, INDEX_KINDS)

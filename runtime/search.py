@@ -14,9 +14,9 @@
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
 
-Several ``--engine`` search an ensemble (runtime/ensemble.py): scores are the weighted mean of the models'
+Several ``--engine`` search an ensemble (runtime/searcher.py): scores are the weighted mean of the models'
 similarities (``--weights 0.5,0.5``; equal by default). The gallery folder then holds one cache per model,
-built and extended together (runtime/ensemble_gallery.py):
+built and extended together (runtime/gallery/members.py):
 
     python runtime/search.py --engine t2i/scan.json --engine i2t/scan.json --gallery gal --images test_ims.npy
     python runtime/search.py --engine t2i/scan.json --engine i2t/scan.json --gallery gal "a dog on the beach"
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.candidates import KINDS
 from runtime.captions import read_captions
 from runtime.cli import (
     add_engine_arguments,
@@ -41,21 +40,13 @@ from runtime.cli import (
     engine_options,
     open_engines,
     run_cli,
+    search_options,
 )
 from runtime.engine import ScanEngine
-from runtime.ensemble import CANDIDATE_SOURCES, Ensemble, check_weights
-from runtime.ensemble_gallery import (
-    build_member_caption_galleries,
-    build_member_image_galleries,
-    load_member_galleries,
-    verify_member_galleries,
-)
 from runtime.features import load_regions
-from runtime.gallery import verify_gallery
-from runtime.gallery.captions import CaptionGallery, build_caption_gallery
-from runtime.gallery.images import ImageGallery, build_image_gallery
-from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError
-from runtime.searcher import MAX_K, Searcher, SearchError
+from runtime.gallery import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, GalleryFolder
+from runtime.options import CANDIDATE_SOURCES, DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
+from runtime.searcher import MAX_K, Searcher, SearchError, check_weights
 from runtime.tokenizer import TokenizerError
 
 
@@ -94,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--index",
-        choices=KINDS,
+        choices=INDEX_KINDS,
         default=None,
         help="build the galleries' candidate index of this kind with --images/--captions "
         "(auto: exact for small galleries, IVF for large); an existing index is extended anyway",
@@ -127,23 +118,21 @@ def _run(args: argparse.Namespace) -> int:
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
-    with ScanEngine.open(args.engine, **engine_options(args)) as engine:
+    with ScanEngine.open(args.engine, engine_options(args)) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
+        folder = GalleryFolder(gallery, engine) if gallery is not None else None
         images = captions = None
         if args.images:
-            images = build_image_gallery(engine, args.images, gallery / "images", names=_names(args), **_writing(args))
+            images = folder.write_images(args.images, _names(args), _writing(args)).images[0]
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
-            captions = build_caption_gallery(
-                engine, read_captions(args.captions), gallery / "captions", **_writing(args)
-            )
+            captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions[0]
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
             if args.verify:
-                _verify(gallery)
+                _verify(folder)
                 return 0
             if not (args.images or args.captions):
                 raise SearchError(
@@ -160,39 +149,26 @@ def _run(args: argparse.Namespace) -> int:
             )
         results = []
         if queries:
-            if images is None and (gallery / "images" / MANIFEST).is_file():
-                images = ImageGallery.load(
-                    gallery / "images", engine.manifest.image_encoder_id, verify=True if args.verify else None
-                )
             if images is None:
-                raise GalleryError(f"{gallery / 'images'}: no image gallery for text queries; build it with --images")
+                images = _load(folder, "images", args.verify)[0]
             _log_unknown_words(engine, queries, "")
-            scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
+            scores, ids = Searcher(engine, images=images, options=search_options(args)).search(queries, args.k)
             results += _results(queries, scores, ids, "name", images.names)
         if args.query_images:
-            if captions is None and (gallery / "captions" / MANIFEST).is_file():
-                captions = CaptionGallery.load(
-                    gallery / "captions", engine.manifest.text_encoder_id, verify=True if args.verify else None
-                )
             if captions is None:
-                raise GalleryError(
-                    f"{gallery / 'captions'}: no caption gallery for image queries; build it with --captions"
-                )
+                captions = _load(folder, "captions", args.verify)[0]
             regions = load_regions(args.query_images, engine.config.img_dim)
-            scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
+            searcher = Searcher(engine, captions=captions, options=search_options(args))
+            scores, ids = searcher.search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
     _print(results, args.json)
     return 0
 
 
-def _verify(gallery: Path) -> None:
-    """Every check on every cache under ``gallery``; one line each on stderr."""
-    found = [gallery / sub for sub in ("images", "captions") if (gallery / sub / MANIFEST).is_file()]
-    if not found:
-        raise GalleryError(f"{gallery}: no gallery to verify (no images/{MANIFEST} or captions/{MANIFEST})")
-    for folder in found:
-        with verify_gallery(folder) as g:
-            print(f"verified {folder}: {len(g)} {folder.name} (checksums, finite values, ids)", file=sys.stderr)
+def _verify(folder: GalleryFolder) -> None:
+    """Every check on every cache of the gallery folder; one line each on stderr."""
+    for cache, kind, n in folder.verify():
+        print(f"verified {cache}: {n} {kind} (checksums, finite values, ids)", file=sys.stderr)
 
 
 def _run_ensemble(args: argparse.Namespace) -> int:
@@ -211,47 +187,53 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
             "--captions CAPTIONS.txt (image -> text)"
         )
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
     with open_engines(args.engine, args) as engines:
+        folder = GalleryFolder(gallery, engines)
         images = captions = None
         if args.images:
-            images = build_member_image_galleries(gallery, engines, args.images, names=_names(args), **_writing(args))
+            images = folder.write_images(args.images, _names(args), _writing(args)).images
             print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
         if args.captions:
-            captions = build_member_caption_galleries(gallery, engines, read_captions(args.captions), **_writing(args))
+            captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions
             print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
-        verify = True if args.verify else None
         if args.verify and not (queries or args.query_images):
-            for folder, n in verify_member_galleries(gallery):
-                print(f"verified {folder}: {n} {folder.parent.name} (checksums, finite values, ids)", file=sys.stderr)
+            _verify(folder)
         if queries:
-            images = images or load_member_galleries(gallery, engines, "images", verify=verify)
+            images = images or _load(folder, "images", args.verify)
             for engine in engines:
                 _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
-            with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(queries, args.k)
+            with Searcher(engines, images=images, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(queries, args.k)
             results += _results(queries, scores, ids, "name", images[0].names)
         if args.query_images:
-            captions = captions or load_member_galleries(gallery, engines, "captions", verify=verify)
+            captions = captions or _load(folder, "captions", args.verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
-            with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(np.asarray(regions), args.k)
+            with Searcher(engines, captions=captions, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
     if queries or args.query_images:
         _print(results, args.json)
     return 0
 
 
-def _writing(args: argparse.Namespace) -> dict:
-    """How the CLI's options build or extend a gallery (the keyword arguments every gallery builder takes)."""
-    return {
-        "dtype": args.dtype,
-        "append": not args.rebuild,
-        "progress": not args.no_progress,
-        "lock_timeout": args.lock_timeout,
-        "index": args.index or ("auto" if args.candidates else None),
-    }
+def _load(folder: GalleryFolder, kind: str, verify: bool) -> tuple:
+    """Every member's ``kind`` cache (checked whole with ``--verify``), or the error naming what is missing."""
+    galleries = getattr(folder.load(True if verify else None, [kind]), kind)
+    if galleries is None:
+        raise GalleryError(folder.missing(kind))
+    return galleries
+
+
+def _writing(args: argparse.Namespace) -> WriteOptions:
+    """How the CLI's options build or extend a gallery."""
+    return WriteOptions(
+        dtype=args.dtype,
+        append=not args.rebuild,
+        progress=not args.no_progress,
+        lock_timeout=args.lock_timeout,
+        index=args.index or ("auto" if args.candidates else None),
+    )
 
 
 def _names(args: argparse.Namespace) -> list[str] | None:

@@ -8,9 +8,9 @@ GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The eng
 the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
 finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
 
-Several --engine serve an ensemble (runtime/ensemble.py; --weights 0.7,0.3, equal by default): each batch is
+Several --engine serve an ensemble (runtime/searcher.py; --weights 0.7,0.3, equal by default): each batch is
 scored by every member and the similarities averaged; the gallery folder holds one cache per member
-(runtime/ensemble_gallery.py), and appends extend every member's together.
+(runtime/gallery/members.py), and appends extend every member's together.
 
 --shards S serves the gallery in S shards of contiguous id ranges, each resident in a Ray actor
 (runtime/cluster.py; --ray-address joins a cluster, else a local Ray instance starts): every batch goes to all
@@ -26,8 +26,9 @@ import signal
 import sys
 from pathlib import Path
 
-from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options
-from runtime.ensemble import CANDIDATE_SOURCES, check_weights
+from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options, search_options
+from runtime.options import CANDIDATE_SOURCES
+from runtime.searcher import check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
@@ -161,30 +162,18 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
     import uvicorn
 
     from runtime.service.app import create_app
-    from runtime.service.ensemble_executor import EnsembleExecutor
-    from runtime.service.executor import LocalExecutor
+    from runtime.service.executor import Executor
     from runtime.service.service import Service
 
     def open_executor():
-        engine = engine_options(args)
+        gallery, shards = args.gallery, None
         if args.shards is not None:
-            from runtime.service.sharded import ShardedExecutor
-            from runtime.shards import ensure_split
+            from runtime.gallery.shards import ensure_split
 
-            shards = ensure_split(args.gallery, args.shards)
-            return ShardedExecutor.open(
-                args.engine[0], shards, ray_address=args.ray_address, timeout_s=args.shard_timeout_s, **engine
-            )
-        if len(args.engine) > 1:
-            return EnsembleExecutor.open(
-                args.engine,
-                args.gallery,
-                weights=args.weights,
-                candidates=args.candidates,
-                candidate_source=args.candidate_source,
-                **engine,
-            )
-        return LocalExecutor.open(args.engine[0], args.gallery, candidates=args.candidates, **engine)
+            gallery = ensure_split(args.gallery, args.shards)
+            shards = {"address": args.ray_address, "timeout_s": args.shard_timeout_s}
+        options = search_options(args)
+        return Executor.open(args.engine, gallery, engine_options(args), options, args.weights, shards)
 
     started_ray = False
     if args.shards is not None:  # in the main thread: Ray's local processes die with the thread that starts them

@@ -43,3 +43,12 @@ def exported(tmp_path_factory):
         assert rc == 0
         out[case] = d / "scan.json"
     return out
+
+
+@pytest.fixture(scope="session")
+def t2i_export(tmp_path_factory) -> Path:
+    """The t2i golden case exported once per session: the TensorRT and pycuda stand-in tests build plans
+    from copies of it (tests.fake_tensorrt.copy_export)."""
+    from tests.fake_tensorrt import export_golden
+
+    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_export"))

@@ -85,9 +85,9 @@ def write_checkpoint(
     cfg = cfg or small_config()
     torch.manual_seed(seed)
     model = SCAN(cfg)
-    path = save_checkpoint(
-        folder / "model_best.pth.tar", model, original_opt(cfg, **opt_extra), epoch=1, iters=10, legacy=legacy
-    )
+    path = save_checkpoint(folder / "model_best.pth.tar", model, original_opt(cfg, **opt_extra), epoch=1, iters=10)
+    if legacy:  # the pre-zip serialization of old (PyTorch 0.3) checkpoints
+        torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
     if with_vocab:
         (folder / "vocab").mkdir(exist_ok=True)
         (folder / "vocab" / "tiny_precomp_vocab.json").write_text(json.dumps(vocab_dict()))

@@ -7,6 +7,7 @@ that is installed; both imported lazily, so this module imports on machines with
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -160,6 +161,20 @@ class CudaPythonAllocator(DeviceAllocator):
         self._call("cudaMemcpy(host->device)", self.cudart.cudaMemcpy(dst, src.ctypes.data, src.nbytes, kind))
 
 
+def _pycuda_errors(method):
+    """pycuda raises its own errors; the backend and the CLIs expect BackendError, as cuda-python's path gives."""
+
+    @functools.wraps(method)
+    def call(self, *args):
+        try:
+            return method(self, *args)
+        except self.cuda.Error as e:
+            ints = ", ".join(str(a) for a in args if isinstance(a, int))  # sizes and pointers, not arrays
+            raise BackendError(f"CUDA {method.__name__}({ints}) failed (pycuda): {e}") from e
+
+    return call
+
+
 class PycudaAllocator(DeviceAllocator):
     """pycuda, used only when cuda-python is absent (pycuda is source-only and needs the CUDA toolkit).
 
@@ -193,10 +208,12 @@ class PycudaAllocator(DeviceAllocator):
             self.context.push()
             self._local.pushed = True
 
+    @_pycuda_errors
     def device_info(self) -> tuple[str, str]:
         major, minor = self.device.compute_capability()
         return str(self.device.name()).strip(), f"{major}.{minor}"
 
+    @_pycuda_errors
     def malloc(self, nbytes: int) -> int:
         self._current()
         alloc = self.cuda.mem_alloc(max(int(nbytes), 1))
@@ -204,6 +221,7 @@ class PycudaAllocator(DeviceAllocator):
             self._device[int(alloc)] = alloc
         return int(alloc)
 
+    @_pycuda_errors
     def free(self, ptr: int) -> None:
         self._current()
         with self._lock:
@@ -211,6 +229,7 @@ class PycudaAllocator(DeviceAllocator):
         if alloc is not None:
             alloc.free()
 
+    @_pycuda_errors
     def malloc_host(self, nbytes: int) -> np.ndarray:
         self._current()
         buf = self.cuda.pagelocked_empty(max(int(nbytes), 1), np.uint8)
@@ -222,6 +241,7 @@ class PycudaAllocator(DeviceAllocator):
         with self._lock:
             self._host.pop(buf.ctypes.data, None)  # pycuda frees page-locked memory with the array
 
+    @_pycuda_errors
     def stream_create(self) -> Any:
         self._current()
         stream = self.cuda.Stream()
@@ -236,17 +256,21 @@ class PycudaAllocator(DeviceAllocator):
         with self._lock:
             self._streams.pop(int(stream.handle), None)
 
+    @_pycuda_errors
     def stream_synchronize(self, stream: Any) -> None:
         stream.synchronize()
 
+    @_pycuda_errors
     def htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
         self._current()
         self.cuda.memcpy_htod_async(dst, src, stream)
 
+    @_pycuda_errors
     def dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
         self._current()
         self.cuda.memcpy_dtoh_async(dst, src, stream)
 
+    @_pycuda_errors
     def htod(self, dst: int, src: np.ndarray) -> None:
         self._current()
         self.cuda.memcpy_htod(dst, src)

@@ -25,64 +25,28 @@ Integrity. Each array's checksum is verified on open when the cache is small eno
 (``VERIFY_ON_OPEN_BYTES``), always with ``verify=True`` (``runtime/search.py --verify``).
 
 Layout: ``store.py`` holds the on-disk mechanics (lock, generations, commit, checksums), ``images.py`` and
-``captions.py`` the two kinds of gallery; this module is their public face.
+``captions.py`` the two kinds of cache, ``index.py`` their candidate index (two-stage search), ``folder.py``
+the gallery folder (``GalleryFolder``) over its layouts, ``members.py`` and ``shards.py``; this module is
+their public face.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
-
-from runtime.gallery.captions import CaptionGallery, build_caption_gallery, write_caption_gallery
-from runtime.gallery.images import ImageGallery, build_image_gallery, write_image_gallery
-from runtime.gallery.store import (
-    CHECKSUM,
-    DEFAULT_LOCK_TIMEOUT,
-    DTYPES,
-    FORMAT,
-    LOCK,
-    MANIFEST,
-    VERIFY_ON_OPEN_BYTES,
-    GalleryError,
-    checksum_file,
-    writer_lock,
-)
+from runtime.gallery.captions import CaptionGallery, build_caption_gallery
+from runtime.gallery.folder import Galleries, GalleryFolder
+from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.store import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, checksum_file, writer_lock
 
 __all__ = [
-    "CHECKSUM",
-    "DEFAULT_LOCK_TIMEOUT",
-    "DTYPES",
-    "FORMAT",
-    "LOCK",
     "MANIFEST",
     "VERIFY_ON_OPEN_BYTES",
     "CaptionGallery",
+    "Galleries",
     "GalleryError",
+    "GalleryFolder",
     "ImageGallery",
     "build_caption_gallery",
     "build_image_gallery",
     "checksum_file",
-    "verify_gallery",
-    "write_caption_gallery",
-    "write_image_gallery",
     "writer_lock",
 ]
-
-
-def verify_gallery(folder: str | Path) -> ImageGallery | CaptionGallery:
-    """Open the cache in ``folder`` with every check: checksums, finite values, ids, consistency."""
-    folder = Path(folder)
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        kind = data.get("kind") if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        kind = None
-    gallery = (CaptionGallery if kind == "captions" else ImageGallery).load(folder, verify=True)
-    ids = np.asarray(gallery.ids)
-    if len(ids) and np.bincount(ids, minlength=len(ids)).max() > 1:
-        raise GalleryError(
-            f"{folder / gallery.manifest['arrays']['ids']['file']}: corrupted gallery file: repeated ids"
-        )
-    return gallery

@@ -12,9 +12,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+import runtime.gallery.store as store
 from runtime.buckets import encode_by_length
-from runtime.gallery import store
-from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, DTYPES, GalleryError
+from runtime.gallery.index import update_index
+from runtime.gallery.store import GalleryError
+from runtime.options import GALLERY_DTYPES, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,6 @@ class CaptionGallery(store.MappedGallery):
     ids: np.ndarray  # (M,): caption id of each stored caption
     texts: list[str]  # by caption id
     manifest: dict[str, Any]
-
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.words.dtype
 
     def label(self, item: int) -> str:
         """How errors name gallery item ``item`` (a caption id)."""
@@ -61,7 +56,8 @@ class CaptionGallery(store.MappedGallery):
         """Open the cache in ``folder`` memory-mapped; ``verify`` as in :meth:`ImageGallery.load`."""
         folder = Path(folder)
 
-        def load(data: dict[str, Any]) -> CaptionGallery:
+        def load() -> CaptionGallery:
+            data = store.read_manifest(folder, "captions")
             if text_encoder_id is not None:
                 store.check_binding(data, "text_encoder_id", text_encoder_id, folder)
             arrays = store.open_arrays(folder, data, ("words", "offsets", "lengths", "ids"), verify)
@@ -80,7 +76,7 @@ class CaptionGallery(store.MappedGallery):
                 raise GalleryError(f"{folder}: corrupted caption gallery (inconsistent lengths/offsets/texts)")
             return cls(folder, arrays["words"], offsets, lengths, np.asarray(arrays["ids"]), texts, data)
 
-        return store.load_consistent(folder, "captions", load)
+        return store.load_consistent(lambda: store.manifest_generation(folder), load, folder)
 
     @classmethod
     def from_arrays(
@@ -99,9 +95,10 @@ class CaptionGallery(store.MappedGallery):
         """
         lengths = np.asarray(lengths, dtype=np.int64)
         ids = np.arange(len(lengths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        if words.ndim != 2 or words.dtype.name not in DTYPES:
+        if words.ndim != 2 or words.dtype.name not in GALLERY_DTYPES:
             raise GalleryError(
-                f"words: expected a (W, d) array of a dtype in {DTYPES}, received {words.dtype.name}{list(words.shape)}"
+                f"words: expected a (W, d) array of a dtype in {GALLERY_DTYPES}, "
+                f"received {words.dtype.name}{list(words.shape)}"
             )
         if lengths.ndim != 1 or np.any(lengths < 1) or np.any(np.diff(lengths) < 0):
             raise GalleryError("lengths: expected positive caption lengths in non-decreasing order (the stored order)")
@@ -130,36 +127,31 @@ def build_caption_gallery(
     engine,
     captions: Sequence[str],
     folder: str | Path,
-    dtype: str = "float32",
+    options: WriteOptions = WriteOptions(),
     batch: int = 256,
-    append: bool = False,
-    progress: bool = True,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    index: str | None = None,
 ) -> CaptionGallery:
     """Encode ``captions`` into a ragged, length-sorted caption gallery (or append to one), atomically.
 
-    ``index``: as for ``build_image_gallery``.
+    ``options``: as for ``build_image_gallery``.
 
     The new captions are encoded before the writer lock is taken, so concurrent writers wait only for the copy.
     """
     folder = Path(folder)
-    if dtype not in DTYPES:
-        raise GalleryError(f"dtype must be one of {DTYPES}, received {dtype!r}")
+    dtype = options.dtype
     if len(captions) == 0:
         raise GalleryError("captions: expected at least one caption, received none")
     ids, lengths = engine.tokenizer.encode_batch(list(captions))  # validates every caption first
     d = engine.config.embed_size
     # Encode length-sorted batches (little padding), then keep each caption's unpadded words.
     new_words: list[np.ndarray] = [np.zeros((0, d), np.float32)] * len(captions)
-    with store.progress_bar(len(captions), "encoding captions", progress) as bar:
+    with store.progress_bar(len(captions), "encoding captions", options.progress) as bar:
         for idx, emb in encode_by_length(engine, ids, lengths, batch):  # emb (B, width, d)
             for row, j in enumerate(idx):
                 new_words[j] = emb[row, : lengths[j]]
             bar.update(len(idx))
-    with store.writer_lock(folder, lock_timeout):
+    with store.writer_lock(folder, options.lock_timeout):
         old: CaptionGallery | None = None
-        if append and (folder / store.MANIFEST).is_file():
+        if options.append and (folder / store.MANIFEST).is_file():
             old = CaptionGallery.load(folder, engine.manifest.text_encoder_id)
             if old.dtype.name != dtype:
                 raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
@@ -215,7 +207,9 @@ def build_caption_gallery(
         old = None  # this writer's own map of the previous generation must not keep its files
         store.sweep(folder)
         logger.info("caption gallery %s: %d captions (%d new), %s", folder, len(texts), len(captions), dtype)
-        return store.with_index(CaptionGallery.load(folder), index, n_old, progress)
+        gallery = CaptionGallery.load(folder)
+        update_index(gallery, options.index, n_old, options.progress)
+        return gallery
 
 
 # Bound to the encoder of the gallery the arrays came from (shard split and merge): no engine runs.

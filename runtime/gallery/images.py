@@ -12,9 +12,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+import runtime.gallery.store as store
 from runtime.features import FeatureError, check_layout, load_regions
-from runtime.gallery import store
-from runtime.gallery.store import DEFAULT_LOCK_TIMEOUT, DTYPES, GalleryError
+from runtime.gallery.index import update_index
+from runtime.gallery.store import GalleryError
+from runtime.options import GALLERY_DTYPES, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,6 @@ class ImageGallery(store.MappedGallery):
     ids: np.ndarray  # (N,) int64
     names: list[str] | None
     manifest: dict[str, Any]
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.images.dtype
 
     def label(self, item: int) -> str:
         """How errors name gallery item ``item``."""
@@ -56,7 +51,8 @@ class ImageGallery(store.MappedGallery):
         values are finite); None checks checksums only when the arrays total at most ``VERIFY_ON_OPEN_BYTES``."""
         folder = Path(folder)
 
-        def load(data: dict[str, Any]) -> ImageGallery:
+        def load() -> ImageGallery:
+            data = store.read_manifest(folder, "images")
             if image_encoder_id is not None:
                 store.check_binding(data, "image_encoder_id", image_encoder_id, folder)
             arrays = store.open_arrays(folder, data, ("images", "image_gram", "ids"), verify)
@@ -69,7 +65,7 @@ class ImageGallery(store.MappedGallery):
                     raise GalleryError(f"{folder}: {len(names)} names for {len(arrays['ids'])} images")
             return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data)
 
-        return store.load_consistent(folder, "images", load)
+        return store.load_consistent(lambda: store.manifest_generation(folder), load, folder)
 
     @classmethod
     def from_arrays(
@@ -86,9 +82,9 @@ class ImageGallery(store.MappedGallery):
             raise GalleryError(
                 f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} and {image_gram.shape}"
             )
-        if images.dtype.name not in DTYPES or image_gram.dtype != images.dtype:
+        if images.dtype.name not in GALLERY_DTYPES or image_gram.dtype != images.dtype:
             raise GalleryError(
-                f"expected images and image_gram of one dtype in {DTYPES}, received "
+                f"expected images and image_gram of one dtype in {GALLERY_DTYPES}, received "
                 f"{images.dtype.name} and {image_gram.dtype.name}"
             )
         n, r, d = images.shape
@@ -118,25 +114,20 @@ def build_image_gallery(
     regions: np.ndarray | str | Path,
     folder: str | Path,
     names: Sequence[str] | None = None,
-    dtype: str = "float32",
-    batch: int = 128,
-    append: bool = False,
-    progress: bool = True,
+    options: WriteOptions = WriteOptions(),
     repeated: bool | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    index: str | None = None,
+    batch: int = 128,
 ) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
     ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
     that repeats every image 5 times (keep every 5th row); None leaves the rows as they are.
-    Concurrent writers to one folder take turns (see the module doc); ``lock_timeout`` bounds the wait.
-    ``index``: also build the candidate index of two-stage search (runtime/candidates.py) of this kind
-    ("auto", "flat", ...); an index already in the folder is extended on append in any case.
+    Concurrent writers to one folder take turns (see the module doc); ``options.lock_timeout`` bounds the
+    wait. ``options.index``: also build the candidate index of two-stage search (runtime/gallery/index.py);
+    an index already in the folder is extended on append in any case.
     """
     folder = Path(folder)
-    if dtype not in DTYPES:
-        raise GalleryError(f"dtype must be one of {DTYPES}, received {dtype!r}")
+    dtype = options.dtype
     cfg = engine.config
     source = str(regions) if isinstance(regions, (str, Path)) else "regions"
     if isinstance(regions, (str, Path)):
@@ -152,9 +143,9 @@ def build_image_gallery(
         )
     if names is not None and len(names) != n_new:
         raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
-    with store.writer_lock(folder, lock_timeout):
+    with store.writer_lock(folder, options.lock_timeout):
         old: ImageGallery | None = None
-        if append and (folder / store.MANIFEST).is_file():
+        if options.append and (folder / store.MANIFEST).is_file():
             old = ImageGallery.load(folder, engine.manifest.image_encoder_id)
             if old.dtype.name != dtype:
                 raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
@@ -185,7 +176,7 @@ def build_image_gallery(
                     stop = min(start + 4096, n_old)
                     out["images"][start:stop] = old.images[start:stop]
                     out["image_gram"][start:stop] = old.image_gram[start:stop]
-            with store.progress_bar(n_new, "encoding images", progress) as bar:
+            with store.progress_bar(n_new, "encoding images", options.progress) as bar:
                 for start in range(0, n_new, batch):
                     chunk = np.asarray(regions[start : start + batch])
                     try:
@@ -231,7 +222,9 @@ def build_image_gallery(
         old = None  # this writer's own map of the previous generation must not keep its files
         store.sweep(folder)
         logger.info("image gallery %s: %d images (%d new), %s", folder, n, n_new, dtype)
-        return store.with_index(ImageGallery.load(folder), index, n_old, progress)
+        gallery = ImageGallery.load(folder)
+        update_index(gallery, options.index, n_old, options.progress)
+        return gallery
 
 
 # Bound to the encoder of the gallery the arrays came from (shard split and merge): no engine runs.

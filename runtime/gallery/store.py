@@ -27,19 +27,18 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 
 from runtime import atomic
+from runtime.options import DEFAULT_LOCK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "scan-gallery/1"
 MANIFEST = "gallery.json"
 LOCK = ".lock"
-DTYPES = ("float32", "float16")
 CHECKSUM = "xxh3_64"
 # Verify checksums on open when the arrays total at most this many bytes: xxh3-64 reads a warm file at
 # about 10 GB/s here (0.07-0.11 s per GiB, measured), so 1 GiB costs about 0.1 s, and the pages read are
 # the ones the first search reads anyway. Larger caches are verified on request (verify=True).
 VERIFY_ON_OPEN_BYTES = 1 << 30
-DEFAULT_LOCK_TIMEOUT = 600.0
 _LOAD_ATTEMPTS = 5
 # Files that belong to one generation: arrays "<name>.<generation>.npy" and side files "<kind>.<generation>.json".
 _GENERATION_FILE = re.compile(r"^(?:[a-z_]+\.\d+\.npy|(?:names|texts)\.\d+\.json)$")
@@ -49,10 +48,6 @@ T = TypeVar("T")
 
 class GalleryError(ValueError):
     """A gallery cache is missing, corrupted, or was built by another model."""
-
-
-class _FileGone(GalleryError):
-    """A file listed by gallery.json vanished: a writer may have committed a newer generation meanwhile."""
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -191,7 +186,7 @@ def sweep(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
+def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     path = folder / MANIFEST
     if folder.exists() and not folder.is_dir():
         raise GalleryError(f"{folder}: expected a gallery folder, found a file")
@@ -215,36 +210,49 @@ def _read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     return data
 
 
-def read_format(path: Path, fmt: str, what: str) -> dict[str, Any]:
-    """The JSON object in ``path`` (``what``: how errors name it), which must declare ``"format": fmt``."""
+def read_format(
+    path: Path, fmt: str, what: str, error: type[GalleryError] = GalleryError, missing: str | None = None
+) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what``: how errors name it), which must declare ``"format": fmt``.
+    Errors are ``error``s; ``missing``: the message when the file does not exist."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GalleryError(f"{path}: corrupted {what} ({e})") from e
+    except FileNotFoundError as e:
+        raise error(missing or f"{path}: {what} missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: corrupted {what} ({e})") from e
     if not isinstance(data, dict) or data.get("format") != fmt:
-        raise GalleryError(
-            f"{path}: expected format {fmt!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
-        )
+        raise error(f"{path}: expected format {fmt!r}, got {data.get('format') if isinstance(data, dict) else data!r}")
     return data
 
 
-def load_consistent(folder: Path, kind: str, load: Callable[[dict[str, Any]], T]) -> T:
-    """``load(manifest)``, retried when a writer commits a newer generation (and removes files) meanwhile."""
+def load_consistent(generation: Callable[[], Any], load: Callable[[], T], where: Path) -> T:
+    """``load()``, retried when a writer commits a newer generation (and removes files) meanwhile.
+
+    The one retry loop of every gallery layout: ``generation()`` reads the generation that ``load``
+    opens (a cache's ``gallery.json``, an ensemble's ``ensemble.json``); a failure is retried only if it
+    changed, so a corrupted gallery fails at once."""
     for attempt in range(_LOAD_ATTEMPTS):
-        data = _read_manifest(folder, kind)
+        before = generation()
         try:
-            return load(data)
-        except _FileGone:
+            return load()
+        except GalleryError:
             try:
-                newer = _read_manifest(folder, kind).get("generation") != data.get("generation")
+                newer = generation() != before
             except GalleryError:
                 newer = False
             if not newer or attempt == _LOAD_ATTEMPTS - 1:
                 raise
-            logger.info(
-                "%s: generation %s was replaced while opening it; opening the new one", folder, data.get("generation")
-            )
+            logger.info("%s: generation %s was replaced while opening it; opening the new one", where, before)
     raise AssertionError("unreachable")
+
+
+def manifest_generation(folder: Path) -> Any:
+    """The generation ``folder/gallery.json`` names (None when it is missing or unreadable)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("generation")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _open_array(folder: Path, entry: dict[str, Any], name: str) -> np.ndarray:
@@ -252,7 +260,7 @@ def _open_array(folder: Path, entry: dict[str, Any], name: str) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as e:
-        raise _FileGone(f"{path}: gallery file missing (listed in {folder / MANIFEST})") from e
+        raise GalleryError(f"{path}: gallery file missing (listed in {folder / MANIFEST})") from e
     except (ValueError, OSError, EOFError) as e:
         raise GalleryError(f"{path}: truncated or corrupted gallery file ({e})") from e
     if list(arr.shape) != list(entry["shape"]) or arr.dtype.name != entry["dtype"]:
@@ -269,7 +277,7 @@ def read_side_file(folder: Path, fname: Any, what: str) -> list:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise _FileGone(f"{path}: {what} file missing (listed in {folder / MANIFEST})") from e
+        raise GalleryError(f"{path}: {what} file missing (listed in {folder / MANIFEST})") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GalleryError(f"{path}: corrupted {what} file ({e})") from e
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
@@ -315,7 +323,7 @@ def _verify_checksum(folder: Path, entry: dict[str, Any], required: bool) -> Non
     try:
         got = checksum_file(path)
     except FileNotFoundError as e:
-        raise _FileGone(f"{path}: gallery file missing (listed in {folder / MANIFEST})") from e
+        raise GalleryError(f"{path}: gallery file missing (listed in {folder / MANIFEST})") from e
     if got != want:
         raise GalleryError(
             f"{path}: corrupted gallery file: {CHECKSUM} is {got}, {MANIFEST} records {want}; "
@@ -406,10 +414,20 @@ def current_generation(folder: Path) -> int:
 
 class MappedGallery:
     """What image and caption galleries share: closing drops the memory maps of their ``ARRAYS``, and files
-    of a superseded generation go once nothing maps them. A context manager that closes."""
+    of a superseded generation go once nothing maps them. A context manager that closes.
+
+    ``ARRAYS[0]`` holds the encoded items (its dtype is the cache's); ``ids`` has one entry per item."""
 
     ARRAYS: ClassVar[tuple[str, ...]] = ()
     folder: Path
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return getattr(self, self.ARRAYS[0]).dtype
 
     def close(self) -> None:
         for f in self.ARRAYS:
@@ -423,16 +441,6 @@ class MappedGallery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def with_index(gallery, kind: str | None, n_old: int, progress: bool):
-    """Build or extend the gallery's candidate index, with the writer lock held (written after the gallery's
-    commit: an interruption leaves a stale index, rebuilt on use)."""
-    if kind is not None or (gallery.folder / "candidates.json").is_file():
-        from runtime.candidates import build_index
-
-        build_index(gallery, kind=kind or "auto", appended_from=n_old, progress=progress)
-    return gallery
 
 
 _CHUNK_ROWS = 4096

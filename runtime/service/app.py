@@ -23,15 +23,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.cluster import ShardUnavailableError
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
-from runtime.searcher import SearchError
+from runtime.searcher import SearchError, ShardUnavailableError
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
-from runtime.service.executor import Appended, Hits
 from runtime.service.requests import ApiError
 from runtime.service.service import NoGallery, NotReady, Service
+from runtime.service.types import Appended, Hits
 from runtime.tokenizer import TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -280,7 +279,6 @@ def create_app(service: Service) -> FastAPI:
             _authorize(request)
             service.require_ready()
             captions = rq.parse_append_captions(await request.body(), request.headers.get("content-type"), limits)
-            service.require_ready().check_text(captions, field="captions")
             out = await run_in_threadpool(service.append_captions, captions)
             return _appended_json(out)
 

@@ -14,12 +14,17 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from runtime.searcher import DIRECTIONS
 from runtime.service.batcher import Batcher
-from runtime.service.executor import Appended, Executor, Hits
+from runtime.service.executor import Executor
 from runtime.service.monitoring import Monitoring
 from runtime.service.settings import Settings
+from runtime.service.types import Appended, Hits
 
 logger = logging.getLogger(__name__)
+
+# Each direction's search endpoint (/v1/search/<endpoint>): its errors and the metrics' labels name it so.
+ENDPOINT = {"text_to_image": "text", "image_to_text": "images"}
 
 
 class NotReady(RuntimeError):
@@ -83,7 +88,11 @@ class Service:
                 cb(e)
             return
         self.executor = executor
-        self.batcher = Batcher(executor.search, self.settings.batching, on_batch=self.monitoring.record_batch)
+        self.batcher = Batcher(
+            executor.search,
+            self.settings.batching,
+            on_batch=lambda direction, n, s: self.monitoring.record_batch(ENDPOINT[direction], n, s),
+        )
         self.batcher.start()
         self.monitoring.watch(lambda: self.batcher.depth, lambda kind: self.executor.sizes().get(kind) or 0)
         self._loaded.set()
@@ -115,25 +124,26 @@ class Service:
             )
         return self.executor
 
-    def _require_gallery(self, kind: str) -> None:
-        gallery = {"text": "images", "images": "captions"}[kind]
-        if self.require_ready().sizes().get(gallery) is None:
-            how = "POST /v1/gallery/images" if gallery == "images" else "POST /v1/gallery/captions"
+    def _require_gallery(self, direction: str) -> Executor:
+        gallery = DIRECTIONS[direction]
+        executor = self.require_ready()
+        if executor.sizes().get(gallery) is None:
             raise NoGallery(
-                f"no {gallery[:-1]} gallery to search yet: {kind} queries search the {gallery} "
-                f"gallery; add items with {how}"
+                f"no {gallery[:-1]} gallery to search yet: {ENDPOINT[direction]} queries search the {gallery} "
+                f"gallery; add items with POST /v1/gallery/{gallery}"
             )
+        return executor
 
     async def search_text(self, queries: Sequence[str], k: int) -> Hits:
-        self._require_gallery("text")
-        self.require_ready().check_text(queries)  # bad captions fail here, alone, not inside a batch
-        return await asyncio.wrap_future(self.batcher.submit("text", list(queries), k))
+        # Tokenised once, here: a bad caption fails alone, not inside a batch.
+        prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
+        return await asyncio.wrap_future(self.batcher.submit("text_to_image", prepared, k))
 
     async def search_images(self, regions: np.ndarray, k: int) -> Hits:
-        self._require_gallery("images")
-        regions = self.require_ready().check_regions(regions)
+        prepared = self._require_gallery("image_to_text").prepare("image_to_text", regions)
         # Only queries with the same number of regions can be stacked into one batch.
-        return await asyncio.wrap_future(self.batcher.submit("images", regions, k, key=int(regions.shape[1])))
+        key = int(prepared.regions.shape[1])
+        return await asyncio.wrap_future(self.batcher.submit("image_to_text", prepared, k, key=key))
 
     def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
         out = self.require_ready().append_images(regions, names)

@@ -11,9 +11,9 @@ import pytest
 
 from bench import latency
 from bench.head import CONTENDERS
-from bench.latency_cells import Deadline, estimate_seconds, skip_reason
-from bench.plan import QUICK, SCHEMA
-from bench.random_models import MODES, prepare_model
+from bench.latency import SCHEMA, Deadline, estimate_seconds, skip_reason
+from bench.random_models import prepare_model
+from bench.synthetic import MODES, QUICK
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")  # the random models are exported with PyTorch
@@ -74,10 +74,10 @@ def test_quick_run_writes_every_figure(quick, capsys):
                 assert c["status"] in ("skipped", "failed") and c["reason"]
 
     lat = r["latency"]
-    plan = r["plan"]
-    for key, sizes in (("text_to_image", plan["image_galleries"]), ("image_to_text", plan["caption_galleries"])):
+    sizes = r["plan"]
+    for key, galleries in (("text_to_image", sizes["image_galleries"]), ("image_to_text", sizes["caption_galleries"])):
         cells = lat[key]
-        assert {(c["gallery_size"], c["batch"]) for c in cells} == {(g, b) for g in sizes for b in plan["batches"]}
+        assert {(c["gallery_size"], c["batch"]) for c in cells} == {(g, b) for g in galleries for b in sizes["batches"]}
         for c in cells:
             assert _positive(c["estimate_s"])
             if c["status"] == "measured":
@@ -126,14 +126,14 @@ def test_rerun_reuses_the_cached_export(quick, tmp_path):
 
 
 def test_cells_over_the_cap_or_budget_are_skipped_with_a_reason():
-    plan = QUICK
+    sizes = QUICK
     far = Deadline(end=float("inf"))
-    assert skip_reason(0.01, plan, far) is None
-    assert "per-cell cap" in skip_reason(plan.cell_cap_s * 2, plan, far)
+    assert skip_reason(0.01, sizes, far) is None
+    assert "per-cell cap" in skip_reason(sizes.cell_cap_s * 2, sizes, far)
     import time
 
-    assert "run budget" in skip_reason(1.0, plan, Deadline(end=time.monotonic() + 2.0))
-    assert "memory" in skip_reason(0.01, plan, far, extra_bytes=10 * 2**30, available_bytes=2**30)
+    assert "run budget" in skip_reason(1.0, sizes, Deadline(end=time.monotonic() + 2.0))
+    assert "memory" in skip_reason(0.01, sizes, far, extra_bytes=10 * 2**30, available_bytes=2**30)
 
 
 def test_estimates_scale_from_the_nearest_measured_cell():

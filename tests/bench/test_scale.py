@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("faiss", reason="bench/scale.py needs faiss (pip install 'scan-runtime[scale]')")
 
 from bench import scale
+from bench.harness import overlap_at
 from tests.runtime.conftest import export_small
 
 
@@ -120,7 +121,7 @@ def test_bad_sizes_exit_2(capsys):
 def test_overlap_at():
     a = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     b = np.array([[4, 3, 9, 9], [5, 6, 7, 8]])
-    assert scale.overlap_at(a, b, k=4) == pytest.approx((0.5 + 1.0) / 2)
+    assert overlap_at(a, b, k=4) == pytest.approx((0.5 + 1.0) / 2)
 
 
 @pytest.mark.slow

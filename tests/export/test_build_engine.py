@@ -17,15 +17,10 @@ import pytest
 
 from export.build_engine import main
 from runtime.manifest import load_manifest, write_manifest
-from tests.fake_tensorrt import FakeAllocator, copy_export, export_golden, install_fakes, make_fake_trt
+from tests.fake_tensorrt import FakeAllocator, copy_export, install_fakes, make_fake_trt
 from tests.helpers import minimal_manifest
 
 ARGS = ["--max-batch", "16", "--block", "64", "--max-words", "40"]
-
-
-@pytest.fixture(scope="module")
-def t2i_export(tmp_path_factory) -> Path:
-    return export_golden("t2i_lse_f30k", tmp_path_factory.mktemp("t2i_build"))
 
 
 @pytest.fixture

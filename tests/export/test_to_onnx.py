@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +15,8 @@ import pytest
 import export.exporter as exporter
 from export.to_onnx import main
 from tests.helpers import small_config, write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -97,3 +102,18 @@ def test_full_size_export(tmp_path, capsys):
     manifest = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert manifest["config"]["embed_size"] == 1024
     assert np.isfinite(manifest["graphs"]["head"]["parity"]["max_abs_err"])
+
+
+def test_help_imports_neither_torch_nor_the_runtime_cli() -> None:
+    """``--help`` answers without torch (seconds to import), and no export imports runtime/cli.py (which
+    pulls in the engine, galleries and searcher)."""
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['export/to_onnx.py', '--help']\n"
+        "try:\n    runpy.run_path('export/to_onnx.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "import export.build_engine\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'runtime.cli'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: to_onnx.py" in out.stdout and out.stdout.strip().endswith("[]")

@@ -413,8 +413,8 @@ def test_topk_bad_arguments(t2i_manifest_path: Path) -> None:
         add_topk_to_head(head, 0)
     with pytest.raises(ProfileError, match="3840"):
         add_topk_to_head(head, 5000)
-    with pytest.raises(PlanError, match="no output 'scores'"):
-        add_topk_to_head(head, 3, sims="scores")
+    with pytest.raises(PlanError, match="no output 'sims'"):
+        add_topk_to_head(t2i_manifest_path.parent / "scan.text.onnx", 3)  # not the head
     with pytest.raises(PlanError, match="expected ONNX bytes"):
         add_topk_to_head(42, 3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.options import EngineOptions, WriteOptions
 from tests.helpers import WORDS, small_config, write_checkpoint
 
 
@@ -50,13 +51,22 @@ def make_gallery(engine_path, folder, n_images: int = 23, n_captions: int = 29, 
 
     regions, captions = random_regions(n_images, seed=11), random_captions(n_captions, seed=12)
     names = [f"img{i}" for i in range(n_images)]
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         for a, b in ((0, n_images // 2), (n_images // 2, n_images)):
             build_image_gallery(
-                engine, regions[a:b], folder / "images", names=names[a:b], dtype=dtype, append=True, progress=False
+                engine,
+                regions[a:b],
+                folder / "images",
+                names=names[a:b],
+                options=WriteOptions(dtype=dtype, append=True, progress=False),
             )
         for a, b in ((0, n_captions // 2), (n_captions // 2, n_captions)):
-            build_caption_gallery(engine, captions[a:b], folder / "captions", dtype=dtype, append=True, progress=False)
+            build_caption_gallery(
+                engine,
+                captions[a:b],
+                folder / "captions",
+                options=WriteOptions(dtype=dtype, append=True, progress=False),
+            )
     return folder
 
 

@@ -19,6 +19,7 @@ from runtime import array_model
 from runtime.backends.arrays import ArrayModel, cupy_status
 from runtime.config import SCANConfig
 from runtime.manifest import write_manifest
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
@@ -225,7 +226,7 @@ def test_every_option_equals_onnxruntime_with_graph_runtimes_blocked(tmp_path):
         with torch.no_grad():
             images = model.img_enc(torch.from_numpy(regions)).numpy()
             captions = model.txt_enc(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
-        specs = {s.kind: s for s in graph_specs(model)}
+        specs = {s.graph: s for s in graph_specs(model)}
         feeds = {
             "images": images,
             "image_gram": images @ images.transpose(0, 2, 1),
@@ -271,10 +272,11 @@ GOLDEN_SCRIPT = """
 import json, sys
 import numpy as np
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions, SearchOptions
 from bench.evaluation import full_sims, load_split
 
 manifest, golden = sys.argv[1], sys.argv[2]
-with ScanEngine.open(manifest, backend="numpy") as engine:
+with ScanEngine.open(manifest, EngineOptions(backend="numpy")) as engine:
     regions, captions = load_split(golden, "test", engine.config.img_dim)
     sims = full_sims(engine, regions, captions, image_block=5, caption_batch=7, progress=False)
 err = float(np.abs(sims - np.load(golden + "/expected_sims.npy")).max())
@@ -406,8 +408,11 @@ def test_engine_numpy_backend_matches_onnxruntime_search(engine_path):
 
     regions = random_regions(9, seed=5)
     captions = random_captions(7, seed=5)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as ref, ScanEngine.open(engine_path, backend="numpy") as m:
-        assert m.backend_name == "numpy"
+    with (
+        ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as ref,
+        ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as m,
+    ):
+        assert m.options.backend == "numpy"
         i_ref, g_ref = ref.encode_images(regions)
         i_got, g_got = m.encode_images(regions)
         np.testing.assert_allclose(i_got, i_ref, atol=ATOL, rtol=RTOL)
@@ -470,7 +475,7 @@ def test_array_backend_without_weights_is_a_clear_error(small_engines, tmp_path)
     del data["weights"]
     write_manifest(copy / "scan.json", data)
     with pytest.raises(BackendError, match=r"--backend numpy: .*re-export"):
-        ScanEngine.open(copy / "scan.json", backend="numpy")
+        ScanEngine.open(copy / "scan.json", EngineOptions(backend="numpy"))
 
 
 # ---------------------------------------------------------------------------------------------- CuPy (GPU)
@@ -521,7 +526,7 @@ AUTO_SCRIPT = """
 import json, sys
 from runtime.engine import ScanEngine
 with ScanEngine.open(sys.argv[1]) as engine:
-    print(json.dumps({"backend": engine.backend_name}))
+    print(json.dumps({"backend": engine.options.backend}))
 """
 
 
@@ -546,10 +551,19 @@ def test_searcher_on_numpy_equals_searcher_on_onnxruntime(engine_path, tmp_path,
     queries_text, queries_images = random_captions(5, seed=3), random_regions(4, seed=3)
     found = {}
     for backend in ("onnxruntime", "numpy"):
-        with ScanEngine.open(engine_path, backend=backend) as engine:
-            images = build_image_gallery(engine, regions, tmp_path / backend / "images", progress=False)
-            caps = build_caption_gallery(engine, captions, tmp_path / backend / "captions", progress=False)
-            with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4, resident=resident) as s:
+        with ScanEngine.open(engine_path, EngineOptions(backend=backend)) as engine:
+            images = build_image_gallery(
+                engine, regions, tmp_path / backend / "images", options=WriteOptions(progress=False)
+            )
+            caps = build_caption_gallery(
+                engine, captions, tmp_path / backend / "captions", options=WriteOptions(progress=False)
+            )
+            with Searcher(
+                engine,
+                images=images,
+                captions=caps,
+                options=SearchOptions(image_block=6, caption_block=4, resident=resident),
+            ) as s:
                 found[backend] = (s.search(queries_text, 7), s.search(queries_images, 9))
     for (s_ref, i_ref), (s_got, i_got) in zip(found["onnxruntime"], found["numpy"]):
         np.testing.assert_array_equal(i_got, i_ref)
@@ -599,20 +613,22 @@ from tests.fake_cupy import install
 install()
 from runtime.engine import ScanEngine
 from runtime.gallery import ImageGallery, CaptionGallery
+from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import Searcher
 
 engine_path, folder = sys.argv[1], sys.argv[2]
-with ScanEngine.open(engine_path, backend="cupy") as engine:
+with ScanEngine.open(engine_path, EngineOptions(backend="cupy")) as engine:
     images = ImageGallery.load(folder + "/images")
     caps = CaptionGallery.load(folder + "/captions")
-    with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
+    with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
         text = s.search(json.load(open(folder + "/queries.json")), 7)
         image = s.search(np.load(folder + "/queries.npy"), 9)
         words, lengths = engine.encode_captions(json.load(open(folder + "/queries.json")))
-        rows = [r for _, r in engine.head.block_sims(s._gallery("images"), {"captions": words, "lengths": lengths}, 0)]
-        held = {kind: len(list(g)) for kind, g in s._uploaded.items()}
+        uploaded = s._upload(s._generation, "images", 0)
+        rows = [r for _, r in engine.head.block_sims(uploaded, {"captions": words, "lengths": lengths}, 0)]
+        held = {key[1]: len(list(g)) for key, g in s._generation._made.items()}
 np.savez(folder + "/found.npz", ts=text[0], ti=text[1], is_=image[0], ii=image[1], sims=np.concatenate(rows, 1))
-print(json.dumps({"backend": engine.backend_name, "blocks": held}))
+print(json.dumps({"backend": engine.options.backend, "blocks": held}))
 """
 
 
@@ -627,10 +643,14 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
     queries_text, queries_images = random_captions(5, seed=3), random_regions(4, seed=3)
     (tmp_path / "queries.json").write_text(json.dumps(queries_text))
     np.save(tmp_path / "queries.npy", queries_images)
-    with ScanEngine.open(engine_path, backend="numpy") as engine:
-        images = build_image_gallery(engine, random_regions(23, seed=2), tmp_path / "images", progress=False)
-        caps = build_caption_gallery(engine, random_captions(31, seed=2), tmp_path / "captions", progress=False)
-        with Searcher(engine, images=images, captions=caps, image_block=6, caption_block=4) as s:
+    with ScanEngine.open(engine_path, EngineOptions(backend="numpy")) as engine:
+        images = build_image_gallery(
+            engine, random_regions(23, seed=2), tmp_path / "images", options=WriteOptions(progress=False)
+        )
+        caps = build_caption_gallery(
+            engine, random_captions(31, seed=2), tmp_path / "captions", options=WriteOptions(progress=False)
+        )
+        with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
         words, lengths = engine.encode_captions(queries_text)
         want_sims = engine.sims(images.images, images.image_gram, words, lengths).T  # (queries, images)

@@ -9,12 +9,13 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery, build_caption_gallery, build_image_gallery
+from runtime.options import EngineOptions, WriteOptions
 from tests.runtime.conftest import random_captions, random_regions
 
 
 @pytest.fixture(scope="module")
 def engines(small_engines):
-    opened = {m: ScanEngine.open(p, backend="onnxruntime") for m, p in small_engines.items()}
+    opened = {m: ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for m, p in small_engines.items()}
     yield opened
     for e in opened.values():
         e.close()
@@ -24,9 +25,13 @@ def test_image_gallery_roundtrip_and_append(engines, tmp_path):
     engine = engines["t2i"]
     regions = random_regions(10, seed=3)
     names = [f"img{i}" for i in range(10)]
-    whole = build_image_gallery(engine, regions, tmp_path / "whole", names=names, progress=False, batch=3)
-    build_image_gallery(engine, regions[:6], tmp_path / "parts", names=names[:6], progress=False)
-    parts = build_image_gallery(engine, regions[6:], tmp_path / "parts", names=names[6:], append=True, progress=False)
+    whole = build_image_gallery(
+        engine, regions, tmp_path / "whole", names=names, batch=3, options=WriteOptions(progress=False)
+    )
+    build_image_gallery(engine, regions[:6], tmp_path / "parts", names=names[:6], options=WriteOptions(progress=False))
+    parts = build_image_gallery(
+        engine, regions[6:], tmp_path / "parts", names=names[6:], options=WriteOptions(append=True, progress=False)
+    )
     assert isinstance(parts.images, np.memmap)
     np.testing.assert_allclose(parts.images, whole.images, atol=1e-6)
     np.testing.assert_allclose(parts.image_gram, whole.image_gram, atol=1e-6)
@@ -43,19 +48,23 @@ def test_image_gallery_roundtrip_and_append(engines, tmp_path):
 def test_float16_gallery(engines, tmp_path):
     engine = engines["t2i"]
     regions = random_regions(4, seed=4)
-    g = build_image_gallery(engine, regions, tmp_path, dtype="float16", progress=False)
+    g = build_image_gallery(engine, regions, tmp_path, options=WriteOptions(dtype="float16", progress=False))
     assert g.dtype == np.float16
     np.testing.assert_allclose(g.images.astype(np.float32), engine.encode_images(regions)[0], atol=1e-3)
     with pytest.raises(GalleryError, match="float16"):
-        build_image_gallery(engine, regions, tmp_path, dtype="float32", append=True, progress=False)
+        build_image_gallery(
+            engine, regions, tmp_path, options=WriteOptions(dtype="float32", append=True, progress=False)
+        )
 
 
 def test_caption_gallery_is_ragged_sorted_and_appendable(engines, tmp_path):
     engine = engines["i2t"]
     caps = random_captions(15, seed=5)
-    whole = build_caption_gallery(engine, caps, tmp_path / "whole", progress=False, batch=4)
-    build_caption_gallery(engine, caps[:9], tmp_path / "parts", progress=False)
-    parts = build_caption_gallery(engine, caps[9:], tmp_path / "parts", append=True, progress=False)
+    whole = build_caption_gallery(engine, caps, tmp_path / "whole", batch=4, options=WriteOptions(progress=False))
+    build_caption_gallery(engine, caps[:9], tmp_path / "parts", options=WriteOptions(progress=False))
+    parts = build_caption_gallery(
+        engine, caps[9:], tmp_path / "parts", options=WriteOptions(append=True, progress=False)
+    )
     ids, lengths = engine.tokenizer.encode_batch(caps)
     assert whole.words.shape[0] == lengths.sum()  # no padding stored
     assert (np.diff(whole.lengths) >= 0).all()
@@ -74,18 +83,20 @@ def test_caption_gallery_is_ragged_sorted_and_appendable(engines, tmp_path):
 
 
 def test_gallery_of_another_model_is_refused(engines, tmp_path):
-    build_image_gallery(engines["t2i"], random_regions(3), tmp_path / "g", progress=False)
+    build_image_gallery(engines["t2i"], random_regions(3), tmp_path / "g", options=WriteOptions(progress=False))
     with pytest.raises(GalleryError, match="built by another model"):
         ImageGallery.load(tmp_path / "g", engines["i2t"].manifest.image_encoder_id)
     with pytest.raises(GalleryError, match="built by another model"):
-        build_image_gallery(engines["i2t"], random_regions(3), tmp_path / "g", append=True, progress=False)
-    build_caption_gallery(engines["t2i"], ["a dog ."], tmp_path / "c", progress=False)
+        build_image_gallery(
+            engines["i2t"], random_regions(3), tmp_path / "g", options=WriteOptions(append=True, progress=False)
+        )
+    build_caption_gallery(engines["t2i"], ["a dog ."], tmp_path / "c", options=WriteOptions(progress=False))
     with pytest.raises(GalleryError, match="built by another model"):
         CaptionGallery.load(tmp_path / "c", engines["i2t"].manifest.text_encoder_id)
 
 
 def test_truncated_or_corrupted_files_are_detected(engines, tmp_path):
-    g = build_image_gallery(engines["t2i"], random_regions(5), tmp_path, progress=False)
+    g = build_image_gallery(engines["t2i"], random_regions(5), tmp_path, options=WriteOptions(progress=False))
     images_file = tmp_path / g.manifest["arrays"]["images"]["file"]
     data = images_file.read_bytes()
     images_file.write_bytes(data[: len(data) // 2])
@@ -103,7 +114,7 @@ def test_truncated_or_corrupted_files_are_detected(engines, tmp_path):
 
 def test_interrupted_append_leaves_previous_gallery_intact(engines, tmp_path, monkeypatch):
     engine = engines["t2i"]
-    before = build_image_gallery(engine, random_regions(4, seed=1), tmp_path, progress=False)
+    before = build_image_gallery(engine, random_regions(4, seed=1), tmp_path, options=WriteOptions(progress=False))
     snapshot = np.array(before.images)
     files = sorted(p.name for p in tmp_path.iterdir())
     calls = {"n": 0}
@@ -117,7 +128,9 @@ def test_interrupted_append_leaves_previous_gallery_intact(engines, tmp_path, mo
 
     monkeypatch.setattr(engine, "encode_images", dies)
     with pytest.raises(KeyboardInterrupt):
-        build_image_gallery(engine, random_regions(6, seed=2), tmp_path, append=True, batch=2, progress=False)
+        build_image_gallery(
+            engine, random_regions(6, seed=2), tmp_path, batch=2, options=WriteOptions(append=True, progress=False)
+        )
     monkeypatch.undo()
     after = ImageGallery.load(tmp_path, engine.manifest.image_encoder_id)
     np.testing.assert_array_equal(np.array(after.images), snapshot)
@@ -128,15 +141,15 @@ def test_interrupted_append_leaves_previous_gallery_intact(engines, tmp_path, mo
 def test_bad_features_are_refused_with_clear_errors(engines, tmp_path):
     engine = engines["t2i"]
     with pytest.raises(ValueError, match="expected 12 features per region"):
-        build_image_gallery(engine, random_regions(2, img_dim=7), tmp_path, progress=False)
+        build_image_gallery(engine, random_regions(2, img_dim=7), tmp_path, options=WriteOptions(progress=False))
     with pytest.raises(ValueError, match="rank 3"):
-        build_image_gallery(engine, np.zeros((2, 3, 4, 12), np.float32), tmp_path, progress=False)
+        build_image_gallery(engine, np.zeros((2, 3, 4, 12), np.float32), tmp_path, options=WriteOptions(progress=False))
     with pytest.raises(ValueError, match="floating-point"):
-        build_image_gallery(engine, np.zeros((2, 3, 12), np.int32), tmp_path, progress=False)
+        build_image_gallery(engine, np.zeros((2, 3, 12), np.int32), tmp_path, options=WriteOptions(progress=False))
     bad = random_regions(5)
     bad[3, 1, 2] = np.nan
     with pytest.raises(GalleryError, match="NaN or inf, first at index 3"):
-        build_image_gallery(engine, bad, tmp_path, progress=False)
+        build_image_gallery(engine, bad, tmp_path, options=WriteOptions(progress=False))
     with pytest.raises(GalleryError, match="one name per image"):
-        build_image_gallery(engine, random_regions(2), tmp_path, names=["x"], progress=False)
+        build_image_gallery(engine, random_regions(2), tmp_path, names=["x"], options=WriteOptions(progress=False))
     assert not (tmp_path / "gallery.json").exists()

@@ -25,6 +25,7 @@ from runtime.gallery import (
     writer_lock,
 )
 from runtime.gallery import store as gallery_store
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.search import main as search_main
 from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.topk import RunningTopK
@@ -39,19 +40,22 @@ WRITER = """
 import os, pathlib, sys, time
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
+from runtime.options import WriteOptions
+options = WriteOptions(append=True, progress=False)
+from runtime.options import EngineOptions, SearchOptions
 engine_path, kind, data, *trials = sys.argv[1:]
-with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
     for trial in trials:
         folder, go = trial.split(",")
         while not pathlib.Path(go).exists():
             time.sleep(0.002)
         if kind == "images":
             names = pathlib.Path(data + ".names")
-            build_image_gallery(engine, data, folder, names=names.read_text().split() if names.exists() else None,
-                                append=True, progress=False, batch=4)
+            names = names.read_text().split() if names.exists() else None
+            build_image_gallery(engine, data, folder, names=names, batch=4, options=options)
         else:
-            build_caption_gallery(engine, pathlib.Path(data).read_text().splitlines(), folder, append=True,
-                                  progress=False, batch=4)
+            captions = pathlib.Path(data).read_text().splitlines()
+            build_caption_gallery(engine, captions, folder, batch=4, options=options)
         pathlib.Path(f"{go}.{os.getpid()}").touch()  # done
 """
 
@@ -68,7 +72,7 @@ def _writer(engine_path, kind, data, trials) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def engines(small_engines):
-    opened = {m: ScanEngine.open(p, backend="onnxruntime") for m, p in small_engines.items()}
+    opened = {m: ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for m, p in small_engines.items()}
     yield opened
     for e in opened.values():
         e.close()
@@ -86,8 +90,10 @@ def test_two_processes_appending_at_once_lose_nothing(engines, small_engines, tm
     trials = range(3)
     imgs, caps, go = ([tmp_path / f"{what}{t}" for t in trials] for what in ("imgs", "caps", "go"))
     for t in trials:
-        build_image_gallery(engine, regions["a"], imgs[t], names=[f"a{i}" for i in range(12)], progress=False)
-        build_caption_gallery(engine, captions["a"], caps[t], progress=False)
+        build_image_gallery(
+            engine, regions["a"], imgs[t], names=[f"a{i}" for i in range(12)], options=WriteOptions(progress=False)
+        )
+        build_caption_gallery(engine, captions["a"], caps[t], options=WriteOptions(progress=False))
     # four processes (two image writers, two caption writers) append to the same galleries at once, 3 times
     procs = [_writer(small_engines["t2i"], "images", tmp_path / f"{p}.npy", zip(imgs, go)) for p in "bc"]
     procs += [_writer(small_engines["t2i"], "captions", tmp_path / f"{p}.txt", zip(caps, go)) for p in "bc"]
@@ -119,7 +125,7 @@ def test_two_processes_appending_at_once_lose_nothing(engines, small_engines, tm
 def test_reader_keeps_its_generation_while_others_commit(engines, small_engines, tmp_path):
     engine = engines["t2i"]
     folder = tmp_path / "g"
-    build_image_gallery(engine, random_regions(5, seed=1), folder, progress=False)
+    build_image_gallery(engine, random_regions(5, seed=1), folder, options=WriteOptions(progress=False))
     held = ImageGallery.load(folder, engine.manifest.image_encoder_id)
     want = Searcher(engine, images=held).search(["a red cat ."], 5)
     np.save(tmp_path / "more.npy", random_regions(4, seed=2))
@@ -128,7 +134,7 @@ def test_reader_keeps_its_generation_while_others_commit(engines, small_engines,
     p = _writer(small_engines["t2i"], "images", tmp_path / "more.npy", [(folder, tmp_path / "go")])
     assert p.wait(timeout=120) == 0, p.communicate()[1].decode()
     # this process appends and commits generation 3 while `held` (generation 1) is still open
-    build_image_gallery(engine, random_regions(3, seed=3), folder, append=True, progress=False)
+    build_image_gallery(engine, random_regions(3, seed=3), folder, options=WriteOptions(append=True, progress=False))
     assert len(ImageGallery.load(folder)) == 12
     assert len(held) == 5
     for got, expected in zip(Searcher(engine, images=held).search(["a red cat ."], 5), want):
@@ -136,7 +142,7 @@ def test_reader_keeps_its_generation_while_others_commit(engines, small_engines,
     # generation 2 is nobody's here: removed; generation 1 was removed by the other process (our map survives)
     assert not (folder / "images.2.npy").exists()
     mid = ImageGallery.load(folder)  # generation 3, held while generation 4 commits
-    build_image_gallery(engine, random_regions(1, seed=4), folder, append=True, progress=False)
+    build_image_gallery(engine, random_regions(1, seed=4), folder, options=WriteOptions(append=True, progress=False))
     assert (folder / "images.3.npy").exists() and len(mid) == 12
     mid.close()  # the last map of generation 3 goes: so do its files
     assert not (folder / "images.3.npy").exists() and len(ImageGallery.load(folder)) == 13
@@ -146,7 +152,7 @@ def test_load_racing_another_process_commit_opens_the_new_generation(engines, sm
     """gallery.json read, then another process commits and removes those files before they are opened."""
     engine = engines["t2i"]
     folder = tmp_path / "g"
-    build_image_gallery(engine, random_regions(5, seed=1), folder, progress=False)
+    build_image_gallery(engine, random_regions(5, seed=1), folder, options=WriteOptions(progress=False))
     np.save(tmp_path / "more.npy", random_regions(4, seed=2))
     (tmp_path / "go").touch()
     real_load = np.load
@@ -166,22 +172,27 @@ def test_load_racing_another_process_commit_opens_the_new_generation(engines, sm
 
 def test_second_writer_waits_then_gives_up_with_a_clear_error(engines, tmp_path):
     engine = engines["t2i"]
-    build_image_gallery(engine, random_regions(2), tmp_path, progress=False)
+    build_image_gallery(engine, random_regions(2), tmp_path, options=WriteOptions(progress=False))
     with writer_lock(tmp_path):
         t0 = time.monotonic()
         with pytest.raises(GalleryError, match=rf"another writer \(pid {os.getpid()}\) has held the gallery lock"):
-            build_image_gallery(engine, random_regions(2), tmp_path, append=True, progress=False, lock_timeout=0.3)
+            build_image_gallery(
+                engine, random_regions(2), tmp_path, options=WriteOptions(append=True, progress=False, lock_timeout=0.3)
+            )
         assert time.monotonic() - t0 >= 0.3
-    assert len(build_image_gallery(engine, random_regions(2), tmp_path, append=True, progress=False)) == 4
+    assert (
+        len(build_image_gallery(engine, random_regions(2), tmp_path, options=WriteOptions(append=True, progress=False)))
+        == 4
+    )
 
 
 def test_next_writer_removes_a_killed_writers_temporaries(engines, tmp_path):
     engine = engines["i2t"]
-    build_caption_gallery(engine, ["a dog ."], tmp_path, progress=False)
+    build_caption_gallery(engine, ["a dog ."], tmp_path, options=WriteOptions(progress=False))
     stale = [tmp_path / ".words.2.npy.k3j4.npy.tmp", tmp_path / ".gallery.json.x1.tmp", tmp_path / "images.7.npy"]
     for p in stale:
         p.write_bytes(b"\0" * 100)
-    build_caption_gallery(engine, ["a cat ."], tmp_path, append=True, progress=False)
+    build_caption_gallery(engine, ["a cat ."], tmp_path, options=WriteOptions(append=True, progress=False))
     assert not any(p.exists() for p in stale)
     assert len(CaptionGallery.load(tmp_path)) == 2
 
@@ -196,8 +207,8 @@ def test_huge_k_allocates_for_the_gallery_only(engines, tmp_path):
     top.add_block(np.array([[0.5, 0.9, 0.1]], np.float32), np.arange(3))
     scores, ids = top.result()
     assert ids.tolist() == [[1, 0, 2, -1, -1, -1]] and np.isneginf(scores[0, 3:]).all()
-    g = build_image_gallery(engines["t2i"], random_regions(20), tmp_path, progress=False)
-    searcher = Searcher(engines["t2i"], images=g, image_block=7)
+    g = build_image_gallery(engines["t2i"], random_regions(20), tmp_path, options=WriteOptions(progress=False))
+    searcher = Searcher(engines["t2i"], images=g, options=SearchOptions(image_block=7))
     with pytest.raises(SearchError, match=f"k must be at most {MAX_K}, received 1000000000"):
         searcher.search(["a dog ."], 10**9)
     scores, ids = searcher.search(["a dog .", "a cat ."], MAX_K)
@@ -229,7 +240,9 @@ def test_flipped_bytes_and_nan_in_cached_images_are_caught(engines, tmp_path):
     engine = engines["t2i"]
     names = [f"img{i}" for i in range(20)]
     for case in ("flip", "nan", "ids"):
-        build_image_gallery(engine, random_regions(20, seed=1), tmp_path / case, names=names, progress=False)
+        build_image_gallery(
+            engine, random_regions(20, seed=1), tmp_path / case, names=names, options=WriteOptions(progress=False)
+        )
 
     def flip(a):
         a.view(np.uint8).reshape(-1)[a[0].nbytes * 7 + 3] ^= 0x7F  # an exponent byte of image 7
@@ -243,7 +256,7 @@ def test_flipped_bytes_and_nan_in_cached_images_are_caught(engines, tmp_path):
     # unverified (as a cache above VERIFY_ON_OPEN_BYTES is by default), the search names the item
     g = ImageGallery.load(tmp_path / "nan", verify=False)
     with pytest.raises(SearchError, match=r"image 7 \('img7'\) of the gallery .* scored nan"):
-        Searcher(engine, images=g, image_block=4).search(["a dog ."], 3)
+        Searcher(engine, images=g, options=SearchOptions(image_block=4)).search(["a dog ."], 3)
     path = _poke(tmp_path / "ids", "ids", lambda a: a.__setitem__(3, 10**6))
     with pytest.raises(GalleryError, match="xxh3_64"):
         ImageGallery.load(tmp_path / "ids")
@@ -254,7 +267,7 @@ def test_flipped_bytes_and_nan_in_cached_images_are_caught(engines, tmp_path):
 def test_nan_in_cached_captions_is_caught(engines, tmp_path):
     engine = engines["i2t"]
     caps = random_captions(10, seed=2)
-    g = build_caption_gallery(engine, caps, tmp_path, progress=False)
+    g = build_caption_gallery(engine, caps, tmp_path, options=WriteOptions(progress=False))
     pos = 4
     row = int(g.offsets[pos]) + 1
     cid = int(g.ids[pos])
@@ -287,7 +300,7 @@ def test_verification_default_is_by_size_and_verify_always_checks(small_engines,
 
 
 def test_gallery_without_checksums_opens_but_does_not_verify(engines, tmp_path):
-    build_image_gallery(engines["t2i"], random_regions(3), tmp_path, progress=False)
+    build_image_gallery(engines["t2i"], random_regions(3), tmp_path, options=WriteOptions(progress=False))
     manifest = json.loads((tmp_path / "gallery.json").read_text())
     for entry in manifest["arrays"].values():
         del entry["xxh3_64"]
@@ -341,7 +354,7 @@ def test_gallery_that_is_a_file(engines, small_engines, tmp_path, capsys):
         assert search_main(["--engine", str(small_engines["t2i"]), "--gallery", str(afile), *extra]) == 2
         assert f"--gallery {afile}: expected a folder" in capsys.readouterr().err
     with pytest.raises(GalleryError, match="expected a gallery folder, found a file"):
-        build_image_gallery(engine, random_regions(3), afile, progress=False)
+        build_image_gallery(engine, random_regions(3), afile, options=WriteOptions(progress=False))
     with pytest.raises(GalleryError, match="expected a gallery folder, found a file"):
         ImageGallery.load(afile)
 
@@ -363,7 +376,7 @@ sys.exit(main(sys.argv[1:]))
 def test_signal_during_append_exits_quietly_and_cleans_up(engines, small_engines, tmp_path, sig, code, word):
     engine = engines["t2i"]
     gal = tmp_path / "gal"
-    build_image_gallery(engine, random_regions(3), gal / "images", progress=False)
+    build_image_gallery(engine, random_regions(3), gal / "images", options=WriteOptions(progress=False))
     np.save(tmp_path / "ims.npy", random_regions(400))
     p = subprocess.Popen(
         [

@@ -17,6 +17,7 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import build_gallery
@@ -113,7 +114,7 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
         rc = proc.wait(timeout=15)
         assert rc == 0, log.read_text()
         assert time.monotonic() - t0 < 10
-        with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+        with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             searcher = Searcher(
                 engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
             )

@@ -17,9 +17,10 @@ upper bound on the missing one). Items no query vector reached all get the same 
 used, in id order, when fewer than ``M`` items were reached.
 
 The index lives in the gallery folder (``candidates.json`` + ``candidates.<generation>.faiss``),
-bound to the encoder and the generation of the gallery it indexes: it is written atomically after the
-gallery, extended on append, and refused (``StaleIndexError``) when it does not match; ``ensure_index``
-rebuilds it then, saying why. Vector ids in the index are insertion order: image ``i`` region ``r`` is
+bound to the encoder and the generation of the gallery it indexes. Only the write path writes it
+(``update_index``: after the gallery's commit, under its writer lock; extended on append); a reader
+(``open_index``) never does, so a search still on an older generation cannot overwrite a newer index.
+Vector ids in the index are insertion order: image ``i`` region ``r`` is
 ``i * R + r``; a caption's words follow the captions in id order (the cache stores captions sorted by
 length, so the index does not follow storage order).
 
@@ -39,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from runtime import atomic
-from runtime.gallery import CaptionGallery, GalleryError, ImageGallery
+from runtime.gallery.store import GalleryError, MappedGallery
+from runtime.options import INDEX_KINDS
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "scan-candidates/1"
 META = "candidates.json"
-KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
 # auto: an exact index while a query vector's brute-force scan stays cheap, then IVF with 8-bit
 # scalar-quantised vectors (a quarter of float32), then IVF-PQ (tens of bytes a vector) for the largest.
 FLAT_MAX_VECTORS = 1 << 18
@@ -88,8 +89,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
 
 
-def _encoder_key(gallery: ImageGallery | CaptionGallery) -> tuple[str, str]:
-    if isinstance(gallery, ImageGallery):
+def _encoder_key(gallery: MappedGallery) -> tuple[str, str]:
+    """The gallery's kind and the manifest key of the encoder it is bound to."""
+    if gallery.manifest["kind"] == "images":
         return "images", "image_encoder_id"
     return "captions", "text_encoder_id"
 
@@ -105,11 +107,11 @@ class _Layout:
     regions: int  # images: R; captions: 0
 
     @classmethod
-    def of(cls, gallery: ImageGallery | CaptionGallery) -> _Layout:
+    def of(cls, gallery: MappedGallery) -> _Layout:
         ids = np.asarray(gallery.ids, np.int64)
         position_of_id = np.empty(len(ids), np.int64)
         position_of_id[ids] = np.arange(len(ids))
-        if isinstance(gallery, ImageGallery):
+        if gallery.manifest["kind"] == "images":
             r = int(gallery.images.shape[1])
             return cls(None, None, np.full(len(ids), r, np.int64), position_of_id, r)
         lengths_by_id = np.asarray(gallery.lengths, np.int64)[position_of_id]
@@ -124,10 +126,10 @@ class _Layout:
         return v % self.regions if self.regions else v - self.first[item]
 
 
-def item_vectors(gallery: ImageGallery | CaptionGallery, ids: np.ndarray, layout: _Layout | None = None) -> np.ndarray:
+def item_vectors(gallery: MappedGallery, ids: np.ndarray, layout: _Layout | None = None) -> np.ndarray:
     """Unit-norm float32 vectors of the items ``ids`` (ascending), in index (insertion) order."""
     ids = np.asarray(ids, np.int64)
-    if isinstance(gallery, ImageGallery):  # image ids are storage positions
+    if gallery.manifest["kind"] == "images":  # image ids are storage positions
         block = np.asarray(
             gallery.images[ids[0] : ids[-1] + 1]
             if len(ids) and ids[-1] - ids[0] + 1 == len(ids)
@@ -146,11 +148,11 @@ def item_vectors(gallery: ImageGallery | CaptionGallery, ids: np.ndarray, layout
 # ---------------------------------------------------------------------------------------------- index
 
 
-def choose_kind(n_vectors: int, kind: str = "auto") -> str:
-    if kind not in KINDS:
-        raise CandidateIndexError(f"index kind must be one of {KINDS}, received {kind!r}")
-    if kind != "auto":
-        return kind
+def choose_type(n_vectors: int, index_type: str = "auto") -> str:
+    if index_type not in INDEX_KINDS:
+        raise CandidateIndexError(f"index type must be one of {INDEX_KINDS}, received {index_type!r}")
+    if index_type != "auto":
+        return index_type
     if n_vectors <= FLAT_MAX_VECTORS:
         return "flat"
     return "ivfsq" if n_vectors <= IVFSQ_MAX_VECTORS else "ivfpq"
@@ -162,21 +164,21 @@ def _nlist(n_vectors: int) -> int:
     return int(min(MAX_NLIST, max(16, 1 << round(math.log2(max(2.0 * math.sqrt(n_vectors), 1.0))))))
 
 
-def _new_index(faiss, kind: str, d: int, n_vectors: int) -> tuple[Any, dict[str, Any]]:
+def _new_index(faiss, index_type: str, d: int, n_vectors: int) -> tuple[Any, dict[str, Any]]:
     ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        return faiss.IndexFlatIP(d), {"kind": kind}
-    if kind == "hnsw":
+    if index_type == "flat":
+        return faiss.IndexFlatIP(d), {"kind": index_type}
+    if index_type == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, ip)
         index.hnsw.efConstruction = 80
-        return index, {"kind": kind, "M": 32}
+        return index, {"kind": index_type, "M": 32}
     nlist = _nlist(n_vectors)
     # For the largest galleries an exact coarse quantizer makes adding vectors cost n * nlist * d:
     # assign with an HNSW over the centroids instead.
     quantizer = faiss.IndexFlatIP(d) if n_vectors <= IVFSQ_MAX_VECTORS else faiss.IndexHNSWFlat(d, 32, ip)
-    if kind == "ivf":
+    if index_type == "ivf":
         index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
-    elif kind == "ivfsq":
+    elif index_type == "ivfsq":
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
     else:  # ivfpq: 8-bit codes over d/4 subspaces (32 bytes a vector at d=128)
         m = next(m for m in (d // 4, d // 8, d // 2, d) if m >= 1 and d % m == 0)
@@ -185,20 +187,20 @@ def _new_index(faiss, kind: str, d: int, n_vectors: int) -> tuple[Any, dict[str,
     quantizer.this.disown()
     index.cp.niter = 10  # a coarse quantizer needs no more; 25 (faiss's default) is 2.5x the training time
     index.cp.max_points_per_centroid = 64
-    return index, {"kind": kind, "nlist": nlist}
+    return index, {"kind": index_type, "nlist": nlist}
 
 
 class CandidateIndex:
     """A loaded (or freshly built) candidate index of one gallery."""
 
-    def __init__(self, gallery: ImageGallery | CaptionGallery, index: Any, meta: dict[str, Any]) -> None:
+    def __init__(self, gallery: MappedGallery, index: Any, meta: dict[str, Any]) -> None:
         self.gallery = gallery
         self.index = index
         self.meta = meta
         self.layout = _Layout.of(gallery)
 
     @property
-    def kind(self) -> str:
+    def index_type(self) -> str:
         return str(self.meta["index"]["kind"])
 
     def __len__(self) -> int:
@@ -303,8 +305,14 @@ def _meta_path(gallery) -> Path:
     return Path(gallery.folder) / META
 
 
-def load_index(gallery: ImageGallery | CaptionGallery, encoder_id: str | None = None) -> CandidateIndex:
+def load_index(gallery: MappedGallery, encoder_id: str | None = None) -> CandidateIndex:
     """The gallery's candidate index; ``StaleIndexError`` when it belongs to another model or gallery state."""
+    return CandidateIndex(gallery, *_read_saved(gallery, gallery.manifest.get("generation"), len(gallery), encoder_id))
+
+
+def _read_saved(gallery: MappedGallery, generation: Any, count: int, encoder_id: str | None = None) -> tuple[Any, dict]:
+    """The index saved beside the gallery and its manifest, checked to be of the gallery's model (and
+    ``encoder_id``'s) and to index ``count`` items of generation ``generation``."""
     faiss = import_faiss()
     kind, key = _encoder_key(gallery)
     path = _meta_path(gallery)
@@ -316,62 +324,56 @@ def load_index(gallery: ImageGallery | CaptionGallery, encoder_id: str | None = 
         raise StaleIndexError(f"{path}: corrupted candidate index manifest ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise StaleIndexError(f"{path}: not a {FORMAT} index of {kind}")
-    expected = gallery.manifest.get(key)
-    for who, value in (("gallery", expected), ("engine", encoder_id)):
+    for who, value in (("gallery", gallery.manifest.get(key)), ("engine", encoder_id)):
         if value is not None and meta.get("encoder_id") != value:
             raise StaleIndexError(
                 f"{path}: the candidate index was built by another model ({key} "
                 f"{str(meta.get('encoder_id'))[:12]}..., the {who}'s is {str(value)[:12]}...)"
             )
-    generation = gallery.manifest.get("generation")
-    if meta.get("gallery_generation") != generation or meta.get("count") != len(gallery):
+    if meta.get("gallery_generation") != generation or meta.get("count") != count:
         raise StaleIndexError(
             f"{path}: the candidate index is stale: it indexes generation "
             f"{meta.get('gallery_generation')} ({meta.get('count')} items), the gallery is "
-            f"generation {generation} ({len(gallery)} items)"
+            f"generation {generation} ({count} items)"
         )
     file = Path(gallery.folder) / str(meta.get("file"))
     try:
         index = faiss.read_index(str(file))
     except RuntimeError as e:
         raise StaleIndexError(f"{file}: unreadable candidate index ({str(e).splitlines()[0][:200]})") from e
-    if index.ntotal != meta.get("vectors"):
+    if index.ntotal != meta.get("vectors") or not isinstance(meta.get("index"), dict):
         raise StaleIndexError(f"{file}: holds {index.ntotal} vectors, {META} says {meta.get('vectors')}")
-    return CandidateIndex(gallery, index, meta)
+    return index, meta
 
 
 def build_index(
-    gallery: ImageGallery | CaptionGallery, kind: str = "auto", appended_from: int = 0, progress: bool = False
+    gallery: MappedGallery, index_type: str = "auto", appended_from: int = 0, progress: bool = False
 ) -> CandidateIndex:
-    """Build the gallery's index (or extend the previous one with items ``appended_from..``) and save it.
+    """Build the gallery's index in memory, or extend a copy of the saved one with items ``appended_from..``.
 
-    The previous index is extended only if it is intact and indexes exactly the first
-    ``appended_from`` items of the previous generation of this gallery; otherwise it is rebuilt.
+    The saved index is extended only if it is intact and indexes exactly the first ``appended_from``
+    items of the previous generation of this gallery; otherwise the index is built from scratch.
+    Nothing is written (``update_index`` saves it).
     """
     faiss = import_faiss()
     gkind, key = _encoder_key(gallery)
     n_items = len(gallery)
-    n_vectors = (
-        int(gallery.images.shape[0] * gallery.images.shape[1]) if gkind == "images" else int(gallery.words.shape[0])
-    )
+    n_vectors = _vector_count(gallery)
     d = int(gallery.images.shape[2] if gkind == "images" else gallery.words.shape[1])
     generation = gallery.manifest.get("generation")
     start, index, info = 0, None, None
-    if appended_from:
+    if appended_from and _meta_path(gallery).is_file():
         try:
-            prev = _previous(gallery, faiss, gkind, key, appended_from)
-        except CandidateIndexError as e:
+            prev, prev_meta = _read_saved(gallery, generation - 1, appended_from)
+            if index_type in ("auto", prev_meta["index"]["kind"]):
+                index, info, start = prev, prev_meta["index"], appended_from
+        except StaleIndexError as e:
             logger.warning("%s: rebuilding the candidate index (%s)", gallery.folder, e)
-            prev = None
-        if prev is not None and (kind in ("auto", prev[1]["kind"])):
-            index, info = prev
-            start = appended_from
     t0 = time.perf_counter()
     faiss.omp_set_num_threads(_OMP_THREADS[0])
     layout = _Layout.of(gallery)
     if index is None:
-        chosen = choose_kind(n_vectors, kind)
-        index, info = _new_index(faiss, chosen, d, n_vectors)
+        index, info = _new_index(faiss, choose_type(n_vectors, index_type), d, n_vectors)
         if not index.is_trained:
             index.train(_training_sample(gallery, index, n_items, layout))
     from tqdm import tqdm
@@ -382,8 +384,6 @@ def build_index(
             b = min(a + step, n_items)
             index.add(item_vectors(gallery, np.arange(a, b), layout))
             bar.update(b - a)
-    seconds = time.perf_counter() - t0
-    file = f"candidates.{generation}.faiss"
     meta = {
         "format": FORMAT,
         "kind": gkind,
@@ -393,59 +393,78 @@ def build_index(
         "vectors": int(index.ntotal),
         "dim": d,
         "index": info,
-        "file": file,
-        "build_seconds": round(seconds, 3),
+        "file": f"candidates.{generation}.faiss",
+        "build_seconds": round(time.perf_counter() - t0, 3),
         "extended_from": start,
     }
-    if generation is None:  # an in-memory gallery (from_arrays): nothing on disk to keep the index beside
-        return CandidateIndex(gallery, index, meta)
-    with atomic.atomic_path(Path(gallery.folder) / file) as tmp:
-        faiss.write_index(index, str(tmp))
-    atomic.write_json(_meta_path(gallery), meta)
-    for p in Path(gallery.folder).glob("candidates.*.faiss"):
-        if p.name != file:
-            p.unlink(missing_ok=True)
-    logger.info(
-        "candidate index %s: %s over %d vectors (%d items, %d new) in %.1fs",
-        gallery.folder,
-        info,
-        index.ntotal,
-        n_items,
-        n_items - start,
-        seconds,
-    )
     return CandidateIndex(gallery, index, meta)
 
 
-def _previous(gallery, faiss, gkind: str, key: str, appended_from: int) -> tuple[Any, dict[str, Any]] | None:
-    path = _meta_path(gallery)
-    if not path.is_file():
+def update_index(
+    gallery: MappedGallery, index_type: str | None, appended_from: int, progress: bool
+) -> CandidateIndex | None:
+    """The write path's step after a gallery commit, with the writer lock still held: build the index
+    (``index_type``), or extend the one already in the folder, and save it; None when there is none to keep.
+    An interruption before the save leaves an index of the previous generation, which readers refuse."""
+    if index_type is None and not _meta_path(gallery).is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CandidateIndexError(f"the previous index manifest is unreadable ({e})") from e
-    ok = (
-        isinstance(meta, dict)
-        and isinstance(meta.get("file"), str)
-        and isinstance(meta.get("index"), dict)
-        and meta.get("format") == FORMAT
-        and meta.get("kind") == gkind
-        and meta.get("count") == appended_from
-        and meta.get("encoder_id") == gallery.manifest.get(key)
-        and meta.get("gallery_generation") == gallery.manifest.get("generation", 0) - 1
+    built = build_index(gallery, index_type or "auto", appended_from, progress)
+    _save(built)
+    return built
+
+
+def _save(built: CandidateIndex) -> None:
+    """Write the index file, then ``candidates.json`` (the commit), then remove older index files."""
+    folder, meta = Path(built.gallery.folder), built.meta
+    with atomic.atomic_path(folder / meta["file"]) as tmp:
+        import_faiss().write_index(built.index, str(tmp))
+    atomic.write_json(folder / META, meta)
+    for p in folder.glob("candidates.*.faiss"):
+        if p.name != meta["file"]:
+            p.unlink(missing_ok=True)
+    logger.info(
+        "candidate index %s: %s over %d vectors (%d items, %d new) in %.1fs",
+        folder,
+        meta["index"],
+        meta["vectors"],
+        meta["count"],
+        meta["count"] - meta["extended_from"],
+        meta["build_seconds"],
     )
-    if not ok:
-        raise CandidateIndexError(f"the previous index does not cover the first {appended_from} items")
+
+
+def open_index(gallery: MappedGallery, encoder_id: str | None = None) -> CandidateIndex | None:
+    """The saved index of the gallery's generation; None: search that generation exactly.
+
+    A reader never writes an index (one still on an older generation would overwrite a newer one).
+    Without a current one, up to ``FLAT_MAX_VECTORS`` vectors get a flat index built in memory (less work
+    than one exact search), larger galleries are searched exactly (an IVF index takes minutes to train);
+    docs/two_stage.md, "Persistence". ``StaleIndexError``: the gallery belongs to another model.
+    """
+    generation = gallery.manifest.get("generation")
+    if generation is None:
+        return build_index(gallery)
     try:
-        index = faiss.read_index(str(Path(gallery.folder) / meta["file"]))
-    except RuntimeError as e:
-        raise CandidateIndexError(f"the previous index is unreadable ({str(e).splitlines()[0][:200]})") from e
-    if index.ntotal != meta.get("vectors"):
-        raise CandidateIndexError(
-            f"the previous index holds {index.ntotal} vectors, its manifest says {meta.get('vectors')}"
+        return load_index(gallery, encoder_id)
+    except StaleIndexError as e:
+        if encoder_id is not None and gallery.manifest.get(_encoder_key(gallery)[1]) != encoder_id:
+            raise  # the gallery itself belongs to another model: no index would help
+        reason = str(e)
+    if _vector_count(gallery) <= FLAT_MAX_VECTORS:
+        logger.warning(
+            "%s; using an in-memory flat index of generation %s (readers never save one)", reason, generation
         )
-    return index, meta["index"]
+        return build_index(gallery, "flat")
+    logger.warning(
+        "%s; searching generation %s exactly (an index of its size is built by gallery writes)", reason, generation
+    )
+    return None
+
+
+def _vector_count(gallery: MappedGallery) -> int:
+    if gallery.manifest["kind"] == "images":
+        return int(gallery.images.shape[0] * gallery.images.shape[1])
+    return int(gallery.words.shape[0])
 
 
 def _training_sample(gallery, index, n_items: int, layout: _Layout) -> np.ndarray:
@@ -461,61 +480,3 @@ def _training_sample(gallery, index, n_items: int, layout: _Layout) -> np.ndarra
             f"use the flat index for a gallery this small"
         )
     return x
-
-
-def ensure_index(
-    gallery: ImageGallery | CaptionGallery, encoder_id: str | None = None, kind: str = "auto", progress: bool = False
-) -> CandidateIndex:
-    """Load the gallery's index, or (re)build it when it is missing or stale, saying why."""
-    if gallery.manifest.get("generation") is None:  # in memory (from_arrays): built, never stored
-        return build_index(gallery, kind=kind, progress=progress)
-    try:
-        return load_index(gallery, encoder_id)
-    except StaleIndexError as e:
-        if encoder_id is not None and gallery.manifest.get(_encoder_key(gallery)[1]) != encoder_id:
-            raise  # the gallery itself belongs to another model: rebuilding the index would not help
-        logger.warning("%s; rebuilding the candidate index", e)
-    from runtime.gallery.store import writer_lock
-
-    with writer_lock(gallery.folder):  # the index is part of the cache: one writer at a time
-        try:
-            return load_index(gallery, encoder_id)  # another process rebuilt it while this one waited
-        except StaleIndexError:
-            return build_index(gallery, kind=kind, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------- rerank
-
-
-def rescore_images(
-    engine, gallery: ImageGallery, positions: np.ndarray, words: np.ndarray, length: int, block: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact SCAN scores of one caption (``words`` (1, L, d)) against the images at ``positions``
-    (ascending): (scores (B,), gallery ids (B,))."""
-    scores = []
-    for a in range(0, len(positions), block):
-        pos = positions[a : a + block]
-        gram = np.asarray(gallery.image_gram[pos]) if engine.needs_image_gram else None
-        scores.append(engine.sims(np.asarray(gallery.images[pos]), gram, words, np.asarray([length]))[:, 0])
-    return _cat(scores), np.asarray(gallery.ids)[positions]
-
-
-def rescore_captions(
-    engine, gallery: CaptionGallery, positions: np.ndarray, image: np.ndarray, gram: np.ndarray, block: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact SCAN scores of one image (``image`` (1, R, d), ``gram`` (1, R, R)) against the captions at
-    ``positions`` (ascending, so grouped by length: each run is one padding-free batch)."""
-    lengths = np.asarray(gallery.lengths)[positions]
-    offsets = np.asarray(gallery.offsets)
-    scores = []
-    for run in np.split(np.arange(len(positions)), np.flatnonzero(np.diff(lengths)) + 1):
-        length = int(lengths[run[0]]) if len(run) else 0
-        for a in range(0, len(run), block):
-            pos = positions[run[a : a + block]]
-            caps = np.asarray(gallery.words[offsets[pos][:, None] + np.arange(length)[None, :]])  # (B, L, d)
-            scores.append(engine.sims(image, gram, caps, np.full(len(pos), length, np.int64))[0])
-    return _cat(scores), np.asarray(gallery.ids)[positions]
-
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
