@@ -26,11 +26,12 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import numpy as np
+
+from runtime.service.types import Appended, Hits
 
 NPY_HEADERS = {"Content-Type": "application/octet-stream"}
 RETRY_STATUSES = frozenset({503})
@@ -44,25 +45,6 @@ class ServiceError(Exception):
         self.status = status
         self.message = message
         self.body = body
-
-
-@dataclass(frozen=True)
-class Appended:
-    """The result of an append: ``added`` items got the ids ``first_id .. first_id + added - 1``; ``count`` is
-    the gallery's size after it."""
-
-    added: int
-    first_id: int
-    count: int
-
-
-@dataclass(frozen=True)
-class Hits:
-    """Scores and ids as ``search`` returns them, plus the gallery's labels (image names or caption texts)."""
-
-    scores: np.ndarray
-    ids: np.ndarray
-    names: list[list[str | None]] | None
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -94,7 +76,7 @@ def _hits(body: dict[str, Any]) -> Hits:
         len(body["ids"]), -1
     )
     ids = np.array(body["ids"], dtype=np.int64).reshape(scores.shape)
-    return Hits(scores, ids, body.get("names"))
+    return Hits(scores, ids, body["names"])
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -14,11 +14,13 @@ import pytest
 pytest.importorskip("uvicorn", reason="needs the 'serve' extra")
 import uvicorn
 
-from runtime.client import Appended, SearchClient, ServiceError
+from runtime.client import SearchClient, ServiceError
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from runtime.service.app import create_app
+from runtime.service.types import Appended
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, copy_gallery, local_service
 
@@ -62,7 +64,7 @@ def url(engine_t2i, gallery):
 
 
 def _open(engine_path) -> ScanEngine:
-    return ScanEngine.open(engine_path, backend="onnxruntime", threads=1)  # as local_service opens it
+    return ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1))  # as local_service does
 
 
 def _searcher(engine: ScanEngine, gallery) -> Searcher:
