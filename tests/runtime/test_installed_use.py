@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip carries a copy of tomli
+    from pip._vendor import tomli as tomllib
+
 import runtime
 from runtime import install
 from runtime.logs import JsonFormatter, setup_logging
@@ -85,3 +90,16 @@ def test_one_version():
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'dynamic = ["version"]' in text and 'attr = "runtime.__version__"' in text
     assert runtime.__version__.count(".") >= 2
+
+
+def test_every_console_script_names_a_main():
+    """pyproject.toml's [project.scripts]: each target imports and is a ``main(argv=None) -> int``."""
+    import importlib
+    import inspect
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert {"scan-export", "scan-build-plan", "scan-search", "scan-serve", "scan-recall", "scan-bench"} <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        main = getattr(importlib.import_module(module), function)
+        assert list(inspect.signature(main).parameters) == ["argv"], name
