@@ -13,26 +13,53 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.demo.data import data_dir, make_dataset
-from bench.demo.train import train_demo
-from bench.recall import main as recall
-from export.to_onnx import main as to_onnx
-from runtime.search import main as search
+from runtime.install import TORCH_CPU, install_command
+from runtime.logs import add_log_format_argument, setup_logging
 
 QUERIES = ["a red dog", "a small blue car next to a large tree", "a man on a bicycle"]
+# What the demo needs beyond the base install: training (torch), export (onnx, onnxscript), search (onnxruntime).
+NEEDS = ("torch", "onnx", "onnxscript", "onnxruntime")
+
+
+def missing_modules() -> list[str]:
+    return [name for name in NEEDS if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo", help="working folder (default: demo)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="demo", help="working folder")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint matches")
+    add_log_format_argument(p)
     args = p.parse_args(argv)
+    setup_logging(logging.WARNING, args.log_format)
+    missing = missing_modules()
+    if missing:
+        print(
+            f"error: the demo needs {', '.join(missing)}, not installed here: `make demo` installs them, or "
+            f"{TORCH_CPU} && {install_command('cpu', 'export')}",
+            file=sys.stderr,
+        )
+        return 2
+    # Imported once the check passed: each of these imports torch or onnx.
+    from bench.demo.data import data_dir, make_dataset
+    from bench.demo.train import keep_freed_memory, train_demo
+    from bench.recall import main as recall
+    from export.to_onnx import main as to_onnx
+    from runtime.search import main as search
+
+    keep_freed_memory()
     out = Path(args.out)
     t0 = time.perf_counter()
 
@@ -43,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(out)
     data = data_dir(out)
     step("training a small SCAN (cached after the first run)")
-    ckpt = train_demo(out, force=args.retrain)
+    ckpt = train_demo(out, retrain=args.retrain)
     step("exporting to ONNX and checking parity")
     engines = out / "engines"
     if to_onnx([str(ckpt), "--out", str(engines)]) != 0:
