@@ -6,7 +6,6 @@ Numpy and a backend only; PyTorch is never imported here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -108,10 +107,6 @@ class ScanEngine(ScanModel):
     def encode_ids(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Token ids (Q, L) + lengths (Q,) -> word embeddings (Q, L, d), zero past each length."""
         return _f32(self.text.run({"ids": ids, "lengths": lengths})["captions"])
-
-    def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids, lengths = self.tokenizer.encode_batch(captions)
-        return self.encode_ids(ids, lengths), lengths
 
     # ------------------------------------------------------------------ head
 

@@ -49,7 +49,6 @@ class Service:
         self.on_load_failed: list[Callable[[BaseException], None]] = []
         self.monitoring = Monitoring(self.settings.batching.max_batch)
         self._loaded = threading.Event()
-        self._attempted = threading.Event()  # loading finished, successfully or not
         self._loader: threading.Thread | None = None
         self._closed = False
 
@@ -59,22 +58,12 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, background: bool = True) -> None:
-        """Load the executor (in a thread unless ``background`` is False); idempotent."""
-        if self._loader is not None or self._loaded.is_set():
-            return
-        if background:
+    def start(self) -> threading.Thread:
+        """Load the executor in a thread (idempotent); the thread is returned for whoever waits on it."""
+        if self._loader is None:
             self._loader = threading.Thread(target=self._load, name="service-loader", daemon=True)
             self._loader.start()
-        else:
-            self._load()
-            if self.load_error is not None:
-                raise self.load_error
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until loading has finished; True when it succeeded."""
-        self._attempted.wait(timeout)
-        return self.ready
+        return self._loader
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -83,7 +72,6 @@ class Service:
         except BaseException as e:  # reported by whoever started the service (the CLI exits 2)
             self.load_error = e
             logger.error("loading failed: %s", e)
-            self._attempted.set()
             for cb in self.on_load_failed:
                 cb(e)
             return
@@ -96,7 +84,6 @@ class Service:
         self.batcher.start()
         self.monitoring.watch(lambda: self.batcher.depth, lambda kind: self.executor.sizes().get(kind) or 0)
         self._loaded.set()
-        self._attempted.set()
         logger.info("loaded in %.1f s", time.perf_counter() - t0)
         for cb in self.on_loaded:
             cb(self)

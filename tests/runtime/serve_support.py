@@ -50,8 +50,14 @@ def local_service(
         settings,
         token=token,
     )
-    if start:
-        svc.start(background=False)
+    return started(svc) if start else svc
+
+
+def started(svc: Service) -> Service:
+    """``svc`` loaded (its loader thread joined); a load failure raises here."""
+    svc.start().join()
+    if svc.load_error is not None:
+        raise svc.load_error
     return svc
 
 

@@ -23,7 +23,14 @@ from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.topk import block_topk
 from runtime.weights import ScanWeights, WeightsError, expected_shapes
 from tests.conftest import golden_expected
-from tests.helpers import BLOCKED_IMPORTS, ENCODER_OPTIONS, HEAD_OPTIONS, option_config, run_with_blocked_imports
+from tests.helpers import (
+    BLOCKED_IMPORTS,
+    ENCODER_OPTIONS,
+    HEAD_OPTIONS,
+    encode_texts,
+    option_config,
+    run_with_blocked_imports,
+)
 
 ATOL = RTOL = 1e-5
 FP16_TOL = 5e-3
@@ -416,8 +423,8 @@ def test_engine_numpy_backend_matches_onnxruntime_search(engine_path):
         i_ref, g_ref = ref.encode_images(regions)
         i_got, g_got = m.encode_images(regions)
         np.testing.assert_allclose(i_got, i_ref, atol=ATOL, rtol=RTOL)
-        w_ref, lengths = ref.encode_captions(captions)
-        w_got, _ = m.encode_captions(captions)
+        w_ref, lengths = encode_texts(ref, captions)
+        w_got, _ = encode_texts(m, captions)
         np.testing.assert_allclose(w_got, w_ref, atol=ATOL, rtol=RTOL)
         np.testing.assert_allclose(
             m.sims(i_got, g_got, w_got, lengths), ref.sims(i_ref, g_ref, w_ref, lengths), atol=ATOL, rtol=RTOL
@@ -623,7 +630,8 @@ with ScanEngine.open(engine_path, EngineOptions(backend="cupy")) as engine:
     with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
         text = s.search(json.load(open(folder + "/queries.json")), 7)
         image = s.search(np.load(folder + "/queries.npy"), 9)
-        words, lengths = engine.encode_captions(json.load(open(folder + "/queries.json")))
+        ids, lengths = engine.tokenizer.encode_batch(json.load(open(folder + "/queries.json")))
+        words = engine.encode_ids(ids, lengths)
         uploaded = s._upload(s._generation, "images", 0)
         rows = [r for _, r in engine.head.block_sims(uploaded, {"captions": words, "lengths": lengths}, 0)]
         held = {key[1]: len(list(g)) for key, g in s._generation._made.items()}
@@ -652,7 +660,7 @@ def test_searcher_on_the_cupy_path_with_a_numpy_stand_in(engine_path, tmp_path):
         )
         with Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=6, caption_block=4)) as s:
             want = (s.search(queries_text, 7), s.search(queries_images, 9))
-        words, lengths = engine.encode_captions(queries_text)
+        words, lengths = encode_texts(engine, queries_text)
         want_sims = engine.sims(images.images, images.image_gram, words, lengths).T  # (queries, images)
     proc = run_with_blocked_imports(FAKE_CUPY_SEARCH_SCRIPT, str(engine_path), str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -26,6 +26,7 @@ from tests.runtime.serve_support import (
     local_service,
     request,
     run_client,
+    started,
 )
 
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
@@ -477,7 +478,7 @@ class FakeExecutor:
 def test_full_queue_answers_503_with_retry_after():
     fake = FakeExecutor()
     svc = Service(lambda: fake, Settings(Batching(max_batch=2, max_delay_ms=0, max_queue=4), Limits(max_queries=4)))
-    svc.start(background=False)
+    started(svc)
     fake.gate.clear()
 
     async def body(client):
@@ -509,7 +510,7 @@ def test_full_queue_answers_503_with_retry_after():
 def test_an_internal_failure_is_500_for_that_request_only():
     fake = FakeExecutor()
     svc = Service(lambda: fake, Settings(Batching(max_batch=8, max_delay_ms=200)))
-    svc.start(background=False)
+    started(svc)
 
     async def body(client):
         import asyncio
@@ -549,7 +550,8 @@ def test_ready_only_after_loading():
         assert r.status_code == 503 and "loading" in r.json()["error"]
         assert request(svc, "GET", "/v1/info").json()["ready"] is False
         loaded.set()
-        assert svc.wait_ready(30)
+        svc.start().join(30)
+        assert svc.ready
         assert request(svc, "GET", "/readyz").status_code == 200
         assert request(svc, "POST", TEXT, json={"queries": ["dog"]}).status_code == 200
     finally:
@@ -562,8 +564,8 @@ def test_a_failed_load_stays_not_ready_with_the_reason():
         raise FileNotFoundError("engines/scan.json: no such file")
 
     svc = Service(broken)
-    svc.start()
-    assert not svc.wait_ready(30)
+    svc.start().join(30)
+    assert not svc.ready
     r = request(svc, "GET", "/readyz")
     assert r.status_code == 503 and "no such file" in r.json()["error"]
     svc.close()

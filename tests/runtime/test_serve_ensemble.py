@@ -18,7 +18,7 @@ from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Batching, Settings
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, request, run_client
+from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, request, run_client, started
 
 WEIGHTS = "0.3,0.7"
 TEXT, IMAGES = "/v1/search/text", "/v1/search/images"
@@ -50,7 +50,7 @@ def ensemble_service(small_engines, folder, settings=None) -> Service:
         lambda: Executor.open(paths(small_engines), folder, ONE_THREAD, weights=WEIGHTS),
         settings,
     )
-    svc.start(background=False)
+    started(svc)
     return svc
 
 
@@ -165,9 +165,9 @@ def test_a_single_model_gallery_is_refused_at_load(small_engines, tmp_path):
             engine, random_regions(4, seed=1), tmp_path / "single" / "images", options=WriteOptions(progress=False)
         )
     svc = Service(lambda: Executor.open(paths(small_engines), tmp_path / "single", ONE_THREAD))
-    svc.start()
     try:
-        assert not svc.wait_ready(60)
+        svc.start().join(60)
+        assert not svc.ready
         r = request(svc, "GET", "/readyz")
         assert r.status_code == 503 and "one model only" in r.json()["error"]
         assert f"member 2 ({small_engines['i2t']})" in r.json()["error"]

@@ -15,7 +15,7 @@ from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Settings
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, local_service, request
+from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, local_service, request, started
 
 TEXT, IMAGES = "/v1/search/text", "/v1/search/images"
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
@@ -34,7 +34,7 @@ def services(ray_cluster, small_engines, tmp_path_factory):
         lambda: Executor.open([engine], ensure_split(folder, 2), ONE_THREAD, shards={"timeout_s": 3.0}),
         Settings(),
     )
-    sharded.start(background=False)
+    started(sharded)
     yield local, sharded
     sharded.close()
     local.close()
@@ -120,7 +120,7 @@ def test_shard_unavailable_maps_to_503_with_retry_after(small_engines, tmp_path)
     engine = small_engines["t2i"]
     folder = build_gallery(engine, tmp_path / "g")
     svc = Service(lambda: _DeadShards.open([engine], folder, ONE_THREAD), Settings())
-    svc.start(background=False)
+    started(svc)
     try:
         r = request(svc, "POST", TEXT, json={"queries": random_captions(2), "k": 3})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"

@@ -30,7 +30,7 @@ from tests.fake_tensorrt import (
     export_golden,
     install_fakes,
 )
-from tests.helpers import minimal_manifest
+from tests.helpers import encode_texts, minimal_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -273,12 +273,12 @@ def test_scan_engine_opens_tensorrt_backends(monkeypatch, export_copy: Path) -> 
 
     with ScanEngine(load_manifest(export_copy), EngineOptions(backend="tensorrt")) as eng:
         assert eng.head.name == eng.text.name == eng.image.name == "tensorrt"
-        words, lengths = eng.encode_captions(["a dog", "two dogs on a beach"])
+        words, lengths = encode_texts(eng, ["a dog", "two dogs on a beach"])
         regions = np.random.default_rng(5).standard_normal((3, 36, eng.config.img_dim)).astype(np.float32)
         images, gram = eng.encode_images(regions)
         sims = eng.sims(images, gram, words, lengths)
     with ScanEngine(load_manifest(export_copy), EngineOptions(backend="onnxruntime")) as ref:
-        words_r, _ = ref.encode_captions(["a dog", "two dogs on a beach"])
+        words_r, _ = encode_texts(ref, ["a dog", "two dogs on a beach"])
         images_r, gram_r = ref.encode_images(regions)
         np.testing.assert_allclose(sims, ref.sims(images_r, gram_r, words_r, lengths), rtol=1e-5, atol=1e-6)
 
