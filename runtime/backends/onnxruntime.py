@@ -47,13 +47,11 @@ def open_session(
     device: str = "cpu",
     threads: int | None = None,
     inter_op_threads: int = 1,
-    optimize: bool = True,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
 
-    ``threads``: intra-op threads (default: the CPUs this process may use). ``optimize=False`` turns the
-    graph optimizations off. Raises BackendError naming the model when the session cannot open or when
-    the provider asked for did not load.
+    ``threads``: intra-op threads (default: the CPUs this process may use). Raises BackendError naming the
+    model when the session cannot open or when the provider asked for did not load.
     """
     ort = _import_ort()
     label = f"{len(model)}-byte model" if isinstance(model, (bytes, bytearray)) else str(model)
@@ -70,9 +68,7 @@ def open_session(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = inter_op_threads
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
     try:

@@ -163,9 +163,9 @@ def split(gallery: str | Path, out: str | Path, shards: int) -> list[ShardInfo]:
     return read_layout(out)
 
 
-def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None) -> Path:
+def ensure_split(gallery: str | Path, shards: int) -> Path:
     """The sharded gallery to serve for ``gallery`` with ``shards`` shards: ``gallery`` itself when it is
-    sharded; else ``out`` (default: ``<gallery>.shards-<S>`` beside it), split now if it does not exist
+    sharded; else ``<gallery>.shards-<S>`` beside it, split now if it does not exist
     yet, refused if it was split from an older generation of ``gallery`` (it would miss later appends)."""
     gallery = Path(gallery)
     if (gallery / LAYOUT).is_file():
@@ -176,7 +176,7 @@ def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None
                 f"again with runtime/shards.py to change the number of shards"
             )
         return gallery
-    out = Path(out) if out is not None else gallery.with_name(f"{gallery.name}.shards-{shards}")
+    out = gallery.with_name(f"{gallery.name}.shards-{shards}")
     if not (out / LAYOUT).is_file():
         split(gallery, out, shards)
         return out
