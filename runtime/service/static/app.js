@@ -179,8 +179,9 @@ async function searchText(q, k, open = null) {
   }
 }
 
-async function searchImage(query, k) {
+async function searchImage(query, k, open = null) {
   closeExplanation();
+  $("#picker").open = false;
   const label = query.id !== undefined ? query.name ?? `image ${query.id}` : query.name;
   setStatus(`searching captions for ${label}…`, "busy");
   const box = $("#query-image");
@@ -197,6 +198,11 @@ async function searchImage(query, k) {
         : await postNpy(`/v1/search/images?k=${k}`, query.bytes);
     const count = renderHits($("#caption-hits"), answer, "caption", (id, text) => explainImage(query, id, text));
     setStatus(`${count} results`, "done");
+    if (open !== null) {
+      const item = $(`#caption-hits .hit[data-id="${CSS.escape(String(open))}"]`);
+      if (item) item.classList.add("selected");
+      await explainImage(query, Number(open), item ? item.querySelector(".name").textContent : null, true);
+    }
   } catch (e) {
     $("#caption-hits").replaceChildren();
     setStatus(e.message, "error");
@@ -245,7 +251,8 @@ async function explainText(q, id, name, fromURL = false) {
   await explain(postJSON("/v1/explain", { query: q, id }), `“${q}” and ${name ?? `image ${id}`}`);
 }
 
-async function explainImage(query, id, text) {
+async function explainImage(query, id, text, fromURL = false) {
+  if (!fromURL && query.id !== undefined) writeURL({ image: query.id, k: readK($("#k2")), open: id });
   const request =
     query.id !== undefined
       ? postJSON("/v1/explain", { image_id: query.id, id })
@@ -253,9 +260,10 @@ async function explainImage(query, id, text) {
   await explain(request, `${query.name ?? `image ${query.id}`} and “${text ?? `caption ${id}`}”`);
 }
 
+// The search's #status is left as it is (a browser test reads it); the panel says what it is doing.
 async function explain(request, title) {
   const panel = $("#explain");
-  setStatus("explaining…", "busy");
+  $("#explain-title").textContent = `${title}: explaining…`;
   try {
     const answer = await request;
     state.explanation = answer;
@@ -279,7 +287,6 @@ async function explain(request, title) {
       choice.hidden = true;
     }
     renderBlock(answer, answer.members ? answer.members[0] : answer);
-    setStatus(`score ${formatScore(answer.score)}`, "done");
     panel.scrollIntoView({ behavior: "smooth", block: "nearest" });
   } catch (e) {
     setStatus(e.message, "error");
@@ -490,13 +497,21 @@ async function start() {
   await route();
 }
 
-// The page's state from its URL: ?q= text search (and open= an explanation), ?image= the other direction.
+// The page's state from its URL: ?q= text search, ?image= the other direction; open= an explanation of a hit.
 async function route() {
   const { q, k, open, image } = readURL();
   if (image !== null && image !== "") {
     showTab("image");
     if (k) $("#k2").value = k;
-    await searchImage({ id: Number(image), name: null }, readK($("#k2")));
+    const id = Number(image);
+    let name = null;
+    try {
+      const page = await api(`/v1/images?offset=${id}&limit=1`);
+      if (page.names && page.ids[0] === id) name = page.names[0];
+    } catch {
+      // the name is only a label: search without it
+    }
+    await searchImage({ id, name }, readK($("#k2")), open);
     return;
   }
   showTab("text");
