@@ -80,8 +80,21 @@ class ShardServer:
         offset = self.shard.offset(DIRECTIONS[direction])
         return self.searcher.labels(direction, np.asarray([ids], np.int64) - offset)[0]
 
-    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
-        self.searcher.add_images(regions, names)
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """This shard's images ``ids`` (global) as image -> text queries."""
+        return self.searcher.image_queries([i - self.shard.offset("images") for i in ids])
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        return self.searcher.boxes(image_id - self.shard.offset("images"))
+
+    def explain(self, query: str | Queries, item: int) -> Any:
+        """The explanation of ``query`` and this shard's item ``item`` (global id)."""
+        return self.searcher.explain(query, item - self.shard.offset(DIRECTIONS[_direction(query)]))
+
+    def add_images(
+        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        self.searcher.add_images(regions, names, boxes)
         return self.info()
 
     def add_captions(self, texts: Sequence[str]) -> dict[str, Any]:
@@ -109,6 +122,10 @@ class ShardServer:
     def close(self) -> None:
         self.searcher.close()
         self.engine.close()
+
+
+def _direction(query: str | Queries) -> str:
+    return "text_to_image" if isinstance(query, str) else query.direction
 
 
 def _node_id() -> str | None:
@@ -220,9 +237,10 @@ class Shards:
 
         # A large batch goes to the object store once and every shard reads it; a small one travels
         # inside each task (cheaper than a store round trip, which a 1-shard request would pay for nothing).
-        large = queries.regions is not None and queries.regions.nbytes > INLINE_BYTES
+        large = sum(a.nbytes for a in (queries.regions, *(x for m in queries.encoded for x in m)) if a is not None)
+        large = large > INLINE_BYTES
         arg = ray.put(queries) if large else queries
-        what = "search_text" if queries.regions is None else "search_images"
+        what = "search_text" if queries.direction == "text_to_image" else "search_images"
         return self._gather([a.search.remote(arg, k) for a in self.actors], what)
 
     def labels(self, direction: str, ids: np.ndarray) -> list[list[str | None]]:
@@ -237,13 +255,34 @@ class Shards:
         found = {i: label for s, labels in zip(shards, answers) for i, label in zip(wanted[s], labels)}
         return [[found.get(int(i)) if i >= 0 else None for i in row] for row in ids]
 
-    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> int:
+    def _holder(self, kind: str, item: int) -> int:
+        """The shard holding global id ``item`` of ``kind``."""
+        return bisect.bisect_right([s.offset(kind) for s in self.layout], item) - 1
+
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """Global image ids as image -> text queries, each encoded by the shard holding it."""
+        shards = [self._holder("images", i) for i in ids]
+        parts = self._gather([self.actors[s].image_queries.remote([i]) for s, i in zip(shards, ids)], "images", shards)
+        return Queries.concat(parts)
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        shard = self._holder("images", image_id)
+        return self._gather([self.actors[shard].boxes.remote(image_id)], "boxes", [shard])[0]
+
+    def explain(self, query: str | Queries, item: int) -> Any:
+        """The explanation of ``query`` and global item ``item``, by the shard holding it."""
+        shard = self._holder(DIRECTIONS[_direction(query)], item)
+        return self._gather([self.actors[shard].explain.remote(query, item)], "explain", [shard])[0]
+
+    def add_images(
+        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+    ) -> int:
         """Append to the last shard (atomically, persisted); returns the image gallery's new size."""
         if names is not None and len(names) != len(regions):
             raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
         with self._lock:
             check_names(self._image_names, names)
-            info = self._gather([self.actors[-1].add_images.remote(regions, names)], "add_images", [-1])[0]
+            info = self._gather([self.actors[-1].add_images.remote(regions, names, boxes)], "add_images", [-1])[0]
             self._sizes["images"][-1] = info["images"]["size"]
             self._image_names = info["images"].get("names")
             return sum(self._sizes["images"])

@@ -40,12 +40,14 @@ class Explanation:
     ``attention``: float32, rows sum to 1. ``t2i``: (words, regions), each word's softmax over the regions;
     ``i2t``: (regions, words), each region's softmax over the words. ``relevance``: one cosine per row,
     between the row's item and its attended context; ``score`` aggregates them with the model's ``agg_func``.
+    ``words``: the caption's tokens as the model saw them (``Tokenizer.tokens``), when known.
     """
 
     score: float
     attention: np.ndarray
     relevance: np.ndarray
     cross_attn: str
+    words: tuple[str, ...] = ()
 
     @property
     def n_words(self) -> int:
@@ -66,6 +68,7 @@ class Explanation:
         """The JSON body's explanation fields (floats as Python floats)."""
         return {
             "score": self.score,
+            "words": list(self.words),
             "attention": self.attention.astype(float).tolist(),
             "relevance": self.relevance.astype(float).tolist(),
             "cross_attn": self.cross_attn,
@@ -155,3 +158,26 @@ def combine(members: Sequence[Explanation], weights: Sequence[float] | None = No
         part = w * np.float32(m.score)
         score = part if score is None else score + part
     return EnsembleExplanation(score=float(score), members=members, weights=normalised)
+
+
+def pair_json(
+    explanation: Explanation | EnsembleExplanation,
+    *,
+    id: int,
+    image_id: int | None,
+    boxes: np.ndarray | None,
+    picture: str | None,
+) -> dict[str, Any]:
+    """One pair's explanation as the service answers it (runtime/service/static/API.md) and ``search.py
+    --explain --json`` prints it: ``id`` the gallery item asked for, ``image_id`` the image's gallery id (None
+    for an uploaded one), ``boxes`` its (R, 4) region boxes (None: the gallery has none), ``picture`` where
+    its picture is (a URL or a file; None: nowhere)."""
+    first = explanation.members[0] if isinstance(explanation, EnsembleExplanation) else explanation
+    return {
+        "id": int(id),
+        "image_id": None if image_id is None else int(image_id),
+        **explanation.to_json(),
+        "regions": first.n_regions,
+        "boxes": None if boxes is None else np.asarray(boxes, np.float32).astype(float).tolist(),
+        "picture": picture,
+    }

@@ -35,6 +35,7 @@ import numpy as np
 from runtime.backends.base import GalleryBlocks
 from runtime.buckets import length_batches
 from runtime.engine import ScanEngine, ScanModel
+from runtime.explain import EnsembleExplanation, Explanation, combine, explain
 from runtime.features import check_regions
 from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFolder, ImageGallery
 from runtime.gallery.members import check_agreement, member_label
@@ -108,21 +109,37 @@ def check_names(has_names: bool | None, names: Sequence[str] | None) -> None:
 @dataclass(frozen=True)
 class Queries:
     """Queries checked and ready for every member (``Searcher.prepare``): text tokenised once per member
-    (``tokens``: per member, ids (n, L) padded with 0 and lengths (n,)), or region features (``regions``,
-    float32 (n, R, img_dim)). ``Queries.concat`` joins several requests' queries into one batch."""
+    (``tokens``: per member, ids (n, L) padded with 0 and lengths (n,)), region features (``regions``,
+    float32 (n, R, img_dim)), or images of the gallery already encoded (``encoded``: per member, float32
+    images (n, R, d) and Gram matrices (n, R, R); ``Searcher.image_queries``). ``Queries.concat`` joins
+    several requests' queries of one form into one batch."""
 
     direction: str
     tokens: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     regions: np.ndarray | None = None
+    encoded: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
 
     def __len__(self) -> int:
-        return len(self.regions) if self.regions is not None else len(self.tokens[0][1])
+        if self.regions is not None:
+            return len(self.regions)
+        return len(self.encoded[0][0]) if self.encoded else len(self.tokens[0][1])
+
+    @property
+    def batch_key(self) -> tuple[str, int] | None:
+        """What queries must share to be one batch: image queries of one form and number of regions."""
+        if self.regions is not None:
+            return ("regions", int(self.regions.shape[1]))
+        return ("encoded", int(self.encoded[0][0].shape[1])) if self.encoded else None
 
     @staticmethod
     def concat(parts: Sequence[Queries]) -> Queries:
         first = parts[0]
         if first.regions is not None:
             return Queries(first.direction, regions=np.concatenate([p.regions for p in parts]))
+        if first.encoded:
+            members = zip(*(p.encoded for p in parts))
+            encoded = tuple((np.concatenate([i for i, _ in m]), np.concatenate([g for _, g in m])) for m in members)
+            return Queries(first.direction, encoded=encoded)
         tokens = []
         for member in zip(*(p.tokens for p in parts)):
             width = max(ids.shape[1] for ids, _ in member)
@@ -300,6 +317,87 @@ class Searcher:
                 scores[rows], ids[rows] = self._merged(kind, self._blocks(g, kind, batch, k), len(rows), k, g)
         return scores, ids
 
+    # ------------------------------------------------------------------ gallery images as queries, explanations
+
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """Images of the image gallery as image -> text queries (what ``search_prepared`` takes): each member's
+        encoded images, float32, as a search of their region features would encode them."""
+        ids = [self.item("images", i, f"ids[{n}]") for n, i in enumerate(ids)]
+        if not ids:
+            raise SearchError("ids: expected at least one image id, received none")
+        if self.shards is not None:
+            return self.shards.image_queries(ids)
+        encoded = tuple(
+            (np.asarray(g.images[ids], np.float32), np.asarray(g.image_gram[ids], np.float32))
+            for g in self._generation.images
+        )
+        return Queries("image_to_text", encoded=encoded)
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        """Image ``image_id``'s region boxes (R, 4) float32, x1 y1 x2 y2 in its picture's pixels; None when the
+        gallery has none (``--boxes``)."""
+        image_id = self.item("images", image_id, "image_id")
+        if self.shards is not None:
+            return self.shards.boxes(image_id)
+        boxes = self._generation.images[0].boxes
+        return None if boxes is None else np.array(boxes[image_id], np.float32)
+
+    def item(self, kind: str, item: object, field: str = "id") -> int:
+        """``item`` checked as an id of the ``kind`` gallery (an integer in [0, size))."""
+        size = self.sizes()[kind]
+        if size is None:
+            raise SearchError(f"{_MISSING[kind]}; {_REMEDY[kind]}")
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise SearchError(f"{field}: expected an integer {kind[:-1]} id, received {type(item).__name__} {item!r}")
+        if not 0 <= item < size:
+            raise SearchError(f"{field}: {kind[:-1]} id {item} is outside the gallery (ids 0..{size - 1})")
+        return int(item)
+
+    def explain(self, query: str | np.ndarray | Queries, item: int) -> Explanation | EnsembleExplanation:
+        """Why ``query`` and gallery item ``item`` matched: the model's attention for that pair
+        (runtime/explain.py), its ``score`` the search score of the pair (to 1e-5, float32 graphs).
+
+        ``query``: a caption (``item``: an image id), or one image (``item``: a caption id) as region features
+        (R, img_dim) or (1, R, img_dim), or one gallery image (``image_queries([id])``). One model gives an
+        ``Explanation``; an ensemble an ``EnsembleExplanation``, each member's and the weighted score.
+        Sharded: the shard holding ``item`` explains it.
+        """
+        text = isinstance(query, str)
+        direction = "text_to_image" if text else "image_to_text"
+        kind = DIRECTIONS[direction]
+        item = self.item(kind, item, "id")
+        if isinstance(query, np.ndarray) and query.ndim == 2:
+            query = query[None]
+        if text:
+            prepared = self.prepare(direction, [query], "query")
+        elif isinstance(query, Queries):
+            prepared = query
+        else:
+            prepared = self.prepare(direction, query, "query regions")
+        if len(prepared) != 1:
+            raise SearchError(f"query: explain takes one image, received {len(prepared)}")
+        if self.shards is not None:
+            return self.shards.explain(query if text else prepared, item)
+        galleries = self._generation.of(kind)
+        members = []
+        for m, (engine, gallery) in enumerate(zip(self.engines, galleries)):
+            if text:
+                ids, lengths = prepared.tokens[m]
+                words = engine.encode_ids(ids, lengths)[0]
+                ex = explain(engine.config, words, int(lengths[0]), gallery.images[item], gallery.image_gram[item])
+                tokens = engine.tokenizer.tokens(query)
+            else:
+                if prepared.encoded:
+                    images, gram = prepared.encoded[m]
+                else:
+                    images, gram = engine.encode_images(prepared.regions, name="query regions")
+                row = int(np.flatnonzero(np.asarray(gallery.ids) == item)[0])  # its place in the length order
+                lo, hi = int(gallery.offsets[row]), int(gallery.offsets[row + 1])
+                ex = explain(engine.config, gallery.words[lo:hi], hi - lo, images[0], gram[0])
+                tokens = engine.tokenizer.tokens(gallery.texts[item])
+            members.append(replace(ex, words=tuple(tokens)))
+        return members[0] if len(members) == 1 else combine(members, self.weights)
+
     def _check(self, direction: str, k: object) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise SearchError(f"k must be a positive integer, received {k!r}")
@@ -314,8 +412,8 @@ class Searcher:
         """``(rows, per member the head's query inputs)`` per batch of at most ``query_batch`` queries; captions
         in batches of similar length (by the first member's lengths; every member pads to its own longest)."""
         batch = self.options.query_batch
-        if queries.regions is not None:
-            encoded = [e.encode_images(queries.regions, name="query regions") for e in self.engines]
+        if queries.regions is not None or queries.encoded:
+            encoded = queries.encoded or [e.encode_images(queries.regions, name="query regions") for e in self.engines]
             for a in range(0, len(queries), batch):
                 rows = np.arange(a, min(a + batch, len(queries)))
                 yield rows, [{"images": images[rows], "image_gram": gram[rows]} for images, gram in encoded]
@@ -484,16 +582,19 @@ class Searcher:
         labels = None if galleries is None else (galleries[0].names if kind == "images" else galleries[0].texts)
         return [[labels[i] if labels is not None and i >= 0 else None for i in row] for row in np.asarray(ids).tolist()]
 
-    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> int:
-        """Append images to every member's gallery, committed together, and search them from now on; returns
-        the gallery's new size. Sharded: to the last shard."""
+    def add_images(
+        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+    ) -> int:
+        """Append images (with their region ``boxes`` when the gallery keeps boxes) to every member's gallery,
+        committed together, and search them from now on; returns the gallery's new size. Sharded: to the last
+        shard."""
         regions = check_regions(regions, self.engines[0].config.img_dim, "regions")
         if self.shards is not None:
-            return self.shards.add_images(regions, names)
+            return self.shards.add_images(regions, names, boxes)
         with self._write:
             old = self._generation.images
             check_names(None if old is None else old[0].names is not None, names)
-            return self._append("images", regions, names)
+            return self._append("images", regions, names, boxes)
 
     def add_captions(self, texts: Sequence[str]) -> int:
         """As ``add_images``, for captions (every member must take every caption before any is written)."""
@@ -507,7 +608,7 @@ class Searcher:
         with self._write:
             return self._append("captions", texts, None)
 
-    def _append(self, kind: str, items: Any, names: Sequence[str] | None) -> int:
+    def _append(self, kind: str, items: Any, names: Sequence[str] | None, boxes: np.ndarray | None = None) -> int:
         if self.folder is None:
             raise GalleryError("appends need a searcher opened on a gallery folder (Searcher.open)")
         old = self._generation.of(kind)
@@ -518,7 +619,7 @@ class Searcher:
             index="auto" if self.options.candidates else None,  # the index follows the append, not the next search
         )
         if kind == "images":
-            written = _generation(self.folder.write_images(items, names, options))
+            written = _generation(self.folder.write_images(items, names, options, boxes=boxes))
         else:
             written = _generation(self.folder.write_captions(items, options))
         current = self._generation

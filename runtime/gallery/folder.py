@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.features import load_regions
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
-from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery, load_boxes
 from runtime.gallery.members import (
     ENSEMBLE,
     KINDS,
@@ -96,9 +96,11 @@ class GalleryFolder:
         names: Sequence[str] | None = None,
         options: WriteOptions = WriteOptions(),
         repeated: bool | None = None,
+        boxes: np.ndarray | str | Path | None = None,
     ) -> Galleries:
-        """Encode region features with every engine into the folder (or append them, ``options.append``).
-        Only ``images`` is set in the result."""
+        """Encode region features with every engine into the folder (or append them, ``options.append``), with
+        the images' region ``boxes`` when given (every member's cache keeps them). Only ``images`` is set in
+        the result."""
         if self.members:
             if len({e.config.img_dim for e in self.engines}) > 1:
                 raise GalleryError(
@@ -107,9 +109,11 @@ class GalleryFolder:
                 )
             if isinstance(regions, (str, Path)):  # read (memory-mapped) once for all members
                 regions = load_regions(regions, self.engines[0].config.img_dim)
+            if isinstance(boxes, (str, Path)):
+                boxes = load_boxes(boxes, len(regions), regions.shape[1] if regions.ndim == 3 else 0)
         return self._write(
             "images",
-            lambda engine, folder, o: build_image_gallery(engine, regions, folder, names, o, repeated),
+            lambda engine, folder, o: build_image_gallery(engine, regions, folder, names, o, repeated, boxes=boxes),
             options,
         )
 
