@@ -38,6 +38,7 @@ from bench.demo.train import (
 from export.checkpoint import find_vocab, load_checkpoint, read_checkpoint
 from runtime.atomic import sha256_file
 from runtime.config import SCANConfig
+from runtime.gallery import ImageGallery
 from runtime.tokenizer import tokenize
 from runtime.vocab import SPECIAL_TOKENS, Vocabulary
 
@@ -284,7 +285,8 @@ def test_full_demo_is_far_above_chance(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, capsys):
-    """``make demo``'s steps (export, galleries, queries both ways, recall three ways) on the tiny model."""
+    """``make demo``'s steps (pictures, export, galleries with boxes, queries both ways, an explanation, recall
+    three ways, how to serve the page) on the tiny model."""
     import bench.demo.__main__ as demo
 
     out, _, _ = tiny_run
@@ -300,11 +302,19 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, c
         "image -> text",
         "recall on the test split",
         "float16 graphs",
+        "drawing the test pictures",
+        "each word's top regions",
         "done:",
     ):
         assert step in printed, step
     assert printed.count("rsum:") == 3 and "test_image_0" in printed
     assert (work / "engines" / "scan.json").is_file() and (work / "gallery" / "images" / "gallery.json").is_file()
+    n = len(np.load(work / "data" / "demo_precomp" / "test_ims.npy", mmap_mode="r"))
+    assert len(list((work / "pictures").glob("test_image_*.png"))) == n
+    with ImageGallery.load(work / "gallery" / "images") as gallery:
+        assert gallery.boxes.shape == (n, 36, 4) and gallery.names[0] == "test_image_0000"
+    assert f"runtime/serve.py --engine {work / 'engines' / 'scan.json'} --gallery {work / 'gallery'}" in printed
+    assert f"--image-dir {work / 'pictures'}" in printed
 
 
 def test_demo_without_its_dependencies_says_how_to_install(monkeypatch, capsys):
