@@ -254,3 +254,26 @@ def test_local_ray_from_another_thread_is_refused(monkeypatch):
     t.start()
     t.join(30)
     assert errors and "from the main thread" in errors[0]
+
+
+def test_explain_goes_to_the_shard_holding_the_id(two_shards):
+    """Explanations and gallery images as queries (image_queries) route to the shard that holds the id and
+    answer what one process answers."""
+    engine_path, gallery, searcher = two_shards
+    regions = random_regions(2, seed=3)
+    engine = ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime"))
+    with engine, Searcher.open(engine, gallery) as single:
+        for image in (0, N_IMAGES - 1):  # one in each shard
+            got, want = (
+                searcher.explain("a dog on the grass .", image),
+                single.explain("a dog on the grass .", image),
+            )
+            assert got.words == want.words and abs(got.score - want.score) <= 1e-5
+            np.testing.assert_allclose(got.attention, want.attention, atol=1e-6)
+            assert searcher.boxes(image) is None
+        for caption in (0, N_CAPTIONS - 1):
+            assert abs(searcher.explain(regions[0], caption).score - single.explain(regions[0], caption).score) <= 1e-5
+        by_id = searcher.search_prepared(searcher.image_queries([N_IMAGES - 1, 0]), 5)
+        assert_same(by_id, single.search_prepared(single.image_queries([N_IMAGES - 1, 0]), 5), "image ids")
+    with pytest.raises(SearchError, match="image id 23 is outside the gallery"):
+        searcher.explain("a dog .", N_IMAGES)

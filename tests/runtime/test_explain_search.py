@@ -140,3 +140,17 @@ def test_boxes_are_kept_appended_and_checked(world, tmp_path):
     plain2.write_images(regions[:1], options=WRITE, boxes=tmp_path / "boxes.npy")
     with pytest.raises(GalleryError, match=r"--boxes .*nope\.npy: no such file"):
         plain2.write_images(regions[:1], options=WRITE, boxes=tmp_path / "nope.npy")
+
+
+def test_shards_split_and_merge_keep_the_boxes(world, tmp_path):
+    from runtime.gallery.shards import merge, split
+
+    folders, _, _, boxes = world
+    split(folders["t2i"][0], tmp_path / "sharded", 2)
+    parts = [ImageGallery.load(tmp_path / "sharded" / f"shard-{i}" / "images") for i in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([p.boxes for p in parts]), boxes)
+    merge(tmp_path / "sharded", tmp_path / "merged")
+    with ImageGallery.load(tmp_path / "merged" / "images", verify=True) as merged:
+        np.testing.assert_array_equal(merged.boxes, boxes)
+    for p in parts:
+        p.close()
