@@ -123,9 +123,7 @@ class Browser:
         self.wait("document.readyState === 'complete'")
 
     def viewport(self, width: int, height: int, mobile: bool = False) -> None:
-        self.call(
-            "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=mobile
-        )
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=mobile)
 
     def type(self, selector: str, text: str) -> None:
         """Focus ``selector``, clear it and type ``text`` as key presses."""
@@ -146,7 +144,8 @@ class Browser:
     def click(self, selector: str) -> None:
         """A real mouse click at the middle of ``selector`` (scrolled into view first)."""
         x, y = self.js(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView({{block: 'center'}});"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'});"
             " const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
