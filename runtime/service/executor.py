@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine import ScanEngine
+from runtime.explain import pair_json
 from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import DIRECTIONS, Queries, Searcher
 from runtime.service.types import Appended, Hits
@@ -68,6 +69,37 @@ class Executor:
     def prepare(self, direction: str, queries: Sequence[str] | np.ndarray, field: str = "queries") -> Queries:
         """Queries checked and tokenised once, before they are queued (errors name ``field``)."""
         return self.searcher.prepare(direction, queries, field)
+
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """Gallery images as image -> text queries (``POST /v1/search/images {"ids": [...]}``)."""
+        return self.searcher.image_queries(ids)
+
+    def explain(
+        self, item: int, caption: str | None = None, image_id: int | None = None, regions: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """The explanation of one pair as ``POST /v1/explain`` answers it (``picture`` left None): a ``caption``
+        and image ``item``, or gallery image ``image_id`` / uploaded ``regions`` (1, R, img_dim) and caption
+        ``item``."""
+        if caption is not None:
+            explanation, image_id = self.searcher.explain(caption, item), item
+        elif image_id is not None:
+            explanation = self.searcher.explain(self.searcher.image_queries([image_id]), item)
+        else:
+            explanation = self.searcher.explain(regions, item)
+        boxes = None if image_id is None else self.searcher.boxes(image_id)
+        return pair_json(explanation, id=item, image_id=image_id, boxes=boxes, picture=None)
+
+    def images(self, offset: int, limit: int) -> tuple[int, list[int], list[str | None] | None]:
+        """A page of the image gallery: (its size, the ids from ``offset``, their names or None)."""
+        count = self.searcher.sizes()["images"] or 0
+        ids = list(range(min(offset, count), min(offset + limit, count)))
+        names = self.searcher.labels("text_to_image", np.asarray([ids], np.int64))[0] if ids else []
+        return count, ids, None if ids and all(n is None for n in names) else names
+
+    def image_name(self, image_id: int) -> str | None:
+        """Image ``image_id``'s name (None without names); a SearchError for an id outside the gallery."""
+        image_id = self.searcher.item("images", image_id, "id")
+        return self.searcher.labels("text_to_image", np.asarray([[image_id]], np.int64))[0][0]
 
     def search(self, direction: str, queries: Queries, k: int) -> Hits:
         scores, ids = self.searcher.search_prepared(queries, k)

@@ -126,11 +126,28 @@ class Service:
         prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
         return await asyncio.wrap_future(self.batcher.submit("text_to_image", prepared, k))
 
-    async def search_images(self, regions: np.ndarray, k: int) -> Hits:
-        prepared = self._require_gallery("image_to_text").prepare("image_to_text", regions)
-        # Only queries with the same number of regions can be stacked into one batch.
-        key = int(prepared.regions.shape[1])
-        return await asyncio.wrap_future(self.batcher.submit("image_to_text", prepared, k, key=key))
+    async def search_images(self, regions: np.ndarray | None, k: int, ids: Sequence[int] | None = None) -> Hits:
+        """Image queries: region features, or (``ids``) images of the image gallery."""
+        executor = self._require_gallery("image_to_text")
+        if ids is not None:
+            self._require_gallery("text_to_image")
+            prepared = executor.image_queries(ids)
+        else:
+            prepared = executor.prepare("image_to_text", regions)
+        # Only queries of one form with the same number of regions can be stacked into one batch.
+        return await asyncio.wrap_future(self.batcher.submit("image_to_text", prepared, k, key=prepared.batch_key))
+
+    def explain(
+        self, item: int, caption: str | None = None, image_id: int | None = None, regions: np.ndarray | None = None
+    ) -> dict:
+        """One pair's explanation (``Executor.explain``); not batched: one pair is one small head call."""
+        executor = self._require_gallery("text_to_image" if caption is not None else "image_to_text")
+        if image_id is not None:
+            self._require_gallery("text_to_image")
+        return executor.explain(item, caption, image_id, regions)
+
+    def images(self, offset: int, limit: int) -> tuple[int, list[int], list[str | None] | None]:
+        return self._require_gallery("text_to_image").images(offset, limit)
 
     def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
         out = self.require_ready().append_images(regions, names)
