@@ -59,7 +59,8 @@ def service(small_engines, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, str(REPO / "runtime" / "serve.py"), "--engine", str(engine), "--gallery", str(root / "gal")]
     cmd += ["--image-dir", str(root / "pictures"), "--port", str(port), "--backend", "onnxruntime"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"))
+    log = open(root / "serve.log", "w")  # noqa: SIM115 (the service's lifetime is the fixture's)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -76,6 +77,7 @@ def service(small_engines, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +94,18 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
+def _explained(b: Browser, item: int) -> float:
+    """Wait for the explanation of ``item`` to show; its score as the page holds it."""
+    b.wait(f"!document.querySelector('#explain').hidden && document.querySelector('#explain').dataset.id === '{item}'")
+    return float(b.js("document.querySelector('#explain').dataset.score"))
+
+
 def _hits(b: Browser, list_id: str) -> list[int]:
     return b.js(f"[...document.querySelectorAll('#{list_id} li.hit')].map(e => Number(e.dataset.id))")
 
 
 def test_a_query_in_the_url_a_typed_query_and_a_click(service, browser, shots):
-    base, pictures = service
+    base, _ = service
     b = browser
     # 1. the query in the URL: the hits are the API's, in its order, with its scores
     b.go(f"{base}/?q={urllib.parse.quote_plus(QUERY)}&k=5")
@@ -138,14 +146,15 @@ def test_a_query_in_the_url_a_typed_query_and_a_click(service, browser, shots):
     boxes = np.asarray(explained["boxes"])
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     drawn = b.js(
-        "[...document.querySelectorAll('#overlay rect.box')].map(r => [Number(r.dataset.word), Number(r.dataset.region)])"
+        "[...document.querySelectorAll('#overlay rect.box')]"
+        ".map(r => [Number(r.dataset.word), Number(r.dataset.region)])"
     )
     attention = np.asarray(explained["attention"])
     for w, region in drawn:
         assert area[region] > 0
         top = [int(r) for r in np.argsort(-attention[w], kind="stable") if area[r] > 0][:3]
         assert region in top, (w, region, top)
-    assert b.js(f"new URLSearchParams(location.search).get('open')") == str(hit)
+    assert b.js("new URLSearchParams(location.search).get('open')") == str(hit)
     b.hover("#words button.word[data-word='2']")
     b.screenshot(shots / "search_page.png")
 
