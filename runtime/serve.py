@@ -4,9 +4,11 @@
                             [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
 
 Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
-GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The engine and galleries load in
-the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
-finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
+GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"); the search page at GET / with
+GET /v1/images, GET /v1/images/{id} (pictures from --image-dir) and POST /v1/explain (docs/explain.md).
+The engine and galleries load in the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT
+stops accepting connections, finishes the requests in flight and exits 0. Binds to loopback unless --host says
+otherwise.
 
 Several --engine serve an ensemble (runtime/searcher.py; --weights 0.7,0.3, equal by default): each batch is
 scored by every member and the similarities averaged; the gallery folder holds one cache per member
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options, search_options
 from runtime.options import CANDIDATE_SOURCES
+from runtime.pictures import ImageFolder
 from runtime.searcher import check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
     add_engines_arguments(p, "to serve an ensemble")
     p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
+    p.add_argument(
+        "--image-dir", help="folder of the gallery images' pictures (<name>, <name>.png or .jpg) for the search page"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=B.max_batch, help="queries merged into one search call")
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         token = read_token(args.token_file) if args.token_file else None
+        pictures = ImageFolder(args.image_dir) if args.image_dir else None
         if Path(args.gallery).exists() and not Path(args.gallery).is_dir():
             raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
         for engine in args.engine:
@@ -155,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve(args, settings, token)
+    return serve(args, settings, token, pictures)
 
 
-def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> int:
+def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictures: ImageFolder | None = None) -> int:
     import uvicorn
 
     from runtime.service.app import create_app
@@ -180,7 +187,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         from runtime.cluster import connect
 
         started_ray = connect(args.ray_address)
-    service = Service(open_executor, settings, token=token)
+    service = Service(open_executor, settings, token=token, pictures=pictures)
     config = uvicorn.Config(
         create_app(service),
         host=args.host,

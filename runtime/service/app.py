@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
 from runtime.searcher import SearchError, ShardUnavailableError
+from runtime.service import page
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
 from runtime.service.requests import ApiError
@@ -41,6 +42,8 @@ ENDPOINTS = (
     "/v1/gallery/images",
     "/v1/gallery/captions",
     "/v1/info",
+    "/v1/images",
+    "/v1/explain",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -227,7 +230,15 @@ def create_app(service: Service) -> FastAPI:
     )
     image_body = _body(
         "queries",
-        {"queries": {"type": "array", "description": "region features (n, regions, img_dim)"}, "k": k_schema},
+        {
+            "queries": {"type": "array", "description": "region features (n, regions, img_dim)"},
+            "ids": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "description": "instead of queries: images of the image gallery as the queries",
+            },
+            "k": k_schema,
+        },
         npy=".npy float array (n, regions, img_dim); k in the query string",
     )
     append_images_body = _body(
@@ -253,10 +264,10 @@ def create_app(service: Service) -> FastAPI:
     )
     async def search_images(request: Request) -> Response:
         async def run():
-            regions, k = rq.parse_search_images(
+            regions, k, ids = rq.parse_search_images(
                 await request.body(), request.headers.get("content-type"), request.query_params, limits
             )
-            return _hits_json(await service.search_images(regions, k))
+            return _hits_json(await service.search_images(regions, k, ids))
 
         return await _guard("/v1/search/images", run)
 
@@ -309,6 +320,8 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse({"status": "ready", **service.executor.sizes()})
         reason = f"loading failed: {service.load_error}" if service.load_error else "loading the engine and galleries"
         return _error(503, f"not ready: {reason}", headers=_retry_after(1))
+
+    page.add_routes(app, service, _guard, _body)  # the search page, its pictures and explanations
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

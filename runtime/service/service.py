@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from runtime.pictures import ImageFolder
 from runtime.searcher import DIRECTIONS
 from runtime.service.batcher import Batcher
 from runtime.service.executor import Executor
@@ -37,11 +38,16 @@ class NoGallery(RuntimeError):
 
 class Service:
     def __init__(
-        self, open_executor: Callable[[], Executor], settings: Settings | None = None, token: str | None = None
+        self,
+        open_executor: Callable[[], Executor],
+        settings: Settings | None = None,
+        token: str | None = None,
+        pictures: ImageFolder | None = None,
     ) -> None:
         self.open_executor = open_executor
         self.settings = settings or Settings()
         self.token = token
+        self.pictures = pictures  # the image gallery's pictures (--image-dir), for the search page
         self.executor: Executor | None = None
         self.batcher: Batcher | None = None
         self.load_error: BaseException | None = None
