@@ -230,8 +230,9 @@ def test_the_client_retries_a_write_with_its_key_and_it_is_applied_once(engine_t
 
 def test_sigterm_during_a_long_append_finishes_it_and_answers(engine_t2i, plain, tmp_path):
     folder = Path(shutil.copytree(plain, tmp_path / "g"))
-    proc, log, url = serve(engine_t2i, folder, tmp_path, "--grace-s", "0.3", "--max-append-mb", "1024")
-    n = 40_000
+    limits = ("--max-append-mb", "1024", "--max-append-items", "200000")
+    proc, log, url = serve(engine_t2i, folder, tmp_path, "--grace-s", "0.3", *limits)
+    n = 150_000
     result: dict = {}
 
     def append():
@@ -248,7 +249,11 @@ def test_sigterm_during_a_long_append_finishes_it_and_answers(engine_t2i, plain,
     t = threading.Thread(target=append)
     t.start()
     try:
-        time.sleep(1.5)
+        for _ in range(1000):  # SIGTERM once the append is in flight
+            if "scan_requests_in_flight 1.0" in httpx.get(url + "/metrics").text:
+                break
+            time.sleep(0.005)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         rc = proc.wait(120)
@@ -258,6 +263,7 @@ def test_sigterm_during_a_long_append_finishes_it_and_answers(engine_t2i, plain,
         if size == N_IMAGES + n:  # committed: the client was told so, before the server said "stopped"
             assert isinstance(r, httpx.Response) and r.status_code == 200, (r, text)
             assert r.json()["count"] == N_IMAGES + n
+            assert text.index("Shutting down") < text.index("150040 images") < text.index("stopped")
         else:  # never started: the client was told it was not written
             assert size == N_IMAGES
             assert not (isinstance(r, httpx.Response) and r.status_code == 200), text
