@@ -37,7 +37,7 @@ from runtime.engine import ScanEngine, ScanModel
 from runtime.gallery import GalleryError
 from runtime.gallery.shards import KINDS, check_contiguous, read_layout, read_shard
 from runtime.options import EngineOptions, SearchOptions
-from runtime.searcher import DIRECTIONS, Queries, Searcher, ShardUnavailableError, check_names
+from runtime.searcher import DIRECTIONS, OutcomeUnknown, Queries, Searcher, ShardUnavailableError, check_names
 from runtime.topk import MISSING_ID
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class Shards:
             raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
         with self._lock:
             check_names(self._image_names, names)
-            info = self._gather([self.actors[-1].add_images.remote(regions, names, boxes)], "add_images", [-1])[0]
+            info = self._append(self.actors[-1].add_images.remote(regions, names, boxes), "add_images", len(regions))
             self._sizes["images"][-1] = info["images"]["size"]
             self._image_names = info["images"].get("names")
             return sum(self._sizes["images"])
@@ -290,9 +290,20 @@ class Shards:
     def add_captions(self, texts: Sequence[str]) -> int:
         """Append to the last shard (atomically, persisted); returns the caption gallery's new size."""
         with self._lock:
-            info = self._gather([self.actors[-1].add_captions.remote(list(texts))], "add_captions", [-1])[0]
+            info = self._append(self.actors[-1].add_captions.remote(list(texts)), "add_captions", len(texts))
             self._sizes["captions"][-1] = info["captions"]["size"]
             return sum(self._sizes["captions"])
+
+    def _append(self, ref: Any, what: str, n: int) -> dict[str, Any]:
+        """The last shard's answer to an append. A shard that does not answer in time (or dies) may still
+        commit it: the outcome is unknown (``OutcomeUnknown``), not a failure a client may blindly retry."""
+        try:
+            return self._gather([ref], what, [-1])[0]
+        except ShardUnavailableError as e:
+            raise OutcomeUnknown(
+                f"{what}: the outcome of appending {n} items is unknown: {e}; the last shard may have "
+                f"committed them. Check the gallery's size (GET /readyz) before writing them again"
+            ) from e
 
     def sizes(self) -> dict[str, int | None]:
         return {kind: sum(self._sizes[kind]) or None for kind in KINDS}

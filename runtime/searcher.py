@@ -39,6 +39,7 @@ from runtime.explain import EnsembleExplanation, Explanation, combine, explain
 from runtime.features import check_regions
 from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFolder, ImageGallery
 from runtime.gallery.members import check_agreement, member_label
+from runtime.gallery.store import Repeated
 from runtime.options import SearchOptions, WriteOptions
 from runtime.tokenizer import TokenizerError
 from runtime.topk import NonFiniteScore, RunningTopK, block_topk
@@ -69,6 +70,11 @@ class SearchError(ValueError):
 class ShardUnavailableError(RuntimeError):
     """A shard of a sharded gallery is dead, restarting or did not answer in time: the request fails whole
     (HTTP 503), never with a partial top-k (runtime/cluster.py)."""
+
+
+class OutcomeUnknown(RuntimeError):
+    """A write whose outcome cannot be known (a shard that did not answer in time may have committed it):
+    the service answers 504 with ``"committed": "unknown"``, never a 503 that invites a blind retry."""
 
 
 def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
@@ -217,6 +223,7 @@ class Searcher:
         self.folder: GalleryFolder | None = None  # where appends go
         self._generation = self._new_generation(images, captions)
         self._write = threading.Lock()  # one append at a time in this process
+        self._swap = threading.Lock()  # generations swap in one at a time, never an older over a newer
 
     @classmethod
     def open(
@@ -583,20 +590,27 @@ class Searcher:
         return [[labels[i] if labels is not None and i >= 0 else None for i in row] for row in np.asarray(ids).tolist()]
 
     def add_images(
-        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+        self,
+        regions: np.ndarray,
+        names: Sequence[str] | None = None,
+        boxes: np.ndarray | None = None,
+        key: str | None = None,
     ) -> int:
         """Append images (with their region ``boxes`` when the gallery keeps boxes) to every member's gallery,
-        committed together, and search them from now on; returns the gallery's new size. Sharded: to the last
+        committed together, and search them from now on; returns the gallery's new size, read under the writer
+        lock (this write's ids are the last ``len(regions)``). ``key``: an idempotency key; a key a committed
+        generation records raises ``Repeated`` (with the first answer) and writes nothing. Sharded: to the last
         shard."""
         regions = check_regions(regions, self.engines[0].config.img_dim, "regions")
         if self.shards is not None:
             return self.shards.add_images(regions, names, boxes)
         with self._write:
+            self.refresh()
             old = self._generation.images
             check_names(None if old is None else old[0].names is not None, names)
-            return self._append("images", regions, names, boxes)
+            return self._append("images", regions, names, boxes, key)
 
-    def add_captions(self, texts: Sequence[str]) -> int:
+    def add_captions(self, texts: Sequence[str], key: str | None = None) -> int:
         """As ``add_images``, for captions (every member must take every caption before any is written)."""
         texts = list(texts)
         if not texts:
@@ -606,9 +620,17 @@ class Searcher:
         if self.shards is not None:
             return self.shards.add_captions(texts)
         with self._write:
-            return self._append("captions", texts, None)
+            self.refresh()
+            return self._append("captions", texts, None, key=key)
 
-    def _append(self, kind: str, items: Any, names: Sequence[str] | None, boxes: np.ndarray | None = None) -> int:
+    def _append(
+        self,
+        kind: str,
+        items: Any,
+        names: Sequence[str] | None,
+        boxes: np.ndarray | None = None,
+        key: str | None = None,
+    ) -> int:
         if self.folder is None:
             raise GalleryError("appends need a searcher opened on a gallery folder (Searcher.open)")
         old = self._generation.of(kind)
@@ -617,16 +639,54 @@ class Searcher:
             append=True,
             progress=False,
             index="auto" if self.options.candidates else None,  # the index follows the append, not the next search
+            key=key,
         )
-        if kind == "images":
-            written = _generation(self.folder.write_images(items, names, options, boxes=boxes))
-        else:
-            written = _generation(self.folder.write_captions(items, options))
-        current = self._generation
-        new = Generation(**{"images": current.images, "captions": current.captions, kind: written.of(kind)})
-        new.numbers = {**current.numbers, **written.numbers}
-        self._generation = new  # searches that started before keep the generation they took
-        return len(new.of(kind)[0])
+        try:
+            if kind == "images":
+                written = _generation(self.folder.write_images(items, names, options, boxes=boxes))
+            else:
+                written = _generation(self.folder.write_captions(items, options))
+        except Repeated:
+            self.refresh()
+            raise
+        return len(self._swap_in(written, (kind,)).of(kind)[0])
+
+    def refresh(self) -> bool:
+        """Swap in the generations other writers (another server, the CLI) committed since this searcher loaded
+        its own: a read of each manifest (``gallery.json``, ``ensemble.json``), and a load when one changed.
+        True when something was swapped in. A sharded searcher's shards hold their own."""
+        if self.folder is None or self.shards is not None:
+            return False
+        numbers = self._generation.numbers
+        changed = [
+            kind
+            for kind in DIRECTIONS.values()
+            if (n := self.folder.generation(kind)) is not None and n != numbers.get(kind)
+        ]
+        if not changed:
+            return False
+        self._swap_in(_generation(self.folder.load(kinds=changed)), changed)
+        return True
+
+    def _swap_in(self, loaded: Generation, kinds: Sequence[str]) -> Generation:
+        """The current generation with ``loaded``'s ``kinds`` where they are newer; searches that started
+        before keep the generation they took."""
+        with self._swap:
+            current = self._generation
+            new = Generation(current.images, current.captions)
+            new.numbers = dict(current.numbers)
+            for kind in kinds:
+                number, have = loaded.numbers.get(kind), current.numbers.get(kind)
+                if number is not None and (have is None or number > have):
+                    setattr(new, kind, loaded.of(kind))
+                    new.numbers[kind] = number
+            with current._lock:  # the unchanged kind keeps its uploads and indexes
+                same = {kind for kind in DIRECTIONS.values() if new.numbers.get(kind) == current.numbers.get(kind)}
+                new._made = {key: v for key, v in current._made.items() if key[1] in same}
+            if new.numbers != current.numbers:
+                logger.info("%s: serving generation %s", self.folder.path if self.folder else "gallery", new.numbers)
+                self._generation = new
+            return self._generation
 
 
 def _kinds(g: Generation | Galleries) -> tuple[tuple[str, Any], tuple[str, Any]]:

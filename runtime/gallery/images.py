@@ -190,6 +190,7 @@ def build_image_gallery(
         raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
     with store.writer_lock(folder, options.lock_timeout):
         old = store.previous(ImageGallery, folder, engine.manifest.image_encoder_id, options)
+        store.check_key(old.manifest if old else None, options.key)
         if old is not None and old.images.shape[1] != regions.shape[1]:
             raise GalleryError(
                 f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
@@ -213,10 +214,8 @@ def build_image_gallery(
         try:  # the temporaries are made inside, so that an interruption at any point removes them
             for name in files:
                 tmp_paths[name] = store.temporary(folder, name, generation)
-            out = {
-                name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
-                for name, shape in files.items()
-            }
+            store.reserve(folder, 8 * n + np.dtype(dtype).itemsize * sum(int(np.prod(s)) for s in files.values()))
+            out = {name: store.open_rows(tmp_paths[name], dtype, shape) for name, shape in files.items()}
             if old is not None:
                 for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
                     stop = min(start + 4096, n_old)
@@ -266,6 +265,7 @@ def build_image_gallery(
             "embed_size": d,
             "arrays": entries,
             "names_file": next(iter(extra), None),
+            **store.with_key(old.manifest if old else None, options.key, n_old, n_new),
         }
         store.commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files

@@ -8,6 +8,7 @@ full (with ``Retry-After``), 500 an internal failure of that one request (logged
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -25,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
-from runtime.searcher import SearchError, ShardUnavailableError
+from runtime.gallery.store import StorageError
+from runtime.searcher import OutcomeUnknown, SearchError, ShardUnavailableError
 from runtime.service import page
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
@@ -90,6 +92,12 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
         return _error(422, str(e))
     except NoGallery as e:
         return _error(409, str(e))
+    except StorageError as e:  # the server's disk refused the write (nothing of it remains)
+        logger.error("%s: %s", endpoint, e)
+        return _error(507 if e.full else 500, str(e))
+    except OutcomeUnknown as e:  # no Retry-After: a blind retry could apply the write twice
+        logger.error("%s: %s", endpoint, e)
+        return _error(504, str(e), committed="unknown")
     except GalleryError as e:
         return _error(409, str(e))
     except NotReady as e:
@@ -118,6 +126,29 @@ def _body(required: str, properties: dict[str, Any], npy: str | None = None) -> 
 
 def _appended_json(out: Appended) -> dict[str, Any]:
     return {"added": out.added, "ids": list(range(out.first_id, out.first_id + out.added)), "count": out.count}
+
+
+def _key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 200:
+        raise ApiError(422, "Idempotency-Key: expected 1 to 200 characters", field="Idempotency-Key")
+    return key
+
+
+async def _write(append: Callable[..., Appended], *args: Any) -> Response:
+    """Run an append in a worker thread to its end: a shutdown that cancels the request (``--grace-s``) does not
+    abandon a write that may commit, so its answer is still the truth. A repeated key answers the first write's."""
+    job = asyncio.ensure_future(run_in_threadpool(append, *args))
+    while True:
+        try:
+            out = await asyncio.shield(job)
+            break
+        except asyncio.CancelledError:
+            if job.cancelled():
+                raise
+            logger.warning("shutting down: finishing an append in progress before answering it")
+    headers = {"Idempotent-Replayed": "true"} if out.repeated else None
+    return JSONResponse(_appended_json(out), headers=headers)
 
 
 def _hits_json(hits: Hits) -> dict[str, Any]:
@@ -279,8 +310,7 @@ def create_app(service: Service) -> FastAPI:
             regions, names = rq.parse_append_images(
                 await request.body(), request.headers.get("content-type"), request.query_params, limits
             )
-            out = await run_in_threadpool(service.append_images, regions, names)
-            return _appended_json(out)
+            return await _write(service.append_images, regions, names, _key(request))
 
         return await _guard("/v1/gallery/images", run)
 
@@ -290,8 +320,7 @@ def create_app(service: Service) -> FastAPI:
             _authorize(request)
             service.require_ready()
             captions = rq.parse_append_captions(await request.body(), request.headers.get("content-type"), limits)
-            out = await run_in_threadpool(service.append_captions, captions)
-            return _appended_json(out)
+            return await _write(service.append_captions, captions, _key(request))
 
         return await _guard("/v1/gallery/captions", run)
 

@@ -9,7 +9,6 @@ the commit), and every search that starts after an append has returned sees the 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from runtime.engine import ScanEngine
 from runtime.explain import pair_json
+from runtime.gallery.store import Repeated
 from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import DIRECTIONS, Queries, Searcher
 from runtime.service.types import Appended, Hits
@@ -40,7 +40,6 @@ class Executor:
         self.folder = Path(folder)
         self.engine_options = engine_options
         self.ray_address = ray_address
-        self._write = threading.Lock()  # an append's size before and after are its own
 
     @classmethod
     def open(
@@ -102,23 +101,30 @@ class Executor:
         return self.searcher.labels("text_to_image", np.asarray([[image_id]], np.int64))[0][0]
 
     def search(self, direction: str, queries: Queries, k: int) -> Hits:
+        self.searcher.refresh()  # another writer's commit is searched as soon as it is on disk
         scores, ids = self.searcher.search_prepared(queries, k)
         return Hits(scores, ids, self.searcher.labels(direction, ids))
 
-    def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
-        with self._write:
-            before = self.searcher.sizes()["images"] or 0
-            count = self.searcher.add_images(regions, names)
-        return Appended(added=count - before, first_id=before, count=count)
+    # An append's ids are the last ones of the size the searcher read under the writer lock: new items get
+    # the next ids in order, so they are exactly this write's, whoever else writes to the gallery.
 
-    def append_captions(self, captions: list[str]) -> Appended:
-        with self._write:
-            before = self.searcher.sizes()["captions"] or 0
-            count = self.searcher.add_captions(captions)
-        return Appended(added=count - before, first_id=before, count=count)
+    def append_images(self, regions: np.ndarray, names: list[str] | None, key: str | None = None) -> Appended:
+        try:
+            count = self.searcher.add_images(regions, names, key)
+        except Repeated as e:
+            return Appended(**e.answer, repeated=True)
+        return Appended(added=len(regions), first_id=count - len(regions), count=count)
+
+    def append_captions(self, captions: list[str], key: str | None = None) -> Appended:
+        try:
+            count = self.searcher.add_captions(captions, key)
+        except Repeated as e:
+            return Appended(**e.answer, repeated=True)
+        return Appended(added=len(captions), first_id=count - len(captions), count=count)
 
     def sizes(self) -> dict[str, int | None]:
-        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery)."""
+        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery), as committed."""
+        self.searcher.refresh()
         return self.searcher.sizes()
 
     def describe(self) -> dict[str, Any]:

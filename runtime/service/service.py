@@ -7,10 +7,11 @@ internals, so an executor that fans batches out to shards drops in through ``ope
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -57,6 +58,9 @@ class Service:
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
         self._closed = False
+        self._writes = threading.Condition()  # appends in progress; close() waits for them
+        self._writing = 0
+        self._closing = False
 
     @property
     def ready(self) -> bool:
@@ -98,6 +102,11 @@ class Service:
         """Finish queued searches, then release the engine."""
         if self._closed:
             return
+        with self._writes:  # an append that has started finishes (commits and answers); none starts after
+            self._closing = True
+            if self._writing:
+                logger.warning("shutting down: waiting for %d append(s) in progress to finish", self._writing)
+            self._writes.wait_for(lambda: self._writing == 0)
         if self._loader is not None:
             self._loader.join(timeout)
         if self.batcher is not None:
@@ -155,12 +164,28 @@ class Service:
     def images(self, offset: int, limit: int) -> tuple[int, list[int], list[str | None] | None]:
         return self._require_gallery("text_to_image").images(offset, limit)
 
-    def append_images(self, regions: np.ndarray, names: list[str] | None) -> Appended:
-        out = self.require_ready().append_images(regions, names)
-        self.monitoring.appended.labels("images").inc(out.added)
+    def append_images(self, regions: np.ndarray, names: list[str] | None, key: str | None = None) -> Appended:
+        with self._write():
+            out = self.require_ready().append_images(regions, names, key)
+        self.monitoring.appended.labels("images").inc(0 if out.repeated else out.added)
         return out
 
-    def append_captions(self, captions: list[str]) -> Appended:
-        out = self.require_ready().append_captions(captions)
-        self.monitoring.appended.labels("captions").inc(out.added)
+    def append_captions(self, captions: list[str], key: str | None = None) -> Appended:
+        with self._write():
+            out = self.require_ready().append_captions(captions, key)
+        self.monitoring.appended.labels("captions").inc(0 if out.repeated else out.added)
         return out
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """An append in progress: refused once shutdown began, waited for by ``close``."""
+        with self._writes:
+            if self._closing:
+                raise NotReady("shutting down; the write was not started")
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._writes:
+                self._writing -= 1
+                self._writes.notify_all()

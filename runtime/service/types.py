@@ -28,3 +28,4 @@ class Appended:
     added: int
     first_id: int
     count: int  # gallery size after the append
+    repeated: bool = False  # an idempotency key already committed: the first answer, nothing written

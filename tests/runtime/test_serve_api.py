@@ -459,10 +459,10 @@ class FakeExecutor:
         scores = np.tile(-np.arange(k, dtype=np.float32), (n, 1)) + np.arange(n, dtype=np.float32)[:, None]
         return Hits(scores, ids, [[str(q)] * k for q in queries])
 
-    def append_images(self, regions, names):
+    def append_images(self, regions, names, key=None):
         return Appended(len(regions), 0, len(regions))
 
-    def append_captions(self, captions):
+    def append_captions(self, captions, key=None):
         raise OSError("disk full")
 
     def sizes(self):
