@@ -4,7 +4,7 @@
                             [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
 
 Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
-GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The engine and galleries load in
+GET /v1/info, /healthz, /readyz, /metrics, /docs (docs/serving.md). The engine and galleries load in
 the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
 finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
 

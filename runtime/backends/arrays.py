@@ -10,7 +10,7 @@ array module's device once and runs ``runtime/array_model.py`` there:
   top-k runs on the device so only (q, k) candidates come back.
 
 CuPy is imported lazily, only for ``--backend cupy``: ``pip install 'scan-runtime[cupy]'`` installs
-``cupy-cuda12x`` (CUDA 12 drivers); for CUDA 13 install ``cupy-cuda13x`` instead (see README).
+``cupy-cuda12x`` (CUDA 12 drivers); for CUDA 13 install ``cupy-cuda13x`` instead (docs/backends.md).
 """
 
 from __future__ import annotations
