@@ -639,7 +639,7 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser("gpu_check.py", __doc__, quick="tiny shapes: a smoke run of the same code", seed=False)
+    p = harness.parser(__doc__, quick="tiny shapes: a smoke run of the same code", seed=False)
     p.add_argument("--engine", help="manifest scan.json to build TensorRT engines for")
     p.add_argument("--out", default=None, help="engine output folder (default: the manifest's folder)")
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where gpu_check.json/.txt go (default {RESULTS})")

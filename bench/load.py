@@ -378,16 +378,14 @@ def plot(report: dict[str, Any], plt):
 
 
 def build_parser():
-    p = harness.parser(
-        "load.py", __doc__, quick="tiny model, 1 s cells, 1 and 4 clients", plot="file", cache=DEFAULT_CACHE
-    )
+    p = harness.parser(__doc__, quick="tiny model, 1 s cells, 1 and 4 clients", plot="file", cache=DEFAULT_CACHE)
     p.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 20)")
     p.add_argument("--long", type=float, help="seconds for the highest concurrency of the default setting (default 60)")
     p.add_argument("--warmup", type=float, default=None, help="seconds discarded at the start of each cell")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,4,16,64)")
     p.add_argument("--batches", default=None, help="comma-separated --max-batch settings (default 1,32)")
     p.add_argument("--images", type=int, default=None, help="gallery size (default 1000)")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--server-args", default="", help="extra arguments for serve.py (e.g. '--max-delay-ms 2')")
     return p
 
