@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from runtime import atomic
+from runtime.install import install_command
 from runtime.logs import command_parser, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def write_plot(path: Path | str, draw: Callable[[Any], Any]) -> dict[str, Any]:
         matplotlib.use("Agg")  # no display on servers and CI
         import matplotlib.pyplot as plt
     except ImportError:
-        return skipped("matplotlib is not installed (pip install 'scan-runtime[bench]')")
+        return skipped(f"matplotlib is not installed ({install_command('bench')})")
     fig = draw(plt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ from export.trt_build import (
 from runtime import atomic
 from runtime.backends.base import BackendError
 from runtime.backends.plan_check import PlanError
+from runtime.install import installed_from_wheel
 from runtime.logs import command_parser, setup_logging
 from runtime.manifest import (
     PLAN_KINDS,
@@ -401,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.manifest)
         records = build_all(manifest, args, progress)
     except (MissingDependency, TensorRTVersionError) as e:
+        search = "scan-search" if installed_from_wheel() else "python runtime/search.py"
         print(
             f"error: {e}\n"
             "TensorRT engines need an NVIDIA GPU and driver with TensorRT 10+ and CUDA Python bindings: "
             "pip install tensorrt cuda-python (on that machine).\n"
-            f"Meanwhile the ONNX graphs serve: python runtime/search.py --engine {args.manifest} ...",
+            f"Meanwhile the ONNX graphs serve: {search} --engine {args.manifest} ...",
             file=sys.stderr,
         )
         return 2

@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeDistribution:
-    def __init__(self, direct_url: dict | None, files_at: Path) -> None:
+    def __init__(self, direct_url: dict | None, files_at: Path, record: bool = True) -> None:
         self.direct_url = direct_url
         self.files_at = files_at
+        self.record = record  # pip's list of the files it installed (an egg-info in a clone has none)
 
     def read_text(self, name: str) -> str | None:
+        if name == "RECORD":
+            return "runtime/install.py,,\n" if self.record else None
         return json.dumps(self.direct_url) if name == "direct_url.json" and self.direct_url is not None else None
 
     def locate_file(self, path: str) -> Path:
@@ -60,6 +63,14 @@ def test_hint_for_an_installed_wheel_names_the_distribution(monkeypatch):
     # A wheel installed elsewhere while this clone's code runs (e.g. pytest from the clone): the clone's hint.
     monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(None, Path("/elsewhere")))
     assert install.install_command("serve").startswith("pip install -e ")
+
+
+def test_hint_beside_the_clones_egg_info_names_the_clone(monkeypatch):
+    """`pip install -e .` leaves scan_runtime.egg-info in the clone; with the root on sys.path it is found, and
+    its files are the clone's own (relative to the root): still the clone's hint."""
+    monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(None, ROOT, record=False))
+    monkeypatch.chdir(ROOT)
+    assert install.install_command("serve") == "pip install -e '.[serve]'"
 
 
 def test_json_log_lines_carry_level_logger_message_extras_and_traceback():
