@@ -24,6 +24,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options, search_options
@@ -229,7 +230,17 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         )
 
     service.on_loaded.append(summary)
-    service.on_load_failed.append(lambda e: setattr(server, "should_exit", True))
+
+    def stop_after_startup(error: BaseException) -> None:
+        # uvicorn 0.29 (the lowest allowed) returns without the lifespan shutdown when told to exit before its
+        # startup is over, as a load that fails at once would; the lifespan task is then cancelled and logged
+        # as a traceback. So wait for the startup (or its failure, bounded) first.
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.should_exit = True
+
+    service.on_load_failed.append(stop_after_startup)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "binding to %s: the service is reachable from other machines%s",
