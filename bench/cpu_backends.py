@@ -157,9 +157,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = harness.parser(
-        "cpu_backends.py", __doc__, quick="seconds-long smoke run with tiny dimensions", cache=DEFAULT_CACHE
-    )
+    p = harness.parser(__doc__, quick="seconds-long smoke run with tiny dimensions", cache=DEFAULT_CACHE)
     p.add_argument("--text", type=Path, help="write the text report to this file (atomically)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
     return harness.run(_run, p.parse_args(argv))

@@ -30,13 +30,13 @@ from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("ensemble_cost.py", __doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--engine", action="append", help="a member (repeat); default: the random full-size t2i + i2t")
     p.add_argument("--images", type=int, default=1000, help="image gallery size (default 1000)")
     p.add_argument("--captions", type=int, default=5000, help="caption gallery size (default 5000)")
     p.add_argument("--regions", type=int, default=36, help="regions per image (default 36)")
     p.add_argument("--batch", type=int, default=8, help="queries per search call (default 8)")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per contender after one warm-up")
     add_engine_arguments(p)
     return p

@@ -31,7 +31,7 @@ from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("ensemble_two_stage.py", __doc__, cache=SCENE_CACHE, seed=False)
+    p = harness.parser(__doc__, cache=SCENE_CACHE, seed=False)
     p.add_argument("--engine", action="append", required=True, help="a member (repeat); demo-world models")
     p.add_argument("--weights", help="the ensemble's weights (default equal)")
     p.add_argument("--images", type=int, default=10000, help="image gallery size (default 10000)")

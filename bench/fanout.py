@@ -191,22 +191,22 @@ def plot(r: dict[str, Any], plt):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("fanout.py", __doc__, plot="file")
+    p = harness.parser(__doc__, plot="file")
     p.add_argument("--engine", required=True, help="scan.json of the model to serve")
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--captions", type=int, default=5000)
-    p.add_argument("--regions", type=int, default=36)
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--images", type=int, default=1000, help="image gallery size")
+    p.add_argument("--captions", type=int, default=5000, help="caption gallery size")
+    p.add_argument("--regions", type=int, default=36, help="regions per image")
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="shard counts S to compare")
     p.add_argument("--requests", type=int, default=40, help="timed requests per direction and contender")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed requests per direction and contender")
     p.add_argument("--batch", type=int, default=1, help="queries per request")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     # 1 thread per process by default: ONNX Runtime's thread pools spin between runs, and several processes
     # doing so on 2 cores slow each other down (S=1 measured +42 ms p50 over local with 2 threads each,
     # +2.6 ms with 1, under the same background load)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the local searcher")
     p.add_argument("--shard-threads", type=int, default=1, help="ONNX Runtime threads per shard")
-    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--work", help="folder for the gallery and its shards (reused when present; default: a temp dir)")
     return p
 

@@ -22,6 +22,7 @@ from bench.synthetic import MODES, Sizes, rng_for
 from runtime.backends.onnxruntime import open_session
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
+from runtime.install import TORCH_CPU, install_command
 from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def bench_head(
         ref = None
         if torch is None:
             for name in ("slow_torch_cpu", "batched_torch_cpu"):
-                contenders[name] = skipped("PyTorch is not installed (pip install 'scan-runtime[export]')")
+                contenders[name] = skipped(f"PyTorch is not installed ({TORCH_CPU}; {install_command('export')})")
         else:
             ref = _torch_cpu(torch, contenders, (images, gram_or_none, captions, lengths), cfg, sizes, timing)
             contenders["ort_cpu"]["max_abs_diff_vs_batched"] = float(np.abs(ort_sims - ref).max())

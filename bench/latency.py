@@ -73,7 +73,6 @@ TARGETS = {"head_speedup": 10.0, "head_fraction_of_ceiling": 0.8, "text_1k_p50_m
 
 def build_parser():
     p = harness.parser(
-        "latency.py",
         __doc__,
         quick="seconds-long smoke run: tiny dimensions, same JSON keys",
         plot="dir",

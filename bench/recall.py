@@ -30,14 +30,19 @@ from runtime.cli import (
     run_cli,
 )
 from runtime.engine import ScanEngine
+from runtime.logs import command_parser
 from runtime.searcher import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recall.py", description=__doc__.split("\n\n")[0])
+    p = command_parser(__doc__.split("\n\n")[0])
     add_engines_arguments(p, "for an ensemble")
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="the split to evaluate: {split}_ims.npy and {split}_caps.txt of --data (dev, test; COCO: testall)",
+    )
     p.add_argument(
         "--fold5",
         action="store_true",

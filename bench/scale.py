@@ -310,7 +310,6 @@ def plot(report: dict[str, Any], plt):
 
 def build_parser() -> argparse.ArgumentParser:
     p = harness.parser(
-        "scale.py",
         __doc__,
         quick="galleries of 2K and 20K images, few queries (minutes)",
         plot="file",
@@ -339,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's; trained here if missing)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)  # generator chunk (tests)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -16,6 +16,7 @@ from runtime.captions import DataError
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
+from runtime.logs import setup_logging
 from runtime.manifest import ManifestError
 from runtime.options import GALLERY_DTYPES, EngineOptions, OptionsError, SearchOptions
 from runtime.searcher import SearchError
@@ -107,12 +108,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def run_cli(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a CLI body with warnings on stderr and user errors as one line (exit 2).
+    """Run a CLI body with warnings on stderr (``--log-format``) and user errors as one line (exit 2).
 
     Ctrl-C exits 130 and SIGTERM 143, quietly, after the body's cleanup ran (an interrupted gallery write
     leaves the previous gallery and no temporary files).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    setup_logging(logging.WARNING, getattr(args, "log_format", "text"))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

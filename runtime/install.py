@@ -29,6 +29,10 @@ def installed_from_wheel() -> bool:
     direct = dist.read_text("direct_url.json")
     if direct and json.loads(direct).get("dir_info", {}).get("editable"):
         return False
+    if dist.read_text("RECORD") is None:
+        # Not installed by pip: the egg-info that `pip install -e .` leaves in a clone, found when the clone's
+        # root is on sys.path (python -m from the root, pytest); its files are the clone's, relative to the root.
+        return False
     try:
         return Path(str(dist.locate_file("runtime/install.py"))).resolve() == Path(__file__).resolve()
     except OSError:

@@ -1,5 +1,7 @@
-"""Log output for the CLIs: text lines for a terminal, or one JSON object per line (``--log-format json``) for
-a log collector, which would otherwise have to parse free text and split multi-line tracebacks."""
+"""What every command line shares, importing nothing but the standard library (bench/gpu_check.py runs where
+the runtime's own requirements may be missing): its parser (``--help`` with defaults, named after the command
+that runs it) and its log output, text lines for a terminal or one JSON object per line (``--log-format json``)
+for a log collector, which would otherwise have to parse free text and split multi-line tracebacks."""
 
 from __future__ import annotations
 
@@ -32,6 +34,24 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and key not in out:
                 out[key] = value
         return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, unless there is none to show (None, an off switch) or its help
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def command_parser(description: str, **kwargs) -> argparse.ArgumentParser:
+    """A command line's parser, with ``--log-format``. No fixed ``prog``: usage names the command that ran,
+    ``scan-search`` installed, ``search.py`` in a clone."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+    add_log_format_argument(p)
+    return p
 
 
 def add_log_format_argument(p: argparse.ArgumentParser) -> None:

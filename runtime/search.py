@@ -54,6 +54,8 @@ from runtime.engine import ScanEngine
 from runtime.explain import pair_json
 from runtime.features import load_regions
 from runtime.gallery import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, GalleryFolder
+from runtime.install import install_command
+from runtime.logs import command_parser
 from runtime.options import CANDIDATE_SOURCES, DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
 from runtime.pictures import ImageFolder
 from runtime.searcher import MAX_K, Searcher, SearchError, check_weights
@@ -61,7 +63,7 @@ from runtime.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="search.py", description="Top-k search with an exported SCAN model.")
+    p = command_parser("Top-k search with an exported SCAN model.")
     p.add_argument("queries", nargs="*", help="text queries (text -> image search)")
     add_engines_arguments(p, "for an ensemble")
     p.add_argument("--gallery", help="gallery folder (holds images/ and captions/ caches)")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gallery_dtype_argument(p, "--dtype", "gallery storage (float32 exact; float16 halves memory)")
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
-    p.add_argument("-k", type=int, default=5, help=f"results per query (default 5, at most {MAX_K})")
+    p.add_argument("-k", type=int, default=5, help=f"results per query (at most {MAX_K})")
     p.add_argument(
         "--verify",
         action="store_true",
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lock-timeout",
         type=float,
         default=DEFAULT_LOCK_TIMEOUT,
-        help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})",
+        help="seconds to wait for another process writing the same gallery",
     )
     p.add_argument(
         "--candidates",
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="M",
         help="two-stage search: score only the M candidates the gallery's index proposes "
-        "(0: exact search of every item, the default; needs faiss: pip install 'scan-runtime[scale]')",
+        f"(0: exact search of every item; needs faiss: {install_command('scale')})",
     )
     p.add_argument(
         "--index",
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-source",
         choices=CANDIDATE_SOURCES,
         default="union",
-        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+        help="an ensemble's two-stage candidates: the union of every member's M or the first member's M",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)

@@ -4,7 +4,7 @@
                             [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
 
 Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
-GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"); the search page at GET / with
+GET /v1/info, /healthz, /readyz, /metrics, /docs (docs/serving.md); the search page at GET / with
 GET /v1/images, GET /v1/images/{id} (pictures from --image-dir) and POST /v1/explain (docs/explain.md).
 The engine and galleries load in the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT
 stops accepting connections, finishes the requests in flight and exits 0. Binds to loopback unless --host says
@@ -26,9 +26,12 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options, search_options
+from runtime.install import install_command
+from runtime.logs import command_parser, setup_logging
 from runtime.options import CANDIDATE_SOURCES
 from runtime.pictures import ImageFolder
 from runtime.searcher import check_weights
@@ -40,14 +43,14 @@ B, L = Batching(), Limits()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
+    p = command_parser("HTTP search service for an exported SCAN model.")
     add_engines_arguments(p, "to serve an ensemble")
     p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
     p.add_argument(
         "--image-dir", help="folder of the gallery images' pictures (<name>, <name>.png or .jpg) for the search page"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=B.max_batch, help="queries merged into one search call")
     p.add_argument(
         "--max-delay-ms",
@@ -58,18 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=B.workers, help="threads executing batches (one process)")
     p.add_argument("--max-queue", type=int, default=B.max_queue, help="queued queries before 503 + Retry-After")
     p.add_argument("--max-queries", type=int, default=L.max_queries, help="queries per search request")
-    p.add_argument("--max-k", type=int, default=L.max_k)
-    p.add_argument("--max-caption-chars", type=int, default=L.max_caption_chars)
+    p.add_argument("--max-k", type=int, default=L.max_k, help="largest k a search request may ask for")
+    p.add_argument(
+        "--max-caption-chars",
+        type=int,
+        default=L.max_caption_chars,
+        help="characters per caption, in queries and appends (the model's max_words applies too)",
+    )
     p.add_argument("--max-body-mb", type=float, default=L.max_body_bytes / MiB, help="search request bodies")
     p.add_argument("--max-append-mb", type=float, default=L.max_append_bytes / MiB, help="gallery append bodies")
-    p.add_argument("--max-append-items", type=int, default=L.max_append_items)
+    p.add_argument(
+        "--max-append-items", type=int, default=L.max_append_items, help="images or captions per gallery append"
+    )
     p.add_argument("--token-file", help="file holding the bearer token that gallery writes require")
     p.add_argument(
         "--candidates",
         type=int,
         default=0,
         metavar="M",
-        help="two-stage search: score only the M candidates of the galleries' index (0: exact, the default)",
+        help="two-stage search: score only the M candidates of the galleries' index (0: exact search)",
     )
     p.add_argument(
         "--shards",
@@ -94,10 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-source",
         choices=CANDIDATE_SOURCES,
         default="union",
-        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+        help="an ensemble's two-stage candidates: the union of every member's M or the first member's M",
     )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="the least severe log lines written (the service's and uvicorn's)",
+    )
     add_engine_arguments(p)
     return p
 
@@ -116,15 +131,13 @@ def read_token(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401  (the optional extra: a clear message when it is missing)
     except ImportError as e:
-        print(f"error: the service needs the 'serve' extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
+        print(f"error: the service needs the 'serve' extra ({install_command('serve')}): {e}", file=sys.stderr)
         return 2
     try:
         settings = Settings(
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.shards is not None:
             import ray  # noqa: F401  (the optional extra: a clear message when it is missing)
     except ImportError as e:
-        print(f"error: --shards needs the 'cluster' extra (pip install -e '.[cluster]'): {e}", file=sys.stderr)
+        print(f"error: --shards needs the 'cluster' extra ({install_command('cluster')}): {e}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -194,6 +207,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictu
         port=args.port,
         log_level=args.log_level,
         access_log=False,
+        log_config=None,  # uvicorn's lines through the root handler of setup_logging (--log-format)
         timeout_graceful_shutdown=args.grace_s,
         lifespan="on",
     )
@@ -223,7 +237,17 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictu
         )
 
     service.on_loaded.append(summary)
-    service.on_load_failed.append(lambda e: setattr(server, "should_exit", True))
+
+    def stop_after_startup(error: BaseException) -> None:
+        # uvicorn 0.29 (the lowest allowed) returns without the lifespan shutdown when told to exit before its
+        # startup is over, as a load that fails at once would; the lifespan task is then cancelled and logged
+        # as a traceback. So wait for the startup (or its failure, bounded) first.
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.should_exit = True
+
+    service.on_load_failed.append(stop_after_startup)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "binding to %s: the service is reachable from other machines%s",

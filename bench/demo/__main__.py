@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.install import TORCH_CPU, install_command
-from runtime.logs import add_log_format_argument, setup_logging
+from runtime.logs import command_parser, setup_logging
 
 QUERIES = ["a red dog", "a small blue car next to a large tree", "a man on a bicycle"]
 # What the demo needs beyond the base install: training (torch), export (onnx, onnxscript), search (onnxruntime).
@@ -36,14 +35,9 @@ def missing_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.demo",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser(__doc__.split("\n\n")[0], prog="python -m bench.demo")  # run with -m: argv[0] is __main__.py
     p.add_argument("--out", default="demo", help="working folder")
     p.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint matches")
-    add_log_format_argument(p)
     args = p.parse_args(argv)
     setup_logging(logging.WARNING, args.log_format)
     missing = missing_modules()

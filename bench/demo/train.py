@@ -55,7 +55,7 @@ from runtime.atomic import atomic_path, sha256_file, write_json
 from runtime.captions import read_captions
 from runtime.config import SCANConfig
 from runtime.features import load_regions
-from runtime.logs import add_log_format_argument, setup_logging
+from runtime.logs import command_parser, setup_logging
 from runtime.tokenizer import Tokenizer
 from runtime.vocab import Vocabulary
 
@@ -487,16 +487,11 @@ def evaluate_checkpoint(ckpt: str | Path, out_dir: str | Path, split: str = "tes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.demo.train",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = command_parser(__doc__.split("\n\n")[0], prog="python -m bench.demo.train")
     p.add_argument("--out", default="demo", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the training")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
     p.add_argument("--retrain", action="store_true", help="train again even if a matching checkpoint exists")
-    add_log_format_argument(p)
     args = p.parse_args(argv)
     setup_logging(logging.WARNING, args.log_format)
     keep_freed_memory()

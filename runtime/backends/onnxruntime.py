@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
+from runtime.install import install_command
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _import_ort():
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError(
-            "ONNX Runtime is not installed: pip install 'scan-runtime[cpu]' (or [gpu] for onnxruntime-gpu)"
+            f"ONNX Runtime is not installed: {install_command('cpu')} (or {install_command('gpu')} for onnxruntime-gpu)"
         ) from e
     return ort
 
@@ -61,7 +62,7 @@ def open_session(
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError(
-                "device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
+                f"device 'cuda' needs onnxruntime-gpu ({install_command('gpu')}); "
                 f"this ONNX Runtime has {ort.get_available_providers()}"
             )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]

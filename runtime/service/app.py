@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime import __version__
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
 from runtime.gallery.store import StorageError
@@ -63,10 +64,11 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version()}
-    for dist in ("scan-runtime", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "fastapi", "uvicorn"):
+    # scan-runtime's own: the code that runs (a clone's may differ from an installed copy's metadata)
+    out = {"python": platform.python_version(), "scan-runtime": __version__}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "fastapi", "uvicorn"):
         v = _version(dist)
-        if v is not None or dist in ("scan-runtime", "numpy", "fastapi", "uvicorn"):
+        if v is not None or dist in ("numpy", "fastapi", "uvicorn"):
             out[dist] = v
     return out
 
@@ -230,7 +232,7 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(
         title="SCAN search",
-        version=_version("scan-runtime") or "dev",
+        version=__version__,
         lifespan=lifespan,
         description="Top-k image-text search with an exported SCAN model; queries of concurrent requests are batched.",
     )

@@ -237,7 +237,7 @@ def test_shards_run_at_normal_priority(ray_cluster, two_shards):
 
 def test_local_ray_from_another_thread_is_refused(monkeypatch):
     """Ray's processes die with the thread that started them (the driver then exits silently): refuse."""
-    import ray
+    ray = pytest.importorskip("ray", reason="needs the 'cluster' extra (pip install -e '.[cluster]')")
 
     from runtime.cluster import connect
 

@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeDistribution:
-    def __init__(self, direct_url: dict | None, files_at: Path) -> None:
+    def __init__(self, direct_url: dict | None, files_at: Path, record: bool = True) -> None:
         self.direct_url = direct_url
         self.files_at = files_at
+        self.record = record  # pip's list of the files it installed (an egg-info in a clone has none)
 
     def read_text(self, name: str) -> str | None:
+        if name == "RECORD":
+            return "runtime/install.py,,\n" if self.record else None
         return json.dumps(self.direct_url) if name == "direct_url.json" and self.direct_url is not None else None
 
     def locate_file(self, path: str) -> Path:
@@ -60,6 +63,14 @@ def test_hint_for_an_installed_wheel_names_the_distribution(monkeypatch):
     # A wheel installed elsewhere while this clone's code runs (e.g. pytest from the clone): the clone's hint.
     monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(None, Path("/elsewhere")))
     assert install.install_command("serve").startswith("pip install -e ")
+
+
+def test_hint_beside_the_clones_egg_info_names_the_clone(monkeypatch):
+    """`pip install -e .` leaves scan_runtime.egg-info in the clone; with the root on sys.path it is found, and
+    its files are the clone's own (relative to the root): still the clone's hint."""
+    monkeypatch.setattr(metadata, "distribution", lambda name: FakeDistribution(None, ROOT, record=False))
+    monkeypatch.chdir(ROOT)
+    assert install.install_command("serve") == "pip install -e '.[serve]'"
 
 
 def test_json_log_lines_carry_level_logger_message_extras_and_traceback():
@@ -103,3 +114,56 @@ def test_every_console_script_names_a_main():
         module, function = target.split(":")
         main = getattr(importlib.import_module(module), function)
         assert list(inspect.signature(main).parameters) == ["argv"], name
+
+
+HELP_CHECK = """
+import argparse, contextlib, importlib, io, json, sys
+from runtime.logs import HelpFormatter
+
+def undocumented(parser, where):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from undocumented(sub, f"{where} {name}")
+        if not isinstance(action, argparse._HelpAction) and not (action.help and action.help.strip()):
+            yield f"{where} {'/'.join(action.option_strings) or action.dest}"
+
+out = {}
+for name, target in json.loads(sys.argv[1]).items():
+    module = importlib.import_module(target.split(":")[0])
+    sys.argv[0] = name  # as the installed console script runs it
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            getattr(module, target.split(":")[1])(["--help"])
+        except SystemExit as e:
+            code = e.code
+    parser = module.build_parser()
+    out[name] = {
+        "code": code,
+        "help": text.getvalue(),
+        "undocumented": list(undocumented(parser, name)),
+        "formatter": parser.formatter_class is HelpFormatter,
+    }
+out["torch imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "torch")
+print(json.dumps(out))
+"""
+
+
+def test_every_console_script_helps_with_defaults_without_torch():
+    """Each console script's ``--help``: named after the command that ran it (no fixed prog), help text for
+    every flag, defaults shown, ``--log-format``; and answering it imports no torch (seconds to import)."""
+    import subprocess
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    run = subprocess.run(
+        [sys.executable, "-c", HELP_CHECK, json.dumps(scripts)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out.pop("torch imported") == []
+    for name, got in out.items():
+        assert got["code"] == 0 and got["help"].startswith(f"usage: {name} "), (name, got["help"][:200])
+        assert got["undocumented"] == [], name
+        assert got["formatter"] and "--log-format" in got["help"], name
+    assert "(default: 8080)" in out["scan-serve"]["help"] and "(default: test)" in out["scan-recall"]["help"]

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+import runtime
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
 from runtime.options import EngineOptions, WriteOptions
@@ -272,6 +273,7 @@ def test_info_health_ready_metrics_docs(service):
     assert request(service, "GET", "/docs").status_code == 200
     spec = request(service, "GET", "/openapi.json").json()
     assert set(spec["paths"]) >= {TEXT, IMAGES, "/v1/gallery/images", "/v1/gallery/captions", "/v1/info"}
+    assert spec["info"]["version"] == info["versions"]["scan-runtime"] == runtime.__version__  # the code's, one
 
 
 # ---------------------------------------------------------------------------------------------- appends

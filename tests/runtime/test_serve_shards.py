@@ -151,8 +151,7 @@ def test_real_process_with_shards(small_engines, tmp_path):
     import subprocess
     import sys
 
-    import httpx
-
+    from runtime.client import SearchClient
     from runtime.engine import ScanEngine
     from runtime.gallery import ImageGallery
     from runtime.searcher import Searcher
@@ -187,25 +186,18 @@ def test_real_process_with_shards(small_engines, tmp_path):
             env={**os.environ, "PYTHONPATH": str(repo)},
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        try:
-            body = httpx.post(url + TEXT, json={"queries": QUERIES, "k": 7}, timeout=60).json()
-        except httpx.TransportError as e:
-            pytest.fail(f"{e}: {log.read_text()}")
+        with SearchClient(url, retries=0) as client:
+            deadline = time.monotonic() + 180
+            while not client.ready():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            got_scores, got_ids = client.search(QUERIES, 7)
+            assert len(client.info()["shards"]) == 2
         with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             scores, ids = Searcher(engine, images=ImageGallery.load(gallery / "images")).search(QUERIES, 7)
-        assert body["ids"] == ids.tolist()
-        np.testing.assert_allclose(np.array(body["scores"], np.float32), scores, atol=1e-5, rtol=0)
-        assert len(httpx.get(url + "/v1/info", timeout=30).json()["shards"]) == 2
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_allclose(got_scores, scores, atol=1e-5, rtol=0)
         assert (tmp_path / "gallery.shards-2" / "shards.json").is_file()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
