@@ -34,6 +34,7 @@ from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import FULL, MODES, QUICK, caption_texts
 from runtime import atomic
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ BACKENDS = ("numpy", "onnxruntime")
 def bench_head(mode: str, manifest: Path, sizes, rng: np.random.Generator, rounds: int, budget_s: float) -> dict:
     n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
         images, gram, captions, lengths, a, b = head_inputs(ort_engine, sizes, rng)
         d = captions.shape[2]
@@ -87,8 +88,8 @@ def bench_evaluation(manifest: Path, sizes, rng: np.random.Generator, n_images: 
     captions = caption_texts(rng, 5 * n_images, sizes.vocab_size)
     results: dict[str, np.ndarray] = {}
     with (
-        ScanEngine.open(manifest, backend="onnxruntime") as ort_engine,
-        ScanEngine.open(manifest, backend="numpy") as np_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as ort_engine,
+        ScanEngine.open(manifest, EngineOptions(backend="numpy")) as np_engine,
     ):
         engines = {"numpy": np_engine, "onnxruntime": ort_engine}
 
@@ -156,9 +157,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = harness.parser(
-        "cpu_backends.py", __doc__, quick="seconds-long smoke run with tiny dimensions", cache=DEFAULT_CACHE
-    )
+    p = harness.parser(__doc__, quick="seconds-long smoke run with tiny dimensions", cache=DEFAULT_CACHE)
     p.add_argument("--text", type=Path, help="write the text report to this file (atomically)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
     return harness.run(_run, p.parse_args(argv))

@@ -4,7 +4,7 @@
     python bench/ensemble_cost.py --engine A/scan.json --engine B/scan.json --images 200 --captions 1000
 
 Per direction (text -> image, image -> text) and repeat, the contenders run interleaved on the same
-queries: each member's ``Searcher`` alone and the ``Ensemble`` of all. Reported: medians and p10..p90
+queries: each member's ``Searcher`` alone and the ``Searcher`` of all. Reported: medians and p10..p90
 (ms), and the per-repeat ratio of the ensemble's time to the sum of its members' (1.0: the ensemble
 costs exactly its members; the ensemble's extra work is one weighted sum and one top-k per block).
 Without ``--engine`` the models are the benchmark's random full-size ones (bench/random_models.py).
@@ -24,20 +24,19 @@ from bench import harness
 from bench.synthetic import FULL, caption_texts
 from runtime.cli import add_engine_arguments, open_engines
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
 from runtime.gallery import GalleryFolder
 from runtime.options import WriteOptions
 from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("ensemble_cost.py", __doc__)
+    p = harness.parser(__doc__)
     p.add_argument("--engine", action="append", help="a member (repeat); default: the random full-size t2i + i2t")
     p.add_argument("--images", type=int, default=1000, help="image gallery size (default 1000)")
     p.add_argument("--captions", type=int, default=5000, help="caption gallery size (default 5000)")
     p.add_argument("--regions", type=int, default=36, help="regions per image (default 36)")
     p.add_argument("--batch", type=int, default=8, help="queries per search call (default 8)")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per contender after one warm-up")
     add_engine_arguments(p)
     return p
@@ -93,7 +92,7 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace) -> tuple[list[
             ("image_to_text", image_queries, {"captions": captions}, args.captions),
         ):
             members = [Searcher(e, **{key: g[i] for key, g in kw.items()}) for i, e in enumerate(engines)]
-            ensemble = Ensemble(engines, **kw)
+            ensemble = Searcher(engines, **kw)
             contenders = {f"member{i + 1}": m for i, m in enumerate(members)} | {"ensemble": ensemble}
             samples = harness.interleaved(
                 {name: lambda i, c=c, q=queries: c.search(q, args.k) for name, c in contenders.items()},

@@ -25,13 +25,13 @@ from bench.harness import overlap_at
 from bench.synthetic import SCENE_CACHE, SceneFeatures
 from runtime.cli import add_engine_arguments, open_engines
 from runtime.engine import ScanEngine
-from runtime.ensemble import CANDIDATE_SOURCES, Ensemble
 from runtime.gallery import GalleryFolder
-from runtime.options import WriteOptions
+from runtime.options import CANDIDATE_SOURCES, SearchOptions, WriteOptions
+from runtime.searcher import Searcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("ensemble_two_stage.py", __doc__, cache=SCENE_CACHE, seed=False)
+    p = harness.parser(__doc__, cache=SCENE_CACHE, seed=False)
     p.add_argument("--engine", action="append", required=True, help="a member (repeat); demo-world models")
     p.add_argument("--weights", help="the ensemble's weights (default equal)")
     p.add_argument("--images", type=int, default=10000, help="image gallery size (default 10000)")
@@ -95,12 +95,17 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace, ms: list[int])
             ("text_to_image", text_queries, {"images": images}, args.images),
             ("image_to_text", image_queries, {"captions": captions}, args.captions),
         ):
-            with Ensemble(engines, weights=args.weights, **kw) as exact:
+            with Searcher(engines, weights=args.weights, **kw) as exact:
                 _, want = exact.search(queries, 10)
                 rows.append(_row(direction, size, "exact", None, None, size, 1.0, _p50(exact, queries, args.timed)))
             for m in ms:
                 for source in CANDIDATE_SOURCES:
-                    with Ensemble(engines, weights=args.weights, candidates=m, candidate_source=source, **kw) as e:
+                    with Searcher(
+                        engines,
+                        weights=args.weights,
+                        **kw,
+                        options=SearchOptions(candidates=m, candidate_source=source),
+                    ) as e:
                         _, got = e.search(queries, 10)
                         scored = _scored(e, direction, queries[: args.timed])
                         rows.append(
@@ -138,17 +143,21 @@ def _p50(searcher, queries, n: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _scored(ensemble: Ensemble, direction: str, queries) -> float:
+def _scored(ensemble: Searcher, direction: str, queries) -> float:
     """Mean number of items the candidate stage hands to the exact score, per query."""
-    if direction == "text_to_image":
+    kind = "images" if direction == "text_to_image" else "captions"
+    engines, two_stage = ensemble.engines, ensemble.two_stage
+    if kind == "images":
         vectors = []
-        for m in ensemble.members:
-            ids, lengths = m.engine.tokenizer.encode_batch(list(queries))
-            words = m.engine.encode_ids(ids, lengths)
+        for e in engines:
+            ids, lengths = e.tokenizer.encode_batch(list(queries))
+            words = e.encode_ids(ids, lengths)
             vectors.append([w[:n] for w, n in zip(words, lengths)])
-        return float(np.mean([len(p) for p in ensemble._proposals("images", vectors)]))
-    vectors = [list(m.engine.encode_images(queries)[0]) for m in ensemble.members]
-    return float(np.mean([len(p) for p in ensemble._proposals("captions", vectors)]))
+    else:
+        vectors = [list(e.encode_images(queries)[0]) for e in engines]
+    galleries = ensemble.galleries(kind)
+    proposals = two_stage.proposals(lambda i: two_stage.index(engines[i], galleries[i], kind), engines, vectors)
+    return float(np.mean([len(p) for p in proposals]))
 
 
 if __name__ == "__main__":

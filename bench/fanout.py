@@ -1,5 +1,6 @@
-"""What sharding costs and buys per request: one ``Searcher`` in process against ``ShardedSearcher`` on
-Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards of the same gallery.
+"""What sharding costs and buys per request: one ``Searcher`` in process against a sharded one
+(``runtime.cluster.open_shards``) on Ray with S = 1 (pure fan-out/merge overhead) and S = 2, 3, ... shards
+of the same gallery.
 
     python bench/fanout.py --engine ~/.cache/scan-runtime/bench/t2i-1024-*/scan.json \\
         --images 1000 --captions 5000 --shards 1 2 --json bench/results/fanout.json --plot bench/results/fanout.png
@@ -29,7 +30,7 @@ from bench.synthetic import caption_texts
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
 from runtime.gallery.shards import split
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,12 @@ def random_texts(engine: ScanEngine, rng: np.random.Generator, n: int) -> list[s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.cluster import ShardedSearcher, connect
+    from runtime.cluster import connect, open_shards
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fanout-"))
     gallery = work / "gallery"
     rng = np.random.default_rng(args.seed + 1)
-    with ScanEngine.open(args.engine, backend="onnxruntime", threads=args.threads) as engine:
+    with ScanEngine.open(args.engine, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         t0 = time.perf_counter()
         build_gallery(engine, gallery, args.images, args.captions, args.regions, args.seed)
         logger.info("gallery ready in %.1f s", time.perf_counter() - t0)
@@ -81,9 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not (folder / "shards.json").is_file():
                     split(gallery, folder, s)
                 threads = args.shard_threads
-                contenders[f"S={s}"] = ShardedSearcher(
-                    args.engine, folder, backend="onnxruntime", threads=threads, timeout_s=120.0
-                )
+                options = EngineOptions(backend="onnxruntime", threads=threads)
+                contenders[f"S={s}"] = open_shards(args.engine, folder, options, timeout_s=120.0)
                 settings[f"S={s}"] = {"shards": s, "threads_per_shard": threads}
             given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
             report = {
@@ -127,7 +127,7 @@ def measure(contenders: dict[str, Any], queries: Any, args: argparse.Namespace) 
     )
     times = {n: [1e3 * t for t in ts] for n, ts in seconds.items()}
     # The transport alone: ask every shard for its info (no search).
-    shards = {n: lambda i, c=c: c.info() for n, c in contenders.items() if n != "local"}
+    shards = {n: lambda i, c=c: c.shards.info() for n, c in contenders.items() if n != "local"}
     rtt = {n: [1e3 * t for t in ts] for n, ts in harness.interleaved(shards, args.requests).items()}
     out: dict[str, Any] = {
         "mismatches": mismatches,
@@ -191,22 +191,22 @@ def plot(r: dict[str, Any], plt):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = harness.parser("fanout.py", __doc__, plot="file")
+    p = harness.parser(__doc__, plot="file")
     p.add_argument("--engine", required=True, help="scan.json of the model to serve")
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--captions", type=int, default=5000)
-    p.add_argument("--regions", type=int, default=36)
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--images", type=int, default=1000, help="image gallery size")
+    p.add_argument("--captions", type=int, default=5000, help="caption gallery size")
+    p.add_argument("--regions", type=int, default=36, help="regions per image")
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="shard counts S to compare")
     p.add_argument("--requests", type=int, default=40, help="timed requests per direction and contender")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed requests per direction and contender")
     p.add_argument("--batch", type=int, default=1, help="queries per request")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     # 1 thread per process by default: ONNX Runtime's thread pools spin between runs, and several processes
     # doing so on 2 cores slow each other down (S=1 measured +42 ms p50 over local with 2 threads each,
     # +2.6 ms with 1, under the same background load)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of the local searcher")
     p.add_argument("--shard-threads", type=int, default=1, help="ONNX Runtime threads per shard")
-    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     p.add_argument("--work", help="folder for the gallery and its shards (reused when present; default: a temp dir)")
     return p
 

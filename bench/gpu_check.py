@@ -40,6 +40,8 @@ from bench import harness
 from bench.synthetic import MODES, unit_rows
 from runtime import atomic
 from runtime.config import SCANConfig
+from runtime.install import install_command
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def unavailable() -> str | None:
     """Why the baseline cannot run here (no PyTorch, no CUDA device), or None."""
     torch = harness.optional_torch()
     if torch is None:
-        return "PyTorch is not installed (pip install 'scan-runtime[export]')"
+        return f"PyTorch is not installed ({install_command('export')})"
     if not torch.cuda.is_available():
         return "no CUDA device visible to PyTorch"
     return None
@@ -610,8 +612,8 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     rng = np.random.default_rng(0)
     with (
-        ScanEngine.open(manifest_path, backend="onnxruntime") as ref,
-        ScanEngine.open(manifest_path, backend="tensorrt") as trt,
+        ScanEngine.open(manifest_path, EngineOptions(backend="onnxruntime")) as ref,
+        ScanEngine.open(manifest_path, EngineOptions(backend="tensorrt")) as trt,
     ):
         cfg = ref.config
         regions = rng.standard_normal((64, 36, cfg.img_dim)).astype(np.float32)
@@ -638,7 +640,7 @@ def tensorrt_check(manifest_path: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.parser("gpu_check.py", __doc__, quick="tiny shapes: a smoke run of the same code", seed=False)
+    p = harness.parser(__doc__, quick="tiny shapes: a smoke run of the same code", seed=False)
     p.add_argument("--engine", help="manifest scan.json to build TensorRT engines for")
     p.add_argument("--out", default=None, help="engine output folder (default: the manifest's folder)")
     p.add_argument("--out-dir", default=str(RESULTS), help=f"where gpu_check.json/.txt go (default {RESULTS})")

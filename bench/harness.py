@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from runtime import atomic
+from runtime.install import install_command
+from runtime.logs import command_parser, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ class ArgumentError(ValueError):
 
 
 def parser(
-    prog: str,
     doc: str,
     *,
     quick: str | None = None,
@@ -53,7 +54,7 @@ def parser(
     """A bench script's parser with the flags they share: ``--json FILE`` always, ``--quick`` (with its
     help), ``--plot FILE`` or ``--plots DIR`` (``plot`` is "file" or "dir"), ``--cache`` (its default),
     ``--seed``."""
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p = command_parser(doc.split("\n\n")[0])
     if quick:
         p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--json", type=Path, help="write every figure to this JSON file (atomically)")
@@ -62,9 +63,9 @@ def parser(
     elif plot == "dir":
         p.add_argument("--plots", type=Path, help="write PNG plots into this folder (needs matplotlib)")
     if cache is not None:
-        p.add_argument("--cache", type=Path, default=cache, help=f"kept between runs (default {cache})")
+        p.add_argument("--cache", type=Path, default=cache, help="kept between runs")
     if seed:
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and models")
     return p
 
 
@@ -92,7 +93,7 @@ def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace, lev
     """``body(args)`` with timestamped log lines on stderr; a bad flag or input file is one line, exit 2."""
     from runtime.cli import run_cli  # not at import: gpu_check runs where the runtime's tokenizer may be missing
 
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(level, getattr(args, "log_format", "text"), "%(asctime)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
 
     def checked(a: argparse.Namespace) -> int:
@@ -388,7 +389,7 @@ def write_plot(path: Path | str, draw: Callable[[Any], Any]) -> dict[str, Any]:
         matplotlib.use("Agg")  # no display on servers and CI
         import matplotlib.pyplot as plt
     except ImportError:
-        return skipped("matplotlib is not installed (pip install 'scan-runtime[bench]')")
+        return skipped(f"matplotlib is not installed ({install_command('bench')})")
     fig = draw(plt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from bench.synthetic import MODES, Sizes, rng_for
 from runtime.backends.onnxruntime import open_session
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
+from runtime.install import TORCH_CPU, install_command
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def bench_head(
     n, q, length, r = sizes.head_images, sizes.head_captions, sizes.head_len, sizes.regions
     rng = rng_for(seed, 1, list(MODES).index(mode))
     timing = sizes.head_timing()
-    with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", threads=threads) as engine:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", precision="fp32", threads=threads)) as engine:
         cfg = engine.config
         images, image_gram, captions, lengths, a, b = head_inputs(engine, sizes, rng)
         d = captions.shape[2]
@@ -143,7 +145,7 @@ def bench_head(
         ref = None
         if torch is None:
             for name in ("slow_torch_cpu", "batched_torch_cpu"):
-                contenders[name] = skipped("PyTorch is not installed (pip install 'scan-runtime[export]')")
+                contenders[name] = skipped(f"PyTorch is not installed ({TORCH_CPU}; {install_command('export')})")
         else:
             ref = _torch_cpu(torch, contenders, (images, gram_or_none, captions, lengths), cfg, sizes, timing)
             contenders["ort_cpu"]["max_abs_diff_vs_batched"] = float(np.abs(ort_sims - ref).max())
@@ -218,7 +220,9 @@ def _ort_cuda(
     if "CUDAExecutionProvider" not in harness.ort_providers():
         return skipped("ONNX Runtime has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)")
     try:
-        with ScanEngine.open(manifest, backend="onnxruntime", precision="fp32", device="cuda", threads=threads) as eng:
+        with ScanEngine.open(
+            manifest, EngineOptions(backend="onnxruntime", precision="fp32", device="cuda", threads=threads)
+        ) as eng:
             got = eng.sims(*feeds)
             # Host arrays in, host array out: this includes the transfers, as the runtime serves today.
             times = time_calls(lambda: eng.sims(*feeds), **timing)

@@ -62,7 +62,7 @@ from bench.synthetic import (
 )
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ TARGETS = {"head_speedup": 10.0, "head_fraction_of_ceiling": 0.8, "text_1k_p50_m
 
 def build_parser():
     p = harness.parser(
-        "latency.py",
         __doc__,
         quick="seconds-long smoke run: tiny dimensions, same JSON keys",
         plot="dir",
@@ -160,20 +159,18 @@ def run(sizes: Sizes, args) -> dict[str, Any]:
             ceiling = h.pop("gemm_ceiling")  # same shapes in both modes: measure the GEMM once
             report["head"]["gemm_ceiling"] = ceiling
             report["head"]["modes"][mode] = h
-        with ScanEngine.open(manifests["t2i"], backend="onnxruntime", threads=args.threads) as engine:
+        with ScanEngine.open(manifests["t2i"], EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
             logger.info("gallery build")
             report["gallery_build"] = bench_build(engine, sizes, args.seed)
         mode = args.latency_model
         rate = report["head"]["modes"][mode]["contenders"]["ort_cpu"]["pairs_per_s"]
-        with ScanEngine.open(manifests[mode], backend="onnxruntime", threads=args.threads) as engine:
+        with ScanEngine.open(manifests[mode], EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
             searcher = Searcher(engine)
             report["latency"] = {
                 "model": mode,
                 "k": sizes.k,
                 "searcher": {
-                    "image_block": searcher.image_block,
-                    "caption_block": searcher.caption_block,
-                    "query_batch": searcher.query_batch,
+                    name: getattr(searcher.options, name) for name in ("image_block", "caption_block", "query_batch")
                 },
                 "latency_is": "wall time of one Searcher.search call on a batch of queries",
                 "cell_budget_s": sizes.cell_budget_s,

@@ -38,7 +38,7 @@ import numpy as np
 from bench import harness
 from bench.random_models import DEFAULT_CACHE, prepare_model
 from bench.synthetic import FULL, QUICK, Sizes, caption_texts, rng_for
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ def prepare_gallery(manifest: Path, n: int, sizes: Sizes, seed: int, cache: Path
 
     rng = rng_for(seed, 20)
     logger.info("encoding a %d-image gallery into %s", n, folder)
-    with ScanEngine.open(manifest, backend="onnxruntime") as engine, tempfile.TemporaryDirectory(dir=cache) as tmp:
+    with (
+        ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine,
+        tempfile.TemporaryDirectory(dir=cache) as tmp,
+    ):
         regions = np.lib.format.open_memmap(
             Path(tmp) / "regions.npy", mode="w+", dtype=np.float32, shape=(n, sizes.regions, sizes.img_dim)
         )
@@ -113,18 +116,16 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
 
     def wait_ready(self, timeout: float) -> float:
-        import httpx
+        from runtime.client import SearchClient
 
         t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+        with SearchClient(self.url, timeout=1) as client:
+            while time.monotonic() - t0 < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"serve.py exited {self.proc.returncode}; see {self.log}")
+                if client.ready():
                     return time.monotonic() - t0
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+                time.sleep(0.1)
         raise RuntimeError(f"serve.py not ready after {timeout} s; see {self.log}")
 
     def rss(self) -> int | None:
@@ -213,6 +214,10 @@ async def drive(
 
     Counted: the requests that complete within the ``duration`` s after the first ``warmup`` s, whenever
     they started (at high concurrency a request can take longer than the warm-up).
+
+    Plain httpx here, not ``SearchClient``: a client per coroutine on one event loop (64 threads of the
+    synchronous client would compete with the server for the same cores), and no retries, since a load test
+    counts every 503 a client would retry.
     """
     import httpx
 
@@ -375,16 +380,14 @@ def plot(report: dict[str, Any], plt):
 
 
 def build_parser():
-    p = harness.parser(
-        "load.py", __doc__, quick="tiny model, 1 s cells, 1 and 4 clients", plot="file", cache=DEFAULT_CACHE
-    )
+    p = harness.parser(__doc__, quick="tiny model, 1 s cells, 1 and 4 clients", plot="file", cache=DEFAULT_CACHE)
     p.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 20)")
     p.add_argument("--long", type=float, help="seconds for the highest concurrency of the default setting (default 60)")
     p.add_argument("--warmup", type=float, default=None, help="seconds discarded at the start of each cell")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,4,16,64)")
     p.add_argument("--batches", default=None, help="comma-separated --max-batch settings (default 1,32)")
     p.add_argument("--images", type=int, default=None, help="gallery size (default 1000)")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--server-args", default="", help="extra arguments for serve.py (e.g. '--max-delay-ms 2')")
     return p
 

@@ -17,6 +17,7 @@ from typing import Any
 from bench.synthetic import MODES, Sizes, vocab_json
 from runtime.config import SCANConfig
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def prepare_model(sizes: Sizes, mode: str, seed: int, cache: Path) -> tuple[Path
     manifest = folder / "scan.json"
     if manifest.is_file():
         try:
-            ScanEngine.open(manifest, backend="onnxruntime").close()  # verifies every listed file's sha256
+            ScanEngine.open(
+                manifest, EngineOptions(backend="onnxruntime")
+            ).close()  # verifies every listed file's sha256
             return manifest, {"manifest": str(manifest), "cached": True, "export_seconds": 0.0}
         except Exception as e:  # a damaged cache entry is re-exported, not fatal
             logger.warning("cached export %s unusable (%s); exporting again", folder, e)

@@ -5,7 +5,7 @@
 
 Several engines form an ensemble: their similarity matrices are averaged, as in the paper
 ("t-i AVG + i-t LSE"), or weighted with ``--weights`` (the mean ``runtime/search.py`` and
-``runtime/ensemble.py`` search with). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
+``runtime/searcher.py`` searches with). ``--save-sims`` writes the float32 (n_images, n_captions) matrix.
 """
 
 from __future__ import annotations
@@ -22,16 +22,27 @@ from bench.evaluation import full_sims, load_split
 from bench.metrics import evaluate, evaluate_fold5, format_table
 from runtime import atomic
 from runtime.captions import DataError
-from runtime.cli import add_engine_arguments, add_engines_arguments, add_gallery_dtype_argument, run_cli
+from runtime.cli import (
+    add_engine_arguments,
+    add_engines_arguments,
+    add_gallery_dtype_argument,
+    engine_options,
+    run_cli,
+)
 from runtime.engine import ScanEngine
-from runtime.ensemble import check_weights
+from runtime.logs import command_parser
+from runtime.searcher import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recall.py", description=__doc__.split("\n\n")[0])
+    p = command_parser(__doc__.split("\n\n")[0])
     add_engines_arguments(p, "for an ensemble")
     p.add_argument("--data", required=True, help="folder with {split}_ims.npy and {split}_caps.txt")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="the split to evaluate: {split}_ims.npy and {split}_caps.txt of --data (dev, test; COCO: testall)",
+    )
     p.add_argument(
         "--fold5",
         action="store_true",
@@ -60,15 +71,15 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sims = None
     for w, path in zip(weights, args.engine):
-        with ScanEngine.open(
-            path, backend=args.backend, precision=args.precision, device=args.device, threads=args.threads
-        ) as engine:
+        with ScanEngine.open(path, engine_options(args)) as engine:
             regions, captions = load_split(args.data, args.split, engine.config.img_dim)
-            print(f"{path}: {len(regions)} images x {len(captions)} captions ({engine.backend_name})", file=sys.stderr)
+            print(
+                f"{path}: {len(regions)} images x {len(captions)} captions ({engine.options.backend})", file=sys.stderr
+            )
             s = full_sims(engine, regions, captions, progress=not args.no_progress, store_dtype=args.gallery_dtype)
         if sims is not None and sims.shape != s.shape:
             raise DataError(f"the engines read different splits: {sims.shape} vs {s.shape} similarities")
-        # The weighted mean in float32, accumulated in the members' order as runtime/ensemble.py does.
+        # The weighted mean in float32, accumulated in the members' order as runtime/searcher.py does.
         sims = w * s if sims is None else sims + w * s
     sims = sims.astype(np.float32, copy=False)
     seconds = time.perf_counter() - t0

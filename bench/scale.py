@@ -15,7 +15,7 @@ gallery size, in one process:
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
   image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``Searcher(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
+* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
   exact on the same queries (only where exact ran);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
   after loading and searching), peak RSS.
@@ -41,7 +41,7 @@ from bench import harness
 from bench.harness import overlap_at
 from bench.synthetic import CHUNK, SCENE_CACHE, SceneFeatures
 from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def bench_size(
     for m in ms:
         if m >= n:
             continue
-        with Searcher(engine, images=gallery, candidates=m, neighbors=args.neighbors, nprobe=args.nprobe) as s:
+        with Searcher(
+            engine, images=gallery, options=SearchOptions(candidates=m, neighbors=args.neighbors, nprobe=args.nprobe)
+        ) as s:
             times, ids = time_queries(s, queries)
         two_ids.append(ids)
         two_stage.append(
@@ -308,7 +310,6 @@ def plot(report: dict[str, Any], plt):
 
 def build_parser() -> argparse.ArgumentParser:
     p = harness.parser(
-        "scale.py",
         __doc__,
         quick="galleries of 2K and 20K images, few queries (minutes)",
         plot="file",
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's; trained here if missing)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)  # generator chunk (tests)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -369,7 +370,7 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
         "model": str(manifest),
         "rows": [],
     }
-    with ScanEngine.open(manifest, backend="onnxruntime", threads=args.threads) as engine:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         features, captions = SceneFeatures(engine.config.img_dim, cache, chunk=args.chunk).ensure(max(sizes), progress)
         rng = np.random.default_rng(1)
         pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds

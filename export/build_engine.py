@@ -47,6 +47,8 @@ from export.trt_build import (
 from runtime import atomic
 from runtime.backends.base import BackendError
 from runtime.backends.plan_check import PlanError
+from runtime.install import installed_from_wheel
+from runtime.logs import command_parser, setup_logging
 from runtime.manifest import (
     PLAN_KINDS,
     STRONGLY_TYPED,
@@ -69,7 +71,7 @@ class MissingDependency(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build_engine.py", description=__doc__.split("\n\n")[0])
+    p = command_parser(__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="the export's manifest (engines/scan.json)")
     p.add_argument("--out", help="folder for the .plan files (default: the manifest's folder)")
     prec = p.add_mutually_exclusive_group()
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_BATCH,
         metavar="Q",
-        help=f"most captions per call, dimension Q (default {DEFAULT_MAX_BATCH})",
+        help="most captions per call, dimension Q",
     )
     p.add_argument(
         "--max-words",
@@ -95,14 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_BLOCK,
         metavar="N",
-        help=f"most images per call, dimension N (default {DEFAULT_BLOCK})",
+        help="most images per call, dimension N",
     )
     p.add_argument(
         "--regions",
         type=int,
         default=DEFAULT_REGIONS,
         metavar="R",
-        help=f"regions per image, fixed in the engine (default {DEFAULT_REGIONS})",
+        help="regions per image, fixed in the engine",
     )
     p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache: loaded if present, saved after")
     p.add_argument(
@@ -110,19 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_WORKSPACE_GB,
         metavar="G",
-        help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GB:g})",
+        help="builder workspace limit in GiB",
     )
     p.add_argument(
         "--topk-max",
         type=int,
         default=DEFAULT_TOPK_MAX,
         metavar="K",
-        help=f"largest k of the device top-k engine (default {DEFAULT_TOPK_MAX})",
+        help="largest k of the device top-k engine",
     )
     p.add_argument(
         "--kinds",
         default=",".join(PLAN_KINDS),
-        help=f"engines to build, comma-separated (default {','.join(PLAN_KINDS)})",
+        help="engines to build, comma-separated",
     )
     return p
 
@@ -390,6 +392,7 @@ def build_all(manifest: Manifest, args: argparse.Namespace, progress: Callable[[
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING, args.log_format)
     progress = timed_progress()
 
     if not args.workspace_gb > 0:
@@ -399,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.manifest)
         records = build_all(manifest, args, progress)
     except (MissingDependency, TensorRTVersionError) as e:
+        search = "scan-search" if installed_from_wheel() else "python runtime/search.py"
         print(
             f"error: {e}\n"
             "TensorRT engines need an NVIDIA GPU and driver with TensorRT 10+ and CUDA Python bindings: "
             "pip install tensorrt cuda-python (on that machine).\n"
-            f"Meanwhile the ONNX graphs serve: python runtime/search.py --engine {args.manifest} ...",
+            f"Meanwhile the ONNX graphs serve: {search} --engine {args.manifest} ...",
             file=sys.stderr,
         )
         return 2

@@ -114,8 +114,9 @@ def _cosine_similarity(x1: torch.Tensor, x2: torch.Tensor, dim: int) -> torch.Te
     return w12 / (w1 * w2).clamp(min=EPS)
 
 
-def _func_attention(query: torch.Tensor, context: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
-    """The original ``func_attention``; returns the weighted context (B, queryL, d)."""
+def attention(query: torch.Tensor, context: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
+    """The original ``func_attention``'s attention weights (B, queryL, sourceL): per query item, a softmax
+    over the context (``runtime/explain.py`` is tested against these)."""
     batch, source_len = context.shape[0], context.shape[1]
     query_len = query.shape[1]
     attn = torch.bmm(context, query.transpose(1, 2))  # (B, sourceL, queryL)
@@ -133,8 +134,12 @@ def _func_attention(query: torch.Tensor, context: torch.Tensor, cfg: SCANConfig)
     elif norm == "clipped":
         attn = F.leaky_relu(attn, 0.1)
     attn = attn.transpose(1, 2).reshape(batch * query_len, source_len)
-    attn = torch.softmax(attn * cfg.lambda_softmax, dim=1).reshape(batch, query_len, source_len)
-    return torch.bmm(attn, context)  # (B, queryL, d)
+    return torch.softmax(attn * cfg.lambda_softmax, dim=1).reshape(batch, query_len, source_len)
+
+
+def _func_attention(query: torch.Tensor, context: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:
+    """The original ``func_attention``; returns the weighted context (B, queryL, d)."""
+    return torch.bmm(attention(query, context, cfg), context)  # (B, queryL, d)
 
 
 def _aggregate(row_sim: torch.Tensor, cfg: SCANConfig) -> torch.Tensor:

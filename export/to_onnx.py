@@ -10,26 +10,28 @@ disagrees with the PyTorch reference.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from export.checkpoint import MAX_CHECKPOINT_BYTES, CheckpointError, find_vocab, load_checkpoint, load_vocab
 from export.progress import timed_progress
+from runtime.logs import command_parser, setup_logging
 from runtime.manifest import DEFAULT_MAX_WORDS
 from runtime.vocab import VocabularyError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="to_onnx.py", description=__doc__.split("\n\n")[0])
+    p = command_parser(__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="original SCAN checkpoint (model_best.pth.tar)")
     p.add_argument("--vocab", help="vocabulary JSON (default: <vocab_path>/<data_name>_vocab.json from the opt)")
-    p.add_argument("--out", default="engines", help="output folder (default: engines)")
-    p.add_argument("--name", default="scan", help="file name stem (default: scan)")
+    p.add_argument("--out", default="engines", help="output folder")
+    p.add_argument("--name", default="scan", help="file name stem")
     p.add_argument(
         "--max-words",
         type=int,
         default=DEFAULT_MAX_WORDS,
-        help=f"longest caption served, in tokens incl. <start>/<end> (default {DEFAULT_MAX_WORDS})",
+        help="longest caption served, in tokens incl. <start>/<end>",
     )
     p.add_argument(
         "--trust-checkpoint",
@@ -41,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-checkpoint-gb",
         type=float,
         default=MAX_CHECKPOINT_BYTES / 2**30,
-        help=f"refuse a checkpoint that unpacks to more than this many GiB (default {MAX_CHECKPOINT_BYTES / 2**30:g})",
+        help="refuse a checkpoint that unpacks to more than this many GiB",
     )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING, args.log_format)
     from export.exporter import ParityError, export_all  # torch: imported after --help has been answered
 
     progress = timed_progress()

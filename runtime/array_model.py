@@ -218,9 +218,13 @@ def aggregate(xp, cos, axis: int, mask, lengths, agg_func: str, lambda_lse: floa
     return total if agg_func == "Sum" else total / lengths.astype(xp.float32)
 
 
-def sims(xp, images, image_gram, captions, lengths, cfg, gemm_dtype):
-    """Exact batched SCAN head: images (N, R, d), captions (Q, L, d) zero past ``lengths`` -> (N, Q) float32.
+def cross_attention(xp, images, image_gram, captions, lengths, cfg, gemm_dtype):
+    """The head before its aggregation: unnormalised attention ``e``, its sums ``z`` and the cosines.
 
+    images (N, R, d), captions (Q, L, d) zero past ``lengths``. ``e`` is (Q, L, N, R) in both modes; the
+    attention the model computes is ``e / z`` along the context axis: t2i, regions (axis 3; ``z`` (Q, L, N),
+    ``cos`` (Q, L, N), one per word); i2t, words (axis 1; ``z`` and ``cos`` (Q, N, R), one per region).
+    ``sims`` aggregates ``cos``; ``runtime/explain.py`` keeps all three for one pair.
     ``image_gram`` (N, R, R) is the t2i head's per-image term (None: computed here; i2t ignores it).
     """
     n, r, d = images.shape
@@ -242,10 +246,7 @@ def sims(xp, images, image_gram, captions, lengths, cfg, gemm_dtype):
         ctx_sq = ge.sum(axis=2).T.reshape(q, steps, n)  # (Q, L, N)
         c = captions.astype(xp.float32, copy=False)
         word_norm = xp.sqrt((c * c).sum(axis=2)).reshape(q, steps, 1)  # (Q, L, 1)
-        cos = k.cosine(dot, word_norm, ctx_sq, z)  # (Q, L, N)
-        return aggregate(
-            xp, cos, 1, word_mask.reshape(q, steps, 1), lengths.reshape(q, 1), cfg.agg_func, cfg.lambda_lse
-        ).T  # (N, Q)
+        return e, z, k.cosine(dot, word_norm, ctx_sq, z)  # cos (Q, L, N)
     caption_gram = gram(xp, captions, gemm_dtype)  # (Q, L, L)
     e, z = attention_weights(
         xp, s, 3, None, 1, word_mask.reshape(q, steps, 1, 1), cfg.raw_feature_norm, cfg.lambda_softmax
@@ -258,5 +259,22 @@ def sims(xp, images, image_gram, captions, lengths, cfg, gemm_dtype):
     dot = s.sum(axis=1)  # (Q, N, R)
     im = images.astype(xp.float32, copy=False)
     region_norm = xp.sqrt((im * im).sum(axis=2)).reshape(1, n, r)  # (1, N, R)
-    cos = k.cosine(dot, region_norm, ctx_sq, z)  # (Q, N, R)
-    return aggregate(xp, cos, 2, None, None, cfg.agg_func, cfg.lambda_lse).T  # (N, Q)
+    return e, z, k.cosine(dot, region_norm, ctx_sq, z)  # cos (Q, N, R)
+
+
+def aggregate_pairs(xp, cos, lengths, cfg):
+    """Each pair's similarity from ``cross_attention``'s cosines: t2i over its words, i2t over the regions."""
+    if cfg.cross_attn == "t2i":
+        q, steps, _ = cos.shape
+        word_mask = xp.arange(steps).reshape(1, steps, 1) < lengths.reshape(q, 1, 1)  # (Q, L, 1)
+        return aggregate(xp, cos, 1, word_mask, lengths.reshape(q, 1), cfg.agg_func, cfg.lambda_lse)  # (Q, N)
+    return aggregate(xp, cos, 2, None, None, cfg.agg_func, cfg.lambda_lse)  # (Q, N)
+
+
+def sims(xp, images, image_gram, captions, lengths, cfg, gemm_dtype):
+    """Exact batched SCAN head: images (N, R, d), captions (Q, L, d) zero past ``lengths`` -> (N, Q) float32.
+
+    ``image_gram`` (N, R, R) is the t2i head's per-image term (None: computed here; i2t ignores it).
+    """
+    _, _, cos = cross_attention(xp, images, image_gram, captions, lengths, cfg, gemm_dtype)
+    return aggregate_pairs(xp, cos, lengths, cfg).T  # (N, Q)

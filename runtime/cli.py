@@ -16,8 +16,9 @@ from runtime.captions import DataError
 from runtime.engine import ScanEngine
 from runtime.features import FeatureError
 from runtime.gallery import GalleryError
+from runtime.logs import setup_logging
 from runtime.manifest import ManifestError
-from runtime.options import GALLERY_DTYPES
+from runtime.options import GALLERY_DTYPES, EngineOptions, OptionsError, SearchOptions
 from runtime.searcher import SearchError
 from runtime.tokenizer import TokenizerError
 from runtime.vocab import VocabularyError
@@ -29,6 +30,7 @@ USER_ERRORS = (
     FeatureError,
     GalleryError,
     ManifestError,
+    OptionsError,
     SearchError,
     TokenizerError,
     VocabularyError,
@@ -79,16 +81,22 @@ def add_gallery_dtype_argument(p: argparse.ArgumentParser, flag: str, help: str)
     p.add_argument(flag, choices=GALLERY_DTYPES, default="float32", help=help)
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    """The flags of ``add_engine_arguments`` as ``ScanEngine.open``'s keyword arguments."""
-    return {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The flags of ``add_engine_arguments``."""
+    return EngineOptions(args.backend, args.precision, args.device, args.threads)
+
+
+def search_options(args: argparse.Namespace) -> SearchOptions:
+    """The search flags a CLI has (``--candidates``, ``--nprobe``, ``--candidate-source``); the rest default."""
+    flags = {name: getattr(args, name) for name in ("candidates", "nprobe", "candidate_source") if hasattr(args, name)}
+    return SearchOptions(**flags)
 
 
 @contextlib.contextmanager
 def open_engines(paths: Sequence[str | Path], args: argparse.Namespace) -> Iterator[list[ScanEngine]]:
     """The engines at ``paths`` opened with the CLI's engine flags; all closed on exit."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(ScanEngine.open(path, **engine_options(args))) for path in paths]
+        yield [stack.enter_context(ScanEngine.open(path, engine_options(args))) for path in paths]
 
 
 class Terminated(BaseException):
@@ -100,12 +108,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def run_cli(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a CLI body with warnings on stderr and user errors as one line (exit 2).
+    """Run a CLI body with warnings on stderr (``--log-format``) and user errors as one line (exit 2).
 
     Ctrl-C exits 130 and SIGTERM 143, quietly, after the body's cleanup ran (an interrupted gallery write
     leaves the previous gallery and no temporary files).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    setup_logging(logging.WARNING, getattr(args, "log_format", "text"))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

@@ -1,15 +1,14 @@
 """Search a sharded gallery on a Ray cluster: one actor per shard, fan-out and an exact top-k merge.
 
-    with ShardedSearcher("engines/scan.json", "gal-shards") as searcher:     # a local Ray instance
-        scores, ids = searcher.search(["a dog on a beach"], k=10)             # global ids, faiss contract
+    with open_shards("engines/scan.json", "gal-shards") as searcher:       # a Searcher; a local Ray instance
+        scores, ids = searcher.search(["a dog on a beach"], k=10)           # global ids, faiss contract
+        names = searcher.labels("text_to_image", ids)
 
-Each shard is held by a Ray actor (``ShardServer``) that opens its own engine and its shard from
-disk and keeps both resident. ``ShardedSearcher`` (the driver side) offers what ``Searcher`` and the
-gallery appends offer (``search_text``, ``search_images``, ``add_images``, ``add_captions``,
-sizes), so it can replace the single-node searcher inside the service. Every batch goes to all
-shards at once; their per-shard top-k (global ids) merge into the global top-k with the running
-top-k's contract (descending, ties to the lower id, -1 past the gallery): the same answer as one
-``Searcher`` over the unsharded gallery.
+Each shard is held by a Ray actor (``ShardServer``) that opens its own engine and a ``Searcher`` over its
+shard folder, resident. The driver's ``Searcher`` holds a ``Shards`` (the actors): its scoring sends every
+batch of queries, checked and tokenised once by the driver, to all shards at once and merges their top-k
+(global ids) with the running top-k's contract (descending, ties to the lower id, -1 past the gallery): the
+same answer as one ``Searcher`` over the unsharded gallery.
 
 Faults: Ray restarts a dead shard actor (``max_restarts=-1``), which reloads its shard, appends
 included, from disk. A request that meets a dead, restarting or silent shard fails whole with
@@ -34,36 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine import ScanEngine
-from runtime.features import check_regions
-from runtime.gallery import GalleryError, build_caption_gallery, build_image_gallery
-from runtime.gallery.shards import KINDS, check_contiguous, load_shard, read_layout
-from runtime.manifest import resolve_manifest
-from runtime.options import WriteOptions
-from runtime.searcher import Searcher, SearcherContract, SearchError
-from runtime.tokenizer import Tokenizer
-from runtime.topk import MISSING_ID, RunningTopK
-from runtime.vocab import Vocabulary
+from runtime.engine import ScanEngine, ScanModel
+from runtime.gallery import GalleryError
+from runtime.gallery.shards import KINDS, check_contiguous, read_layout, read_shard
+from runtime.options import EngineOptions, SearchOptions
+from runtime.searcher import DIRECTIONS, OutcomeUnknown, Queries, Searcher, ShardUnavailableError, check_names
+from runtime.topk import MISSING_ID
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 INLINE_BYTES = 100_000  # Ray inlines task arguments up to 100 KiB (max_direct_call_object_size)
-
-
-class ShardUnavailableError(RuntimeError):
-    """A shard is dead, restarting or did not answer in time: the request fails whole (HTTP 503)."""
-
-
-def merge_topk(
-    results: Sequence[tuple[np.ndarray, np.ndarray]], k: int, size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global top-k (n, k) of per-shard top-k results with disjoint global ids (faiss's contract);
-    ``size``: the whole gallery's, so only min(k, size) candidates are kept (the rest is -inf / -1)."""
-    top = RunningTopK(len(results[0][0]), k, size)
-    for scores, ids in results:
-        top.merge(scores[:, : top.width], ids[:, : top.width])
-    return top.result()
 
 
 def globalize(ids: np.ndarray, offset: int) -> np.ndarray:
@@ -72,105 +52,80 @@ def globalize(ids: np.ndarray, offset: int) -> np.ndarray:
 
 
 class ShardServer:
-    """One shard with its engine, resident: searches answer global ids. Runs inside a Ray actor (or
-    in-process: it does not need Ray)."""
+    """One shard with its engine and a ``Searcher`` over its folder, resident: searches answer global ids. Runs
+    inside a Ray actor (or in-process: it does not need Ray)."""
 
     def __init__(
         self,
         engine: str | Path,
         folder: str | Path,
-        backend: str = "auto",
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-        **searcher_options: Any,
+        engine_options: EngineOptions = EngineOptions(),
+        options: SearchOptions = SearchOptions(),
     ) -> None:
-        self.engine = ScanEngine.open(engine, backend=backend, precision=precision, device=device, threads=threads)
-        self.precision = precision
-        self.folder = Path(folder)
-        self.searcher_options = searcher_options
-        self._load()
+        self.engine = ScanEngine.open(engine, engine_options)
+        try:
+            self.shard = read_shard(folder)
+            self.searcher = Searcher.open(self.engine, folder, options=options)
+        except BaseException:
+            self.engine.close()
+            raise
 
-    def _load(self) -> None:
-        self.shard, images, captions = load_shard(self.folder, self.engine)
-        self.searcher = Searcher(self.engine, images=images, captions=captions, **self.searcher_options)
+    def search(self, queries: Queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's top-k of prepared ``queries``: (scores, global ids)."""
+        scores, ids = self.searcher.search_prepared(queries, k)
+        return scores, globalize(ids, self.shard.offset(DIRECTIONS[queries.direction]))
 
-    def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
-        """(scores, global ids), plus {global id: image name} of the hits when ``labels``."""
-        scores, ids = self.searcher.search_text(captions, k)
-        return self._answer("images", scores, ids, labels)
-
-    def search_images(self, regions: np.ndarray, k: int, labels: bool = False) -> tuple:
-        """(scores, global ids), plus {global id: caption text} of the hits when ``labels``."""
-        scores, ids = self.searcher.search_images(regions, k)
-        return self._answer("captions", scores, ids, labels)
-
-    def _answer(self, kind: str, scores: np.ndarray, ids: np.ndarray, labels: bool) -> tuple:
-        global_ids = globalize(ids, self.shard.offset(kind))
-        if not labels:
-            return scores, global_ids
-        texts = self._texts(kind)
-        found = (
-            {}
-            if texts is None
-            else {g: texts[i] for g, i in zip(global_ids.ravel().tolist(), ids.ravel().tolist()) if i >= 0}
-        )
-        return scores, global_ids, found
-
-    def _texts(self, kind: str) -> list[str] | None:
-        gallery = self.searcher.images if kind == "images" else self.searcher.captions
-        if gallery is None:
-            return None
-        return gallery.names if kind == "images" else gallery.texts
-
-    def labels(self, kind: str, ids: Sequence[int]) -> list[str | None]:
+    def labels(self, direction: str, ids: Sequence[int]) -> list[str | None]:
         """Names of images / texts of captions for global ``ids`` held by this shard."""
-        texts, offset = self._texts(kind), self.shard.offset(kind)
-        return [texts[int(i) - offset] if texts is not None else None for i in ids]
+        offset = self.shard.offset(DIRECTIONS[direction])
+        return self.searcher.labels(direction, np.asarray([ids], np.int64) - offset)[0]
 
-    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> dict[str, Any]:
-        images = self.searcher.images
-        dtype = images.dtype.name if images is not None else "float32"
-        build_image_gallery(
-            self.engine, regions, self.folder / "images", names, WriteOptions(dtype, append=True, progress=False)
-        )
-        self._load()
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """This shard's images ``ids`` (global) as image -> text queries."""
+        return self.searcher.image_queries([i - self.shard.offset("images") for i in ids])
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        return self.searcher.boxes(image_id - self.shard.offset("images"))
+
+    def explain(self, query: str | Queries, item: int) -> Any:
+        """The explanation of ``query`` and this shard's item ``item`` (global id)."""
+        return self.searcher.explain(query, item - self.shard.offset(DIRECTIONS[_direction(query)]))
+
+    def add_images(
+        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        self.searcher.add_images(regions, names, boxes)
         return self.info()
 
     def add_captions(self, texts: Sequence[str]) -> dict[str, Any]:
-        captions = self.searcher.captions
-        dtype = captions.dtype.name if captions is not None else "float32"
-        build_caption_gallery(
-            self.engine, list(texts), self.folder / "captions", WriteOptions(dtype, append=True, progress=False)
-        )
-        self._load()
+        self.searcher.add_captions(texts)
         return self.info()
 
     def info(self) -> dict[str, Any]:
-        s = self.searcher
         out = {
             "index": self.shard.index,
-            "folder": str(self.folder),
+            "folder": str(self.shard.folder),
             "pid": os.getpid(),
             "node": _node_id(),
-            "backend": self.engine.backend_name,
-            "precision": self.precision,
-            "images": {"offset": self.shard.images_offset, "size": len(s.images) if s.images is not None else 0},
-            "captions": {
-                "offset": self.shard.captions_offset,
-                "size": len(s.captions) if s.captions is not None else 0,
-            },
+            "backend": self.engine.options.backend,
+            "precision": self.engine.options.precision,
         }
-        for kind, gallery in (("images", s.images), ("captions", s.captions)):
-            if gallery is not None:
-                out[kind]["dtype"] = gallery.dtype.name
-        if s.images is not None:
-            out["images"]["names"] = s.images.names is not None
+        for kind in KINDS:
+            galleries = self.searcher.galleries(kind)
+            out[kind] = {"offset": self.shard.offset(kind), "size": len(galleries[0]) if galleries else 0}
+            if galleries:
+                out[kind]["dtype"] = galleries[0].dtype.name
+        if self.searcher.galleries("images"):
+            out["images"]["names"] = self.searcher.galleries("images")[0].names is not None
         return out
 
     def close(self) -> None:
         self.searcher.close()
         self.engine.close()
+
+
+def _direction(query: str | Queries) -> str:
+    return "text_to_image" if isinstance(query, str) else query.direction
 
 
 def _node_id() -> str | None:
@@ -230,53 +185,36 @@ def _actor_class():
     return _ACTOR
 
 
-class ShardedSearcher(SearcherContract):
-    """Driver side: fans each batch out to every shard actor and merges the global top-k."""
+class Shards:
+    """The driver's side of a sharded gallery (what a ``Searcher`` fans its scoring out to): one ``ShardServer``
+    actor per shard of ``shards`` (a folder made by runtime/shards.py split), asked all at once.
+
+    ``timeout_s``: how long a request waits for all shards. ``shard_cpus``: CPUs Ray reserves per shard actor
+    (None: Ray's default for actors, which reserves none once placed). ``engine_options.threads``: ONNX Runtime
+    threads per shard."""
 
     def __init__(
         self,
         engine: str | Path,
         shards: str | Path,
+        engine_options: EngineOptions = EngineOptions(),
+        options: SearchOptions = SearchOptions(),
         *,
         address: str | None = None,
         num_cpus: int | None = None,
         timeout_s: float = 30.0,
         startup_timeout_s: float = 600.0,
         shard_cpus: float | None = None,
-        backend: str = "auto",
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-        **searcher_options: Any,
     ) -> None:
-        """``shards``: a folder made by runtime/shards.py split. ``timeout_s``: how long a request waits
-        for all shards. ``shard_cpus``: CPUs Ray reserves per shard actor (None: Ray's default for
-        actors, which reserves none once placed). ``threads``: ONNX Runtime threads per shard."""
-
         self.timeout_s = float(timeout_s)
         self.layout = read_layout(shards)
-        self.manifest = resolve_manifest(engine)
-        self.config = self.manifest.config
-        # Queries are validated here, once, so a bad request is a 4xx before any shard sees it.
-        self.tokenizer = Tokenizer(Vocabulary.from_json(self.manifest.vocab_path()), max_words=self.manifest.max_words)
         self._started_ray = connect(address, num_cpus)
         self._lock = threading.Lock()  # appends one at a time; sizes change only under it
-        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+        placement: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
         if shard_cpus is not None:
-            options["num_cpus"] = shard_cpus
-        actor = _actor_class()
-        self.actors = [
-            actor.options(**options).remote(
-                str(engine),
-                str(s.folder),
-                backend=backend,
-                precision=precision,
-                device=device,
-                threads=threads,
-                **searcher_options,
-            )
-            for s in self.layout
-        ]
+            placement["num_cpus"] = shard_cpus
+        actor = _actor_class().options(**placement)
+        self.actors = [actor.remote(str(engine), str(s.folder), engine_options, options) for s in self.layout]
         try:
             infos = self._gather(
                 [a.info.remote() for a in self.actors], "starting the shards", timeout_s=startup_timeout_s
@@ -293,89 +231,82 @@ class ShardedSearcher(SearcherContract):
             ", ".join(f"{i['index']}: {i['images']['size']} images, {i['captions']['size']} captions" for i in infos),
         )
 
-    # ------------------------------------------------------------------ the searcher contract
-
-    def search_text(self, captions: Sequence[str], k: int, labels: bool = False) -> tuple:
-        """(scores, ids) as ``Searcher.search_text``; with ``labels``, also the hits' image names (n, k)."""
-        k = self._check_text_search(k, captions, sum(self._sizes["images"]) > 0, "this sharded gallery has no images")
-        captions = list(captions)
-        self.tokenizer.encode_batch(captions)  # validates every query, as Searcher does
-        return self._fan_out("search_text", captions, k, "images", labels)
-
-    def search_images(self, regions: np.ndarray, k: int, labels: bool = False) -> tuple:
-        """(scores, ids) as ``Searcher.search_images``; with ``labels``, also the hits' caption texts (n, k)."""
-        k = self._check_image_search(k, sum(self._sizes["captions"]) > 0, "this sharded gallery has no captions")
-        regions = check_regions(regions, self.config.img_dim, "query regions")
-        return self._fan_out("search_images", regions, k, "captions", labels)
-
-    def _fan_out(self, method: str, queries: Any, k: int, kind: str, labels: bool) -> tuple:
+    def search(self, queries: Queries, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every shard's top-k (scores, global ids) of ``queries``."""
         import ray
 
         # A large batch goes to the object store once and every shard reads it; a small one travels
         # inside each task (cheaper than a store round trip, which a 1-shard request would pay for nothing).
-        arg = ray.put(queries) if isinstance(queries, np.ndarray) and queries.nbytes > INLINE_BYTES else queries
-        results = self._gather([getattr(a, method).remote(arg, k, labels) for a in self.actors], method)
-        scores, ids = merge_topk([r[:2] for r in results], k, sum(self._sizes[kind]))
-        if not labels:
-            return scores, ids
-        found = {}
-        for r in results:
-            found.update(r[2])
-        return scores, ids, [[found.get(i) for i in row] for row in ids.tolist()]
+        large = sum(a.nbytes for a in (queries.regions, *(x for m in queries.encoded for x in m)) if a is not None)
+        large = large > INLINE_BYTES
+        arg = ray.put(queries) if large else queries
+        what = "search_text" if queries.direction == "text_to_image" else "search_images"
+        return self._gather([a.search.remote(arg, k) for a in self.actors], what)
 
-    def labels(self, kind: str, ids: np.ndarray) -> list[list[str | None]]:
-        """Names (kind "images") or texts ("captions") for a (n, k) array of global ids; None for -1."""
-        if kind not in KINDS:
-            raise SearchError(f"kind must be one of {KINDS}, received {kind!r}")
+    def labels(self, direction: str, ids: np.ndarray) -> list[list[str | None]]:
+        """Names (text -> image) or texts (image -> text) for a (n, k) array of global ids; None for -1."""
         ids = np.asarray(ids, np.int64)
-        starts = [s.offset(kind) for s in self.layout]
+        starts = [s.offset(DIRECTIONS[direction]) for s in self.layout]
         wanted: dict[int, list[int]] = {}
         for i in np.unique(ids[ids >= 0]):
             wanted.setdefault(bisect.bisect_right(starts, int(i)) - 1, []).append(int(i))
         shards = sorted(wanted)
-        answers = self._gather([self.actors[s].labels.remote(kind, wanted[s]) for s in shards], "labels", shards)
+        answers = self._gather([self.actors[s].labels.remote(direction, wanted[s]) for s in shards], "labels", shards)
         found = {i: label for s, labels in zip(shards, answers) for i, label in zip(wanted[s], labels)}
         return [[found.get(int(i)) if i >= 0 else None for i in row] for row in ids]
 
-    def add_images(self, regions: np.ndarray, names: Sequence[str] | None = None) -> int:
+    def _holder(self, kind: str, item: int) -> int:
+        """The shard holding global id ``item`` of ``kind``."""
+        return bisect.bisect_right([s.offset(kind) for s in self.layout], item) - 1
+
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """Global image ids as image -> text queries, each encoded by the shard holding it."""
+        shards = [self._holder("images", i) for i in ids]
+        parts = self._gather([self.actors[s].image_queries.remote([i]) for s, i in zip(shards, ids)], "images", shards)
+        return Queries.concat(parts)
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        shard = self._holder("images", image_id)
+        return self._gather([self.actors[shard].boxes.remote(image_id)], "boxes", [shard])[0]
+
+    def explain(self, query: str | Queries, item: int) -> Any:
+        """The explanation of ``query`` and global item ``item``, by the shard holding it."""
+        shard = self._holder(DIRECTIONS[_direction(query)], item)
+        return self._gather([self.actors[shard].explain.remote(query, item)], "explain", [shard])[0]
+
+    def add_images(
+        self, regions: np.ndarray, names: Sequence[str] | None = None, boxes: np.ndarray | None = None
+    ) -> int:
         """Append to the last shard (atomically, persisted); returns the image gallery's new size."""
-        regions = check_regions(regions, self.config.img_dim, "regions")
         if names is not None and len(names) != len(regions):
             raise GalleryError(f"names: expected one name per image ({len(regions)}), received {len(names)}")
         with self._lock:
-            if self._image_names is not None and self._image_names != (names is not None):
-                raise GalleryError(
-                    f"names: the image gallery {'has' if self._image_names else 'has no'} names; "
-                    f"append {'one name per image' if self._image_names else 'without names'}"
-                )
-            info = self._gather([self.actors[-1].add_images.remote(regions, names)], "add_images", [-1])[0]
+            check_names(self._image_names, names)
+            info = self._append(self.actors[-1].add_images.remote(regions, names, boxes), "add_images", len(regions))
             self._sizes["images"][-1] = info["images"]["size"]
             self._image_names = info["images"].get("names")
             return sum(self._sizes["images"])
 
     def add_captions(self, texts: Sequence[str]) -> int:
         """Append to the last shard (atomically, persisted); returns the caption gallery's new size."""
-        texts = list(texts)
-        if not texts:
-            raise GalleryError("captions: expected at least one caption, received none")
-        self.tokenizer.encode_batch(texts)
         with self._lock:
-            info = self._gather([self.actors[-1].add_captions.remote(texts)], "add_captions", [-1])[0]
+            info = self._append(self.actors[-1].add_captions.remote(list(texts)), "add_captions", len(texts))
             self._sizes["captions"][-1] = info["captions"]["size"]
             return sum(self._sizes["captions"])
 
-    # ------------------------------------------------------------------ sizes and health
+    def _append(self, ref: Any, what: str, n: int) -> dict[str, Any]:
+        """The last shard's answer to an append. A shard that does not answer in time (or dies) may still
+        commit it: the outcome is unknown (``OutcomeUnknown``), not a failure a client may blindly retry."""
+        try:
+            return self._gather([ref], what, [-1])[0]
+        except ShardUnavailableError as e:
+            raise OutcomeUnknown(
+                f"{what}: the outcome of appending {n} items is unknown: {e}; the last shard may have "
+                f"committed them. Check the gallery's size (GET /readyz) before writing them again"
+            ) from e
 
-    @property
-    def num_images(self) -> int:
-        return sum(self._sizes["images"])
-
-    @property
-    def num_captions(self) -> int:
-        return sum(self._sizes["captions"])
-
-    def __len__(self) -> int:
-        return len(self.actors)
+    def sizes(self) -> dict[str, int | None]:
+        return {kind: sum(self._sizes[kind]) or None for kind in KINDS}
 
     def info(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """One entry per shard (index, sizes and offsets, node id, pid), asked of the live actors."""
@@ -422,3 +353,17 @@ class ShardedSearcher(SearcherContract):
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def open_shards(
+    engine: str | Path,
+    shards: str | Path,
+    engine_options: EngineOptions = EngineOptions(),
+    options: SearchOptions = SearchOptions(),
+    **kw: Any,
+) -> Searcher:
+    """A ``Searcher`` over the sharded gallery ``shards`` (``kw``: as ``Shards``'); it checks queries with the
+    model's tokenizer here, once, so a bad request fails before any shard sees it."""
+    return Searcher(
+        ScanModel.open(engine), options=options, shards=Shards(engine, shards, engine_options, options, **kw)
+    )

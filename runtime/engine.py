@@ -6,7 +6,7 @@ Numpy and a backend only; PyTorch is never imported here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,44 +14,50 @@ import numpy as np
 from runtime.backends import ARRAY_BACKENDS, Backend, BackendError, choose_backend, open_backend
 from runtime.features import check_regions
 from runtime.manifest import Manifest, resolve_manifest
+from runtime.options import EngineOptions
 from runtime.tokenizer import Tokenizer
 from runtime.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 
-class ScanEngine:
-    """Owns the three backends of one export; use as a context manager or call ``close()``."""
+class ScanModel:
+    """What an export is without its graphs: manifest, configuration and tokenizer. Enough to check queries
+    (the driver of a sharded gallery, runtime/cluster.py, holds only this)."""
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        backend: str = "onnxruntime",
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.config = manifest.config
-        self.backend_name = backend
         self.tokenizer = Tokenizer(Vocabulary.from_json(manifest.vocab_path()), max_words=manifest.max_words)
+
+    @classmethod
+    def open(cls, engine: str | Path) -> ScanModel:
+        return cls(resolve_manifest(engine))
+
+    def close(self) -> None:
+        """Nothing to release (a ``ScanEngine`` closes its backends)."""
+
+
+class ScanEngine(ScanModel):
+    """Owns the three backends of one export; use as a context manager or call ``close()``.
+
+    ``options.backend`` must be a concrete backend here; ``ScanEngine.open`` resolves ``auto``."""
+
+    def __init__(self, manifest: Manifest, options: EngineOptions = EngineOptions(backend="onnxruntime")) -> None:
+        super().__init__(manifest)
+        self.options = options
         self._backends: list[Backend] = []
         try:
-            if backend in ARRAY_BACKENDS:
-                self._open_arrays(backend, precision)
+            if options.backend in ARRAY_BACKENDS:
+                self._open_arrays(options.backend, options.precision)
             else:
-                self._open_graphs(backend, precision, device, threads)
+                self.image, self.text, self.head = (self._open(graph) for graph in ("image", "text", "head"))
         except Exception:
             self.close()
             raise
         self.head_inputs = self.head.input_names
         self.needs_image_gram = "image_gram" in self.head_inputs
         self.head_dtype = {t.name: t.dtype for t in self.head.inputs}["images"]
-
-    def _open_graphs(self, backend: str, precision: str, device: str, threads: int | None) -> None:
-        self.image = self._open("image", backend, precision, device, threads)
-        self.text = self._open("text", backend, precision, device, threads)
-        self.head = self._open("head", backend, precision, device, threads)
 
     def _open_arrays(self, module: str, precision: str) -> None:
         """numpy / cupy: one ArrayModel from the weights file serves all three graphs' contracts."""
@@ -63,27 +69,19 @@ class ScanEngine:
         except WeightsError as e:
             raise BackendError(f"--backend {module}: {e}") from e
         self.array_model = ArrayModel(weights, module, precision)
-        self.image, self.text, self.head = (ArrayBackend(self.array_model, kind) for kind in ("image", "text", "head"))
+        self.image, self.text, self.head = (
+            ArrayBackend(self.array_model, graph) for graph in ("image", "text", "head")
+        )
         self._backends += [self.image, self.text, self.head]
 
     @classmethod
-    def open(
-        cls,
-        engine: str | Path,
-        backend: str = "auto",
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-    ) -> ScanEngine:
-        """``engine`` is the manifest or any file it lists; ``backend`` as ``runtime.backends.choose_backend``."""
+    def open(cls, engine: str | Path, options: EngineOptions = EngineOptions()) -> ScanEngine:
+        """``engine``: the manifest or any file it lists; ``options.backend`` as ``choose_backend`` resolves it."""
         manifest = resolve_manifest(engine)
-        concrete = choose_backend(backend, engine, manifest)
-        if precision not in ("fp32", "fp16"):
-            raise BackendError(f"precision must be 'fp32' or 'fp16', received {precision!r}")
-        return cls(manifest, backend=concrete, precision=precision, device=device, threads=threads)
+        return cls(manifest, replace(options, backend=choose_backend(options.backend, engine, manifest)))
 
-    def _open(self, kind: str, backend: str, precision: str, device: str, threads: int | None) -> Backend:
-        b = open_backend(self.manifest, kind, backend, precision, device, threads)
+    def _open(self, graph: str) -> Backend:
+        b = open_backend(self.manifest, graph, self.options)
         self._backends.append(b)
         return b
 
@@ -109,10 +107,6 @@ class ScanEngine:
     def encode_ids(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Token ids (Q, L) + lengths (Q,) -> word embeddings (Q, L, d), zero past each length."""
         return _f32(self.text.run({"ids": ids, "lengths": lengths})["captions"])
-
-    def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids, lengths = self.tokenizer.encode_batch(captions)
-        return self.encode_ids(ids, lengths), lengths
 
     # ------------------------------------------------------------------ head
 

@@ -177,12 +177,12 @@ class Manifest:
         record = self.plans.get("topk")
         return int(record.get("topk_max", 0)) if isinstance(record, dict) else 0
 
-    def file(self, entry: dict[str, Any], verify: bool = True) -> Path:
+    def file(self, entry: dict[str, Any]) -> Path:
         """Resolve a listed file next to the manifest; refuse it if missing or if its sha256 differs."""
         path = self.directory / entry["file"]
         if not path.is_file():
             raise ManifestError(f"{path}: listed in {self.path} but missing; re-run export/to_onnx.py")
-        if verify and sha256_file(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise ManifestError(
                 f"{path}: sha256 differs from the one recorded in {self.path}; the file was changed or "
                 f"belongs to another export. Re-export rather than mixing artifacts."

@@ -102,13 +102,15 @@ class SearchOptions(_Options):
 class WriteOptions(_Options):
     """How a gallery is written: the cache's ``dtype``; ``append`` to the gallery there (False replaces
     it); ``progress`` bars; ``lock_timeout`` seconds a writer waits for another; ``index``: also build the
-    candidate index of two-stage search (``INDEX_KINDS``; an existing index is extended on append anyway)."""
+    candidate index of two-stage search (``INDEX_KINDS``; an existing index is extended on append anyway);
+    ``key``: the write's idempotency key, recorded with the generation it commits (``store.Repeated``)."""
 
     dtype: str = "float32"
     append: bool = False
     progress: bool = True
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     index: str | None = None
+    key: str | None = None  # an idempotency key: a write it already committed is not applied again
 
     def __post_init__(self) -> None:
         _one_of("dtype", self.dtype, GALLERY_DTYPES)

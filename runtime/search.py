@@ -14,7 +14,15 @@
 ``--engine`` takes the similarity graph (``scan.onnx``, ``scan.plan``) or the manifest ``scan.json``.
 The gallery folder holds ``images/`` and ``captions/`` caches.
 
-Several ``--engine`` search an ensemble (runtime/ensemble.py): scores are the weighted mean of the models'
+``--explain`` prints, for each hit, why it matched: the model's attention for the pair (runtime/explain.py),
+each word's top regions (a t2i model) or each region's top words (an i2t model), with the regions' boxes when
+the gallery keeps them (``--boxes boxes.npy`` (N, R, 4), x1 y1 x2 y2 in pixels, with ``--images``).
+``--image-dir`` names each hit's picture (``<dir>/<name>``, or with ``.png``/``.jpg``):
+
+    python runtime/search.py --engine engines/scan.json --gallery gal --images test_ims.npy --boxes boxes.npy
+    python runtime/search.py --engine engines/scan.json --gallery gal --image-dir pictures --explain "a red dog"
+
+Several ``--engine`` search an ensemble (runtime/searcher.py): scores are the weighted mean of the models'
 similarities (``--weights 0.5,0.5``; equal by default). The gallery folder then holds one cache per model,
 built and extended together (runtime/gallery/members.py):
 
@@ -40,29 +48,43 @@ from runtime.cli import (
     engine_options,
     open_engines,
     run_cli,
+    search_options,
 )
 from runtime.engine import ScanEngine
-from runtime.ensemble import CANDIDATE_SOURCES, Ensemble, check_weights
+from runtime.explain import pair_json
 from runtime.features import load_regions
 from runtime.gallery import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, GalleryFolder
-from runtime.options import DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
-from runtime.searcher import MAX_K, Searcher, SearchError
+from runtime.install import install_command
+from runtime.logs import command_parser
+from runtime.options import CANDIDATE_SOURCES, DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
+from runtime.pictures import ImageFolder
+from runtime.searcher import MAX_K, Searcher, SearchError, check_weights
 from runtime.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="search.py", description="Top-k search with an exported SCAN model.")
+    p = command_parser("Top-k search with an exported SCAN model.")
     p.add_argument("queries", nargs="*", help="text queries (text -> image search)")
     add_engines_arguments(p, "for an ensemble")
     p.add_argument("--gallery", help="gallery folder (holds images/ and captions/ caches)")
     p.add_argument("--images", help="region features .npy (N, R, img_dim): build or extend the image gallery")
     p.add_argument("--names", help="text file, one name per image of --images")
+    p.add_argument(
+        "--boxes", help="region boxes .npy (N, R, 4) float32, x1 y1 x2 y2 in pixels, one row per image of --images"
+    )
+    p.add_argument("--image-dir", help="folder of the images' pictures (<name>, <name>.png or .jpg), for display")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="for each hit, each word's top regions (t2i models) or each region's top words (i2t models)",
+    )
+    p.add_argument("--explain-top", type=int, default=3, metavar="T", help="regions or words shown per row (3)")
     p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
     p.add_argument("--rebuild", action="store_true", help="replace the gallery instead of extending it")
     add_gallery_dtype_argument(p, "--dtype", "gallery storage (float32 exact; float16 halves memory)")
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
-    p.add_argument("-k", type=int, default=5, help=f"results per query (default 5, at most {MAX_K})")
+    p.add_argument("-k", type=int, default=5, help=f"results per query (at most {MAX_K})")
     p.add_argument(
         "--verify",
         action="store_true",
@@ -73,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lock-timeout",
         type=float,
         default=DEFAULT_LOCK_TIMEOUT,
-        help=f"seconds to wait for another process writing the same gallery (default {DEFAULT_LOCK_TIMEOUT:g})",
+        help="seconds to wait for another process writing the same gallery",
     )
     p.add_argument(
         "--candidates",
@@ -81,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="M",
         help="two-stage search: score only the M candidates the gallery's index proposes "
-        "(0: exact search of every item, the default; needs faiss: pip install 'scan-runtime[scale]')",
+        f"(0: exact search of every item; needs faiss: {install_command('scale')})",
     )
     p.add_argument(
         "--index",
@@ -95,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-source",
         choices=CANDIDATE_SOURCES,
         default="union",
-        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+        help="an ensemble's two-stage candidates: the union of every member's M or the first member's M",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)
@@ -114,19 +136,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.verify and not args.gallery:
         raise SearchError("--verify needs --gallery DIR")
     check_weights(args.weights, len(args.engine))  # before anything is opened or built
+    if args.boxes and not args.images:
+        raise SearchError("--boxes goes with --images (one row of boxes per image)")
+    if args.explain_top < 1:
+        raise SearchError(f"--explain-top must be a positive integer, received {args.explain_top}")
+    args.pictures = ImageFolder(args.image_dir) if args.image_dir else None
     if len(args.engine) > 1:
         return _run_ensemble(args)
     args.engine = args.engine[0]
     queries = _text_queries(args)
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe}
-    with ScanEngine.open(args.engine, **engine_options(args)) as engine:
+    with ScanEngine.open(args.engine, engine_options(args)) as engine:
         gallery = Path(args.gallery) if args.gallery else None
         if (args.images or args.captions) and gallery is None:
             raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
         folder = GalleryFolder(gallery, engine) if gallery is not None else None
         images = captions = None
         if args.images:
-            images = folder.write_images(args.images, _names(args), _writing(args)).images[0]
+            images = folder.write_images(args.images, _names(args), _writing(args), boxes=args.boxes).images[0]
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
             captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions[0]
@@ -153,15 +179,19 @@ def _run(args: argparse.Namespace) -> int:
             if images is None:
                 images = _load(folder, "images", args.verify)[0]
             _log_unknown_words(engine, queries, "")
-            scores, ids = Searcher(engine, images=images, **two_stage).search(queries, args.k)
-            results += _results(queries, scores, ids, "name", images.names)
+            searcher = Searcher(engine, images=images, options=search_options(args))
+            scores, ids = searcher.search(queries, args.k)
+            results += _results(queries, scores, ids, "name", images.names, args.pictures)
+            _explain(args, searcher, queries, results[-len(queries) :])
         if args.query_images:
             if captions is None:
                 captions = _load(folder, "captions", args.verify)[0]
             regions = load_regions(args.query_images, engine.config.img_dim)
-            scores, ids = Searcher(engine, captions=captions, **two_stage).search(np.asarray(regions), args.k)
+            searcher = Searcher(engine, captions=captions, options=search_options(args))
+            scores, ids = searcher.search(np.asarray(regions), args.k)
             results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
-    _print(results, args.json)
+            _explain(args, searcher, list(np.asarray(regions)), results[-len(scores) :])
+    _print(results, args.json, args.explain_top)
     return 0
 
 
@@ -187,13 +217,12 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
             "--captions CAPTIONS.txt (image -> text)"
         )
-    two_stage = {"candidates": args.candidates, "nprobe": args.nprobe, "candidate_source": args.candidate_source}
     results = []
     with open_engines(args.engine, args) as engines:
         folder = GalleryFolder(gallery, engines)
         images = captions = None
         if args.images:
-            images = folder.write_images(args.images, _names(args), _writing(args)).images
+            images = folder.write_images(args.images, _names(args), _writing(args), boxes=args.boxes).images
             print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
         if args.captions:
             captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions
@@ -204,17 +233,19 @@ def _run_ensemble(args: argparse.Namespace) -> int:
             images = images or _load(folder, "images", args.verify)
             for engine in engines:
                 _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
-            with Ensemble(engines, images=images, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(queries, args.k)
-            results += _results(queries, scores, ids, "name", images[0].names)
+            with Searcher(engines, images=images, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(queries, args.k)
+                results += _results(queries, scores, ids, "name", images[0].names, args.pictures)
+                _explain(args, searcher, queries, results[-len(queries) :])
         if args.query_images:
             captions = captions or _load(folder, "captions", args.verify)
             regions = load_regions(args.query_images, engines[0].config.img_dim)
-            with Ensemble(engines, captions=captions, weights=args.weights, **two_stage) as ensemble:
-                scores, ids = ensemble.search(np.asarray(regions), args.k)
-            results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
+            with Searcher(engines, captions=captions, weights=args.weights, options=search_options(args)) as searcher:
+                scores, ids = searcher.search(np.asarray(regions), args.k)
+                results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
+                _explain(args, searcher, list(np.asarray(regions)), results[-len(scores) :])
     if queries or args.query_images:
-        _print(results, args.json)
+        _print(results, args.json, args.explain_top)
     return 0
 
 
@@ -252,22 +283,71 @@ def _image_queries(args: argparse.Namespace, n: int) -> list[str]:
     return [f"{args.query_images}[{row}]" for row in range(n)]
 
 
-def _results(queries: list[str], scores: np.ndarray, ids: np.ndarray, key: str, labels: list[str] | None) -> list:
-    """One result record per query: its hits (past the gallery's end left out), labelled by ``labels``."""
+def _results(
+    queries: list[str],
+    scores: np.ndarray,
+    ids: np.ndarray,
+    key: str,
+    labels: list[str] | None,
+    pictures: ImageFolder | None = None,
+) -> list:
+    """One result record per query: its hits (past the gallery's end left out), labelled by ``labels`` (and
+    with their picture's path, from ``pictures``)."""
     return [
-        {"query": q, "results": [_item(key, labels, j, v) for j, v in zip(i, s) if j >= 0]}
+        {"query": q, "results": [_item(key, labels, j, v, pictures) for j, v in zip(i, s) if j >= 0]}
         for q, s, i in zip(queries, scores, ids)
     ]
 
 
-def _item(key: str, labels: list[str] | None, idx: int, score: float) -> dict:
+def _item(key: str, labels: list[str] | None, idx: int, score: float, pictures: ImageFolder | None) -> dict:
     item = {"id": int(idx), "score": round(float(score), 6)}
     if labels is not None:
         item[key] = labels[int(idx)]
+    if pictures is not None:
+        path = pictures.find(item.get(key))
+        item["picture"] = None if path is None else str(path)
     return item
 
 
-def _print(results: list[dict], as_json: bool) -> None:
+def _explain(args: argparse.Namespace, searcher: Searcher, queries: list, results: list[dict]) -> None:
+    """With ``--explain``: each hit's explanation (``pair_json``, as ``POST /v1/explain`` answers it)."""
+    if not args.explain:
+        return
+    for query, record in zip(queries, results):
+        for item in record["results"]:
+            text = isinstance(query, str)
+            image_id = item["id"] if text else None
+            item["explanation"] = pair_json(
+                searcher.explain(query, item["id"]),
+                id=item["id"],
+                image_id=image_id,
+                boxes=searcher.boxes(image_id) if text else None,
+                picture=item.get("picture"),
+            )
+
+
+def _print_explanation(ex: dict, top: int) -> None:
+    """Each attention row's ``top`` most attended items: a word's regions (t2i) or a region's words (i2t)."""
+    blocks = ex.get("members", [ex])
+    for m, block in enumerate(blocks):
+        attention = np.asarray(block["attention"])
+        words, t2i = block["words"], block["cross_attn"] == "t2i"
+        member = f"member {m} (weight {ex['weights'][m]:.3g}), " if "members" in ex else ""
+        rows = "each word's top regions" if t2i else "each region's top words"
+        print(f"{'':17}{member}{block['cross_attn']}, score {block['score']:.4f}: {rows}")
+
+        def region(r: int) -> str:
+            box = "" if ex["boxes"] is None else "[" + ",".join(f"{v:.0f}" for v in ex["boxes"][r]) + "]"
+            return f"r{r}{box}"
+
+        for row, weights in enumerate(attention):
+            best = np.argsort(-weights, kind="stable")[:top]
+            label = words[row] if t2i else region(row)
+            items = [f"{region(c) if t2i else words[c]} {weights[c]:.2f}" for c in best]
+            print(f"{'':19}{label:<14} {'  '.join(items)}")
+
+
+def _print(results: list[dict], as_json: bool, top: int = 3) -> None:
     if as_json:
         print(json.dumps(results, ensure_ascii=False, indent=1))
         return
@@ -276,7 +356,10 @@ def _print(results: list[dict], as_json: bool) -> None:
         print(f"  {'rank':>4}  {'score':>9}  {'id':>7}  item")
         for rank, item in enumerate(r["results"], 1):
             label = item.get("text", item.get("name", ""))
-            print(f"  {rank:>4}  {item['score']:>9.4f}  {item['id']:>7}  {label}")
+            picture = f"  ({item['picture']})" if item.get("picture") else ""
+            print(f"  {rank:>4}  {item['score']:>9.4f}  {item['id']:>7}  {label}{picture}")
+            if "explanation" in item:
+                _print_explanation(item["explanation"], top)
 
 
 def _text_queries(args: argparse.Namespace) -> list[str]:

@@ -1,69 +1,278 @@
-"""Batched top-k search against a cached gallery, in both directions (faiss's ``search`` contract).
+"""Top-k search of cached galleries in both directions, for one model, an ensemble or shards (faiss's contract).
 
 * text -> image: ``Searcher(engine, images=ImageGallery).search(["a dog on a beach"], k)``
 * image -> text: ``Searcher(engine, captions=CaptionGallery).search(regions (n, R, img_dim), k)``
+* an ensemble (the paper's best results average a t2i and an i2t model): ``Searcher([t2i, i2t], images=[g1, g2],
+  weights=[0.6, 0.4])`` scores the weighted mean of the members' similarities; one gallery per member, the
+  same items in the same order (``GalleryFolder`` builds them together). A single model is an
+  ensemble of one member.
+* a gallery on disk: ``Searcher.open(engines, folder)``, which can also append (``add_images``, ``add_captions``);
+* a sharded gallery: ``runtime.cluster.open_shards``, a Searcher whose scoring fans out to Ray shard actors,
+  each holding a Searcher over its shard.
 
-Both work whatever the model's ``cross_attn`` (that names the attention, not the search direction).
-Queries are grouped by length (little padding), the gallery is scored block by block with a running
-top-k merge, so memory is bounded by the block size for any gallery. Where the galleries live and how
-a block is scored is the head backend's choice (``Backend.upload`` / ``Backend.block_topk``). The
-galleries are uploaded once, under a lock, on the first search; the backends are thread-safe, so one
-Searcher serves several threads.
+Scores are float32 ``(n, k)`` descending, ids int64, -1 past the gallery, ties to the lower id; labels (image
+names, caption texts) come from ``labels(direction, ids)``. Both work whatever the model's ``cross_attn``
+(that names the attention, not the search direction). Queries are grouped by length (little padding) and
+the gallery is scored block by block into one running top-k, so memory is bounded by the block for any
+gallery. One member scores a block with its head backend's own top-k (``Backend.block_topk``); several each
+score it (``Backend.block_sims``) and the weighted mean is merged. Galleries are uploaded to the backends once,
+on first use; the backends are thread-safe, so one Searcher serves several threads. An append commits a new
+generation on disk and then swaps it in: a search keeps the generation it started with.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Self
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Self
 
 import numpy as np
 
 from runtime.backends.base import GalleryBlocks
-from runtime.buckets import encode_by_length
-from runtime.engine import ScanEngine
-from runtime.gallery import CaptionGallery, ImageGallery
-from runtime.topk import NonFiniteScore, RunningTopK
+from runtime.buckets import length_batches
+from runtime.engine import ScanEngine, ScanModel
+from runtime.explain import EnsembleExplanation, Explanation, combine, explain
+from runtime.features import check_regions
+from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFolder, ImageGallery
+from runtime.gallery.members import check_agreement, member_label
+from runtime.gallery.store import Repeated
+from runtime.options import SearchOptions, WriteOptions
+from runtime.tokenizer import TokenizerError
+from runtime.topk import NonFiniteScore, RunningTopK, block_topk
+from runtime.two_stage import TwoStage
 
 logger = logging.getLogger(__name__)
 
-# How the errors for a missing gallery say to build one.
-_BUILD_IMAGES = "build one with runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy"
-_BUILD_CAPTIONS = "build one with runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt"
-
-DEFAULT_IMAGE_BLOCK = 512
-DEFAULT_CAPTION_BLOCK = 2048
-DEFAULT_QUERY_BATCH = 32
+# The search directions and the kind of gallery each searches.
+DIRECTIONS = {"text_to_image": "images", "image_to_text": "captions"}
+# How the error for a missing gallery says what is missing and how to build it.
+_MISSING = {
+    "images": "text -> image search needs an image gallery",
+    "captions": "image -> text search needs a caption gallery",
+}
+_REMEDY = {
+    "images": "build one with runtime/search.py --engine ENGINE --gallery DIR --images FEATS.npy",
+    "captions": "build one with runtime/search.py --engine ENGINE --gallery DIR --captions CAPTIONS.txt",
+}
 # Results are (n, k) arrays whatever the gallery holds (faiss's contract), so k is bounded: 10^5 results of
 # 12 bytes are 1.2 MB per query. The running top-k itself keeps only min(k, gallery) candidates.
 MAX_K = 100_000
 
 
 class SearchError(ValueError):
-    """Bad search input (k, queries) or a missing gallery."""
+    """Bad search input (k, queries, weights) or a missing gallery."""
 
 
-class SearcherContract:
-    """What every searcher (one engine, an ensemble, shards) shares: ``search`` picks the direction from the
-    queries' type, and a searcher is a context manager that calls its ``close``."""
+class ShardUnavailableError(RuntimeError):
+    """A shard of a sharded gallery is dead, restarting or did not answer in time: the request fails whole
+    (HTTP 503), never with a partial top-k (runtime/cluster.py)."""
 
-    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Captions (list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
-        if isinstance(queries, np.ndarray):
-            return self.search_images(queries, k)
-        if isinstance(queries, (str, bytes)):
-            queries = [queries]
-        return self.search_text(list(queries), k)
 
-    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+class OutcomeUnknown(RuntimeError):
+    """A write whose outcome cannot be known (a shard that did not answer in time may have committed it):
+    the service answers 504 with ``"committed": "unknown"``, never a 503 that invites a blind retry."""
 
-    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+
+def check_weights(weights: Sequence[float] | str | None, n: int) -> np.ndarray:
+    """One positive, finite weight per member (a sequence, or ``"0.7,0.3"``), normalised to sum to 1.
+
+    None gives equal weights. Normalising makes the ensemble's score a weighted *mean* of the members'
+    similarities, so ``[1, 1]`` and ``[0.5, 0.5]`` are the same ensemble (the average ``bench/recall.py``
+    computes).
+    """
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")]
+        except ValueError as e:
+            raise SearchError(f"weights: expected comma-separated numbers such as 0.5,0.5, received {weights!r}") from e
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as e:
+        raise SearchError(f"weights: expected numbers, received {weights!r}") from e
+    if len(values) != n:
+        raise SearchError(f"weights: expected one weight per engine ({n}), received {len(values)} ({values})")
+    if not all(math.isfinite(w) and w > 0 for w in values):
+        raise SearchError(f"weights: expected positive finite numbers, received {values}")
+    total = math.fsum(values)
+    return np.array([w / total for w in values])
+
+
+def check_names(has_names: bool | None, names: Sequence[str] | None) -> None:
+    """Images appended to a gallery with names need names, and none to one without (None: no gallery yet)."""
+    if has_names is not None and has_names != (names is not None):
+        raise GalleryError(
+            f"names: the image gallery {'has' if has_names else 'has no'} names; "
+            f"append {'one name per image' if has_names else 'without names'}"
+        )
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Queries checked and ready for every member (``Searcher.prepare``): text tokenised once per member
+    (``tokens``: per member, ids (n, L) padded with 0 and lengths (n,)), region features (``regions``,
+    float32 (n, R, img_dim)), or images of the gallery already encoded (``encoded``: per member, float32
+    images (n, R, d) and Gram matrices (n, R, R); ``Searcher.image_queries``). ``Queries.concat`` joins
+    several requests' queries of one form into one batch."""
+
+    direction: str
+    tokens: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    regions: np.ndarray | None = None
+    encoded: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+
+    def __len__(self) -> int:
+        if self.regions is not None:
+            return len(self.regions)
+        return len(self.encoded[0][0]) if self.encoded else len(self.tokens[0][1])
+
+    @property
+    def batch_key(self) -> tuple[str, int] | None:
+        """What queries must share to be one batch: image queries of one form and number of regions."""
+        if self.regions is not None:
+            return ("regions", int(self.regions.shape[1]))
+        return ("encoded", int(self.encoded[0][0].shape[1])) if self.encoded else None
+
+    @staticmethod
+    def concat(parts: Sequence[Queries]) -> Queries:
+        first = parts[0]
+        if first.regions is not None:
+            return Queries(first.direction, regions=np.concatenate([p.regions for p in parts]))
+        if first.encoded:
+            members = zip(*(p.encoded for p in parts))
+            encoded = tuple((np.concatenate([i for i, _ in m]), np.concatenate([g for _, g in m])) for m in members)
+            return Queries(first.direction, encoded=encoded)
+        tokens = []
+        for member in zip(*(p.tokens for p in parts)):
+            width = max(ids.shape[1] for ids, _ in member)
+            ids = np.concatenate([np.pad(ids, ((0, 0), (0, width - ids.shape[1]))) for ids, _ in member])
+            tokens.append((ids, np.concatenate([lengths for _, lengths in member])))
+        return Queries(first.direction, tuple(tokens))
+
+
+@dataclass
+class Generation:
+    """The galleries a search sees from its start to its end (one per member, or None), their generation on
+    disk (per kind) and what was made of them on first use (uploads to the backends, candidate indexes)."""
+
+    images: tuple[ImageGallery, ...] | None = None
+    captions: tuple[CaptionGallery, ...] | None = None
+    numbers: dict[str, int | None] = field(default_factory=dict)
+    _made: dict[Any, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def of(self, kind: str) -> tuple | None:
+        return self.images if kind == "images" else self.captions
+
+    def once(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` the first time ``key`` is asked for (from any thread), its result afterwards."""
+        with self._lock:
+            if key not in self._made:
+                self._made[key] = make()
+            return self._made[key]
+
+
+class Searcher:
+    """``search(queries, k)`` over the galleries of one or several engines (the members).
+
+    ``engines``: one opened ``ScanEngine`` or a sequence (not closed by the searcher). ``images`` /
+    ``captions``: one gallery, or one per member in the members' order. ``weights``: see ``check_weights``.
+    ``options``: block sizes (capped to every member's backend limits, so the members' blocks line up),
+    residency and two-stage search; ``candidates``: the two-stage collaborator (default: ``TwoStage(options)``
+    when ``options.candidates`` is set). ``shards``: the driver's side of a sharded gallery
+    (runtime/cluster.py), which then does the scoring, labels and appends.
+    """
+
+    def __init__(
+        self,
+        engines: ScanModel | Sequence[ScanModel],
+        images: ImageGallery | Sequence[ImageGallery] | None = None,
+        captions: CaptionGallery | Sequence[CaptionGallery] | None = None,
+        *,
+        weights: Sequence[float] | str | None = None,
+        options: SearchOptions = SearchOptions(),
+        candidates: TwoStage | None = None,
+        shards: Any = None,
+    ) -> None:
+        self.engines = [engines] if isinstance(engines, ScanModel) else list(engines)
+        if not self.engines:
+            raise SearchError("a searcher needs at least one engine, received none")
+        self.weights = check_weights(weights, len(self.engines))
+        if len({e.config.img_dim for e in self.engines}) > 1:
+            raise SearchError(
+                "the ensemble's members take different region features: "
+                + ", ".join(f"{member_label(e, i)} img_dim {e.config.img_dim}" for i, e in enumerate(self.engines))
+            )
+        # A backend may only serve bounded shapes (a TensorRT profile): blocks and batches fit in every member's.
+        for e in self.engines:
+            limits = e.head.limits if isinstance(e, ScanEngine) else {}
+            max_images, max_captions = limits.get("images", math.inf), limits.get("captions", math.inf)
+            options = replace(
+                options,
+                image_block=min(options.image_block, max_images),
+                caption_block=min(options.caption_block, max_captions),
+                query_batch=min(options.query_batch, max_images, max_captions),
+            )
+        self.options = options
+        self.two_stage = candidates if candidates is not None or not options.candidates else TwoStage(options)
+        self.shards = shards
+        self.folder: GalleryFolder | None = None  # where appends go
+        self._generation = self._new_generation(images, captions)
+        self._write = threading.Lock()  # one append at a time in this process
+        self._swap = threading.Lock()  # generations swap in one at a time, never an older over a newer
+
+    @classmethod
+    def open(
+        cls, engines: ScanEngine | Sequence[ScanEngine], folder: str | Path, verify: bool | None = None, **kw: Any
+    ) -> Searcher:
+        """A searcher over the galleries in ``folder`` (none yet is fine: appends create them); ``kw`` as
+        ``Searcher``'s. ``verify``: as ``ImageGallery.load``'s."""
+        searcher = cls(engines, **kw)
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise GalleryError(f"--gallery {folder}: expected a folder, received a file")
+        searcher.folder = GalleryFolder(folder, searcher.engines)
+        searcher._generation = _generation(searcher.folder.load(verify))
+        return searcher
+
+    def _new_generation(self, images: Any, captions: Any) -> Generation:
+        g = _generation(Galleries(self._per_member(images, "images"), self._per_member(captions, "captions")))
+        for kind, galleries in _kinds(g):
+            if galleries is not None and len(galleries) > 1:
+                check_agreement(galleries, self.engines, kind)
+        return g
+
+    def _per_member(self, galleries: Any, kind: str) -> tuple | None:
+        if galleries is None:
+            return None
+        galleries = tuple(galleries) if isinstance(galleries, (list, tuple)) else (galleries,)
+        if len(galleries) != len(self.engines):
+            raise SearchError(
+                f"{kind}: expected one gallery per engine ({len(self.engines)}), received {len(galleries)}"
+            )
+        for i, (g, e) in enumerate(zip(galleries, self.engines)):
+            key = "image_encoder_id" if kind == "images" else "text_encoder_id"
+            have, want = g.manifest.get(key), getattr(e.manifest, key)
+            if have is not None and have != want:
+                raise GalleryError(
+                    f"{kind} gallery {g.folder} for {member_label(e, i)} was built by another model "
+                    f"({key} {str(have)[:12]}, the engine's is {want[:12]})"
+                )
+        return galleries
 
     def close(self) -> None:
-        raise NotImplementedError
+        """Free the galleries uploaded to the backends, if any (and the shards' actors)."""
+        if self.shards is not None:
+            self.shards.close()
+        g = self._generation
+        with g._lock:
+            made, g._made = g._made, {}
+        for key, value in made.items():
+            if key[0] == "upload":
+                value.close()
 
     def __enter__(self) -> Self:
         return self
@@ -71,222 +280,433 @@ class SearcherContract:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _check_text_search(k: object, captions: Sequence[str], has_images: bool, remedy: str) -> int:
-        """``k`` checked; an image gallery and at least one caption required (``remedy``: how to get the gallery)."""
-        k = _check_k(k)
-        if not has_images:
-            raise SearchError(f"text -> image search needs an image gallery; {remedy}")
-        if len(captions) == 0:
-            raise SearchError("queries: expected at least one caption, received none")
-        return k
+    # ------------------------------------------------------------------ queries
 
-    @staticmethod
-    def _check_image_search(k: object, has_captions: bool, remedy: str) -> int:
-        """``k`` checked; a caption gallery required (``remedy``: how to get it)."""
-        k = _check_k(k)
-        if not has_captions:
-            raise SearchError(f"image -> text search needs a caption gallery; {remedy}")
-        return k
+    def prepare(self, direction: str, queries: Sequence[str] | np.ndarray, field: str = "queries") -> Queries:
+        """Check ``queries`` and make them ready for every member: captions tokenised by each member's tokenizer
+        (errors name ``field[i]``), region features checked and made float32."""
+        if direction == "image_to_text":
+            return Queries(direction, regions=check_regions(queries, self.engines[0].config.img_dim, field))
+        if direction != "text_to_image":
+            raise SearchError(f"direction must be one of {tuple(DIRECTIONS)}, received {direction!r}")
+        if len(queries) == 0:
+            raise SearchError(f"{field}: expected at least one caption, received none")
+        try:
+            return Queries(direction, tuple(e.tokenizer.encode_batch(list(queries)) for e in self.engines))
+        except TokenizerError as e:  # the tokenizer says captions[i]; the caller sent field[i]
+            raise TokenizerError(str(e).replace("captions[", f"{field}[", 1)) from e
 
+    def search(self, queries: Sequence[str] | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Captions (a list of str) search the image gallery; region features (n, R, img_dim) the caption gallery."""
+        direction = "image_to_text" if isinstance(queries, np.ndarray) else "text_to_image"
+        self._check(direction, k)
+        field = "query regions" if direction == "image_to_text" else "queries"
+        return self.search_prepared(
+            self.prepare(direction, [queries] if isinstance(queries, str) else queries, field), k
+        )
 
-class Searcher(SearcherContract):
-    def __init__(
-        self,
-        engine: ScanEngine,
-        images: ImageGallery | None = None,
-        captions: CaptionGallery | None = None,
-        image_block: int = DEFAULT_IMAGE_BLOCK,
-        caption_block: int = DEFAULT_CAPTION_BLOCK,
-        query_batch: int = DEFAULT_QUERY_BATCH,
-        resident: bool | None = None,
-        candidates: int = 0,
-        neighbors: int | None = None,
-        nprobe: int | None = None,
-    ) -> None:
-        """``resident``: keep the galleries in the head backend's memory (None: the backend's choice, e.g.
-        on the GPU with ONNX Runtime CUDA and TensorRT); ``False`` reads blocks from the cache per search.
+    def search_prepared(self, queries: Queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` of queries made ready by ``prepare``: (scores (n, k), ids (n, k))."""
+        k = self._check(queries.direction, k)
+        kind = DIRECTIONS[queries.direction]
+        if self.shards is not None:
+            return self._merged(kind, self.shards.search(queries, k), len(queries), k, self.sizes()[kind])
+        g = self._generation  # one generation for the whole search
+        if len(g.of(kind)[0]) == 0:
+            logger.warning("the gallery %s is empty: every result is -1", g.of(kind)[0].folder)
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        indexes = self._indexes(g, kind)
+        for rows, batch in self._encoded(queries):
+            if indexes is not None:
+                scores[rows], ids[rows] = self._two_stage(g, kind, indexes, batch, k)
+            else:
+                scores[rows], ids[rows] = self._merged(kind, self._blocks(g, kind, batch, k), len(rows), k, g)
+        return scores, ids
 
-        ``candidates``: two-stage search (runtime/candidates.py, docs/two_stage.md): the gallery's candidate
-        index proposes this many items per query and only those are scored exactly; 0 (the default) scores
-        every item. ``neighbors`` / ``nprobe`` tune the index search (defaults there)."""
-        for name, v in (("image_block", image_block), ("caption_block", caption_block), ("query_batch", query_batch)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SearchError(f"{name} must be a positive integer, received {v!r}")
-        for name, v in (("candidates", candidates), ("neighbors", neighbors or 0), ("nprobe", nprobe or 0)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-                raise SearchError(f"{name} must be a non-negative integer, received {v!r}")
-        self.candidates = int(candidates)
-        self.neighbors, self.nprobe = neighbors, nprobe
-        self._indexes: dict[str, object] = {}
-        self._index_lock = threading.Lock()
-        self.engine = engine
-        self.images = images
-        self.captions = captions
-        # A backend may only serve bounded shapes (a TensorRT profile): blocks and batches fit in them.
-        limits = engine.head.limits
-        unlimited = max(image_block, caption_block, query_batch)
-        max_images, max_captions = limits.get("images", unlimited), limits.get("captions", unlimited)
-        self.image_block = min(image_block, max_images)
-        self.caption_block = min(caption_block, max_captions)
-        self.query_batch = min(query_batch, max_images, max_captions)
-        self.resident = resident
-        self._uploaded: dict[str, GalleryBlocks] = {}
-        self._upload_lock = threading.Lock()
+    # ------------------------------------------------------------------ gallery images as queries, explanations
 
-    def _gallery(self, kind: str) -> GalleryBlocks:
-        """The ``images`` or ``captions`` gallery as the head backend holds it, uploaded on first use."""
-        with self._upload_lock:  # upload once, even when the first searches arrive from several threads
-            if kind not in self._uploaded:
-                self._uploaded[kind] = self.engine.head.upload(
-                    self._image_blocks if kind == "images" else self._caption_blocks, self.resident
+    def image_queries(self, ids: Sequence[int]) -> Queries:
+        """Images of the image gallery as image -> text queries (what ``search_prepared`` takes): each member's
+        encoded images, float32, as a search of their region features would encode them."""
+        ids = [self.item("images", i, f"ids[{n}]") for n, i in enumerate(ids)]
+        if not ids:
+            raise SearchError("ids: expected at least one image id, received none")
+        if self.shards is not None:
+            return self.shards.image_queries(ids)
+        encoded = tuple(
+            (np.asarray(g.images[ids], np.float32), np.asarray(g.image_gram[ids], np.float32))
+            for g in self._generation.images
+        )
+        return Queries("image_to_text", encoded=encoded)
+
+    def boxes(self, image_id: int) -> np.ndarray | None:
+        """Image ``image_id``'s region boxes (R, 4) float32, x1 y1 x2 y2 in its picture's pixels; None when the
+        gallery has none (``--boxes``)."""
+        image_id = self.item("images", image_id, "image_id")
+        if self.shards is not None:
+            return self.shards.boxes(image_id)
+        boxes = self._generation.images[0].boxes
+        return None if boxes is None else np.array(boxes[image_id], np.float32)
+
+    def item(self, kind: str, item: object, field: str = "id") -> int:
+        """``item`` checked as an id of the ``kind`` gallery (an integer in [0, size))."""
+        size = self.sizes()[kind]
+        if size is None:
+            raise SearchError(f"{_MISSING[kind]}; {_REMEDY[kind]}")
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise SearchError(f"{field}: expected an integer {kind[:-1]} id, received {type(item).__name__} {item!r}")
+        if not 0 <= item < size:
+            raise SearchError(f"{field}: {kind[:-1]} id {item} is outside the gallery (ids 0..{size - 1})")
+        return int(item)
+
+    def explain(self, query: str | np.ndarray | Queries, item: int) -> Explanation | EnsembleExplanation:
+        """Why ``query`` and gallery item ``item`` matched: the model's attention for that pair
+        (runtime/explain.py), its ``score`` the search score of the pair (to 1e-5, float32 graphs).
+
+        ``query``: a caption (``item``: an image id), or one image (``item``: a caption id) as region features
+        (R, img_dim) or (1, R, img_dim), or one gallery image (``image_queries([id])``). One model gives an
+        ``Explanation``; an ensemble an ``EnsembleExplanation``, each member's and the weighted score.
+        Sharded: the shard holding ``item`` explains it.
+        """
+        text = isinstance(query, str)
+        direction = "text_to_image" if text else "image_to_text"
+        kind = DIRECTIONS[direction]
+        item = self.item(kind, item, "id")
+        if isinstance(query, np.ndarray) and query.ndim == 2:
+            query = query[None]
+        if text:
+            prepared = self.prepare(direction, [query], "query")
+        elif isinstance(query, Queries):
+            prepared = query
+        else:
+            prepared = self.prepare(direction, query, "query regions")
+        if len(prepared) != 1:
+            raise SearchError(f"query: explain takes one image, received {len(prepared)}")
+        if self.shards is not None:
+            return self.shards.explain(query if text else prepared, item)
+        galleries = self._generation.of(kind)
+        members = []
+        for m, (engine, gallery) in enumerate(zip(self.engines, galleries)):
+            if text:
+                ids, lengths = prepared.tokens[m]
+                words = engine.encode_ids(ids, lengths)[0]
+                ex = explain(engine.config, words, int(lengths[0]), gallery.images[item], gallery.image_gram[item])
+                tokens = engine.tokenizer.tokens(query)
+            else:
+                if prepared.encoded:
+                    images, gram = prepared.encoded[m]
+                else:
+                    images, gram = engine.encode_images(prepared.regions, name="query regions")
+                row = int(np.flatnonzero(np.asarray(gallery.ids) == item)[0])  # its place in the length order
+                lo, hi = int(gallery.offsets[row]), int(gallery.offsets[row + 1])
+                ex = explain(engine.config, gallery.words[lo:hi], hi - lo, images[0], gram[0])
+                tokens = engine.tokenizer.tokens(gallery.texts[item])
+            members.append(replace(ex, words=tuple(tokens)))
+        return members[0] if len(members) == 1 else combine(members, self.weights)
+
+    def _check(self, direction: str, k: object) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise SearchError(f"k must be a positive integer, received {k!r}")
+        if k > MAX_K:
+            raise SearchError(f"k must be at most {MAX_K}, received {k}")
+        kind = DIRECTIONS.get(direction)
+        if kind is not None and self.sizes()[kind] is None:
+            raise SearchError(f"{_MISSING[kind]}; {_REMEDY[kind]}")
+        return int(k)
+
+    def _encoded(self, queries: Queries) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
+        """``(rows, per member the head's query inputs)`` per batch of at most ``query_batch`` queries; captions
+        in batches of similar length (by the first member's lengths; every member pads to its own longest)."""
+        batch = self.options.query_batch
+        if queries.regions is not None or queries.encoded:
+            encoded = queries.encoded or [e.encode_images(queries.regions, name="query regions") for e in self.engines]
+            for a in range(0, len(queries), batch):
+                rows = np.arange(a, min(a + batch, len(queries)))
+                yield rows, [{"images": images[rows], "image_gram": gram[rows]} for images, gram in encoded]
+            return
+        for rows in length_batches(queries.tokens[0][1], batch):
+            member_queries = []
+            for e, (ids, lengths) in zip(self.engines, queries.tokens):
+                width = int(lengths[rows].max())
+                member_queries.append(
+                    {"captions": e.encode_ids(ids[rows, :width], lengths[rows]), "lengths": lengths[rows]}
                 )
-            return self._uploaded[kind]
-
-    def _image_blocks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        for offset, imgs, gram in self.images.blocks(self.image_block):
-            feeds = {"images": imgs}
-            if self.engine.needs_image_gram:
-                feeds["image_gram"] = gram
-            yield offset, feeds
-
-    def _caption_blocks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        for position, words, lengths in self.captions.blocks(self.caption_block):
-            yield position, {"captions": words, "lengths": lengths}
-
-    def close(self) -> None:
-        """Free the galleries uploaded to the backend, if any."""
-        with self._upload_lock:
-            uploaded, self._uploaded = self._uploaded, {}
-        for gallery in uploaded.values():
-            gallery.close()
-
-    # ------------------------------------------------------------------ public
-
-    def search_text(self, captions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = self._check_text_search(k, captions, self.images is not None, _BUILD_IMAGES)
-        ids, lengths = self.engine.tokenizer.encode_batch(list(captions))  # validates every query first
-        _warn_if_empty(self.images)
-        scores = np.empty((len(captions), k), np.float32)
-        out_ids = np.empty((len(captions), k), np.int64)
-        for idx, words in encode_by_length(self.engine, ids, lengths, self.query_batch):  # words (q, L, d)
-            if self._two_stage("images"):
-                scores[idx], out_ids[idx] = self._two_stage_text(words, lengths[idx], k)
-                continue
-            query = {"captions": words, "lengths": lengths[idx]}
-            scores[idx], out_ids[idx] = self._score("images", self.images.ids, query, k, axis=0)
-        return scores, out_ids
-
-    def search_images(self, regions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = self._check_image_search(k, self.captions is not None, _BUILD_CAPTIONS)
-        images, gram = self.engine.encode_images(regions, name="query regions")
-        _warn_if_empty(self.captions)
-        scores = np.empty((len(images), k), np.float32)
-        out_ids = np.empty((len(images), k), np.int64)
-        for a in range(0, len(images), self.query_batch):
-            sl = slice(a, a + self.query_batch)
-            if self._two_stage("captions"):
-                scores[sl], out_ids[sl] = self._two_stage_images(images[sl], gram[sl], k)
-                continue
-            query = {"images": images[sl]}
-            if self.engine.needs_image_gram:
-                query["image_gram"] = gram[sl]
-            scores[sl], out_ids[sl] = self._score("captions", self.captions.ids, query, k, axis=1)
-        return scores, out_ids
+            yield rows, member_queries
 
     # ------------------------------------------------------------------ scoring
 
-    def _score(
-        self, kind: str, gallery_ids: np.ndarray, query: dict[str, np.ndarray], k: int, axis: int
+    def _merged(
+        self, kind: str, blocks: Iterator[tuple[np.ndarray, np.ndarray]], n: int, k: int, g: Generation | int | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The one scoring loop: per-block top-k from the backend, merged into a running top-k.
-
-        ``axis``: the gallery's axis of the head's (N images, Q captions) similarities.
-        """
-        ids = np.asarray(gallery_ids)
-        top = RunningTopK(len(next(iter(query.values()))), k, len(ids))
+        """Candidates ``(scores (n, c), ids (n, c))`` merged into the top-k; ``g``: the generation searched
+        (or the gallery's size)."""
+        size = len(g.of(kind)[0]) if isinstance(g, Generation) else g
+        top = RunningTopK(n, k, size)
         try:
-            for scores, rows in self.engine.head.block_topk(self._gallery(kind), query, k, axis):
-                top.merge(scores, ids[rows])
+            for scores, ids in blocks:
+                top.merge(scores[:, : top.width], ids[:, : top.width])
         except NonFiniteScore as e:  # never a silent drop: name the item
-            raise self._corrupted(kind, e) from e
+            raise self._corrupted(g, kind, e) from e
         return top.result()
 
-    def _corrupted(self, kind: str, e: NonFiniteScore) -> SearchError:
-        gallery = self.images if kind == "images" else self.captions
+    def _corrupted(self, g: Generation, kind: str, e: NonFiniteScore) -> SearchError:
+        where = " in the ensemble: a member's" if len(self.engines) > 1 else ": its"
         return SearchError(
-            f"{gallery.label(e.item_id)} scored {e.value}: its cached arrays are corrupted; "
+            f"{g.of(kind)[0].label(e.item_id)} scored {e.value}{where} cached arrays are corrupted; "
             f"check the gallery with runtime/search.py --verify and rebuild it"
         )
 
-    # ------------------------------------------------------------------ two-stage (runtime/candidates.py)
+    def _upload(self, g: Generation, kind: str, member: int) -> GalleryBlocks:
+        """Member ``member``'s ``kind`` gallery as its head backend holds it, uploaded on first use."""
+        engine, gallery = self.engines[member], g.of(kind)[member]
+        if kind == "images":
 
-    def _two_stage(self, kind: str) -> bool:
-        # With every item a candidate the exact path runs: identical results on every backend. Without an
-        # index of this generation (open_index says why) too.
-        gallery = self.images if kind == "images" else self.captions
-        return 0 < self.candidates < len(gallery) and self.candidate_index(kind) is not None
+            def blocks() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                for offset, images, gram in gallery.blocks(self.options.image_block):
+                    yield offset, {"images": images, **({"image_gram": gram} if engine.needs_image_gram else {})}
 
-    def candidate_index(self, kind: str):
-        """The gallery's candidate index, opened once (None: search exactly; see ``open_index``)."""
-        from runtime.gallery.index import open_index
+        else:
 
-        with self._index_lock:
-            if kind not in self._indexes:
-                gallery = self.images if kind == "images" else self.captions
-                encoder = (
-                    self.engine.manifest.image_encoder_id if kind == "images" else self.engine.manifest.text_encoder_id
+            def blocks() -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                for position, words, lengths in gallery.blocks(self.options.caption_block):
+                    yield position, {"captions": words, "lengths": lengths}
+
+        return g.once(("upload", kind, member), lambda: engine.head.upload(blocks, self.options.resident))
+
+    def _blocks(
+        self, g: Generation, kind: str, queries: list[dict[str, np.ndarray]], k: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per gallery block, each query's top-k candidates ``(scores, gallery ids)``. One member: its backend's
+        own top-k; several: the weighted mean of their block scores."""
+        ids = np.asarray(g.of(kind)[0].ids)
+        axis = 0 if kind == "images" else 1  # the gallery's axis of the head's (N images, Q captions) similarities
+        queries = [_head_query(e, q) for e, q in zip(self.engines, queries)]
+        if len(self.engines) == 1:
+            for scores, rows in self.engines[0].head.block_topk(self._upload(g, kind, 0), queries[0], k, axis):
+                yield scores, ids[rows]
+            return
+        for offset, scores in self._block_scores(g, kind, queries, axis):
+            yield block_topk(scores, min(k, len(ids)), ids[offset : offset + scores.shape[1]])
+
+    def _block_scores(
+        self, g: Generation, kind: str, queries: list[dict[str, np.ndarray]], axis: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(offset, weighted mean scores (q, rows))`` over the gallery, in order.
+
+        The members' blocks usually line up (same block sizes); where a backend blocks its resident copy
+        otherwise (CuPy merges blocks on the GPU), each step takes the rows every member has scored and
+        keeps the rest of a longer block for the next, so memory stays bounded by the largest block.
+        """
+        streams = [
+            e.head.block_sims(self._upload(g, kind, i), q, axis) for i, (e, q) in enumerate(zip(self.engines, queries))
+        ]
+        weights = self.weights.astype(np.float32)
+        pending: list[tuple[int, np.ndarray] | None] = [None] * len(streams)  # (offset, scores) not yet used
+        position = 0
+        while True:
+            for i, stream in enumerate(streams):
+                if pending[i] is None:
+                    pending[i] = next(stream, None)
+            if all(b is None for b in pending):
+                return
+            if any(b is None or b[0] != position for b in pending):
+                raise GalleryError(
+                    f"the ensemble's {kind} galleries do not cover the same rows: at row {position}, the members' "
+                    f"next blocks start at {[None if b is None else b[0] for b in pending]}"
                 )
-                self._indexes[kind] = open_index(gallery, encoder)
-            return self._indexes[kind]
+            stop = min(offset + scores.shape[1] for offset, scores in pending)
+            total = None
+            for i, (w, (offset, scores)) in enumerate(zip(weights, pending)):
+                part = scores[:, position - offset : stop - offset]
+                total = w * part if total is None else total + w * part
+                pending[i] = (stop, scores[:, stop - offset :]) if offset + scores.shape[1] > stop else None
+            yield position, total
+            position = stop
 
-    def _two_stage_text(self, words: np.ndarray, lengths: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from runtime.candidates import rescore_images
+    # ------------------------------------------------------------------ two-stage (runtime/two_stage.py)
 
-        index = self.candidate_index("images")
-        proposals = index.search(
-            [w[:n] for w, n in zip(words, lengths)], self.engine.config, self.candidates, self.neighbors, self.nprobe
+    def _indexes(self, g: Generation, kind: str) -> list | None:
+        """The proposing members' candidate indexes when this search is two-stage; None: exact (every item a
+        candidate, or a member without an index of this generation)."""
+        two_stage, galleries = self.two_stage, g.of(kind)
+        if two_stage is None or not two_stage.applies(len(galleries[0])):
+            return None
+        indexes = [
+            g.once(("index", kind, i), lambda i=i: two_stage.index(self.engines[i], galleries[i], kind))
+            for i in two_stage.asked(len(self.engines))
+        ]
+        return None if any(index is None for index in indexes) else indexes
+
+    def _two_stage(
+        self, g: Generation, kind: str, indexes: list, queries: list[dict[str, np.ndarray]], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's proposals, scored exactly by every member and averaged, then its top-k."""
+        galleries, two_stage = g.of(kind), self.two_stage
+
+        if kind == "images":
+            vectors = [[w[:n] for w, n in zip(q["captions"], q["lengths"])] for q in queries]
+        else:
+            vectors = [list(q["images"]) for q in queries]
+        block = self.options.image_block if kind == "images" else self.options.caption_block
+        out = []
+        for row, positions in enumerate(two_stage.proposals(indexes.__getitem__, self.engines, vectors)):
+            total = ids = None
+            for w, e, gallery, q in zip(self.weights.astype(np.float32), self.engines, galleries, queries):
+                s, ids = two_stage.rescore(
+                    e, gallery, kind, positions, {name: a[row : row + 1] for name, a in q.items()}, block
+                )
+                total = w * s if total is None else total + w * s
+            order = np.argsort(ids, kind="stable")
+            top = block_topk(total[order][None, :], min(k, len(galleries[0])), ids[order])
+            out.append(self._merged(kind, iter([top]), 1, k, g))
+        return np.concatenate([t[0] for t in out]), np.concatenate([t[1] for t in out])
+
+    # ------------------------------------------------------------------ labels, sizes, appends
+
+    def sizes(self) -> dict[str, int | None]:
+        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery)."""
+        if self.shards is not None:
+            return self.shards.sizes()
+        return {kind: len(gs[0]) if gs is not None else None for kind, gs in _kinds(self._generation)}
+
+    def galleries(self, kind: str) -> tuple | None:
+        """The current ``kind`` galleries, one per member (None: no such gallery)."""
+        return self._generation.of(kind)
+
+    def generation(self, kind: str) -> int | None:
+        return self._generation.numbers.get(kind)
+
+    def labels(self, direction: str, ids: np.ndarray) -> list[list[str | None]]:
+        """The hits' image names (text -> image) or caption texts (image -> text) for ``ids`` (n, k); None for -1
+        and for images without names."""
+        kind = DIRECTIONS.get(direction)
+        if kind is None:
+            raise SearchError(f"direction must be one of {tuple(DIRECTIONS)}, received {direction!r}")
+        if self.shards is not None:
+            return self.shards.labels(direction, ids)
+        galleries = self._generation.of(kind)
+        labels = None if galleries is None else (galleries[0].names if kind == "images" else galleries[0].texts)
+        return [[labels[i] if labels is not None and i >= 0 else None for i in row] for row in np.asarray(ids).tolist()]
+
+    def add_images(
+        self,
+        regions: np.ndarray,
+        names: Sequence[str] | None = None,
+        boxes: np.ndarray | None = None,
+        key: str | None = None,
+    ) -> int:
+        """Append images (with their region ``boxes`` when the gallery keeps boxes) to every member's gallery,
+        committed together, and search them from now on; returns the gallery's new size, read under the writer
+        lock (this write's ids are the last ``len(regions)``). ``key``: an idempotency key; a key a committed
+        generation records raises ``Repeated`` (with the first answer) and writes nothing. Sharded: to the last
+        shard."""
+        regions = check_regions(regions, self.engines[0].config.img_dim, "regions")
+        if self.shards is not None:
+            return self.shards.add_images(regions, names, boxes)
+        with self._write:
+            self.refresh()
+            old = self._generation.images
+            check_names(None if old is None else old[0].names is not None, names)
+            return self._append("images", regions, names, boxes, key)
+
+    def add_captions(self, texts: Sequence[str], key: str | None = None) -> int:
+        """As ``add_images``, for captions (every member must take every caption before any is written)."""
+        texts = list(texts)
+        if not texts:
+            raise GalleryError("captions: expected at least one caption, received none")
+        for e in self.engines:
+            e.tokenizer.encode_batch(texts)
+        if self.shards is not None:
+            return self.shards.add_captions(texts)
+        with self._write:
+            self.refresh()
+            return self._append("captions", texts, None, key=key)
+
+    def _append(
+        self,
+        kind: str,
+        items: Any,
+        names: Sequence[str] | None,
+        boxes: np.ndarray | None = None,
+        key: str | None = None,
+    ) -> int:
+        if self.folder is None:
+            raise GalleryError("appends need a searcher opened on a gallery folder (Searcher.open)")
+        old = self._generation.of(kind)
+        options = WriteOptions(
+            dtype=old[0].dtype.name if old is not None else "float32",
+            append=True,
+            progress=False,
+            index="auto" if self.options.candidates else None,  # the index follows the append, not the next search
+            key=key,
         )
-        top = []
-        for q, positions in enumerate(proposals):
-            s, i = rescore_images(
-                self.engine, self.images, positions, words[q : q + 1, : lengths[q]], int(lengths[q]), self.image_block
-            )
-            top.append(self._top_of("images", s, i, k))
-        return np.concatenate([t[0] for t in top]), np.concatenate([t[1] for t in top])
-
-    def _two_stage_images(self, images: np.ndarray, gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from runtime.candidates import rescore_captions
-
-        index = self.candidate_index("captions")
-        proposals = index.search(list(images), self.engine.config, self.candidates, self.neighbors, self.nprobe)
-        top = []
-        for q, positions in enumerate(proposals):
-            s, i = rescore_captions(
-                self.engine, self.captions, positions, images[q : q + 1], gram[q : q + 1], self.caption_block
-            )
-            top.append(self._top_of("captions", s, i, k))
-        return np.concatenate([t[0] for t in top]), np.concatenate([t[1] for t in top])
-
-    def _top_of(self, kind: str, scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(1, k) top-k of one query's rescored candidates, in the contract of the exact path."""
-        order = np.argsort(ids, kind="stable")
-        top = RunningTopK(1, k, len(self.images if kind == "images" else self.captions))
         try:
-            top.add_block(scores[order][None, :], ids[order])
-        except NonFiniteScore as e:  # as in _score: name the item
-            raise self._corrupted(kind, e) from e
-        return top.result()
+            if kind == "images":
+                written = _generation(self.folder.write_images(items, names, options, boxes=boxes))
+            else:
+                written = _generation(self.folder.write_captions(items, options))
+        except Repeated:
+            self.refresh()
+            raise
+        return len(self._swap_in(written, (kind,)).of(kind)[0])
+
+    def refresh(self) -> bool:
+        """Swap in the generations other writers (another server, the CLI) committed since this searcher loaded
+        its own: a read of each manifest (``gallery.json``, ``ensemble.json``), and a load when one changed.
+        True when something was swapped in. A sharded searcher's shards hold their own."""
+        if self.folder is None or self.shards is not None:
+            return False
+        numbers = self._generation.numbers
+        changed = [
+            kind
+            for kind in DIRECTIONS.values()
+            if (n := self.folder.generation(kind)) is not None and n != numbers.get(kind)
+        ]
+        if not changed:
+            return False
+        self._swap_in(_generation(self.folder.load(kinds=changed)), changed)
+        return True
+
+    def _swap_in(self, loaded: Generation, kinds: Sequence[str]) -> Generation:
+        """The current generation with ``loaded``'s ``kinds`` where they are newer; searches that started
+        before keep the generation they took."""
+        with self._swap:
+            current = self._generation
+            new = Generation(current.images, current.captions)
+            new.numbers = dict(current.numbers)
+            for kind in kinds:
+                number, have = loaded.numbers.get(kind), current.numbers.get(kind)
+                if number is not None and (have is None or number > have):
+                    setattr(new, kind, loaded.of(kind))
+                    new.numbers[kind] = number
+            with current._lock:  # the unchanged kind keeps its uploads and indexes
+                same = {kind for kind in DIRECTIONS.values() if new.numbers.get(kind) == current.numbers.get(kind)}
+                new._made = {key: v for key, v in current._made.items() if key[1] in same}
+            if new.numbers != current.numbers:
+                logger.info("%s: serving generation %s", self.folder.path if self.folder else "gallery", new.numbers)
+                self._generation = new
+            return self._generation
 
 
-def _check_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise SearchError(f"k must be a positive integer, received {k!r}")
-    if k > MAX_K:
-        raise SearchError(f"k must be at most {MAX_K}, received {k}")
-    return int(k)
+def _kinds(g: Generation | Galleries) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    return (("images", g.images), ("captions", g.captions))
 
 
-def _warn_if_empty(gallery: ImageGallery | CaptionGallery) -> None:
-    if gallery is not None and len(gallery) == 0:
-        logger.warning("the gallery %s is empty: every result is -1", gallery.folder)
+def _generation(galleries: Galleries) -> Generation:
+    """What a search sees of a gallery folder's caches; their generation is the members file's (members layout)
+    or each cache's own (one model)."""
+    g = Generation(galleries.images, galleries.captions)
+    g.numbers = {
+        kind: galleries.generation if galleries.generation is not None else gs[0].manifest.get("generation")
+        for kind, gs in _kinds(galleries)
+        if gs is not None
+    }
+    return g
+
+
+def _head_query(engine: ScanModel, query: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The head's inputs of an encoded query (an image query's Gram matrices only where the head takes them)."""
+    if "image_gram" in query and not engine.needs_image_gram:
+        return {"images": query["images"]}
+    return query

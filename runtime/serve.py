@@ -4,11 +4,13 @@
                             [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
 
 Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
-GET /v1/info, /healthz, /readyz, /metrics, /docs (see README "Serving"). The engine and galleries load in
-the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT stops accepting connections,
-finishes the requests in flight and exits 0. Binds to loopback unless --host says otherwise.
+GET /v1/info, /healthz, /readyz, /metrics, /docs (docs/serving.md); the search page at GET / with
+GET /v1/images, GET /v1/images/{id} (pictures from --image-dir) and POST /v1/explain (docs/explain.md).
+The engine and galleries load in the background: /readyz answers 503 until they are loaded. SIGTERM or SIGINT
+stops accepting connections, finishes the requests in flight and exits 0. Binds to loopback unless --host says
+otherwise.
 
-Several --engine serve an ensemble (runtime/ensemble.py; --weights 0.7,0.3, equal by default): each batch is
+Several --engine serve an ensemble (runtime/searcher.py; --weights 0.7,0.3, equal by default): each batch is
 scored by every member and the similarities averaged; the gallery folder holds one cache per member
 (runtime/gallery/members.py), and appends extend every member's together.
 
@@ -24,10 +26,15 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
-from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options
-from runtime.ensemble import CANDIDATE_SOURCES, check_weights
+from runtime.cli import USER_ERRORS, add_engine_arguments, add_engines_arguments, engine_options, search_options
+from runtime.install import install_command
+from runtime.logs import command_parser, setup_logging
+from runtime.options import CANDIDATE_SOURCES
+from runtime.pictures import ImageFolder
+from runtime.searcher import check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
 
 logger = logging.getLogger("runtime.serve")
@@ -37,11 +44,14 @@ MIN_TOKEN_CHARS = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description="HTTP search service for an exported SCAN model.")
+    p = command_parser("HTTP search service for an exported SCAN model.")
     add_engines_arguments(p, "to serve an ensemble")
     p.add_argument("--gallery", required=True, help="gallery folder (images/ and captions/; created by appends)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--image-dir", help="folder of the gallery images' pictures (<name>, <name>.png or .jpg) for the search page"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=B.max_batch, help="queries merged into one search call")
     p.add_argument(
         "--max-delay-ms",
@@ -52,11 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=B.workers, help="threads executing batches (one process)")
     p.add_argument("--max-queue", type=int, default=B.max_queue, help="queued queries before 503 + Retry-After")
     p.add_argument("--max-queries", type=int, default=L.max_queries, help="queries per search request")
-    p.add_argument("--max-k", type=int, default=L.max_k)
-    p.add_argument("--max-caption-chars", type=int, default=L.max_caption_chars)
+    p.add_argument("--max-k", type=int, default=L.max_k, help="largest k a search request may ask for")
+    p.add_argument(
+        "--max-caption-chars",
+        type=int,
+        default=L.max_caption_chars,
+        help="characters per caption, in queries and appends (the model's max_words applies too)",
+    )
     p.add_argument("--max-body-mb", type=float, default=L.max_body_bytes / MiB, help="search request bodies")
     p.add_argument("--max-append-mb", type=float, default=L.max_append_bytes / MiB, help="gallery append bodies")
-    p.add_argument("--max-append-items", type=int, default=L.max_append_items)
+    p.add_argument(
+        "--max-append-items", type=int, default=L.max_append_items, help="images or captions per gallery append"
+    )
     p.add_argument(
         "--max-regions",
         type=int,
@@ -75,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="M",
-        help="two-stage search: score only the M candidates of the galleries' index (0: exact, the default)",
+        help="two-stage search: score only the M candidates of the galleries' index (0: exact search)",
     )
     p.add_argument(
         "--shards",
@@ -100,10 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-source",
         choices=CANDIDATE_SOURCES,
         default="union",
-        help="an ensemble's two-stage candidates: the union of every member's M (default) or the first member's M",
+        help="an ensemble's two-stage candidates: the union of every member's M or the first member's M",
     )
     p.add_argument("--grace-s", type=float, default=10.0, help="at shutdown, how long in-flight requests may take")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="the least severe log lines written (the service's and uvicorn's)",
+    )
     p.add_argument("--no-access-log", action="store_true", help="do not log each request (logged at info level)")
     add_engine_arguments(p)
     return p
@@ -131,15 +153,13 @@ def read_token(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_level, args.log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401  (the optional extra: a clear message when it is missing)
     except ImportError as e:
-        print(f"error: the service needs the 'serve' extra (pip install -e '.[serve]'): {e}", file=sys.stderr)
+        print(f"error: the service needs the 'serve' extra ({install_command('serve')}): {e}", file=sys.stderr)
         return 2
     try:
         settings = Settings(
@@ -157,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         token = read_token(args.token_file) if args.token_file else None
+        pictures = ImageFolder(args.image_dir) if args.image_dir else None
         if Path(args.gallery).exists() and not Path(args.gallery).is_dir():
             raise ValueError(f"--gallery {args.gallery}: expected a folder, received a file")
         for engine in args.engine:
@@ -174,50 +195,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.shards is not None:
             import ray  # noqa: F401  (the optional extra: a clear message when it is missing)
     except ImportError as e:
-        print(f"error: --shards needs the 'cluster' extra (pip install -e '.[cluster]'): {e}", file=sys.stderr)
+        print(f"error: --shards needs the 'cluster' extra ({install_command('cluster')}): {e}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve(args, settings, token)
+    return serve(args, settings, token, pictures)
 
 
-def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> int:
+def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictures: ImageFolder | None = None) -> int:
     import uvicorn
 
     from runtime.service.app import create_app
-    from runtime.service.ensemble_executor import EnsembleExecutor
-    from runtime.service.executor import LocalExecutor
+    from runtime.service.executor import Executor
     from runtime.service.server import Server, header_deadline
     from runtime.service.service import Service
 
     def open_executor():
-        engine = engine_options(args)
+        gallery, shards = args.gallery, None
         if args.shards is not None:
             from runtime.gallery.shards import ensure_split
-            from runtime.service.sharded import ShardedExecutor
 
-            shards = ensure_split(args.gallery, args.shards)
-            return ShardedExecutor.open(
-                args.engine[0], shards, ray_address=args.ray_address, timeout_s=args.shard_timeout_s, **engine
-            )
-        if len(args.engine) > 1:
-            return EnsembleExecutor.open(
-                args.engine,
-                args.gallery,
-                weights=args.weights,
-                candidates=args.candidates,
-                candidate_source=args.candidate_source,
-                **engine,
-            )
-        return LocalExecutor.open(args.engine[0], args.gallery, candidates=args.candidates, **engine)
+            gallery = ensure_split(args.gallery, args.shards)
+            shards = {"address": args.ray_address, "timeout_s": args.shard_timeout_s}
+        options = search_options(args)
+        return Executor.open(args.engine, gallery, engine_options(args), options, args.weights, shards)
 
     started_ray = False
     if args.shards is not None:  # in the main thread: Ray's local processes die with the thread that starts them
         from runtime.cluster import connect
 
         started_ray = connect(args.ray_address)
-    service = Service(open_executor, settings, token=token)
+    service = Service(open_executor, settings, token=token, pictures=pictures)
     app = create_app(service, access_log=not args.no_access_log)
     config = uvicorn.Config(
         app,
@@ -225,6 +234,7 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         port=args.port,
         log_level=args.log_level,
         access_log=False,  # the app logs each request, with its latency
+        log_config=None,  # uvicorn's lines through the root handler of setup_logging (--log-format)
         timeout_graceful_shutdown=args.grace_s,
         lifespan="on",
         http=header_deadline(settings.limits.header_timeout_s),
@@ -255,7 +265,17 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None) -> in
         )
 
     service.on_loaded.append(summary)
-    service.on_load_failed.append(lambda e: setattr(server, "should_exit", True))
+
+    def stop_after_startup(error: BaseException) -> None:
+        # uvicorn 0.29 (the lowest allowed) returns without the lifespan shutdown when told to exit before its
+        # startup is over, as a load that fails at once would; the lifespan task is then cancelled and logged
+        # as a traceback. So wait for the startup (or its failure, bounded) first.
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.should_exit = True
+
+    service.on_load_failed.append(stop_after_startup)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "binding to %s: the service is reachable from other machines%s",

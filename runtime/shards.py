@@ -11,16 +11,23 @@ import sys
 
 from runtime.cli import run_cli
 from runtime.gallery.shards import load_shard, merge, split
+from runtime.logs import HelpFormatter, command_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shards.py", description="Split a gallery into shards, or merge shards back.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("split", help="split --gallery into --shards contiguous id ranges at --out")
+    p = command_parser("Split a gallery into shards, or merge shards back.")
+    sub = p.add_subparsers(dest="command", required=True, help="split, or merge")
+    s = sub.add_parser(
+        "split", help="split --gallery into --shards contiguous id ranges at --out", formatter_class=HelpFormatter
+    )
     s.add_argument("--gallery", required=True, help="gallery folder (images/ and/or captions/)")
     s.add_argument("--out", required=True, help="new folder for the sharded gallery")
     s.add_argument("--shards", type=int, required=True, help="number of shards S")
-    m = sub.add_parser("merge", help="merge the sharded gallery --shards-dir into one gallery folder at --out")
+    m = sub.add_parser(
+        "merge",
+        help="merge the sharded gallery --shards-dir into one gallery folder at --out",
+        formatter_class=HelpFormatter,
+    )
     m.add_argument("--shards-dir", required=True, help="sharded gallery folder (holds shards.json)")
     m.add_argument("--out", required=True, help="new gallery folder")
     return p

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from nltk.tokenize.destructive import NLTKWordTokenizer
 
-from runtime.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, quote
+from runtime.vocab import END, END_ID, PAD_ID, START, START_ID, UNK, UNK_ID, Vocabulary, quote
 
 __all__ = ["Tokenizer", "TokenizerError", "tokenize"]
 
@@ -152,6 +152,12 @@ class Tokenizer:
         tokens = tokenize(_as_text(caption))
         # dict keeps insertion order: an ordered de-duplication.
         return list(dict.fromkeys(t for t in tokens if t not in self.vocab))
+
+    def tokens(self, caption: str) -> list[str]:
+        """The tokens the text encoder sees for ``caption``, one per id: ``<start>``, each word (``<unk>`` for a
+        word not in the vocabulary) and ``<end>``; what an explanation's rows are labelled with."""
+        words = [t if t in self.vocab else UNK for t in tokenize(_as_text(caption))]
+        return [START, *words, END]
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.vocab!r}, max_words={self.max_words})"

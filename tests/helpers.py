@@ -152,3 +152,9 @@ def run_with_blocked_imports(code: str, *args: str, cwd=None, timeout: float = 3
         env=env,
         timeout=timeout,
     )
+
+
+def encode_texts(engine, captions: list[str]) -> tuple:
+    """Word embeddings (Q, L, d) and lengths (Q,) of ``captions`` through ``engine``'s tokenizer and text graph."""
+    ids, lengths = engine.tokenizer.encode_batch(captions)
+    return engine.encode_ids(ids, lengths), lengths

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,28 @@ def _caption(rng: np.random.Generator, objects: list[tuple[int, int, int]], scen
     return " ".join(words)
 
 
-def _make_split(rng: np.random.Generator, world: World, n_images: int) -> tuple[np.ndarray, list[str]]:
+# What a region of a scene shows, besides an object (whose index in ``SceneLayout.objects`` is >= 0).
+SCENE_REGION, NOISE_REGION, ZERO_REGION = -1, -2, -3
+
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """What an image's features were made of, for drawing it (``bench/demo/render.py``).
+
+    ``objects``: (object, colour, size) indices into OBJECTS, COLOURS, SIZES; ``scene``: index into
+    SCENES; ``sources[j]``: what region j shows, an index into ``objects`` or one of the *_REGION codes.
+    """
+
+    objects: tuple[tuple[int, int, int], ...]
+    scene: int
+    sources: tuple[int, ...]
+
+
+def _make_split(
+    rng: np.random.Generator, world: World, n_images: int, layouts: list[SceneLayout] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """A split's regions and captions; each image's SceneLayout appended to ``layouts`` when given (the
+    same random draws either way, so the features do not depend on it)."""
     dim = world.img_dim
     ims = np.zeros((n_images, N_REGIONS, dim), dtype=np.float32)
     captions: list[str] = []
@@ -214,9 +236,13 @@ def _make_split(rng: np.random.Generator, world: World, n_images: int) -> tuple[
         scn = world.scenes[scene] + _noise(rng, n_scene, dim) * 1.5
         bg = rng.standard_normal((n_noise, dim))
         regions = np.concatenate([_unit(obj), _unit(scn), _unit(bg), np.zeros((n_zero, dim))])
-        ims[i] = regions[rng.permutation(N_REGIONS)]
+        order = rng.permutation(N_REGIONS)
+        ims[i] = regions[order]
 
         objects = [(int(o), int(c), int(s)) for o, c, s in zip(obj_types, colours, sizes)]
+        if layouts is not None:
+            kinds = [*range(n_obj), *[SCENE_REGION] * n_scene, *[NOISE_REGION] * n_noise, *[ZERO_REGION] * n_zero]
+            layouts.append(SceneLayout(tuple(objects), scene, tuple(kinds[j] for j in order)))
         captions.extend(_caption(rng, objects, scene) for _ in range(CAPTIONS_PER_IMAGE))
     return ims, captions
 
@@ -276,6 +302,15 @@ def _stamp_matches(out_dir: Path, params: dict[str, Any]) -> bool:
     return True
 
 
+def streams(seed: int, img_dim: int) -> tuple[World, dict[str, np.random.Generator]]:
+    """The world and one generator per split. Independent streams, so that changing the size of one split
+    leaves the world and the other splits' content unchanged."""
+    world_ss, *split_ss = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
+    return World(np.random.default_rng(world_ss), img_dim), {
+        split: np.random.default_rng(ss) for split, ss in zip(SPLITS, split_ss)
+    }
+
+
 def make_dataset(
     out_dir: str | Path,
     seed: int = 0,
@@ -304,16 +339,13 @@ def make_dataset(
         logger.info("dataset in %s is up to date (seed %d)", folder, seed)
         return folder
 
-    # Independent streams: the world, then one per split, so that changing the size of one split
-    # leaves the world and the other splits' content unchanged.
-    world_ss, *split_ss = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
-    world = World(np.random.default_rng(world_ss), img_dim)
+    world, split_rngs = streams(seed, img_dim)
     folder.mkdir(parents=True, exist_ok=True)
     # Drop the stamp first: a run interrupted half-way must not leave a stamp vouching for new files.
     (folder / STAMP_NAME).unlink(missing_ok=True)
     train_caps: list[str] = []
-    for split, ss in zip(SPLITS, split_ss):
-        ims, caps = _make_split(np.random.default_rng(ss), world, sizes[split])
+    for split in SPLITS:
+        ims, caps = _make_split(split_rngs[split], world, sizes[split])
         with atomic_path(folder / f"{split}_ims.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, ims, allow_pickle=False)  # a file object: np.save would append .npy to a path
         with atomic_path(folder / f"{split}_caps.txt") as tmp:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runtime.backends.base import Backend, BackendError, TensorSpec
 from runtime.manifest import Manifest
+from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +79,13 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
     return "onnxruntime"
 
 
-def open_backend(
-    manifest: Manifest,
-    kind: str,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
-    device: str = "cpu",
-    threads: int | None = None,
-) -> Backend:
-    """Open the ``kind`` graph ('image', 'text', 'head') of ``manifest`` on a concrete backend."""
-    if backend == "tensorrt":
+def open_backend(manifest: Manifest, graph: str, options: EngineOptions) -> Backend:
+    """Open the ``graph`` ('image', 'text', 'head') of ``manifest`` on ``options.backend`` (a concrete one)."""
+    if options.backend == "tensorrt":
         from runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend.from_manifest(manifest, kind)
+        return TensorRTBackend.from_manifest(manifest, graph)
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    path = manifest.file(manifest.graph(kind, precision))
-    return OnnxRuntimeBackend(path, device=device, intra_op_threads=threads)
+    path = manifest.file(manifest.graph(graph, options.precision))
+    return OnnxRuntimeBackend(path, device=options.device, intra_op_threads=options.threads)

@@ -10,7 +10,7 @@ array module's device once and runs ``runtime/array_model.py`` there:
   top-k runs on the device so only (q, k) candidates come back.
 
 CuPy is imported lazily, only for ``--backend cupy``: ``pip install 'scan-runtime[cupy]'`` installs
-``cupy-cuda12x`` (CUDA 12 drivers); for CUDA 13 install ``cupy-cuda13x`` instead (see README).
+``cupy-cuda12x`` (CUDA 12 drivers); for CUDA 13 install ``cupy-cuda13x`` instead (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime import array_model as am
 from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
+from runtime.install import install_command
 from runtime.weights import ScanWeights
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def cupy_status() -> str | None:
     try:
         import cupy
     except ImportError as e:
-        return f"CuPy is not installed ({e}); pip install 'scan-runtime[cupy]' (cupy-cuda12x, or cupy-cuda13x)"
+        cuda12, cuda13 = install_command("cupy"), install_command("cupy13")
+        return f"CuPy is not installed ({e}); {cuda12} (cupy-cuda12x), or for CUDA 13 {cuda13} (cupy-cuda13x)"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError without a driver

@@ -17,7 +17,7 @@ CPU or GPU by index type:
   on the device so only (k, q) values come back. The caller merges blocks with ``RunningTopK``, so a
   sharded service can implement the same two calls per shard.
 * ``block_sims(gallery, queries, axis)`` -- the blocks' whole similarity rows ``(offset, scores (q, B))``,
-  for callers that combine several models' scores before the top-k (runtime/ensemble.py).
+  for callers that combine several models' scores before the top-k (a Searcher of several members).
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ class Backend(abc.ABC):
     def block_sims(
         self, gallery: GalleryBlocks, queries: Mapping[str, np.ndarray], axis: int, output: str = "sims"
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """Per block of ``gallery``: ``(offset, scores (q, block))``, float32 on the host. What an ensemble
-        (runtime/ensemble.py) combines across models before its top-k; a single model uses ``block_topk``."""
+        """Per block of ``gallery``: ``(offset, scores (q, block))``, float32 on the host. What a Searcher of
+        several members combines across models before its top-k; a single model uses ``block_topk``."""
         queries = self.host_feeds(queries)
         for offset, feeds in gallery:
             sims = self.run({**self.host_feeds(feeds), **queries})[output]  # (N, Q)

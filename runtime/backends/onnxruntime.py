@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
+from runtime.install import install_command
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _import_ort():
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError(
-            "ONNX Runtime is not installed: pip install 'scan-runtime[cpu]' (or [gpu] for onnxruntime-gpu)"
+            f"ONNX Runtime is not installed: {install_command('cpu')} (or {install_command('gpu')} for onnxruntime-gpu)"
         ) from e
     return ort
 
@@ -47,13 +48,11 @@ def open_session(
     device: str = "cpu",
     threads: int | None = None,
     inter_op_threads: int = 1,
-    optimize: bool = True,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
 
-    ``threads``: intra-op threads (default: the CPUs this process may use). ``optimize=False`` turns the
-    graph optimizations off. Raises BackendError naming the model when the session cannot open or when
-    the provider asked for did not load.
+    ``threads``: intra-op threads (default: the CPUs this process may use). Raises BackendError naming the
+    model when the session cannot open or when the provider asked for did not load.
     """
     ort = _import_ort()
     label = f"{len(model)}-byte model" if isinstance(model, (bytes, bytearray)) else str(model)
@@ -63,16 +62,14 @@ def open_session(
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError(
-                "device 'cuda' needs onnxruntime-gpu (pip install 'scan-runtime[gpu]'); "
+                f"device 'cuda' needs onnxruntime-gpu ({install_command('gpu')}); "
                 f"this ONNX Runtime has {ort.get_available_providers()}"
             )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = inter_op_threads
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
     try:

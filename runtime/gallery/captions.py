@@ -150,11 +150,8 @@ def build_caption_gallery(
                 new_words[j] = emb[row, : lengths[j]]
             bar.update(len(idx))
     with store.writer_lock(folder, options.lock_timeout):
-        old: CaptionGallery | None = None
-        if options.append and (folder / store.MANIFEST).is_file():
-            old = CaptionGallery.load(folder, engine.manifest.text_encoder_id)
-            if old.dtype.name != dtype:
-                raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
+        old = store.previous(CaptionGallery, folder, engine.manifest.text_encoder_id, options)
+        store.check_key(old.manifest if old else None, options.key)
         n_old = len(old) if old else 0
         all_lengths = np.concatenate([old.lengths if old else np.zeros(0, np.int64), lengths]).astype(np.int64)
         all_ids = np.concatenate(
@@ -166,7 +163,8 @@ def build_caption_gallery(
         tmp = None
         try:
             tmp = store.temporary(folder, "words", generation)
-            words = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(total, d))
+            store.reserve(folder, np.dtype(dtype).itemsize * total * d + 24 * len(all_ids))
+            words = store.open_rows(tmp, dtype, (total, d))
             pos = 0
             for s in sort:
                 length = int(all_lengths[s])
@@ -202,6 +200,7 @@ def build_caption_gallery(
             "embed_size": d,
             "arrays": entries,
             "texts_file": texts_file,
+            **store.with_key(old.manifest if old else None, options.key, n_old, len(captions)),
         }
         store.commit(folder, manifest, {texts_file: texts})
         old = None  # this writer's own map of the previous generation must not keep its files

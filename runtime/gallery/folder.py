@@ -13,6 +13,7 @@ commit every member together and keep each cache's candidate index up to date un
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from runtime.features import load_regions
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
-from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.images import ImageGallery, build_image_gallery, load_boxes
 from runtime.gallery.members import (
     ENSEMBLE,
     KINDS,
@@ -34,7 +35,7 @@ from runtime.gallery.members import (
     read_members,
     write_members,
 )
-from runtime.gallery.store import MANIFEST, GalleryError
+from runtime.gallery.store import MANIFEST, GalleryError, manifest_generation
 from runtime.options import WriteOptions
 
 
@@ -56,6 +57,7 @@ class GalleryFolder:
     def __init__(self, path: str | Path, engines: Any | Sequence[Any] = ()) -> None:
         self.path = Path(path)
         self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+        self._seen: dict[tuple[Path, str], tuple[Any, int | None]] = {}  # generation() by the manifest's stat
 
     @property
     def members(self) -> bool:
@@ -80,6 +82,28 @@ class GalleryFolder:
                 found[kind] = (cls.load(self.path / kind, bound, verify=verify),)
         return Galleries(found.get("images"), found.get("captions"), generation)
 
+    def generation(self, kind: str) -> int | None:
+        """The committed generation of the ``kind`` caches (None: none, or unreadable): one small read, so a
+        server can look before each answer whether another writer committed."""
+        path = self.path / ENSEMBLE if self.members else self.path / kind / MANIFEST
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)  # a commit renames a new file into place
+        if self._seen.get((path, kind), (None,))[0] == seen:
+            return self._seen[(path, kind)][1]
+        if self.members:
+            try:
+                members = read_members(self.path)
+            except GalleryError:
+                return None
+            number = members.get("generation") if members and members.get(kind) is not None else None
+        else:
+            number = manifest_generation(self.path / kind)
+        self._seen[(path, kind)] = (seen, number)
+        return number
+
     def missing(self, kind: str) -> str:
         """Why this folder has no ``kind`` gallery for these engines."""
         if self.members:
@@ -96,9 +120,11 @@ class GalleryFolder:
         names: Sequence[str] | None = None,
         options: WriteOptions = WriteOptions(),
         repeated: bool | None = None,
+        boxes: np.ndarray | str | Path | None = None,
     ) -> Galleries:
-        """Encode region features with every engine into the folder (or append them, ``options.append``).
-        Only ``images`` is set in the result."""
+        """Encode region features with every engine into the folder (or append them, ``options.append``), with
+        the images' region ``boxes`` when given (every member's cache keeps them). Only ``images`` is set in
+        the result."""
         if self.members:
             if len({e.config.img_dim for e in self.engines}) > 1:
                 raise GalleryError(
@@ -107,9 +133,11 @@ class GalleryFolder:
                 )
             if isinstance(regions, (str, Path)):  # read (memory-mapped) once for all members
                 regions = load_regions(regions, self.engines[0].config.img_dim)
+            if isinstance(boxes, (str, Path)):
+                boxes = load_boxes(boxes, len(regions), regions.shape[1] if regions.ndim == 3 else 0)
         return self._write(
             "images",
-            lambda engine, folder, o: build_image_gallery(engine, regions, folder, names, o, repeated),
+            lambda engine, folder, o: build_image_gallery(engine, regions, folder, names, o, repeated, boxes=boxes),
             options,
         )
 

@@ -1,5 +1,10 @@
 """Image galleries (text -> image search): the cache of encoded images, its builder from region features and
-its writer from encoded arrays."""
+its writer from encoded arrays.
+
+A gallery may also keep each image's region boxes (``boxes`` (N, R, 4) float32, x1 y1 x2 y2 in the picture's
+pixels, as bottom-up-attention features come; ``--boxes``), an optional array of the cache with its checksum,
+appended with the images; galleries without boxes load as before. Explanations outline the attended
+regions with them."""
 
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ class ImageGallery(store.MappedGallery):
     ids: np.ndarray  # (N,) int64
     names: list[str] | None
     manifest: dict[str, Any]
+    boxes: np.ndarray | None = None  # (N, R, 4) float32, or None: no boxes
+
+    def close(self) -> None:
+        if self.boxes is not None:
+            self.boxes = np.zeros((0, *self.boxes.shape[1:]), self.boxes.dtype)
+        super().close()
 
     def label(self, item: int) -> str:
         """How errors name gallery item ``item``."""
@@ -55,7 +66,8 @@ class ImageGallery(store.MappedGallery):
             data = store.read_manifest(folder, "images")
             if image_encoder_id is not None:
                 store.check_binding(data, "image_encoder_id", image_encoder_id, folder)
-            arrays = store.open_arrays(folder, data, ("images", "image_gram", "ids"), verify)
+            optional = ("boxes",) if "boxes" in data["arrays"] else ()
+            arrays = store.open_arrays(folder, data, ("images", "image_gram", "ids", *optional), verify)
             if verify:
                 store.check_finite(folder, data, arrays)
             names = None
@@ -63,7 +75,12 @@ class ImageGallery(store.MappedGallery):
                 names = store.read_side_file(folder, data["names_file"], "names")
                 if len(names) != len(arrays["ids"]):
                     raise GalleryError(f"{folder}: {len(names)} names for {len(arrays['ids'])} images")
-            return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data)
+            boxes = arrays.get("boxes")
+            if boxes is not None and boxes.shape != (*arrays["images"].shape[:2], 4):
+                raise GalleryError(
+                    f"{folder}: corrupted gallery: boxes {list(boxes.shape)} for images {list(arrays['images'].shape)}"
+                )
+            return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data, boxes)
 
         return store.load_consistent(lambda: store.manifest_generation(folder), load, folder)
 
@@ -109,6 +126,28 @@ class ImageGallery(store.MappedGallery):
         )
 
 
+def load_boxes(boxes: np.ndarray | str | Path, n: int, regions: int, source: str = "boxes") -> np.ndarray:
+    """Region boxes checked against the images they belong to: (n, regions, 4) finite numbers, float32.
+    ``boxes``: an array or a ``.npy`` path."""
+    if isinstance(boxes, (str, Path)):
+        source = str(boxes)
+        try:
+            boxes = np.load(boxes, allow_pickle=False)
+        except FileNotFoundError:
+            raise GalleryError(f"--boxes {source}: no such file") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise GalleryError(f"--boxes {source}: not a readable .npy array ({e})") from e
+    boxes = np.asarray(boxes)
+    if boxes.dtype.kind not in "fiu" or boxes.shape != (n, regions, 4):
+        raise GalleryError(
+            f"{source}: expected region boxes ({n}, {regions}, 4) (images, regions, x1 y1 x2 y2), received "
+            f"{boxes.dtype.name}{list(boxes.shape)}"
+        )
+    if not np.isfinite(boxes).all():
+        raise GalleryError(f"{source}: boxes hold NaN or inf")
+    return boxes.astype(np.float32)
+
+
 def build_image_gallery(
     engine,
     regions: np.ndarray | str | Path,
@@ -117,6 +156,7 @@ def build_image_gallery(
     options: WriteOptions = WriteOptions(),
     repeated: bool | None = None,
     batch: int = 128,
+    boxes: np.ndarray | str | Path | None = None,
 ) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
@@ -124,7 +164,9 @@ def build_image_gallery(
     that repeats every image 5 times (keep every 5th row); None leaves the rows as they are.
     Concurrent writers to one folder take turns (see the module doc); ``options.lock_timeout`` bounds the
     wait. ``options.index``: also build the candidate index of two-stage search (runtime/gallery/index.py);
-    an index already in the folder is extended on append in any case.
+    an index already in the folder is extended on append in any case. ``boxes``: the images' region boxes
+    (``load_boxes``; an array or a ``.npy`` path, one row per row of ``regions``), required on appending to a
+    gallery that has boxes and refused on appending to one without.
     """
     folder = Path(folder)
     dtype = options.dtype
@@ -134,6 +176,9 @@ def build_image_gallery(
         regions = load_regions(regions, cfg.img_dim)
     else:
         regions = check_layout(regions, cfg.img_dim)
+    if boxes is not None:  # one row per row of regions, as given
+        boxes = load_boxes(boxes, int(regions.shape[0]), int(regions.shape[1]))
+        boxes = boxes[::5] if repeated else boxes
     if repeated:
         regions = regions[::5]
     n_new = int(regions.shape[0])
@@ -144,21 +189,23 @@ def build_image_gallery(
     if names is not None and len(names) != n_new:
         raise GalleryError(f"names: expected one name per image ({n_new}), received {len(names)}")
     with store.writer_lock(folder, options.lock_timeout):
-        old: ImageGallery | None = None
-        if options.append and (folder / store.MANIFEST).is_file():
-            old = ImageGallery.load(folder, engine.manifest.image_encoder_id)
-            if old.dtype.name != dtype:
-                raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
-            if old.images.shape[1] != regions.shape[1]:
-                raise GalleryError(
-                    f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
-                    f"the new features have {regions.shape[1]}"
-                )
-            if (old.names is None) != (names is None):
-                raise GalleryError(
-                    f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
-                    f"append {'with' if old.names else 'without'} --names"
-                )
+        old = store.previous(ImageGallery, folder, engine.manifest.image_encoder_id, options)
+        store.check_key(old.manifest if old else None, options.key)
+        if old is not None and old.images.shape[1] != regions.shape[1]:
+            raise GalleryError(
+                f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
+                f"the new features have {regions.shape[1]}"
+            )
+        if old is not None and (old.names is None) != (names is None):
+            raise GalleryError(
+                f"{folder}: the gallery {'has' if old.names else 'has no'} names; "
+                f"append {'with' if old.names else 'without'} --names"
+            )
+        if old is not None and (old.boxes is None) != (boxes is None):
+            raise GalleryError(
+                f"{folder}: the gallery {'has' if old.boxes is not None else 'has no'} region boxes; "
+                f"append {'with' if old.boxes is not None else 'without'} --boxes (or --rebuild)"
+            )
         n_old = len(old) if old else 0
         n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
         generation = store.current_generation(folder) + 1
@@ -167,10 +214,8 @@ def build_image_gallery(
         try:  # the temporaries are made inside, so that an interruption at any point removes them
             for name in files:
                 tmp_paths[name] = store.temporary(folder, name, generation)
-            out = {
-                name: np.lib.format.open_memmap(tmp_paths[name], mode="w+", dtype=np.dtype(dtype), shape=shape)
-                for name, shape in files.items()
-            }
+            store.reserve(folder, 8 * n + np.dtype(dtype).itemsize * sum(int(np.prod(s)) for s in files.values()))
+            out = {name: store.open_rows(tmp_paths[name], dtype, shape) for name, shape in files.items()}
             if old is not None:
                 for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
                     stop = min(start + 4096, n_old)
@@ -196,7 +241,10 @@ def build_image_gallery(
             ids = np.concatenate(
                 [np.asarray(old.ids) if old else np.zeros(0, np.int64), np.arange(n_old, n, dtype=np.int64)]
             )
-            entries.update(store.save_arrays(folder, generation, {"ids": ids}))
+            kept = {"ids": ids}
+            if boxes is not None:
+                kept["boxes"] = np.concatenate([np.asarray(old.boxes) if old else boxes[:0], boxes])
+            entries.update(store.save_arrays(folder, generation, kept))
         finally:
             out = {}
             for p in tmp_paths.values():
@@ -217,6 +265,7 @@ def build_image_gallery(
             "embed_size": d,
             "arrays": entries,
             "names_file": next(iter(extra), None),
+            **store.with_key(old.manifest if old else None, options.key, n_old, n_new),
         }
         store.commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
@@ -237,9 +286,11 @@ def write_image_gallery(
     image_gram: Sequence[np.ndarray],
     names: Sequence[str] | None,
     like: dict[str, Any],
+    boxes: Sequence[np.ndarray] | None = None,
 ) -> ImageGallery:
-    """Commit encoded images (the concatenation of the ``images``/``image_gram`` pieces, ids 0..N-1) as a
-    new gallery at ``folder``, bound to the encoder recorded in ``like`` (a source gallery's manifest)."""
+    """Commit encoded images (the concatenation of the ``images``/``image_gram`` pieces, ids 0..N-1, and of
+    the ``boxes`` pieces when given) as a new gallery at ``folder``, bound to the encoder recorded in ``like``
+    (a source gallery's manifest)."""
     folder = Path(folder)
     n = sum(len(p) for p in images)
     if n != sum(len(p) for p in image_gram) or n == 0:
@@ -258,7 +309,10 @@ def write_image_gallery(
                 folder, generation, "image_gram", (n, r, r), dtype, store.row_chunks(image_gram)
             ),
         }
-        entries.update(store.save_arrays(folder, generation, {"ids": np.arange(n, dtype=np.int64)}))
+        kept = {"ids": np.arange(n, dtype=np.int64)}
+        if boxes is not None:
+            kept["boxes"] = load_boxes(np.concatenate(list(boxes)), n, r)
+        entries.update(store.save_arrays(folder, generation, kept))
         extra = {f"names.{generation}.json": list(names)} if names is not None else {}
         manifest = {
             "format": store.FORMAT,

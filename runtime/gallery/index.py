@@ -41,6 +41,7 @@ import numpy as np
 
 from runtime import atomic
 from runtime.gallery.store import GalleryError, MappedGallery
+from runtime.install import install_command
 from runtime.options import INDEX_KINDS
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def import_faiss():
         import faiss
     except ImportError as e:
         raise CandidateIndexError(
-            "two-stage search (--candidates) needs faiss: pip install 'scan-runtime[scale]' (or pip install faiss-cpu)"
+            f"two-stage search (--candidates) needs faiss: {install_command('scale')} (or pip install faiss-cpu)"
         ) from e
     if not _OMP_THREADS:
         _OMP_THREADS.append(faiss.omp_get_max_threads())

@@ -30,7 +30,16 @@ import numpy as np
 from runtime import atomic
 from runtime.gallery.captions import CaptionGallery
 from runtime.gallery.images import ImageGallery
-from runtime.gallery.store import MANIFEST, GalleryError, load_consistent, mapped, read_format, writer_lock
+from runtime.gallery.store import (
+    MANIFEST,
+    GalleryError,
+    check_key,
+    load_consistent,
+    mapped,
+    read_format,
+    with_key,
+    writer_lock,
+)
 from runtime.options import WriteOptions
 
 logger = logging.getLogger(__name__)
@@ -243,8 +252,10 @@ def write_members(
                 f"these engines do not include; appending without them would leave them behind. "
                 f"Pass every member, or --rebuild"
             )
+        if extend:
+            check_key(entry, options.key)
         generation = int(index.get("generation", 0)) + 1
-        member_options = WriteOptions(**{**options.to_dict(), "append": extend})
+        member_options = WriteOptions(**{**options.to_dict(), "append": extend, "key": None})
         built: dict[str, Any] = {}
         folders: dict[str, Path] = {}
         try:
@@ -260,8 +271,10 @@ def write_members(
             check_agreement(galleries, engines, kind)
             count = len(galleries[0])
             index = {**index, "generation": generation}
+            n_old = int(entry["count"]) if extend else 0
             index[kind] = {
                 "count": count,
+                **with_key(entry if extend else None, options.key, n_old, count - n_old),
                 "members": {
                     eid: {
                         "folder": f"{kind}/{folders[eid].name}",

@@ -149,6 +149,7 @@ def split(gallery: str | Path, out: str | Path, shards: int) -> list[ShardInfo]:
                     [images.image_gram[a:b]],
                     images.names[a:b] if images.names is not None else None,
                     images.manifest,
+                    None if images.boxes is None else [images.boxes[a:b]],
                 )
             c, d = int(caption_starts[i]), int(caption_starts[i + 1])
             if captions is not None:
@@ -163,9 +164,9 @@ def split(gallery: str | Path, out: str | Path, shards: int) -> list[ShardInfo]:
     return read_layout(out)
 
 
-def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None) -> Path:
+def ensure_split(gallery: str | Path, shards: int) -> Path:
     """The sharded gallery to serve for ``gallery`` with ``shards`` shards: ``gallery`` itself when it is
-    sharded; else ``out`` (default: ``<gallery>.shards-<S>`` beside it), split now if it does not exist
+    sharded; else ``<gallery>.shards-<S>`` beside it, split now if it does not exist
     yet, refused if it was split from an older generation of ``gallery`` (it would miss later appends)."""
     gallery = Path(gallery)
     if (gallery / LAYOUT).is_file():
@@ -176,7 +177,7 @@ def ensure_split(gallery: str | Path, shards: int, out: str | Path | None = None
                 f"again with runtime/shards.py to change the number of shards"
             )
         return gallery
-    out = Path(out) if out is not None else gallery.with_name(f"{gallery.name}.shards-{shards}")
+    out = gallery.with_name(f"{gallery.name}.shards-{shards}")
     if not (out / LAYOUT).is_file():
         split(gallery, out, shards)
         return out
@@ -250,8 +251,16 @@ def merge(shards_dir: str | Path, out: str | Path) -> Path:
                 if any(with_names) and not all(with_names):
                     raise ShardError(f"{shards_dir}: some shards' images have names and some do not")
                 names = [n for p in parts for n in p.names] if all(with_names) else None
+                with_boxes = [p.boxes is not None for p in parts]
+                if any(with_boxes) and not all(with_boxes):
+                    raise ShardError(f"{shards_dir}: some shards' images have region boxes and some do not")
                 write_image_gallery(
-                    tmp / "images", [p.images for p in parts], [p.image_gram for p in parts], names, parts[0].manifest
+                    tmp / "images",
+                    [p.images for p in parts],
+                    [p.image_gram for p in parts],
+                    names,
+                    parts[0].manifest,
+                    [p.boxes for p in parts] if all(with_boxes) else None,
                 )
             else:
                 _write_caption_merge(parts, tmp / "captions")

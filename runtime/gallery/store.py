@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import re
+import shutil
 import threading
 import time
 import weakref
@@ -47,6 +48,89 @@ T = TypeVar("T")
 
 class GalleryError(ValueError):
     """A gallery cache is missing, corrupted, or was built by another model."""
+
+
+class StorageError(GalleryError):
+    """A write the disk refused (no space, a read-only folder, no permission): the server's fault, not the
+    client's (HTTP 507 when the disk is full, 500 otherwise). Nothing of the failed write remains."""
+
+    def __init__(self, message: str, full: bool) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+def storage_error(e: OSError, folder: Path, needed: int | None = None) -> StorageError:
+    """The ``StorageError`` for an ``OSError`` of a write into ``folder`` (``needed``: bytes, when known)."""
+    path = e.filename or folder
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free} bytes are free"
+        except OSError:
+            free = "free space unknown"
+        need = f"this write needs {needed} bytes" if needed is not None else "the write needs more space"
+        return StorageError(f"{path}: no space left on the device: {need}, {free}; the gallery is left as it was", True)
+    if e.errno == errno.EROFS:
+        what = "the gallery folder is on a read-only file system"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        what = "permission denied (the server cannot write the gallery folder)"
+    else:
+        what = f"cannot write ({e.strerror or e})"
+    return StorageError(f"{path}: {what}; the gallery is left as it was", False)
+
+
+def reserve(folder: Path, needed: int) -> None:
+    """Refuse a write of ``needed`` bytes into ``folder`` before it starts when the disk has not that much free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)), folder, needed)
+
+
+def open_rows(path: Path, dtype: str, shape: Sequence[int]) -> np.memmap:
+    """``np.lib.format.open_memmap`` for writing, with the file's blocks allocated first: a full disk is then an
+    ``OSError`` here, not a SIGBUS at the first store into a page the file system cannot provide."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    try:
+        with open(path, "rb+") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        del out
+        raise storage_error(e, path.parent, size) from e
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- request keys
+
+# Idempotency keys of the writes that made a cache, kept in its manifest (committed with the generation, so they
+# survive a restart): the most recent ones, each with the answer its write gave.
+KEYS_KEPT = 1000
+
+
+class Repeated(Exception):
+    """A write whose idempotency key a committed generation already records: ``answer`` is what it answered
+    (``first_id``, ``added``, ``count``); nothing was written."""
+
+    def __init__(self, key: str, answer: dict[str, int]) -> None:
+        super().__init__(f"write {key!r} was already committed")
+        self.key = key
+        self.answer = answer
+
+
+def check_key(record: dict[str, Any] | None, key: str | None) -> None:
+    """Raise ``Repeated`` when ``record`` (a manifest, or the members file's entry) holds ``key``."""
+    answer = ((record or {}).get("requests") or {}).get(key) if key is not None else None
+    if answer is not None:
+        raise Repeated(key, answer)
+
+
+def with_key(record: dict[str, Any] | None, key: str | None, first_id: int, added: int) -> dict[str, Any]:
+    """The ``requests`` entry of a new generation's manifest: the previous one's keys plus ``key``'s answer
+    (the oldest dropped); none when no write had a key."""
+    keys = dict((record or {}).get("requests") or {})
+    if key is not None:
+        keys[key] = {"first_id": first_id, "added": added, "count": first_id + added}
+    return {"requests": dict(list(keys.items())[-KEYS_KEPT:])} if keys else {}
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -115,9 +199,12 @@ def writer_lock(folder: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> It
     Inside, no other writer runs, so temporary files left in the folder are a killed writer's: removed here.
     """
     folder = Path(folder)
-    _make_folder(folder)
+    try:
+        _make_folder(folder)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise storage_error(e, folder) from e
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         deadline = time.monotonic() + timeout
         announced = False
@@ -144,6 +231,13 @@ def writer_lock(folder: str | Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> It
         _remove_temporaries(folder)
         try:
             yield
+        except BaseException as e:
+            # A failed write leaves nothing: files of its uncommitted generation go too (the disk it
+            # filled is free again for the next write).
+            sweep(folder, failed=True)
+            if isinstance(e, OSError):
+                raise storage_error(e, folder) from e
+            raise
         finally:
             # An interruption can land between a temporary's creation and its registration for removal;
             # while the lock is held every temporary here is this writer's, so none outlives it.
@@ -169,11 +263,16 @@ def _remove_temporaries(folder: Path, quiet: bool = False) -> None:
             p.unlink()
 
 
-def sweep(folder: Path) -> None:
-    """Remove files of superseded generations that this process no longer maps."""
+def sweep(folder: Path, failed: bool = False) -> None:
+    """Remove files of superseded generations that this process no longer maps (``failed``: after a write that
+    did not commit, with the lock held; where nothing was ever committed, all its files)."""
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         keep = {e["file"] for e in data["arrays"].values()} | {data.get("names_file"), data.get("texts_file")}
+    except FileNotFoundError:
+        if not failed:
+            return
+        keep = set()
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # no readable current generation: remove nothing
     for p in folder.iterdir():
@@ -409,6 +508,17 @@ def current_generation(folder: Path) -> int:
     return max(gens, default=0)
 
 
+def previous(cls: type[T], folder: Path, encoder_id: str, options: Any) -> T | None:
+    """The cache an append extends (None when building, or when there is none yet), checked to store the dtype
+    ``options`` (``WriteOptions``) asks for. Called with the writer lock held."""
+    if not (options.append and (folder / MANIFEST).is_file()):
+        return None
+    old = cls.load(folder, encoder_id)
+    if old.dtype.name != options.dtype:
+        raise GalleryError(f"{folder}: the gallery stores {old.dtype.name}; append with dtype={old.dtype.name}")
+    return old
+
+
 class MappedGallery:
     """What image and caption galleries share: closing drops the memory maps of their ``ARRAYS``, and files
     of a superseded generation go once nothing maps them. A context manager that closes.
@@ -449,7 +559,7 @@ def save_rows(
     """Stream consecutive row blocks into ``name.<generation>.npy`` (memory bounded by one block)."""
     tmp = temporary(folder, name, generation)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        out = open_rows(tmp, dtype, shape)
         pos = 0
         for chunk in chunks:
             out[pos : pos + len(chunk)] = chunk

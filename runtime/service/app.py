@@ -35,17 +35,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.cluster import ShardUnavailableError
+from runtime import __version__
 from runtime.features import FeatureError, model_regions
 from runtime.gallery import GalleryError
-from runtime.searcher import SearchError
+from runtime.gallery.store import StorageError
+from runtime.searcher import OutcomeUnknown, SearchError, ShardUnavailableError
 from runtime.service import openapi as api
+from runtime.service import page
 from runtime.service import requests as rq
 from runtime.service.batcher import BatcherClosed, QueueFull
-from runtime.service.executor import Appended, Hits
 from runtime.service.requests import ApiError
 from runtime.service.service import NoGallery, NotReady, Service
 from runtime.service.settings import DEFAULT_MAX_REGIONS
+from runtime.service.types import Appended, Hits
 from runtime.tokenizer import TokenizerError
 from runtime.topk import NonFiniteScore
 
@@ -57,6 +59,8 @@ ENDPOINTS = (
     "/v1/gallery/images",
     "/v1/gallery/captions",
     "/v1/info",
+    "/v1/images",
+    "/v1/explain",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -79,10 +83,11 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    out = {"python": platform.python_version()}
-    for dist in ("scan-runtime", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "fastapi", "uvicorn"):
+    # scan-runtime's own: the code that runs (a clone's may differ from an installed copy's metadata)
+    out = {"python": platform.python_version(), "scan-runtime": __version__}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "fastapi", "uvicorn"):
         v = _version(dist)
-        if v is not None or dist in ("scan-runtime", "numpy", "fastapi", "uvicorn"):
+        if v is not None or dist in ("numpy", "fastapi", "uvicorn"):
             out[dist] = v
     return out
 
@@ -125,6 +130,12 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
         return _error(422, str(e), field=_field(str(e)))
     except NoGallery as e:
         return _error(409, str(e))
+    except StorageError as e:  # the server's disk refused the write (nothing of it remains)
+        logger.error("%s: %s", endpoint, e)
+        return _error(507 if e.full else 500, str(e))
+    except OutcomeUnknown as e:  # no Retry-After: a blind retry could apply the write twice
+        logger.error("%s: %s", endpoint, e)
+        return _error(504, str(e), committed="unknown")
     except GalleryError as e:
         return _error(409, str(e), field=_field(str(e)))
     except NotReady as e:
@@ -138,6 +149,29 @@ async def _guard(endpoint: str, fn: Callable[[], Awaitable[Any]]) -> Response:
     except Exception as e:  # an internal failure: this request fails, the server keeps serving
         logger.exception("%s failed: %s: %s", endpoint, type(e).__name__, e)
         return _error(500, f"internal error ({type(e).__name__}); the server logged the details")
+
+
+def _key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 200:
+        raise ApiError(422, "Idempotency-Key: expected 1 to 200 characters", field="Idempotency-Key")
+    return key
+
+
+async def _write(append: Callable[..., Appended], *args: Any) -> Response:
+    """Run an append in a worker thread to its end: a shutdown that cancels the request (``--grace-s``) does not
+    abandon a write that may commit, so its answer is still the truth. A repeated key answers the first write's."""
+    job = asyncio.ensure_future(run_in_threadpool(append, *args))
+    while True:
+        try:
+            out = await asyncio.shield(job)
+            break
+        except asyncio.CancelledError:
+            if job.cancelled():
+                raise
+            logger.warning("shutting down: finishing an append in progress before answering it")
+    headers = {"Idempotent-Replayed": "true"} if out.repeated else None
+    return JSONResponse(_appended_json(out), headers=headers)
 
 
 def _appended_json(out: Appended) -> dict[str, Any]:
@@ -319,7 +353,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
 
     app = FastAPI(
         title="SCAN search",
-        version=_version("scan-runtime") or "dev",
+        version=__version__,
         lifespan=lifespan,
         description="Top-k image-text search with an exported SCAN model; queries of concurrent requests are batched.",
         docs_url=None,  # served below from the package: the default page loads Swagger UI from a CDN
@@ -352,7 +386,8 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         """--max-regions, else the model's fixed count (the smallest of the members'), else the default."""
         if limits.max_regions is not None:
             return limits.max_regions
-        known = [r for r in map(model_regions, getattr(service.executor, "engines", ())) if r is not None]
+        engines = getattr(getattr(service.executor, "searcher", None), "engines", ())
+        known = [r for r in map(model_regions, engines) if r is not None]
         return min(known) if known else DEFAULT_MAX_REGIONS
 
     async def parsed(request: Request, parse: Callable[..., Any], *args: Any) -> Any:
@@ -365,14 +400,12 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         return await parsers.run(parse, body, content_type, *args)
 
     def check_features(regions: Any) -> Any:
-        try:  # what a search would refuse is refused before the append, alike (422 naming the field)
-            return service.require_ready().check_regions(regions)
-        except FeatureError as e:
-            raise ApiError(422, "features" + str(e).removeprefix("queries"), field="features") from e
+        # what a search would refuse is refused before the append, alike (422 naming the field)
+        return service.require_ready().prepare("image_to_text", regions, field="features").regions
 
     k_doc = api.k_schema(limits)
     search_errors = (400, 408, 409, 413, 415, 422, 500, 503)
-    write_errors = (400, 401, 408, 409, 413, 415, 422, 500, 503)
+    write_errors = (400, 401, 408, 409, 413, 415, 422, 500, 503, 504, 507)
 
     @app.post(
         "/v1/search/text",
@@ -395,7 +428,15 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
         openapi_extra=api.operation(
             limits,
             "queries",
-            {"queries": api.regions_schema(limits, "the query images"), "k": k_doc},
+            {
+                "queries": api.regions_schema(limits, "the query images"),
+                "ids": {
+                    "type": "array",
+                    "items": {"type": "integer"},
+                    "description": "instead of queries: images of the image gallery as the queries",
+                },
+                "k": k_doc,
+            },
             npy=".npy float array (n, regions, img_dim); k in the query string",
             query=("k",),
         ),
@@ -404,8 +445,8 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     async def search_images(request: Request) -> Response:
         async def run():
             query = dict(request.query_params)
-            regions, k = await parsed(request, rq.parse_search_images, query, limits, max_regions())
-            return _hits_json(await service.search_images(regions, k))
+            regions, k, ids = await parsed(request, rq.parse_search_images, query, limits, max_regions())
+            return _hits_json(await service.search_images(regions, k, ids))
 
         return await _guard("/v1/search/images", run)
 
@@ -436,11 +477,12 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
             regions, names = await parsed(request, rq.parse_append_images, query, limits, max_regions())
             regions = await run_in_threadpool(check_features, regions)
             try:
-                out = await run_in_threadpool(service.append_images, regions, names)
+                return await _write(service.append_images, regions, names, _key(request))
             except GalleryError as e:  # a conflict with the gallery: the names, or the regions per image
+                if isinstance(e, StorageError):  # the server's disk, not the request
+                    raise
                 field = _field(str(e))
                 raise ApiError(409, str(e) if field else f"features: {e}", field=field or "features") from e
-            return _appended_json(out)
 
         return await _guard("/v1/gallery/images", run)
 
@@ -457,8 +499,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
             _authorize(request)
             service.require_ready()
             captions = await parsed(request, rq.parse_append_captions, limits)
-            await run_in_threadpool(service.require_ready().check_text, captions, "captions")
-            return _appended_json(await run_in_threadpool(service.append_captions, captions))
+            return await _write(service.append_captions, captions, _key(request))
 
         return await _guard("/v1/gallery/captions", run)
 
@@ -490,6 +531,11 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
             return JSONResponse({"status": "ready", **service.executor.sizes()})
         reason = f"loading failed: {service.load_error}" if service.load_error else "loading the engine and galleries"
         return _error(503, f"not ready: {reason}", headers=_retry_after(1))
+
+    def body(required: str, properties: dict[str, Any], npy: str | None = None) -> dict[str, Any]:
+        return api.operation(limits, required, properties, npy)
+
+    page.add_routes(app, service, _guard, body)  # the search page, its pictures and explanations
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -7,7 +7,9 @@ until the oldest has waited ``max_delay_ms`` (Triton's dynamic batcher). The bat
 smaller k, so a request's result does not depend on its batch-mates. Neither does its outcome: when a
 batch fails, each of its requests is run again alone, so only the request that causes a failure gets it.
 
-The batcher knows nothing of HTTP or of the model: ``execute(kind, queries, k) -> Hits`` is all it calls.
+The batcher knows nothing of HTTP or of the model: ``execute(direction, queries, k) -> Hits`` is all it calls;
+queries are prepared before they are queued (``runtime.searcher.Queries``: a batch joins its requests' with
+``concat``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from runtime.service.executor import Hits
 from runtime.service.settings import Batching
+from runtime.service.types import Hits
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class BatcherClosed(RuntimeError):
 
 @dataclass
 class _Job:
-    kind: str
+    direction: str
     key: Hashable  # jobs merge only with jobs of the same key
-    queries: Sequence[str] | np.ndarray
+    queries: Any  # prepared queries: a Sized with concat
     k: int
     future: Future
     arrived: float = field(default_factory=time.monotonic)
@@ -55,10 +55,8 @@ class _Job:
         return len(self.queries)
 
 
-def merge_queries(jobs: list[_Job]) -> Sequence[str] | np.ndarray:
-    if isinstance(jobs[0].queries, np.ndarray):
-        return jobs[0].queries if len(jobs) == 1 else np.concatenate([j.queries for j in jobs])
-    return [q for j in jobs for q in j.queries]
+def merge_queries(jobs: list[_Job]) -> Any:
+    return jobs[0].queries if len(jobs) == 1 else type(jobs[0].queries).concat([j.queries for j in jobs])
 
 
 class Batcher:
@@ -68,7 +66,7 @@ class Batcher:
         settings: Batching | None = None,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
-        """``on_batch(kind, queries, seconds)`` is called after every executed batch (metrics)."""
+        """``on_batch(direction, queries, seconds)`` is called after every executed batch (metrics)."""
         self.execute = execute
         self.settings = settings or Batching()
         self.on_batch = on_batch
@@ -92,9 +90,9 @@ class Batcher:
             t.start()
             self._threads.append(t)
 
-    def submit(self, kind: str, queries: Sequence[str] | np.ndarray, k: int, key: Hashable = None) -> Future:
+    def submit(self, direction: str, queries: Any, k: int, key: Hashable = None) -> Future:
         """Queue one request; the future resolves to its ``Hits`` (or the exception its search raised)."""
-        job = _Job(kind, (kind, key), queries, k, Future())
+        job = _Job(direction, (direction, key), queries, k, Future())
         with self._cond:
             if self._closing:
                 raise BatcherClosed("the service is shutting down")
@@ -164,12 +162,12 @@ class Batcher:
         return None
 
     def _run(self, batch: list[_Job]) -> None:
-        kind = batch[0].kind
+        direction = batch[0].direction
         queries = merge_queries(batch)
         k = max(j.k for j in batch)
         t0 = time.perf_counter()
         try:
-            hits = self.execute(kind, queries, k)
+            hits = self.execute(direction, queries, k)
             if len(hits) != len(queries):
                 raise RuntimeError(f"executor returned {len(hits)} result rows for {len(queries)} queries")
         except BaseException as e:
@@ -183,7 +181,7 @@ class Batcher:
         seconds = time.perf_counter() - t0
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         if self.on_batch is not None:
-            self.on_batch(kind, len(queries), seconds)
+            self.on_batch(direction, len(queries), seconds)
         start = 0
         for job in batch:
             job.future.set_result(hits.rows(start, start + job.n, job.k))

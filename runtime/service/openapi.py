@@ -23,6 +23,7 @@ class ErrorBody(BaseModel):
     )
     limit: int | None = Field(None, description="the limit that was exceeded")
     received: Any = Field(None, description="what was received: a count, a number, or a JSON type's name")
+    committed: str | None = Field(None, description='"unknown" when a write may or may not have committed (504)')
 
 
 class SearchResults(BaseModel):
@@ -49,6 +50,8 @@ ERRORS = {
     422: "an invalid value (the field is named)",
     500: "an internal failure of this request, or a corrupted gallery (logged by the server)",
     503: "not ready, overloaded or shutting down (Retry-After says when to retry)",
+    504: 'a write whose outcome is unknown ("committed": "unknown"): check before retrying',
+    507: "the server's disk is full (nothing of the write remains)",
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.service.settings import Limits
+from runtime.service.settings import DEFAULT_MAX_REGIONS, Limits
 
 DEFAULT_K = 10
 NPY = "application/octet-stream"
@@ -220,7 +220,7 @@ def parse_search_text(body: bytes, content_type: str | None, limits: Limits) -> 
     return _captions(obj["queries"], "queries", limits.max_queries, limits), parse_k(obj.get("k"), limits)
 
 
-def _regions_from_lists(value: Any, field: str, max_regions: int) -> np.ndarray:
+def _regions_from_lists(value: Any, field: str, max_regions: int = DEFAULT_MAX_REGIONS) -> np.ndarray:
     if not isinstance(value, list):
         raise _wrong_type(field, "nested arrays of numbers (n, regions, img_dim)", value)
     if not value:
@@ -323,16 +323,56 @@ def _check_count(arr: np.ndarray, field: str, limit: int, max_regions: int) -> N
 
 def parse_search_images(
     body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits, max_regions: int
-) -> tuple[np.ndarray, int]:
-    """``max_regions``: regions per image (``limits.max_regions``, or the model's; see app.py)."""
+) -> tuple[np.ndarray | None, int, list[int] | None]:
+    """``(regions, k, None)`` for region features (JSON ``queries`` or an .npy body), ``(None, k, ids)`` for
+    ``{"ids": [...]}``: images of the gallery as the queries. ``max_regions``: regions per image
+    (``limits.max_regions``, or the model's; see app.py)."""
     if media_type(content_type) == NPY:
         regions, k = regions_from_npy(body, "body"), parse_k(query.get("k"), limits, from_query=True)
     else:
         obj = parse_json(body, content_type)
-        _check_fields(obj, ("queries", "k"), ("queries",))
+        _check_fields(obj, ("queries", "ids", "k"), ())
+        if ("queries" in obj) == ("ids" in obj):
+            received = "both" if "ids" in obj else "neither"
+            raise ApiError(
+                422, f"queries: expected exactly one of queries and ids, received {received}", field="queries"
+            )
+        if "ids" in obj:
+            return None, parse_k(obj.get("k"), limits), _ids(obj["ids"], limits.max_queries)
         regions, k = _regions_from_lists(obj["queries"], "queries", max_regions), parse_k(obj.get("k"), limits)
     _check_count(regions, "queries", limits.max_queries, max_regions)
-    return regions, k
+    return regions, k, None
+
+
+def parse_id(value: Any, field: str, from_query: bool = False) -> int:
+    """A gallery id: an integer (in the query string, its digits); the searcher checks its range."""
+    digits = value.strip().lstrip("-") if from_query and isinstance(value, str) else ""
+    if digits.isdigit() and len(digits) <= MAX_INT_DIGITS:
+        value = int(value.strip())
+    if value is None:
+        raise ApiError(422, f"{field}: required field missing", field=field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(
+            422,
+            f"{field}: expected an integer id, received {_type_name(value)} {_short(value)}",
+            field=field,
+            received=_received(value),
+        )
+    return value
+
+
+def _ids(value: Any, limit: int) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(422, f"ids: expected a non-empty array of image ids, received {_short(value)}", field="ids")
+    if len(value) > limit:
+        raise ApiError(
+            413,
+            f"ids: at most {limit} per request, received {len(value)}",
+            field="ids",
+            limit=limit,
+            received=len(value),
+        )
+    return [parse_id(v, f"ids[{i}]") for i, v in enumerate(value)]
 
 
 def _names(value: Any, n: int) -> list[str] | None:

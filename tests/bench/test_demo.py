@@ -38,6 +38,7 @@ from bench.demo.train import (
 from export.checkpoint import find_vocab, load_checkpoint, read_checkpoint
 from runtime.atomic import sha256_file
 from runtime.config import SCANConfig
+from runtime.gallery import ImageGallery
 from runtime.tokenizer import tokenize
 from runtime.vocab import SPECIAL_TOKENS, Vocabulary
 
@@ -213,7 +214,7 @@ def test_training_is_cached_by_stamp(tiny_run):
     lines: list[str] = []
     assert train_demo(out, seed=0, epochs=1, log=lines.append, data=TINY, **TINY_MODEL) == ckpt
     assert ckpt.stat().st_mtime_ns == before
-    assert len(lines) == 1 and lines[0].startswith("cached")
+    assert len(lines) == 1 and lines[0].startswith("cached") and "--retrain" in lines[0]
 
 
 def _state(ckpt: Path) -> list[dict[str, torch.Tensor]]:
@@ -243,13 +244,15 @@ def test_changed_hyper_parameter_retrains(tiny_run, tmp_path):
     assert read_checkpoint(checkpoint_path(work))["opt"].learning_rate == 5e-4
 
 
-def test_force_retrains_and_restores_thread_count(tiny_run, tmp_path):
+def test_retrain_retrains_shows_progress_and_restores_thread_count(tiny_run, tmp_path, capsys):
     work = _copy_run(tiny_run, tmp_path)
     lines: list[str] = []
     before = torch.get_num_threads()
-    train_demo(work, seed=0, epochs=1, log=lines.append, data=TINY, **TINY_MODEL, force=True)
+    train_demo(work, seed=0, epochs=1, log=lines.append, data=TINY, **TINY_MODEL, retrain=True)
     assert not lines[0].startswith("cached")
     assert torch.get_num_threads() == before
+    bar = capsys.readouterr().err  # tqdm within the epoch: captions done, rate, mean loss
+    assert "epoch 1/1" in bar and "cap/s" in bar and "loss=" in bar
 
 
 def test_checkpoint_replaced_behind_the_stamp_retrains(tiny_run, tmp_path):
@@ -282,14 +285,15 @@ def test_full_demo_is_far_above_chance(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, capsys):
-    """``make demo``'s steps (export, galleries, queries both ways, recall three ways) on the tiny model."""
+    """``make demo``'s steps (pictures, export, galleries with boxes, queries both ways, an explanation, recall
+    three ways, how to serve the page) on the tiny model."""
     import bench.demo.__main__ as demo
 
     out, _, _ = tiny_run
     work = tmp_path / "demo"
     shutil.copytree(out, work)
-    monkeypatch.setattr(demo, "make_dataset", lambda folder: make_dataset(folder, seed=0, **TINY))
-    monkeypatch.setattr(demo, "train_demo", lambda folder, force=False: checkpoint_path(folder))
+    monkeypatch.setattr("bench.demo.data.make_dataset", lambda folder: make_dataset(folder, seed=0, **TINY))
+    monkeypatch.setattr("bench.demo.train.train_demo", lambda folder, retrain=False: checkpoint_path(folder))
     assert demo.main(["--out", str(work)]) == 0
     printed = capsys.readouterr().out
     for step in (
@@ -298,8 +302,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_run, tmp_path, monkeypatch, c
         "image -> text",
         "recall on the test split",
         "float16 graphs",
+        "drawing the test pictures",
+        "each word's top regions",
         "done:",
     ):
         assert step in printed, step
     assert printed.count("rsum:") == 3 and "test_image_0" in printed
     assert (work / "engines" / "scan.json").is_file() and (work / "gallery" / "images" / "gallery.json").is_file()
+    n = len(np.load(work / "data" / "demo_precomp" / "test_ims.npy", mmap_mode="r"))
+    assert len(list((work / "pictures").glob("test_image_*.png"))) == n
+    with ImageGallery.load(work / "gallery" / "images") as gallery:
+        assert gallery.boxes.shape == (n, 36, 4) and gallery.names[0] == "test_image_0000"
+    assert f"runtime/serve.py --engine {work / 'engines' / 'scan.json'} --gallery {work / 'gallery'}" in printed
+    assert f"--image-dir {work / 'pictures'}" in printed
+
+
+def test_demo_without_its_dependencies_says_how_to_install(monkeypatch, capsys):
+    """One line naming what is missing and the commands that install it, not a ModuleNotFoundError."""
+    import bench.demo.__main__ as demo
+
+    monkeypatch.setattr(demo, "NEEDS", ("numpy", "no_such_module_for_the_demo"))
+    assert demo.main(["--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the demo needs no_such_module_for_the_demo,")
+    assert "make demo" in err and "download.pytorch.org/whl/cpu" in err and "[cpu,export]" in err

@@ -7,7 +7,7 @@ import pytest
 
 from bench.synthetic import ImageStore, VectorPool, caption_texts, synthetic_caption_gallery, vocab_json
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.vocab import Vocabulary
 
 
@@ -67,7 +67,7 @@ def test_galleries_from_arrays_search_like_the_built_ones(golden, exported, tmp_
     from runtime.gallery import build_caption_gallery, build_image_gallery
     from runtime.searcher import Searcher
 
-    with ScanEngine.open(exported[golden.name], backend="onnxruntime") as engine:
+    with ScanEngine.open(exported[golden.name], EngineOptions(backend="onnxruntime")) as engine:
         regions, captions = load_split(golden, "test", engine.config.img_dim)
         built_images = build_image_gallery(engine, regions, tmp_path / "images", options=WriteOptions(progress=False))
         built_captions = build_caption_gallery(

@@ -16,6 +16,7 @@ import pytest
 from bench.evaluation import full_sims, load_split
 from export.exporter import FP16_ATOL
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from tests.conftest import golden_expected
 from tests.runtime.conftest import export_small, random_captions, random_regions
 
@@ -32,7 +33,7 @@ def assert_rankings_agree(s16: np.ndarray, s32: np.ndarray) -> None:
 
 
 def test_golden_fp16_matches_float32(golden, exported):
-    with ScanEngine.open(exported[golden.name], backend="onnxruntime", precision="fp16") as engine:
+    with ScanEngine.open(exported[golden.name], EngineOptions(backend="onnxruntime", precision="fp16")) as engine:
         assert engine.head_dtype == np.float16
         regions, captions = load_split(golden, "test", engine.config.img_dim)
         s16 = full_sims(engine, regions, captions, image_block=5, caption_batch=7, progress=False)
@@ -49,9 +50,9 @@ def test_lambda_lse_20_does_not_overflow_in_fp16(tmp_path, cross_attn):
         tmp_path, cross_attn=cross_attn, agg_func="LogSumExp", lambda_lse=20.0, no_imgnorm=True
     )  # unnormalised features: larger logits
     regions, captions = random_regions(9, seed=3) * 5, random_captions(20, seed=4)
-    with ScanEngine.open(manifest, backend="onnxruntime") as e32:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as e32:
         s32 = full_sims(e32, regions, captions, progress=False)
-    with ScanEngine.open(manifest, backend="onnxruntime", precision="fp16") as e16:
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", precision="fp16")) as e16:
         s16 = full_sims(e16, regions, captions, progress=False)
     assert np.isfinite(s16).all()
     assert np.abs(s16 - s32).max() <= FP16_ATOL * max(1.0, np.abs(s32).max())

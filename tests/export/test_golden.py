@@ -12,6 +12,7 @@ import torch
 from bench.evaluation import full_sims, load_split
 from export.checkpoint import load_checkpoint, load_vocab
 from runtime.engine import ScanEngine
+from runtime.options import EngineOptions
 from runtime.tokenizer import Tokenizer
 from tests.conftest import golden_expected
 
@@ -41,7 +42,7 @@ def test_batched_reference_reproduces_original(golden):
 
 
 def test_onnx_graphs_reproduce_original_from_raw_files(golden, exported):
-    with ScanEngine.open(exported[golden.name], backend="onnxruntime") as engine:
+    with ScanEngine.open(exported[golden.name], EngineOptions(backend="onnxruntime")) as engine:
         regions, captions = load_split(golden, "test", engine.config.img_dim)
         # small blocks and batches so several blocks and length buckets are exercised
         sims = full_sims(engine, regions, captions, image_block=5, caption_batch=7, progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from tests.helpers import WORDS, small_config, write_checkpoint
 
 
@@ -51,7 +51,7 @@ def make_gallery(engine_path, folder, n_images: int = 23, n_captions: int = 29, 
 
     regions, captions = random_regions(n_images, seed=11), random_captions(n_captions, seed=12)
     names = [f"img{i}" for i in range(n_images)]
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         for a, b in ((0, n_images // 2), (n_images // 2, n_images)):
             build_image_gallery(
                 engine,

@@ -12,9 +12,9 @@ import httpx
 
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.service.app import create_app
-from runtime.service.executor import LocalExecutor
+from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Settings
 from tests.runtime.conftest import random_captions, random_regions
@@ -23,7 +23,7 @@ N_IMAGES, N_CAPTIONS = 40, 60
 
 
 def build_gallery(engine_path: Path, folder: Path, names: bool = True) -> Path:
-    with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
         build_image_gallery(
             engine,
             random_regions(N_IMAGES, seed=1),
@@ -46,10 +46,18 @@ def local_service(
     engine_path: Path, gallery: Path, settings: Settings | None = None, token: str | None = None, start: bool = True
 ) -> Service:
     svc = Service(
-        lambda: LocalExecutor.open(engine_path, gallery, backend="onnxruntime", threads=1), settings, token=token
+        lambda: Executor.open([engine_path], gallery, EngineOptions(backend="onnxruntime", threads=1)),
+        settings,
+        token=token,
     )
-    if start:
-        svc.start(background=False)
+    return started(svc) if start else svc
+
+
+def started(svc: Service) -> Service:
+    """``svc`` loaded (its loader thread joined); a load failure raises here."""
+    svc.start().join()
+    if svc.load_error is not None:
+        raise svc.load_error
     return svc
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.options import WriteOptions
-from runtime.searcher import Searcher, SearchError
+from runtime.options import EngineOptions, OptionsError, SearchOptions, WriteOptions
+from runtime.searcher import Searcher
 from tests.runtime.conftest import export_small, random_captions, random_regions
 
 faiss = pytest.importorskip("faiss", reason="two-stage search needs faiss (pip install 'scan-runtime[scale]')")
@@ -59,7 +59,7 @@ def engines(small_engines, tmp_path_factory):
             path = export_small(
                 tmp_path_factory.mktemp(f"cand_{attn}_{agg}"), seed=AGGS.index(agg), cross_attn=attn, agg_func=agg
             )
-        return ScanEngine.open(path, backend="onnxruntime")
+        return ScanEngine.open(path, EngineOptions(backend="onnxruntime"))
 
     out = _Lazy(make)
     yield out
@@ -96,7 +96,9 @@ def test_all_candidates_is_exact(engines, galleries, model, direction):
     queries = _queries(direction)
     exact = Searcher(engine, images=images, captions=captions).search(queries, 6)
     for m in (n, n + 5):
-        s, i = Searcher(engine, images=images, captions=captions, candidates=m).search(queries, 6)
+        s, i = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m)).search(
+            queries, 6
+        )
         assert np.array_equal(i, exact[1]) and np.array_equal(s, exact[0])
 
 
@@ -112,9 +114,9 @@ def test_rerank_is_exact_on_the_candidates(engines, galleries, model, direction)
     k = 5
     exact_s, exact_i = Searcher(engine, images=images, captions=captions).search(queries, len(gallery))
     m = len(gallery) - 3
-    searcher = Searcher(engine, images=images, captions=captions, candidates=m)
+    searcher = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m))
     s, i = searcher.search(queries, k)
-    index = searcher.candidate_index("images" if direction == "t2i" else "captions")
+    index = searcher.two_stage.index(engine, gallery, "images" if direction == "t2i" else "captions")
     assert np.all(np.diff(s, axis=1) <= 0) and (i >= 0).all()
     for q in range(len(queries)):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
@@ -212,8 +214,8 @@ def test_index_extended_on_append_equals_a_fresh_build(engines, tmp_path):
     texts, regs = random_captions(6, seed=7), random_regions(4, seed=8)
     for a, b, q in ((parts, whole, texts), (cparts, cwhole, regs)):
         kw = "images" if a is parts else "captions"
-        ra = Searcher(engine, **{kw: a}, candidates=7).search(q, 4)
-        rb = Searcher(engine, **{kw: b}, candidates=7).search(q, 4)
+        ra = Searcher(engine, **{kw: a}, options=SearchOptions(candidates=7)).search(q, 4)
+        rb = Searcher(engine, **{kw: b}, options=SearchOptions(candidates=7)).search(q, 4)
         np.testing.assert_array_equal(ra[1], rb[1])
         np.testing.assert_allclose(ra[0], rb[0], atol=1e-6)
     # reload from disk: the same index
@@ -226,7 +228,7 @@ def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_
     g = build_image_gallery(
         engine, random_regions(12, seed=1), tmp_path, options=WriteOptions(progress=False, index="flat")
     )
-    before = Searcher(engine, images=g, candidates=5).search(random_captions(3, seed=2), 3)
+    before = Searcher(engine, images=g, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
     calls = {"n": 0}
     real = engine.encode_images
 
@@ -246,7 +248,7 @@ def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_
 
     g2 = ImageGallery.load(tmp_path, engine.manifest.image_encoder_id)
     assert len(g2) == 12 and load_index(g2, engine.manifest.image_encoder_id).index.ntotal == 12 * 5
-    after = Searcher(engine, images=g2, candidates=5).search(random_captions(3, seed=2), 3)
+    after = Searcher(engine, images=g2, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
     np.testing.assert_array_equal(before[1], after[1])
 
 
@@ -273,7 +275,7 @@ def test_interrupted_index_write_is_not_rewritten_by_readers(engines, tmp_path, 
     with pytest.raises(StaleIndexError, match=r"stale.*generation 1 \(12 items\).*generation 2 \(16 items\)"):
         load_index(g, engine.manifest.image_encoder_id)
     with caplog.at_level(logging.WARNING, logger="runtime.gallery.index"):
-        Searcher(engine, images=g, candidates=6).search(random_captions(2, seed=4), 3)
+        Searcher(engine, images=g, options=SearchOptions(candidates=6)).search(random_captions(2, seed=4), 3)
     assert "in-memory flat index of generation 2" in caplog.text
     with pytest.raises(StaleIndexError, match="stale"):  # a reader never writes the index...
         load_index(g, engine.manifest.image_encoder_id)
@@ -281,7 +283,8 @@ def test_interrupted_index_write_is_not_rewritten_by_readers(engines, tmp_path, 
     assert load_index(g, engine.manifest.image_encoder_id).index.ntotal == 17 * 5  # ... the next write does
     exact = Searcher(engine, images=g).search(random_captions(2, seed=4), 3)
     np.testing.assert_array_equal(
-        Searcher(engine, images=g, candidates=17).search(random_captions(2, seed=4), 3)[1], exact[1]
+        Searcher(engine, images=g, options=SearchOptions(candidates=17)).search(random_captions(2, seed=4), 3)[1],
+        exact[1],
     )
 
 
@@ -315,7 +318,7 @@ def test_approximate_index_kinds(engines, tmp_path, kind):
     index = load_index(g, engine.manifest.image_encoder_id)
     assert index.index_type == kind and index.index.ntotal == 300 * regions.shape[1]
     queries = random_captions(5, seed=10)
-    s, i = Searcher(engine, images=g, candidates=40).search(queries, 5)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=40)).search(queries, 5)
     assert (i >= 0).all() and np.all(np.diff(s, axis=1) <= 0)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 300)
     for q in range(len(queries)):  # rescored exactly
@@ -327,8 +330,8 @@ def test_bad_arguments(engines, galleries, tmp_path):
     engine = engines["t2i", "LogSumExp"]
     images, _ = galleries["t2i", "LogSumExp"]
     for bad in (-1, 1.5, True, "10"):
-        with pytest.raises(SearchError, match="candidates"):
-            Searcher(engine, images=images, candidates=bad)
+        with pytest.raises(OptionsError, match="candidates"):
+            Searcher(engine, images=images, options=SearchOptions(candidates=bad))
     with pytest.raises(CandidateIndexError, match="index type"):
         build_index(images, index_type="lsh")
 
@@ -374,7 +377,7 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
     emb, gram = engine.encode_images(random_regions(25, seed=3))
     g = ImageGallery.from_arrays(emb, gram)
     queries = random_captions(3, seed=5)
-    s, i = Searcher(engine, images=g, candidates=8).search(queries, 4)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=8)).search(queries, 4)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 25)
     for q in range(3):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
@@ -385,25 +388,28 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
 def test_service_executor_two_stage(small_engines, tmp_path):
     """The search service's executor with ``candidates``: exact results at M >= N, rescored candidates
     below, and appends build and extend the index (``serve.py --candidates``)."""
-    from runtime.service.executor import LocalExecutor
+    from runtime.service.executor import Executor
+
+    def search(executor, queries, k):
+        return executor.search("text_to_image", executor.prepare("text_to_image", queries), k)
 
     engine = small_engines["t2i"]
-    with ScanEngine.open(engine, backend="onnxruntime") as e:
+    with ScanEngine.open(engine, EngineOptions(backend="onnxruntime")) as e:
         build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", options=WriteOptions(progress=False))
     queries = random_captions(3, seed=2)
-    exact = LocalExecutor.open(engine, tmp_path, backend="onnxruntime")
-    full = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=20)
+    exact = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"))
+    full = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=20))
     try:
-        a, b = exact.search("text", queries, 4), full.search("text", queries, 4)
+        a, b = search(exact, queries, 4), search(full, queries, 4)
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
     finally:
         exact.close()
         full.close()
-    two = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=6)
+    two = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=6))
     try:
         assert two.describe()["candidates"] == 6
-        hits = two.search("text", queries, 4)  # an index in memory: a search writes none
+        hits = search(two, queries, 4)  # an index in memory: a search writes none
         assert (hits.ids >= 0).all() and not (tmp_path / "images" / "candidates.json").exists()
         two.append_images(random_regions(5, seed=3), None)  # the append builds it...
         meta = json.loads((tmp_path / "images" / "candidates.json").read_text())
@@ -411,7 +417,7 @@ def test_service_executor_two_stage(small_engines, tmp_path):
         two.append_images(random_regions(2, seed=4), None)  # ... and the next one extends it
         meta = json.loads((tmp_path / "images" / "candidates.json").read_text())
         assert meta["count"] == 27 and meta["extended_from"] == 25
-        assert (two.search("text", queries, 4).ids >= 0).all()
+        assert (search(two, queries, 4).ids >= 0).all()
     finally:
         two.close()
 
@@ -426,10 +432,10 @@ def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: floa
     import time
 
     from runtime.gallery import ImageGallery, index
-    from runtime.service.executor import LocalExecutor
+    from runtime.service.executor import Executor
 
     engine = small_engines["t2i"]
-    with ScanEngine.open(engine, backend="onnxruntime") as e:
+    with ScanEngine.open(engine, EngineOptions(backend="onnxruntime")) as e:
         build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", options=WriteOptions(index="flat"))
     saves, save = [], index._save
 
@@ -440,14 +446,15 @@ def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: floa
     monkeypatch.setattr(index, "_save", spy)
     queries, k = random_captions(3, seed=2), 3
     chunks = [random_regions(2, seed=100 + i) for i in range(200)]  # each generation's items, known in advance
-    executor = LocalExecutor.open(engine, tmp_path, backend="onnxruntime", candidates=12, threads=1)
+    one_thread, two_stage = EngineOptions(backend="onnxruntime", threads=1), SearchOptions(candidates=12)
+    executor = Executor.open([engine], tmp_path, one_thread, two_stage)
     results, errors, stop = [], [], threading.Event()
 
     def searching():
         try:
             while not stop.is_set():
                 before = executor.sizes()["images"]
-                hits = executor.search("text", queries, k)
+                hits = executor.search("text_to_image", executor.prepare("text_to_image", queries), k)
                 results.append((before, executor.sizes()["images"], hits.scores, hits.ids))
         except Exception as e:  # reported below, not lost in a thread
             errors.append(e)
@@ -477,12 +484,15 @@ def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: floa
         final = ImageGallery.load(tmp_path / "images")
         sizes = {n for before, after, _, _ in results for n in range(before, after + 1, 2)}
         expected = {}  # per generation (its size): two-stage search of a fresh copy, and exact search of all
-        with ScanEngine.open(engine, backend="onnxruntime") as e:
+        with ScanEngine.open(engine, EngineOptions(backend="onnxruntime")) as e:
             for n in sizes:
                 copy = ImageGallery.from_arrays(final.images[:n], final.image_gram[:n])  # an index of its own
                 s, i = Searcher(e, images=copy).search(queries, n)
                 exact = [dict(zip(row_i.tolist(), row_s.tolist())) for row_s, row_i in zip(s, i)]
-                expected[n] = (*Searcher(e, images=copy, candidates=12).search(queries, k), exact)
+                expected[n] = (
+                    *Searcher(e, images=copy, options=SearchOptions(candidates=12)).search(queries, k),
+                    exact,
+                )
         assert len(results) >= 4
         for before, after, scores, ids in results:
             n = next((n for n in range(before, after + 1, 2) if np.array_equal(ids, expected[n][1])), None)

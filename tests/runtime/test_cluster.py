@@ -16,7 +16,7 @@ from runtime.engine import ScanEngine
 from runtime.features import FeatureError
 from runtime.gallery import CaptionGallery, ImageGallery, build_caption_gallery, build_image_gallery
 from runtime.gallery.shards import split
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
@@ -28,14 +28,12 @@ K_VALUES = (3, 13, 40)  # below a shard, above a shard (7..12 items), past the w
 
 def single_node(engine_path, gallery, queries, regions):
     """{(direction, k): (scores, ids)} of one Searcher over the unsharded gallery."""
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         images = ImageGallery.load(gallery / "images")
         captions = CaptionGallery.load(gallery / "captions")
         with Searcher(engine, images=images, captions=captions) as s:
             return {
-                (d, k): (s.search_text(queries, k) if d == "text" else s.search_images(regions, k))
-                for d in ("text", "images")
-                for k in K_VALUES
+                (d, k): s.search(queries if d == "text" else regions, k) for d in ("text", "images") for k in K_VALUES
             }
 
 
@@ -46,15 +44,16 @@ def assert_same(got, expected, what=""):
 
 
 def sharded(engine_path, folder, **kw):
-    from runtime.cluster import ShardedSearcher
+    from runtime.cluster import open_shards
 
     # threads=1: two cores shared by all shards; small blocks so a shard scans several blocks
-    return ShardedSearcher(engine_path, folder, backend="onnxruntime", threads=1, image_block=4, caption_block=5, **kw)
+    options = SearchOptions(image_block=4, caption_block=5)
+    return open_shards(engine_path, folder, EngineOptions(backend="onnxruntime", threads=1), options, **kw)
 
 
 @pytest.fixture(scope="module")
 def two_shards(ray_cluster, small_engines, tmp_path_factory):
-    """(engine, unsharded gallery, a ShardedSearcher over 2 shards of it): started once, not modified."""
+    """(engine, unsharded gallery, a Searcher over 2 shards of it): started once, not modified."""
     engine_path, tmp = small_engines["t2i"], tmp_path_factory.mktemp("two_shards")
     gallery = make_gallery(engine_path, tmp / "gallery", N_IMAGES, N_CAPTIONS)
     split(gallery, tmp / "sharded", 2)
@@ -85,26 +84,26 @@ def check_equal_to_single_node(engine_path, gallery, searcher, shards):
         assert_same(got, want, f"{direction} k={k}")
     assert (got[1][:, N_CAPTIONS:] == -1).all()  # k = 40 > 29 captions
 
-    info = searcher.info()
+    info = searcher.shards.info()
     assert [i["index"] for i in info] == list(range(shards))
     assert sum(i["images"]["size"] for i in info) == N_IMAGES and all(i["node"] for i in info)
-    assert searcher.num_images == N_IMAGES and searcher.num_captions == N_CAPTIONS
-    names = searcher.labels("images", expected[("text", 40)][1][:, :3])
-    assert names == [[f"img{i}" for i in row] for row in expected[("text", 40)][1][:, :3]]
-    # the hits' labels come back with the search (one round trip): image names, caption texts, None past
-    _, ids, names = searcher.search_text(queries, 40, labels=True)
+    assert searcher.sizes() == {"images": N_IMAGES, "captions": N_CAPTIONS}
+    # the hits' labels, asked of the shards that hold them: image names, caption texts, None past
+    _, ids = searcher.search(queries, 40)
+    names = searcher.labels("text_to_image", ids)
     assert names == [[f"img{i}" if i >= 0 else None for i in row] for row in ids.tolist()]
-    _, ids, texts = searcher.search_images(regions, 40, labels=True)
+    _, ids = searcher.search(regions, 40)
     captions = CaptionGallery.load(gallery / "captions").texts
+    texts = searcher.labels("image_to_text", ids)
     assert texts == [[captions[i] if i >= 0 else None for i in row] for row in ids.tolist()]
 
     # bad input is the caller's error, raised before any shard is asked
     with pytest.raises(SearchError, match="k must be a positive integer"):
         searcher.search(queries, 0)
     with pytest.raises(FeatureError, match="query regions"):
-        searcher.search_images(regions[:, :, :5], 3)
+        searcher.search(regions[:, :, :5], 3)
     with pytest.raises(SearchError, match="at least one caption"):
-        searcher.search_text([], 3)
+        searcher.search([], 3)
 
 
 def test_appends_go_to_the_last_shard(ray_cluster, small_engines, tmp_path):
@@ -113,7 +112,7 @@ def test_appends_go_to_the_last_shard(ray_cluster, small_engines, tmp_path):
     split(gallery, tmp_path / "sharded", 2)
     new_regions, new_captions = random_regions(4, seed=31), random_captions(3, seed=32)
     new_names = [f"new{i}" for i in range(4)]
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the same appends, unsharded
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the same appends, unsharded
         build_image_gallery(
             engine, new_regions, gallery / "images", names=new_names, options=WriteOptions(append=True, progress=False)
         )
@@ -127,13 +126,13 @@ def test_appends_go_to_the_last_shard(ray_cluster, small_engines, tmp_path):
         assert searcher.add_captions(new_captions) == N_CAPTIONS + 3
         for (direction, k), want in expected.items():
             assert_same(searcher.search(queries if direction == "text" else regions, k), want, f"{direction} k={k}")
-        assert searcher.info()[0]["images"]["size"] == N_IMAGES // 2  # the first shard is untouched
-        assert searcher.labels("images", np.array([[N_IMAGES + 3, -1]])) == [["new3", None]]
+        assert searcher.shards.info()[0]["images"]["size"] == N_IMAGES // 2  # the first shard is untouched
+        assert searcher.labels("text_to_image", np.array([[N_IMAGES + 3, -1]])) == [["new3", None]]
         # persisted: the last shard, killed and restarted by Ray, reloads the appends from disk
-        old_pid = searcher.info()[1]["pid"]
-        ray_cluster.kill(searcher.actors[1], no_restart=False)
+        old_pid = searcher.shards.info()[1]["pid"]
+        ray_cluster.kill(searcher.shards.actors[1], no_restart=False)
         _wait(lambda: _new_pid(searcher, old_pid, shard=1), 60, "shard 1 to restart")
-        assert searcher.info()[1]["images"]["size"] == N_IMAGES - N_IMAGES // 2 + 4
+        assert searcher.shards.info()[1]["images"]["size"] == N_IMAGES - N_IMAGES // 2 + 4
         for (direction, k), want in expected.items():
             assert_same(searcher.search(queries if direction == "text" else regions, k), want, f"{direction} k={k}")
 
@@ -163,14 +162,14 @@ def test_killed_shard_fails_requests_then_recovers(ray_cluster, two_shards):
                     same = np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5, rtol=0)
                     outcomes.append((time.monotonic(), "ok" if same else "wrong", got))
 
-    old_pid = searcher.info()[0]["pid"]
+    old_pid = searcher.shards.info()[0]["pid"]
     clients = [threading.Thread(target=load) for _ in range(2)]
     for c in clients:
         c.start()
     try:
         _wait(lambda: sum(o[1] == "ok" for o in outcomes) >= 4, 30, "answers before the kill")
         killed_at = time.monotonic()
-        ray_cluster.kill(searcher.actors[0], no_restart=False)
+        ray_cluster.kill(searcher.shards.actors[0], no_restart=False)
         _wait(lambda: _new_pid(searcher, old_pid, shard=0), 60, "shard 0 to restart")
         _wait(
             lambda: sum(o[1] == "ok" and o[0] > killed_at + 0.5 for o in outcomes) >= 4 and outcomes[-1][1] == "ok",
@@ -194,7 +193,7 @@ def test_killed_shard_fails_requests_then_recovers(ray_cluster, two_shards):
 
 def _new_pid(searcher, old_pid: int, shard: int) -> bool:
     try:
-        return searcher.info(timeout_s=2.0)[shard]["pid"] != old_pid
+        return searcher.shards.info(timeout_s=2.0)[shard]["pid"] != old_pid
     except Exception:  # still restarting
         return False
 
@@ -221,24 +220,24 @@ def test_worker_imports_this_checkout(ray_cluster):
 
 
 def test_unsharded_folder_is_refused(ray_cluster, small_engines, tmp_path):
-    from runtime.cluster import ShardedSearcher
+    from runtime.cluster import open_shards
     from runtime.gallery.shards import ShardError
 
     gallery = make_gallery(small_engines["t2i"], tmp_path / "gallery", 4, 4)
     with pytest.raises(ShardError, match="unsharded gallery"):
-        ShardedSearcher(small_engines["t2i"], gallery)
+        open_shards(small_engines["t2i"], gallery)
     shutil.rmtree(gallery)
 
 
 def test_shards_run_at_normal_priority(ray_cluster, two_shards):
     """Ray's default worker niceness (15) starves the shards on a busy machine; connect() sets 0."""
     _, _, searcher = two_shards
-    assert ray_cluster.get(searcher.actors[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=30) == 0
+    assert ray_cluster.get(searcher.shards.actors[0].__ray_call__.remote(lambda self: os.nice(0)), timeout=30) == 0
 
 
 def test_local_ray_from_another_thread_is_refused(monkeypatch):
     """Ray's processes die with the thread that started them (the driver then exits silently): refuse."""
-    import ray
+    ray = pytest.importorskip("ray", reason="needs the 'cluster' extra (pip install -e '.[cluster]')")
 
     from runtime.cluster import connect
 
@@ -255,3 +254,26 @@ def test_local_ray_from_another_thread_is_refused(monkeypatch):
     t.start()
     t.join(30)
     assert errors and "from the main thread" in errors[0]
+
+
+def test_explain_goes_to_the_shard_holding_the_id(two_shards):
+    """Explanations and gallery images as queries (image_queries) route to the shard that holds the id and
+    answer what one process answers."""
+    engine_path, gallery, searcher = two_shards
+    regions = random_regions(2, seed=3)
+    engine = ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime"))
+    with engine, Searcher.open(engine, gallery) as single:
+        for image in (0, N_IMAGES - 1):  # one in each shard
+            got, want = (
+                searcher.explain("a dog on the grass .", image),
+                single.explain("a dog on the grass .", image),
+            )
+            assert got.words == want.words and abs(got.score - want.score) <= 1e-5
+            np.testing.assert_allclose(got.attention, want.attention, atol=1e-6)
+            assert searcher.boxes(image) is None
+        for caption in (0, N_CAPTIONS - 1):
+            assert abs(searcher.explain(regions[0], caption).score - single.explain(regions[0], caption).score) <= 1e-5
+        by_id = searcher.search_prepared(searcher.image_queries([N_IMAGES - 1, 0]), 5)
+        assert_same(by_id, single.search_prepared(single.image_queries([N_IMAGES - 1, 0]), 5), "image ids")
+    with pytest.raises(SearchError, match="image id 23 is outside the gallery"):
+        searcher.explain("a dog .", N_IMAGES)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
 from runtime.gallery import GalleryFolder
-from runtime.options import WriteOptions
-from runtime.searcher import SearchError
+from runtime.options import EngineOptions, OptionsError, SearchOptions, WriteOptions
+from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.test_ensemble import ATOL, reference_sims, weighted
 
@@ -21,7 +20,7 @@ WEIGHTS = (0.3, 0.7)
 @pytest.fixture(scope="module")
 def setup(small_engines, tmp_path_factory):
     paths = [small_engines["t2i"], small_engines["i2t"]]
-    engines = [ScanEngine.open(p, backend="onnxruntime") for p in paths]
+    engines = [ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for p in paths]
     regions, captions = random_regions(40, seed=41), random_captions(60, seed=42)
     root = tmp_path_factory.mktemp("ensemble_two_stage") / "gal"
     images = GalleryFolder(root, engines).write_images(regions, options=WriteOptions(progress=False)).images
@@ -43,16 +42,22 @@ def restricted_topk(row: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.nd
 @pytest.mark.parametrize("source", ["union", "first"])
 def test_two_stage_is_the_exact_ensemble_score_of_the_proposed_items(setup, source):
     engines, regions, captions, images, caps, avg = setup
-    with Ensemble(engines, images=images, captions=caps, weights=WEIGHTS, candidates=6, candidate_source=source) as e:
+    with Searcher(
+        engines,
+        images=images,
+        captions=caps,
+        weights=WEIGHTS,
+        options=SearchOptions(candidates=6, candidate_source=source),
+    ) as e:
         for queries, sims, kind in ((captions[:8], avg.T, "images"), (regions[:6], avg, "captions")):
             scores, ids = e.search(queries, 5)
             # the items the candidates proposed, by caption id (caption storage is sorted by length)
-            gallery = (e.images if kind == "images" else e.captions)[0]
+            gallery = e.galleries(kind)[0]
             if kind == "images":
-                members = [[w[:n] for w, n in zip(*_encoded_text(m, queries))] for m in e.members]
+                members = [[w[:n] for w, n in zip(*_encoded_text(m, queries))] for m in engines]
             else:
-                members = [list(m.engine.encode_images(queries)[0]) for m in e.members]
-            proposals = e._proposals(kind, members)
+                members = [list(m.encode_images(queries)[0]) for m in engines]
+            proposals = _proposals(e, kind, members)
             for q, positions in enumerate(proposals):
                 allowed = np.asarray(gallery.ids)[positions]
                 assert len(allowed) >= 6  # M = 6 from each member asked
@@ -63,17 +68,25 @@ def test_two_stage_is_the_exact_ensemble_score_of_the_proposed_items(setup, sour
                     np.testing.assert_array_equal(ids[q, : len(want_i)], want_i)
 
 
-def _encoded_text(member, queries):
-    ids, lengths = member.engine.tokenizer.encode_batch(queries)
-    return member.engine.encode_ids(ids, lengths), lengths
+def _encoded_text(engine, queries):
+    ids, lengths = engine.tokenizer.encode_batch(queries)
+    return engine.encode_ids(ids, lengths), lengths
+
+
+def _index(searcher, kind, member):
+    return searcher.two_stage.index(searcher.engines[member], searcher.galleries(kind)[member], kind)
+
+
+def _proposals(searcher, kind, vectors):
+    return searcher.two_stage.proposals(lambda i: _index(searcher, kind, i), searcher.engines, vectors)
 
 
 def test_union_proposes_every_members_candidates(setup):
     engines, _, captions, images, _, _ = setup
-    with Ensemble(engines, images=images, weights=WEIGHTS, candidates=5) as e:
-        vectors = [[w[:n] for w, n in zip(*_encoded_text(m, captions[:6]))] for m in e.members]
-        union = e._proposals("images", vectors)
-        singles = [m.candidate_index("images").search(v, m.engine.config, 5) for m, v in zip(e.members, vectors)]
+    with Searcher(engines, images=images, weights=WEIGHTS, options=SearchOptions(candidates=5)) as e:
+        vectors = [[w[:n] for w, n in zip(*_encoded_text(m, captions[:6]))] for m in engines]
+        union = _proposals(e, "images", vectors)
+        singles = [_index(e, "images", i).search(v, m.config, 5) for i, (m, v) in enumerate(zip(engines, vectors))]
     for q, u in enumerate(union):
         for single in singles:
             assert set(single[q]) <= set(u)
@@ -84,8 +97,10 @@ def test_union_proposes_every_members_candidates(setup):
 def test_candidates_covering_the_gallery_equal_exact(setup):
     engines, regions, captions, images, caps, _ = setup
     with (
-        Ensemble(engines, images=images, captions=caps, weights=WEIGHTS) as exact,
-        Ensemble(engines, images=images, captions=caps, weights=WEIGHTS, candidates=1000) as covering,
+        Searcher(engines, images=images, captions=caps, weights=WEIGHTS) as exact,
+        Searcher(
+            engines, images=images, captions=caps, weights=WEIGHTS, options=SearchOptions(candidates=1000)
+        ) as covering,
     ):
         for queries in (captions[:5], regions[:4]):
             s1, i1 = exact.search(queries, 7)
@@ -96,16 +111,16 @@ def test_candidates_covering_the_gallery_equal_exact(setup):
 
 def test_bad_candidate_source_refused(setup):
     engines, _, _, images, _, _ = setup
-    with pytest.raises(SearchError, match="candidate_source must be one of"):
-        Ensemble(engines, images=images, candidate_source="best")
+    with pytest.raises(OptionsError, match="candidate_source must be one of"):
+        Searcher(engines, images=images, options=SearchOptions(candidate_source="best"))
 
 
 def test_cli_and_service_search_the_two_stage_ensemble(setup, small_engines, tmp_path, capsys):
-    """search.py and the service with two --engine and --candidates answer as Ensemble(candidates=M)."""
+    """search.py and the service with two --engine and --candidates answer as the searcher with candidates=M."""
     import json
 
     from runtime.search import main as search
-    from runtime.service.ensemble_executor import EnsembleExecutor
+    from runtime.service.executor import Executor
 
     engines, regions, captions, _, _, _ = setup
     np.save(tmp_path / "ims.npy", regions)
@@ -120,17 +135,20 @@ def test_cli_and_service_search_the_two_stage_ensemble(setup, small_engines, tmp
     got = json.loads(capsys.readouterr().out)
 
     images = GalleryFolder(gal, engines).load().images
-    with Ensemble(engines, images=images, weights=WEIGHTS, candidates=6, candidate_source="first") as e:
+    with Searcher(
+        engines, images=images, weights=WEIGHTS, options=SearchOptions(candidates=6, candidate_source="first")
+    ) as e:
         scores, ids = e.search(captions[:3], 4)
     assert [[r["id"] for r in q["results"]] for q in got] == ids.tolist()
-    executor = EnsembleExecutor(engines, gal, weights=WEIGHTS, candidates=6, candidate_source="first")
-    hits = executor.search("text", captions[:3], 4)
+    options = SearchOptions(candidates=6, candidate_source="first")
+    executor = Executor(Searcher.open(engines, gal, weights=WEIGHTS, options=options), ["t2i", "i2t"], gal)
+    hits = executor.search("text_to_image", executor.prepare("text_to_image", captions[:3]), 4)
     assert hits.ids.tolist() == ids.tolist()
     np.testing.assert_allclose(hits.scores, scores, rtol=0, atol=1e-6)
     assert executor.describe()["candidates"] == 6
     appended = executor.append_images(random_regions(2, seed=99), None)  # the index follows the append
     assert appended.count == 42
-    assert executor.search("text", captions[:1], 42).ids.shape == (1, 42)
+    assert executor.search("text_to_image", executor.prepare("text_to_image", captions[:1]), 42).ids.shape == (1, 42)
 
 
 def _member_folders(gal):

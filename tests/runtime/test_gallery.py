@@ -9,13 +9,13 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, GalleryError, ImageGallery, build_caption_gallery, build_image_gallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from tests.runtime.conftest import random_captions, random_regions
 
 
 @pytest.fixture(scope="module")
 def engines(small_engines):
-    opened = {m: ScanEngine.open(p, backend="onnxruntime") for m, p in small_engines.items()}
+    opened = {m: ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for m, p in small_engines.items()}
     yield opened
     for e in opened.values():
         e.close()

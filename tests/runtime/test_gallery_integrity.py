@@ -25,7 +25,7 @@ from runtime.gallery import (
     writer_lock,
 )
 from runtime.gallery import store as gallery_store
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.search import main as search_main
 from runtime.searcher import MAX_K, Searcher, SearchError
 from runtime.topk import RunningTopK
@@ -42,8 +42,9 @@ from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
 from runtime.options import WriteOptions
 options = WriteOptions(append=True, progress=False)
+from runtime.options import EngineOptions, SearchOptions
 engine_path, kind, data, *trials = sys.argv[1:]
-with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
     for trial in trials:
         folder, go = trial.split(",")
         while not pathlib.Path(go).exists():
@@ -71,7 +72,7 @@ def _writer(engine_path, kind, data, trials) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def engines(small_engines):
-    opened = {m: ScanEngine.open(p, backend="onnxruntime") for m, p in small_engines.items()}
+    opened = {m: ScanEngine.open(p, EngineOptions(backend="onnxruntime")) for m, p in small_engines.items()}
     yield opened
     for e in opened.values():
         e.close()
@@ -207,7 +208,7 @@ def test_huge_k_allocates_for_the_gallery_only(engines, tmp_path):
     scores, ids = top.result()
     assert ids.tolist() == [[1, 0, 2, -1, -1, -1]] and np.isneginf(scores[0, 3:]).all()
     g = build_image_gallery(engines["t2i"], random_regions(20), tmp_path, options=WriteOptions(progress=False))
-    searcher = Searcher(engines["t2i"], images=g, image_block=7)
+    searcher = Searcher(engines["t2i"], images=g, options=SearchOptions(image_block=7))
     with pytest.raises(SearchError, match=f"k must be at most {MAX_K}, received 1000000000"):
         searcher.search(["a dog ."], 10**9)
     scores, ids = searcher.search(["a dog .", "a cat ."], MAX_K)
@@ -255,7 +256,7 @@ def test_flipped_bytes_and_nan_in_cached_images_are_caught(engines, tmp_path):
     # unverified (as a cache above VERIFY_ON_OPEN_BYTES is by default), the search names the item
     g = ImageGallery.load(tmp_path / "nan", verify=False)
     with pytest.raises(SearchError, match=r"image 7 \('img7'\) of the gallery .* scored nan"):
-        Searcher(engine, images=g, image_block=4).search(["a dog ."], 3)
+        Searcher(engine, images=g, options=SearchOptions(image_block=4)).search(["a dog ."], 3)
     path = _poke(tmp_path / "ids", "ids", lambda a: a.__setitem__(3, 10**6))
     with pytest.raises(GalleryError, match="xxh3_64"):
         ImageGallery.load(tmp_path / "ids")
@@ -364,7 +365,7 @@ from runtime.engine import ScanEngine
 from runtime.search import main
 real = ScanEngine.encode_images
 def slow(self, *a, **k):
-    time.sleep(0.05)
+    time.sleep(1.0)  # the append lasts seconds: the signal lands inside it even when the test waits on a busy machine
     return real(self, *a, **k)
 ScanEngine.encode_images = slow
 sys.exit(main(sys.argv[1:]))

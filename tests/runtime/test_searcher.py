@@ -10,7 +10,7 @@ import pytest
 from bench.evaluation import full_sims
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.searcher import Searcher, SearchError
 from tests.runtime.conftest import random_captions, random_regions
 
@@ -43,7 +43,7 @@ def assert_same_ranking(scores, ids, sims, k, atol=1e-6):
 @pytest.fixture(scope="module")
 def setup(engine_path, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("search")
-    engine = ScanEngine.open(engine_path, backend="onnxruntime")
+    engine = ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime"))
     regions = random_regions(23, seed=1)
     captions = random_captions(37, seed=2)
     images = build_image_gallery(engine, regions, tmp_path / "images", options=WriteOptions(progress=False))
@@ -57,7 +57,9 @@ def setup(engine_path, tmp_path_factory):
 @pytest.mark.parametrize("k", [1, 5, 30])
 def test_text_to_image_equals_brute_force(setup, block, k):
     engine, _, captions, images, _, sims = setup
-    scores, ids = Searcher(engine, images=images, image_block=block, query_batch=4).search(captions[:9], k)
+    scores, ids = Searcher(engine, images=images, options=SearchOptions(image_block=block, query_batch=4)).search(
+        captions[:9], k
+    )
     assert_same_ranking(scores, ids, sims[:, :9].T, k)
 
 
@@ -65,13 +67,15 @@ def test_text_to_image_equals_brute_force(setup, block, k):
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_image_to_text_equals_brute_force(setup, block, k):
     engine, regions, _, _, caps, sims = setup
-    scores, ids = Searcher(engine, captions=caps, caption_block=block, query_batch=2).search(regions[:5], k)
+    scores, ids = Searcher(engine, captions=caps, options=SearchOptions(caption_block=block, query_batch=2)).search(
+        regions[:5], k
+    )
     assert_same_ranking(scores, ids, sims[:5], k)
 
 
 def test_thread_safe(setup):
     engine, regions, captions, images, caps, sims = setup
-    searcher = Searcher(engine, images=images, captions=caps, image_block=5, caption_block=6)
+    searcher = Searcher(engine, images=images, captions=caps, options=SearchOptions(image_block=5, caption_block=6))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         text = [pool.submit(searcher.search, [c], 3) for c in captions[:12]]
         imgs = [pool.submit(searcher.search, regions[i : i + 1], 3) for i in range(8)]
@@ -103,19 +107,29 @@ def test_resident_blocks_equal_streamed_blocks(setup):
     import onnxruntime as ort
 
     engine, regions, captions, images, texts, _ = setup
-    streamed = Searcher(engine, images=images, image_block=5, resident=False).search(captions[:6], 4)
-    streamed_i2t = Searcher(engine, captions=texts, caption_block=7, resident=False).search(regions[:5], 4)
-    with Searcher(engine, images=images, captions=texts, image_block=5, caption_block=7, resident=True) as searcher:
+    streamed = Searcher(engine, images=images, options=SearchOptions(image_block=5, resident=False)).search(
+        captions[:6], 4
+    )
+    streamed_i2t = Searcher(engine, captions=texts, options=SearchOptions(caption_block=7, resident=False)).search(
+        regions[:5], 4
+    )
+    with Searcher(
+        engine, images=images, captions=texts, options=SearchOptions(image_block=5, caption_block=7, resident=True)
+    ) as searcher:
         first = searcher.search(captions[:6], 4)
-        blocks = list(searcher._uploaded["images"])
+        blocks = list(searcher._upload(searcher._generation, "images", 0))
         assert len(blocks) == 5 and [offset for offset, _ in blocks] == [0, 5, 10, 15, 20]  # 23 images / 5
         assert all(isinstance(v, ort.OrtValue) for _, feeds in blocks for v in feeds.values())
         again = searcher.search(captions[6:9], 4)
-        assert next(iter(searcher._uploaded["images"]))[1] is blocks[0][1]  # uploaded once, not per search
+        assert (
+            next(iter(searcher._upload(searcher._generation, "images", 0)))[1] is blocks[0][1]
+        )  # uploaded once, not per search
         i2t = searcher.search(regions[:5], 4)
-    assert searcher._uploaded == {}  # closed
+    assert searcher._generation._made == {}  # closed
     np.testing.assert_array_equal(first[1], streamed[1])
     np.testing.assert_allclose(first[0], streamed[0], atol=1e-6)
-    np.testing.assert_array_equal(again[1], Searcher(engine, images=images, resident=False).search(captions[6:9], 4)[1])
+    np.testing.assert_array_equal(
+        again[1], Searcher(engine, images=images, options=SearchOptions(resident=False)).search(captions[6:9], 4)[1]
+    )
     np.testing.assert_array_equal(i2t[1], streamed_i2t[1])
     np.testing.assert_allclose(i2t[0], streamed_i2t[0], atol=1e-6)

@@ -12,13 +12,15 @@ import threading
 import numpy as np
 import pytest
 
+import runtime
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
 from runtime.searcher import Searcher
-from runtime.service.executor import Appended, Hits, LocalExecutor
+from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Batching, Limits, Settings
+from runtime.service.types import Appended, Hits
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import (
     N_CAPTIONS,
@@ -28,9 +30,14 @@ from tests.runtime.serve_support import (
     local_service,
     request,
     run_client,
+    started,
 )
 
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
+
+
+def search_text(executor: Executor, queries: list[str], k: int) -> Hits:
+    return executor.search("text_to_image", executor.prepare("text_to_image", queries), k)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def gallery(engine_t2i, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(engine_t2i, gallery):
     """Searcher over the same gallery, opened independently of the service."""
-    with ScanEngine.open(engine_t2i, backend="onnxruntime", threads=1) as engine:
+    with ScanEngine.open(engine_t2i, EngineOptions(backend="onnxruntime", threads=1)) as engine:
         images = ImageGallery.load(gallery / "images", engine.manifest.image_encoder_id)
         captions = CaptionGallery.load(gallery / "captions", engine.manifest.text_encoder_id)
         yield engine, Searcher(engine, images=images, captions=captions)
@@ -269,6 +276,7 @@ def test_info_health_ready_metrics_docs(service):
     assert request(service, "GET", "/docs").status_code == 200
     spec = request(service, "GET", "/openapi.json").json()
     assert set(spec["paths"]) >= {TEXT, IMAGES, "/v1/gallery/images", "/v1/gallery/captions", "/v1/info"}
+    assert spec["info"]["version"] == info["versions"]["scan-runtime"] == runtime.__version__  # the code's, one
 
 
 # ---------------------------------------------------------------------------------------------- appends
@@ -303,11 +311,11 @@ def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery
         assert 'scan_appended_total{kind="images"} 5.0' in metrics
     finally:
         svc.close()
-    restarted = LocalExecutor.open(engine_t2i, folder, backend="onnxruntime", threads=1)
+    restarted = Executor.open([engine_t2i], folder, EngineOptions(backend="onnxruntime", threads=1))
     try:
         assert restarted.sizes() == {"images": N_IMAGES + 5, "captions": N_CAPTIONS + 1}
         # the appended images search exactly as if they had been in the gallery from the start
-        with ScanEngine.open(engine_t2i, backend="onnxruntime", threads=1) as engine:
+        with ScanEngine.open(engine_t2i, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             from runtime.gallery import build_image_gallery
 
             ref_images = build_image_gallery(
@@ -317,7 +325,7 @@ def test_appends_are_visible_after_they_return_and_persisted(engine_t2i, gallery
                 options=WriteOptions(progress=False),
             )
             scores, ids = Searcher(engine, images=ref_images).search(QUERIES, 10)
-        hits = restarted.search("text", QUERIES, 10)
+        hits = search_text(restarted, QUERIES, 10)
         assert hits.ids.tolist() == ids.tolist()
         np.testing.assert_allclose(hits.scores, scores, rtol=0, atol=1e-6)
     finally:
@@ -364,37 +372,35 @@ def test_no_gallery_is_409_until_an_append_creates_it(engine_t2i, tmp_path):
 def test_in_flight_search_keeps_its_generation_during_an_append(engine_t2i, gallery, tmp_path):
     """A search that started before an append commits answers from the gallery it started with."""
     folder = copy_gallery(gallery, tmp_path / "g")
-    executor = LocalExecutor.open(engine_t2i, folder, backend="onnxruntime", threads=1)
+    executor = Executor.open([engine_t2i], folder, EngineOptions(backend="onnxruntime", threads=1))
     try:
-        expected = executor.search("text", QUERIES, N_IMAGES + 5)
+        expected = search_text(executor, QUERIES, N_IMAGES + 5)
         started, release = threading.Event(), threading.Event()
-        old = executor._current()
+        searcher = executor.searcher
+        old, blocks = searcher.generation("images"), searcher._blocks
 
-        class Paused:  # the searcher a search took at its start, paused until the append has committed
-            images = old.images
+        def paused(*args):  # a search that took its generation, paused until the append has committed
+            started.set()
+            release.wait(30)
+            return blocks(*args)
 
-            def search_text(self, captions, k):
-                started.set()
-                release.wait(30)
-                return old.search_text(captions, k)
-
-        executor._current = lambda: Paused()
+        searcher._blocks = paused
         out = {}
-        t = threading.Thread(target=lambda: out.setdefault("hits", executor.search("text", QUERIES, N_IMAGES + 5)))
+        t = threading.Thread(target=lambda: out.setdefault("hits", search_text(executor, QUERIES, N_IMAGES + 5)))
         t.start()
         assert started.wait(30)
-        del executor._current
+        del searcher._blocks
         appended = executor.append_images(random_regions(6, seed=21), names=[f"x{i}" for i in range(6)])
         assert appended.count == N_IMAGES + 6
         committed = json.loads((folder / "images" / "gallery.json").read_text())
-        assert committed["generation"] > old.images.manifest["generation"]  # the append committed meanwhile
+        assert committed["generation"] > old  # the append committed meanwhile
         release.set()
         t.join(30)
         hits = out["hits"]
         assert hits.ids.tolist() == expected.ids.tolist()  # old generation, read after its files were replaced
         np.testing.assert_array_equal(hits.scores, expected.scores)
         assert executor.sizes()["images"] == N_IMAGES + 6
-        assert (executor.search("text", QUERIES, N_IMAGES + 6).ids >= N_IMAGES).any()
+        assert (search_text(executor, QUERIES, N_IMAGES + 6).ids >= N_IMAGES).any()
     finally:
         executor.close()
 
@@ -429,6 +435,14 @@ def test_token_guards_writes_only(engine_t2i, gallery, tmp_path):
 # ---------------------------------------------------------------------------------------------- overload, failures
 
 
+class Prepared(tuple):
+    """The fake's prepared queries: the captions themselves, joined by the batcher."""
+
+    @classmethod
+    def concat(cls, parts):
+        return cls(q for p in parts for q in p)
+
+
 class FakeExecutor:
     """Scores query i's results as ids 0..k-1; blocks while ``gate`` is clear; fails on the query 'boom'."""
 
@@ -437,13 +451,10 @@ class FakeExecutor:
         self.gate.set()
         self.calls: list[int] = []
 
-    def check_text(self, queries, field="queries"):
-        pass
+    def prepare(self, direction, queries, field="queries"):
+        return Prepared(queries)
 
-    def check_regions(self, regions):
-        return np.asarray(regions, np.float32)
-
-    def search(self, kind, queries, k):
+    def search(self, direction, queries, k):
         self.gate.wait(30)
         self.calls.append(len(queries))
         if "boom" in list(queries):
@@ -453,10 +464,10 @@ class FakeExecutor:
         scores = np.tile(-np.arange(k, dtype=np.float32), (n, 1)) + np.arange(n, dtype=np.float32)[:, None]
         return Hits(scores, ids, [[str(q)] * k for q in queries])
 
-    def append_images(self, regions, names):
+    def append_images(self, regions, names, key=None):
         return Appended(len(regions), 0, len(regions))
 
-    def append_captions(self, captions):
+    def append_captions(self, captions, key=None):
         raise OSError("disk full")
 
     def sizes(self):
@@ -472,7 +483,7 @@ class FakeExecutor:
 def test_full_queue_answers_503_with_retry_after():
     fake = FakeExecutor()
     svc = Service(lambda: fake, Settings(Batching(max_batch=2, max_delay_ms=0, max_queue=4), Limits(max_queries=4)))
-    svc.start(background=False)
+    started(svc)
     fake.gate.clear()
 
     async def body(client):
@@ -504,7 +515,7 @@ def test_full_queue_answers_503_with_retry_after():
 def test_an_internal_failure_is_500_for_that_request_only():
     fake = FakeExecutor()
     svc = Service(lambda: fake, Settings(Batching(max_batch=8, max_delay_ms=200)))
-    svc.start(background=False)
+    started(svc)
 
     async def body(client):
         import asyncio
@@ -544,7 +555,8 @@ def test_ready_only_after_loading():
         assert r.status_code == 503 and "loading" in r.json()["error"]
         assert request(svc, "GET", "/v1/info").json()["ready"] is False
         loaded.set()
-        assert svc.wait_ready(30)
+        svc.start().join(30)
+        assert svc.ready
         assert request(svc, "GET", "/readyz").status_code == 200
         assert request(svc, "POST", TEXT, json={"queries": ["dog"]}).status_code == 200
     finally:
@@ -557,8 +569,8 @@ def test_a_failed_load_stays_not_ready_with_the_reason():
         raise FileNotFoundError("engines/scan.json: no such file")
 
     svc = Service(broken)
-    svc.start()
-    assert not svc.wait_ready(30)
+    svc.start().join(30)
+    assert not svc.ready
     r = request(svc, "GET", "/readyz")
     assert r.status_code == 503 and "no such file" in r.json()["error"]
     svc.close()
@@ -854,7 +866,13 @@ def test_openapi_documents_bodies_parameters_and_errors(service):
     assert paths[TEXT]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/SearchResults"
     )
-    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field", "limit", "received"}
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {
+        "error",
+        "field",
+        "limit",
+        "received",
+        "committed",
+    }
     docs = request(service, "GET", "/docs")
     assert docs.status_code == 200 and "openapi.json" in docs.text
     assert "http://" not in docs.text and "https://" not in docs.text  # works offline: nothing from a CDN

@@ -11,12 +11,21 @@ import pytest
 
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from runtime.service.batcher import Batcher, BatcherClosed, QueueFull
-from runtime.service.executor import Hits
 from runtime.service.settings import Batching, Settings
+from runtime.service.types import Hits
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import build_gallery, local_service, run_client
+
+
+class Qs(tuple):
+    """Stand-in for prepared queries (runtime.searcher.Queries): a batch joins its requests' with concat."""
+
+    @classmethod
+    def concat(cls, parts):
+        return cls(q for p in parts for q in p)
 
 
 class Recorder:
@@ -27,13 +36,13 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, kind, queries, k):
+    def __call__(self, direction, queries, k):
         self.gate.wait(30)
-        self.batches.append(list(queries) if not isinstance(queries, np.ndarray) else [q.shape for q in queries])
-        return solo(kind, queries, k)
+        self.batches.append([q if isinstance(q, str) else q.shape for q in queries])
+        return solo(direction, queries, k)
 
 
-def solo(kind, queries, k):
+def solo(direction, queries, k):
     """A deterministic 'search': each query's results depend on the query alone."""
     rows = []
     for q in queries:
@@ -52,14 +61,14 @@ def test_batches_merge_up_to_max_batch_and_split_back():
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=4, max_delay_ms=200, max_queue=100))
     b.start()
-    futures = [b.submit("text", [f"q{i}"], k=3) for i in range(10)]
+    futures = [b.submit("text_to_image", Qs([f"q{i}"]), k=3) for i in range(10)]
     rec.gate.set()
     results = [f.result(10) for f in futures]
     b.close()
     assert [len(x) for x in rec.batches] == [4, 4, 2]
     assert [q for batch in rec.batches for q in batch] == [f"q{i}" for i in range(10)]  # FIFO, none lost or repeated
     for i, r in enumerate(results):
-        alone = solo("text", [f"q{i}"], 3)
+        alone = solo("text_to_image", [f"q{i}"], 3)
         assert r.ids.tolist() == alone.ids.tolist() and r.names == alone.names
 
 
@@ -69,12 +78,12 @@ def test_each_request_gets_its_own_k_and_rows():
     b = Batcher(rec, Batching(max_batch=16, max_delay_ms=200))
     b.start()
     jobs = [(["a", "b"], 2), (["c"], 7), (["d", "e", "f"], 1)]
-    futures = [b.submit("text", q, k) for q, k in jobs]
+    futures = [b.submit("text_to_image", Qs(q), k) for q, k in jobs]
     rec.gate.set()
     for (q, k), f in zip(jobs, futures):
         r = f.result(10)
         assert r.ids.shape == (len(q), k) and len(r.names[0]) == k
-        assert r.ids.tolist() == solo("text", q, k).ids.tolist()
+        assert r.ids.tolist() == solo("text_to_image", q, k).ids.tolist()
     b.close()
     assert len(rec.batches) == 1
 
@@ -85,11 +94,11 @@ def test_only_compatible_requests_merge():
     b = Batcher(rec, Batching(max_batch=16, max_delay_ms=100))
     b.start()
     f = [
-        b.submit("images", np.zeros((1, 3, 4), np.float32), 2, key=3),
-        b.submit("text", ["a"], 2),
-        b.submit("images", np.ones((2, 5, 4), np.float32), 2, key=5),
-        b.submit("images", np.ones((1, 3, 4), np.float32), 2, key=3),
-        b.submit("text", ["b"] * 20, 2),
+        b.submit("image_to_text", Qs(np.zeros((1, 3, 4), np.float32)), 2, key=3),
+        b.submit("text_to_image", Qs(["a"]), 2),
+        b.submit("image_to_text", Qs(np.ones((2, 5, 4), np.float32)), 2, key=5),
+        b.submit("image_to_text", Qs(np.ones((1, 3, 4), np.float32)), 2, key=3),
+        b.submit("text_to_image", Qs(["b"] * 20), 2),
     ]  # larger than max_batch: runs alone, whole
     rec.gate.set()
     assert [x.result(10).ids.shape[0] for x in f] == [1, 1, 2, 1, 20]
@@ -104,19 +113,19 @@ def test_queue_is_bounded_and_close_drains():
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=2, max_delay_ms=0, max_queue=3))
     b.start()
-    futures = [b.submit("text", ["first"], 1)]
+    futures = [b.submit("text_to_image", Qs(["first"]), 1)]
     deadline = time.monotonic() + 10
     while b.depth and time.monotonic() < deadline:  # the worker holds 'first' (blocked in execute)
         time.sleep(0.005)
-    futures += [b.submit("text", [f"q{i}"], 1) for i in range(3)]
+    futures += [b.submit("text_to_image", Qs([f"q{i}"]), 1) for i in range(3)]
     with pytest.raises(QueueFull, match="max_queue=3") as e:
-        b.submit("text", ["one too many"], 1)
+        b.submit("text_to_image", Qs(["one too many"]), 1)
     assert e.value.retry_after > 0
     rec.gate.set()
     b.close()
     assert all(f.done() and f.exception() is None for f in futures)  # drained, none dropped
     with pytest.raises(BatcherClosed):
-        b.submit("text", ["late"], 1)
+        b.submit("text_to_image", Qs(["late"]), 1)
 
 
 def test_a_cancelled_request_is_not_computed():
@@ -124,8 +133,8 @@ def test_a_cancelled_request_is_not_computed():
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=1, max_delay_ms=0))
     b.start()
-    first = b.submit("text", ["first"], 1)
-    second = b.submit("text", ["gone"], 1)
+    first = b.submit("text_to_image", Qs(["first"]), 1)
+    second = b.submit("text_to_image", Qs(["gone"]), 1)
     assert second.cancel()
     rec.gate.set()
     first.result(10)
@@ -144,7 +153,7 @@ def galleries(small_engines, tmp_path_factory):
 
 
 def _reference(engine_path, gallery):
-    engine = ScanEngine.open(engine_path, backend="onnxruntime", threads=1)
+    engine = ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1))
     return engine, Searcher(
         engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
     )

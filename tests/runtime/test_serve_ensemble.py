@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 
 from runtime.engine import ScanEngine
-from runtime.ensemble import Ensemble
 from runtime.gallery import GalleryFolder
 from runtime.gallery.members import ENSEMBLE
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, WriteOptions
+from runtime.searcher import Searcher
 from runtime.serve import main as serve_main
-from runtime.service.ensemble_executor import EnsembleExecutor
+from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Batching, Settings
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, request, run_client
+from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, request, run_client, started
 
 WEIGHTS = "0.3,0.7"
 TEXT, IMAGES = "/v1/search/text", "/v1/search/images"
+ONE_THREAD = EngineOptions(backend="onnxruntime", threads=1)
 
 
 def paths(small_engines) -> list:
@@ -29,7 +30,7 @@ def paths(small_engines) -> list:
 
 
 def build(small_engines, folder):
-    engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
+    engines = [ScanEngine.open(p, EngineOptions(backend="onnxruntime", threads=1)) for p in paths(small_engines)]
     try:
         names = [f"img{i}" for i in range(N_IMAGES)]
         GalleryFolder(folder, engines).write_images(
@@ -46,10 +47,10 @@ def build(small_engines, folder):
 
 def ensemble_service(small_engines, folder, settings=None) -> Service:
     svc = Service(
-        lambda: EnsembleExecutor.open(paths(small_engines), folder, weights=WEIGHTS, backend="onnxruntime", threads=1),
+        lambda: Executor.open(paths(small_engines), folder, ONE_THREAD, weights=WEIGHTS),
         settings,
     )
-    svc.start(background=False)
+    started(svc)
     return svc
 
 
@@ -57,8 +58,10 @@ class Reference:
     """The ensemble over the same folder, opened apart from the service: what each request alone returns."""
 
     def __init__(self, small_engines, folder) -> None:
-        self.engines = [ScanEngine.open(p, backend="onnxruntime", threads=1) for p in paths(small_engines)]
-        self.ensemble = Ensemble(
+        self.engines = [
+            ScanEngine.open(p, EngineOptions(backend="onnxruntime", threads=1)) for p in paths(small_engines)
+        ]
+        self.ensemble = Searcher(
             self.engines,
             images=GalleryFolder(folder, self.engines).load().images,
             captions=GalleryFolder(folder, self.engines).load().captions,
@@ -125,8 +128,8 @@ def test_appends_extend_every_member_and_are_visible(small_engines, gallery, tmp
         assert r.status_code == 200 and r.json()["count"] == N_CAPTIONS + 1, r.text
         ref = Reference(small_engines, folder)  # reads what the appends committed, for every member
         try:
-            assert [len(g) for g in ref.ensemble.images] == [N_IMAGES + 3] * 2
-            assert [len(g) for g in ref.ensemble.captions] == [N_CAPTIONS + 1] * 2
+            assert [len(g) for g in ref.ensemble.galleries("images")] == [N_IMAGES + 3] * 2
+            assert [len(g) for g in ref.ensemble.galleries("captions")] == [N_CAPTIONS + 1] * 2
             queries = ["a dog on the beach .", "red cat"]
             ref.check(request(svc, "POST", TEXT, json={"queries": queries, "k": N_IMAGES + 3}), queries, N_IMAGES + 3)
             q = random_regions(2, seed=5)
@@ -157,16 +160,14 @@ def test_ensemble_service_starts_empty_and_appends_create_the_gallery(small_engi
 def test_a_single_model_gallery_is_refused_at_load(small_engines, tmp_path):
     from runtime.gallery import build_image_gallery
 
-    with ScanEngine.open(small_engines["t2i"], backend="onnxruntime", threads=1) as engine:
+    with ScanEngine.open(small_engines["t2i"], EngineOptions(backend="onnxruntime", threads=1)) as engine:
         build_image_gallery(
             engine, random_regions(4, seed=1), tmp_path / "single" / "images", options=WriteOptions(progress=False)
         )
-    svc = Service(
-        lambda: EnsembleExecutor.open(paths(small_engines), tmp_path / "single", backend="onnxruntime", threads=1)
-    )
-    svc.start()
+    svc = Service(lambda: Executor.open(paths(small_engines), tmp_path / "single", ONE_THREAD))
     try:
-        assert not svc.wait_ready(60)
+        svc.start().join(60)
+        assert not svc.ready
         r = request(svc, "GET", "/readyz")
         assert r.status_code == 503 and "one model only" in r.json()["error"]
         assert f"member 2 ({small_engines['i2t']})" in r.json()["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -16,8 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
+from runtime.client import SearchClient
 from runtime.engine import ScanEngine
 from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.options import EngineOptions
 from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import build_gallery
@@ -42,15 +45,13 @@ def start(args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve.py exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+    with SearchClient(url, timeout=1) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"serve.py exited {proc.returncode}:\n{log.read_text()}")
+            if client.ready():
                 return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+            time.sleep(0.1)
     proc.kill()
     pytest.fail(f"serve.py not ready after {timeout} s:\n{log.read_text()}")
 
@@ -73,6 +74,8 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
             "--threads",
             "1",
             "--no-progress",
+            "--log-format",
+            "json",
         ],
         tmp_path,
     )
@@ -89,6 +92,10 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
             ]
             return await asyncio.gather(*t, *i)
 
+        with SearchClient(url, retries=0) as client:  # the Python client answers as the searcher does
+            by_client = [client.search([q], 6) for q in texts[:3]] + [client.search(regions[:2], 6)]
+
+        # Concurrent requests on connections of their own (the synchronous client sends one at a time).
         async def run():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 first = await burst(client)
@@ -114,13 +121,17 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
         rc = proc.wait(timeout=15)
         assert rc == 0, log.read_text()
         assert time.monotonic() - t0 < 10
-        with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+        with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             searcher = Searcher(
                 engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
             )
             expected = [searcher.search([q], 6) for q in texts] + [
                 searcher.search(regions[j : j + 1], 6) for j in range(len(regions))
             ]
+            searcher_images = searcher.search(regions[:2], 6)
+        for (got_s, got_i), (scores, ids) in zip(by_client, [*expected[:3], searcher_images]):
+            np.testing.assert_array_equal(got_i, ids)
+            np.testing.assert_allclose(got_s, scores, rtol=0, atol=1e-6)
         for responses in (first, during_shutdown):  # requests in flight at SIGTERM are answered, not dropped
             for r, (scores, ids) in zip(responses, expected):
                 assert r.status_code == 200, r.text
@@ -128,8 +139,11 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
                 np.testing.assert_allclose(r.json()["scores"], scores, rtol=0, atol=1e-6)
         count = [line for line in metrics.splitlines() if line.startswith('scan_batch_size_count{kind="text"}')]
         assert count and float(count[0].split()[-1]) < len(texts)  # batched across connections
-        text = log.read_text()
-        assert "ready on http://127.0.0.1" in text and "Traceback" not in text
+        # --log-format json: every line one object, uvicorn's own lines included
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        assert any(r["logger"] == "runtime.serve" and "ready on http://127.0.0.1" in r["message"] for r in lines)
+        assert any(r["logger"].startswith("uvicorn") for r in lines)
+        assert not any("exception" in r for r in lines)
     finally:
         if proc.poll() is None:
             proc.kill()

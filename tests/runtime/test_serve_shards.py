@@ -9,31 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.cluster import ShardUnavailableError
-from runtime.service.executor import LocalExecutor
+from runtime.options import EngineOptions
+from runtime.searcher import ShardUnavailableError
+from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Settings
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, local_service, request
+from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, local_service, request, started
 
 TEXT, IMAGES = "/v1/search/text", "/v1/search/images"
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
+ONE_THREAD = EngineOptions(backend="onnxruntime", threads=1)
 
 
 @pytest.fixture(scope="module")
 def services(ray_cluster, small_engines, tmp_path_factory):
     """(single-node service, service over 2 shards) of the same gallery; the sharded one splits it beside."""
     from runtime.gallery.shards import ensure_split
-    from runtime.service.sharded import ShardedExecutor
 
     engine = small_engines["t2i"]
     folder = build_gallery(engine, tmp_path_factory.mktemp("serve_shards") / "g")
     local = local_service(engine, folder)
     sharded = Service(
-        lambda: ShardedExecutor.open(engine, ensure_split(folder, 2), backend="onnxruntime", threads=1, timeout_s=3.0),
+        lambda: Executor.open([engine], ensure_split(folder, 2), ONE_THREAD, shards={"timeout_s": 3.0}),
         Settings(),
     )
-    sharded.start(background=False)
+    started(sharded)
     yield local, sharded
     sharded.close()
     local.close()
@@ -68,8 +69,8 @@ def test_dead_shard_is_503_then_the_same_answers(services, ray_cluster):
     local, sharded = services
     body = {"queries": QUERIES, "k": 7}
     want = request(local, "POST", TEXT, json=body)
-    actors = sharded.executor.searcher.actors
-    old_pid = sharded.executor.searcher.info()[1]["pid"]
+    actors = sharded.executor.searcher.shards.actors
+    old_pid = sharded.executor.searcher.shards.info()[1]["pid"]
     ray_cluster.kill(actors[1], no_restart=False)
     statuses = []
     deadline = time.monotonic() + 60
@@ -108,18 +109,18 @@ def test_appends_through_the_sharded_service(services):
     assert info[0]["images"] == N_IMAGES // 2 and info[1]["images"] == N_IMAGES - N_IMAGES // 2 + 3
 
 
-class _DeadShards(LocalExecutor):
+class _DeadShards(Executor):
     """A local executor whose searches meet a dead shard."""
 
-    def search(self, kind, queries, k):
+    def search(self, direction, queries, k):
         raise ShardUnavailableError("search_text: shard 3 is unavailable (dead or restarting; Ray restarts it)")
 
 
 def test_shard_unavailable_maps_to_503_with_retry_after(small_engines, tmp_path):
     engine = small_engines["t2i"]
     folder = build_gallery(engine, tmp_path / "g")
-    svc = Service(lambda: _DeadShards.open(engine, folder, backend="onnxruntime", threads=1), Settings())
-    svc.start(background=False)
+    svc = Service(lambda: _DeadShards.open([engine], folder, ONE_THREAD), Settings())
+    started(svc)
     try:
         r = request(svc, "POST", TEXT, json={"queries": random_captions(2), "k": 3})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
@@ -150,8 +151,7 @@ def test_real_process_with_shards(small_engines, tmp_path):
     import subprocess
     import sys
 
-    import httpx
-
+    from runtime.client import SearchClient
     from runtime.engine import ScanEngine
     from runtime.gallery import ImageGallery
     from runtime.searcher import Searcher
@@ -186,25 +186,18 @@ def test_real_process_with_shards(small_engines, tmp_path):
             env={**os.environ, "PYTHONPATH": str(repo)},
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        try:
-            body = httpx.post(url + TEXT, json={"queries": QUERIES, "k": 7}, timeout=60).json()
-        except httpx.TransportError as e:
-            pytest.fail(f"{e}: {log.read_text()}")
-        with ScanEngine.open(engine_path, backend="onnxruntime", threads=1) as engine:
+        with SearchClient(url, retries=0) as client:
+            deadline = time.monotonic() + 180
+            while not client.ready():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            got_scores, got_ids = client.search(QUERIES, 7)
+            assert len(client.info()["shards"]) == 2
+        with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime", threads=1)) as engine:
             scores, ids = Searcher(engine, images=ImageGallery.load(gallery / "images")).search(QUERIES, 7)
-        assert body["ids"] == ids.tolist()
-        np.testing.assert_allclose(np.array(body["scores"], np.float32), scores, atol=1e-5, rtol=0)
-        assert len(httpx.get(url + "/v1/info", timeout=30).json()["shards"]) == 2
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_allclose(got_scores, scores, atol=1e-5, rtol=0)
         assert (tmp_path / "gallery.shards-2" / "shards.json").is_file()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()

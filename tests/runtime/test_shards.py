@@ -9,13 +9,23 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.cluster import ShardServer, merge_topk
-from runtime.engine import ScanEngine
+from runtime.cluster import ShardServer
+from runtime.engine import ScanEngine, ScanModel
 from runtime.gallery import CaptionGallery, ImageGallery, build_image_gallery
-from runtime.gallery.shards import ShardError, check_contiguous, ensure_split, load_shard, merge, read_layout, split
-from runtime.options import WriteOptions
+from runtime.gallery.shards import (
+    KINDS,
+    ShardError,
+    check_contiguous,
+    ensure_split,
+    load_shard,
+    merge,
+    read_layout,
+    split,
+)
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from runtime.searcher import Searcher
 from runtime.shards import main
+from runtime.topk import RunningTopK
 from tests.runtime.conftest import make_gallery, random_captions, random_regions
 
 N_IMAGES, N_CAPTIONS = 23, 29
@@ -111,11 +121,14 @@ def test_float16_gallery_splits(engine_path, tmp_path):
     assert_same_gallery(folder, tmp_path / "m")
 
 
-def test_merge_topk_contract():
+def test_merge_of_shards_contract():
     # shard 0 holds ids 0..2, shard 1 ids 3..4; equal scores go to the lower id; -1 past the gallery
     s0 = (np.array([[0.9, 0.5, 0.5]], np.float32), np.array([[2, 0, 1]]))
     s1 = (np.array([[0.5, -np.inf, -np.inf]], np.float32), np.array([[3, -1, -1]]))
-    scores, ids = merge_topk([s1, s0], 5)
+    top = RunningTopK(1, 5)
+    for shard in (s1, s0):
+        top.merge(*shard)
+    scores, ids = top.result()
     assert ids.tolist() == [[2, 0, 1, 3, -1]]
     np.testing.assert_array_equal(scores, np.array([[0.9, 0.5, 0.5, 0.5, -np.inf]], np.float32))
     assert scores.dtype == np.float32 and ids.dtype == np.int64
@@ -125,23 +138,38 @@ def test_merge_topk_contract():
 def test_in_process_shards_equal_one_searcher(engine_path, gallery, tmp_path, shards):
     """The fan-out and merge without Ray: k below, above a shard's size, and past the whole gallery."""
     layout = split(gallery, tmp_path / "sharded", shards)
-    servers = [
-        ShardServer(engine_path, s.folder, backend="onnxruntime", image_block=4, caption_block=5) for s in layout
-    ]
+    options = SearchOptions(image_block=4, caption_block=5)
+    servers = [ShardServer(engine_path, s.folder, EngineOptions(backend="onnxruntime"), options) for s in layout]
+    sharded = Searcher(ScanModel.open(engine_path), shards=InProcessShards(servers))
     queries, regions = random_captions(6, seed=21), random_regions(5, seed=22)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:
         single = Searcher(
             engine, images=ImageGallery.load(gallery / "images"), captions=CaptionGallery.load(gallery / "captions")
         )
         for k in (3, 13, 40):
-            for method, q in (("search_text", queries), ("search_images", regions)):
-                expected = getattr(single, method)(q, k)
-                got = merge_topk([getattr(server, method)(q, k) for server in servers], k)
-                np.testing.assert_array_equal(got[1], expected[1], err_msg=f"{method} k={k}")
+            for q in (queries, regions):
+                expected, got = single.search(q, k), sharded.search(q, k)
+                np.testing.assert_array_equal(got[1], expected[1], err_msg=f"k={k}")
                 np.testing.assert_allclose(got[0], expected[0], atol=1e-5, rtol=0)
-    assert servers[-1].labels("images", [N_IMAGES - 1]) == [f"img{N_IMAGES - 1}"]
-    for server in servers:
-        server.close()
+    assert servers[-1].labels("text_to_image", [N_IMAGES - 1]) == [f"img{N_IMAGES - 1}"]
+    sharded.close()
+
+
+class InProcessShards:
+    """runtime.cluster.Shards without Ray: the shard servers in this process, asked one after the other."""
+
+    def __init__(self, servers: list[ShardServer]) -> None:
+        self.servers = servers
+
+    def search(self, queries, k):
+        return [server.search(queries, k) for server in self.servers]
+
+    def sizes(self):
+        return {kind: sum(server.info()[kind]["size"] for server in self.servers) or None for kind in KINDS}
+
+    def close(self):
+        for server in self.servers:
+            server.close()
 
 
 def test_read_layout_errors(tmp_path):
@@ -162,7 +190,7 @@ def test_ensure_split_reuses_or_refuses(gallery, engine_path, tmp_path):
     assert ensure_split(out, 2) == out  # a sharded gallery is served as it is
     with pytest.raises(ShardError, match="holds 2 shards, --shards says 3"):
         ensure_split(out, 3)
-    with ScanEngine.open(engine_path, backend="onnxruntime") as engine:  # the unsharded gallery moves on
+    with ScanEngine.open(engine_path, EngineOptions(backend="onnxruntime")) as engine:  # the unsharded gallery moves on
         build_image_gallery(
             engine,
             random_regions(1, seed=9),

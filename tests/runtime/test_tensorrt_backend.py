@@ -22,7 +22,7 @@ import pytest
 from runtime.backends import BackendError
 from runtime.backends.onnxruntime import open_session
 from runtime.manifest import load_manifest
-from runtime.options import WriteOptions
+from runtime.options import EngineOptions, SearchOptions, WriteOptions
 from tests.fake_tensorrt import (
     FakeAllocator,
     build_with_fakes,
@@ -30,7 +30,7 @@ from tests.fake_tensorrt import (
     export_golden,
     install_fakes,
 )
-from tests.helpers import minimal_manifest
+from tests.helpers import encode_texts, minimal_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,7 @@ def test_from_manifest_without_tensorrt_is_helpful(monkeypatch, tmp_path: Path) 
     from runtime.backends import open_backend
 
     with pytest.raises(BackendError, match="pip install tensorrt"):
-        open_backend(load_manifest(manifest), "head", backend="tensorrt")
+        open_backend(load_manifest(manifest), "head", EngineOptions(backend="tensorrt"))
 
 
 def test_allocator_without_cuda_bindings_is_helpful(monkeypatch) -> None:
@@ -271,14 +271,14 @@ def test_scan_engine_opens_tensorrt_backends(monkeypatch, export_copy: Path) -> 
     build_with_fakes(monkeypatch, export_copy, "--kinds", "head,text,image")
     from runtime.engine import ScanEngine
 
-    with ScanEngine(load_manifest(export_copy), backend="tensorrt") as eng:
+    with ScanEngine(load_manifest(export_copy), EngineOptions(backend="tensorrt")) as eng:
         assert eng.head.name == eng.text.name == eng.image.name == "tensorrt"
-        words, lengths = eng.encode_captions(["a dog", "two dogs on a beach"])
+        words, lengths = encode_texts(eng, ["a dog", "two dogs on a beach"])
         regions = np.random.default_rng(5).standard_normal((3, 36, eng.config.img_dim)).astype(np.float32)
         images, gram = eng.encode_images(regions)
         sims = eng.sims(images, gram, words, lengths)
-    with ScanEngine(load_manifest(export_copy), backend="onnxruntime") as ref:
-        words_r, _ = ref.encode_captions(["a dog", "two dogs on a beach"])
+    with ScanEngine(load_manifest(export_copy), EngineOptions(backend="onnxruntime")) as ref:
+        words_r, _ = encode_texts(ref, ["a dog", "two dogs on a beach"])
         images_r, gram_r = ref.encode_images(regions)
         np.testing.assert_allclose(sims, ref.sims(images_r, gram_r, words_r, lengths), rtol=1e-5, atol=1e-6)
 
@@ -374,20 +374,25 @@ def test_searcher_on_tensorrt_equals_onnxruntime(monkeypatch, export_copy: Path,
     regions = rng.standard_normal((150, 36, m.config.img_dim)).astype(np.float32)
     words = ["a", "dog", "man", "on", "the", "beach", "two", "red", "car", "."]
     texts = [" ".join(rng.choice(words, size=rng.integers(1, 15))) for _ in range(90)]
-    with ScanEngine(m, backend="onnxruntime") as ref:
+    with ScanEngine(m, EngineOptions(backend="onnxruntime")) as ref:
         images = build_image_gallery(ref, regions, tmp_path / "images", options=WriteOptions(progress=False))
         captions = build_caption_gallery(ref, texts, tmp_path / "captions", options=WriteOptions(progress=False))
-        with Searcher(ref, images=images, captions=captions, image_block=50, caption_block=40) as s:
+        with Searcher(
+            ref, images=images, captions=captions, options=SearchOptions(image_block=50, caption_block=40)
+        ) as s:
             want = {k: s.search(texts[:20], k) for k in (3, 9)}
             want_i2t = s.search(regions[:20], 6)
-    with ScanEngine(m, backend="tensorrt") as eng:
+    with ScanEngine(m, EngineOptions(backend="tensorrt")) as eng:
         assert eng.head.limits["images"] == 64 and eng.head.limits["captions"] == 16
-        with Searcher(eng, images=images, captions=captions, image_block=100, caption_block=40) as s:
-            assert (s.image_block, s.caption_block, s.query_batch) == (64, 16, 16)  # capped to the profile
+        with Searcher(
+            eng, images=images, captions=captions, options=SearchOptions(image_block=100, caption_block=40)
+        ) as s:
+            o = s.options
+            assert (o.image_block, o.caption_block, o.query_batch) == (64, 16, 16)  # capped to the profile
             got = {k: s.search(texts[:20], k) for k in (3, 9)}  # k=3: the top-k plan; k=9 > topk_max: the head
             assert eng.head._topk is not None  # the top-k plan was opened for k=3
             got_i2t = s.search(regions[:20], 6)
-            uploaded = list(s._uploaded["images"])
+            uploaded = list(s._upload(s._generation, "images", 0))
             assert [offset for offset, _ in uploaded] == [0, 64, 128]
             assert all(type(v).__name__ == "DeviceArray" for _, feeds in uploaded for v in feeds.values())
     for k in (3, 9):

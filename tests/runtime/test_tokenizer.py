@@ -178,5 +178,5 @@ def test_golden_captions() -> None:
     ids, lengths = tok.encode_batch(captions)
     assert lengths.tolist() == [len(c.split()) + 2 for c in captions]
     assert ids.shape == (len(captions), max(lengths))
-    # The README promises some out-of-vocabulary words; check the path is exercised.
+    # tests/golden/README.md promises some out-of-vocabulary words; check the path is exercised.
     assert any(tok.unknown_words(c) for c in captions)
