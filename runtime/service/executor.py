@@ -110,14 +110,14 @@ class Executor:
 
     def append_images(self, regions: np.ndarray, names: list[str] | None, key: str | None = None) -> Appended:
         try:
-            count = self.searcher.add_images(regions, names, key=key)  # boxes come between them
+            count = self.searcher.add_images(regions, names, key=key)
         except Repeated as e:
             return Appended(**e.answer, repeated=True)
         return Appended(added=len(regions), first_id=count - len(regions), count=count)
 
     def append_captions(self, captions: list[str], key: str | None = None) -> Appended:
         try:
-            count = self.searcher.add_captions(captions, key)
+            count = self.searcher.add_captions(captions, key=key)
         except Repeated as e:
             return Appended(**e.answer, repeated=True)
         return Appended(added=len(captions), first_id=count - len(captions), count=count)
