@@ -59,8 +59,11 @@ def load_regions(path: str | Path, img_dim: int, mmap: bool = True) -> np.ndarra
 
 def model_regions(engine: object) -> int | None:
     """Regions per image the engine's image graph accepts at most: a TensorRT plan's profile maximum, or a fixed
-    dimension of the graph's input; None where it is dynamic (an ONNX export takes any count)."""
-    graph = engine.image  # type: ignore[attr-defined]
+    dimension of the graph's input; None where it is dynamic (an ONNX export takes any count) or where the engine
+    has no image graph here (a sharded searcher's driver holds the model's manifest only)."""
+    graph = getattr(engine, "image", None)
+    if graph is None:
+        return None
     spec = graph.inputs[0]
     profile = getattr(graph, "profile", None)
     if isinstance(profile, dict) and spec.name in profile:

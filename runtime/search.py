@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--explain-top", type=int, default=3, metavar="T", help="regions or words shown per row (3)")
     p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
-    p.add_argument("--rebuild", action="store_true", help="replace the gallery instead of extending it")
+    p.add_argument("--append", action="store_true", help="add --images/--captions to the gallery already there")
+    p.add_argument("--rebuild", action="store_true", help="replace the gallery already there")
     add_gallery_dtype_argument(p, "--dtype", "gallery storage (float32 exact; float16 halves memory)")
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
@@ -152,10 +153,13 @@ def _run(args: argparse.Namespace) -> int:
         folder = GalleryFolder(gallery, engine) if gallery is not None else None
         images = captions = None
         if args.images:
-            images = folder.write_images(args.images, _names(args), _writing(args), boxes=args.boxes).images[0]
+            images = folder.write_images(
+                args.images, _names(args), _writing(args, folder, "images"), boxes=args.boxes
+            ).images[0]
             print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
         if args.captions:
-            captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions[0]
+            written = folder.write_captions(read_captions(args.captions), _writing(args, folder, "captions"))
+            captions = written.captions[0]
             print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
         if not queries and not args.query_images:
             if args.verify:
@@ -222,10 +226,12 @@ def _run_ensemble(args: argparse.Namespace) -> int:
         folder = GalleryFolder(gallery, engines)
         images = captions = None
         if args.images:
-            images = folder.write_images(args.images, _names(args), _writing(args), boxes=args.boxes).images
+            images = folder.write_images(
+                args.images, _names(args), _writing(args, folder, "images"), boxes=args.boxes
+            ).images
             print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
         if args.captions:
-            captions = folder.write_captions(read_captions(args.captions), _writing(args)).captions
+            captions = folder.write_captions(read_captions(args.captions), _writing(args, folder, "captions")).captions
             print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
         if args.verify and not (queries or args.query_images):
             _verify(folder)
@@ -257,11 +263,21 @@ def _load(folder: GalleryFolder, kind: str, verify: bool) -> tuple:
     return galleries
 
 
-def _writing(args: argparse.Namespace) -> WriteOptions:
-    """How the CLI's options build or extend a gallery."""
+def _writing(args: argparse.Namespace, folder: GalleryFolder, kind: str) -> WriteOptions:
+    """How the CLI's options build or extend the ``kind`` gallery of ``folder``. Building where a gallery is
+    already needs a word on what to do with it: running the same build twice must not add every item again."""
+    if args.append and args.rebuild:
+        raise SearchError("--append adds to the gallery, --rebuild replaces it: give one of them")
+    there = folder.generation(kind) is not None or (folder.path / kind / MANIFEST).is_file()  # a single model's too
+    if not (args.append or args.rebuild) and there:
+        source, what = ("--images", "an image") if kind == "images" else ("--captions", "a caption")
+        raise GalleryError(
+            f"{folder.path}: already holds {what} gallery; pass --append to add the {source} items to it, "
+            f"or --rebuild to replace it"
+        )
     return WriteOptions(
         dtype=args.dtype,
-        append=not args.rebuild,
+        append=args.append,
         progress=not args.no_progress,
         lock_timeout=args.lock_timeout,
         index=args.index or ("auto" if args.candidates else None),

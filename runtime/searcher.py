@@ -38,7 +38,7 @@ from runtime.engine import ScanEngine, ScanModel
 from runtime.explain import EnsembleExplanation, Explanation, combine, explain
 from runtime.features import check_regions
 from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFolder, ImageGallery
-from runtime.gallery.members import check_agreement, member_label
+from runtime.gallery.members import check_agreement, check_distinct, member_label
 from runtime.gallery.store import Repeated
 from runtime.options import SearchOptions, WriteOptions
 from runtime.tokenizer import TokenizerError
@@ -202,6 +202,7 @@ class Searcher:
         if not self.engines:
             raise SearchError("a searcher needs at least one engine, received none")
         self.weights = check_weights(weights, len(self.engines))
+        check_distinct(self.engines)
         if len({e.config.img_dim for e in self.engines}) > 1:
             raise SearchError(
                 "the ensemble's members take different region features: "

@@ -27,6 +27,7 @@ from runtime.gallery.images import ImageGallery, build_image_gallery, load_boxes
 from runtime.gallery.members import (
     ENSEMBLE,
     KINDS,
+    check_distinct,
     encoder_id,
     load_members,
     member_folder,
@@ -57,6 +58,7 @@ class GalleryFolder:
     def __init__(self, path: str | Path, engines: Any | Sequence[Any] = ()) -> None:
         self.path = Path(path)
         self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+        check_distinct(self.engines)
         self._seen: dict[tuple[Path, str], tuple[Any, int | None]] = {}  # generation() by the manifest's stat
 
     @property

@@ -61,6 +61,22 @@ def member_label(engine: Any, index: int | None = None) -> str:
     return f"{where}({engine.manifest.path})"
 
 
+def check_distinct(engines: Sequence[Any]) -> None:
+    """Refuse an ensemble with the same engine twice (the same image and text encoders, opened with the same
+    options): it would score as that engine alone. (The same model on two backends or precisions is allowed.)"""
+    seen: dict[tuple, int] = {}
+    for i, e in enumerate(engines):
+        key = (e.manifest.image_encoder_id, e.manifest.text_encoder_id, getattr(e, "options", None))
+        if key in seen:
+            first = seen[key]
+            raise GalleryError(
+                f"{member_label(engines[first], first)} and {member_label(e, i)} are the same engine (image "
+                f"encoder {key[0][:12]}, text encoder {key[1][:12]}, same options): an ensemble of an engine with "
+                f"itself scores as the engine alone; pass it once"
+            )
+        seen[key] = i
+
+
 def read_members(root: Path) -> dict[str, Any] | None:
     """The members file of ``root``, or None when there is none."""
     path = root / ENSEMBLE

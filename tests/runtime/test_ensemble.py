@@ -148,17 +148,22 @@ def test_gallery_built_for_one_member_refused(setup, tmp_path):
     build_image_gallery(engines[0], regions, tmp_path / "single" / "images", options=APPEND)
     with pytest.raises(GalleryError, match=rf"one model only.*no cache for member 2 \({paths[1]}\)"):
         GalleryFolder(tmp_path / "single", engines).load()
-    # An ensemble gallery built for the first member only (twice: members sharing an encoder share its cache).
-    first = [engines[0], engines[0]]
-    GalleryFolder(tmp_path / "first", first).write_images(regions, options=APPEND)
+    # An ensemble gallery whose members file lists the first member only.
+    GalleryFolder(tmp_path / "first", engines).write_images(regions, options=APPEND)
+    members_file = tmp_path / "first" / "ensemble.json"
+    data = json.loads(members_file.read_text())
+    first_id = engines[0].manifest.image_encoder_id
+    data["images"]["members"] = {k: v for k, v in data["images"]["members"].items() if k == first_id}
+    members_file.write_text(json.dumps(data))
     with pytest.raises(GalleryError, match=rf"no cache for member 2 \({paths[1]}\).*--rebuild"):
         GalleryFolder(tmp_path / "first", engines).load()
     with pytest.raises(GalleryError, match=rf"no cache for member 2 \({paths[1]}\)"):
         GalleryFolder(tmp_path / "first", engines).write_images(regions, options=APPEND)  # append
-    # ... while the first member finds its cache, and a rebuild with both members works.
-    assert len(GalleryFolder(tmp_path / "first", first).load().images[0]) == len(regions)
+    # ... and a rebuild with both members works.
     built = GalleryFolder(tmp_path / "first", engines).write_images(regions, options=WriteOptions(progress=False))
     assert [len(g) for g in built.images] == [len(regions)] * 2
+    with pytest.raises(GalleryError, match=r"member 1 .* and member 2 .* are the same engine"):
+        GalleryFolder(tmp_path / "twice", [engines[0], engines[0]])
     nothing = GalleryFolder(tmp_path / "nothing", engines)
     assert nothing.load().images is None
     assert "no ensemble images gallery" in nothing.missing("images")

@@ -95,7 +95,10 @@ def test_ensemble_cli_errors_in_one_line(small_engines, data, tmp_path, capsys):
     images = ["--images", str(data / "test_ims.npy"), "--no-progress"]
     assert search([*engines[:2], "--gallery", gal, *images]) == 0
     capsys.readouterr()
-    assert search([*engines, "--gallery", gal, *images]) == 2
+    assert search([*engines, "--gallery", gal, *images]) == 2  # building where a gallery is: say which way
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds an image gallery" in err and "--append" in err
+    assert search([*engines, "--gallery", gal, *images, "--append"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "one model only" in err and "--rebuild" in err
     assert search([*engines, "--gallery", gal, *images, "--rebuild"]) == 0
@@ -202,3 +205,10 @@ def test_ensemble_verify(small_engines, data, tmp_path, capsys):
     assert search([*engines, "--gallery", str(gal), "--verify"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and target.name in err
+
+
+def test_the_same_model_twice_is_refused_naming_both(small_engines, data, tmp_path, capsys):
+    twice = ["--engine", str(small_engines["t2i"]), "--engine", str(small_engines["t2i"])]
+    assert search([*twice, "--gallery", str(tmp_path / "g"), "--images", str(data / "test_ims.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are the same engine" in err and "member 1" in err and "member 2" in err

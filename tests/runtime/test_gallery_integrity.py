@@ -389,6 +389,7 @@ def test_signal_during_append_exits_quietly_and_cleans_up(engines, small_engines
             str(gal),
             "--images",
             str(tmp_path / "ims.npy"),
+            "--append",
             "--no-progress",
         ],
         env=ENV,

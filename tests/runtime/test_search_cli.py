@@ -134,7 +134,7 @@ def test_bad_inputs(engine_path, data, capsys, tmp_path, monkeypatch):
     assert "not UTF-8" in _error(["--engine", eng, "--gallery", gal, "--queries-file", str(tmp_path / "q.txt")], capsys)
     np.save(tmp_path / "bad.npy", np.zeros((2, 5, 3), np.float32))
     assert "expected 12 features per region" in _error(
-        ["--engine", eng, "--gallery", gal, "--images", str(tmp_path / "bad.npy")], capsys
+        ["--engine", eng, "--gallery", gal, "--images", str(tmp_path / "bad.npy"), "--append"], capsys
     )
     assert "no such file" in _error(["--engine", str(tmp_path / "missing.onnx"), "a dog"], capsys)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))

@@ -104,7 +104,7 @@ def test_a_server_sees_a_cli_append(engine_t2i, gallery, tmp_path):
         names = tmp_path / "names.txt"
         names.write_text("c0\nc1\nc2\nc3\n")
         cmd = [sys.executable, "runtime/search.py", "--engine", str(engine_t2i), "--gallery", str(folder)]
-        cmd += ["--images", str(feats), "--names", str(names)]
+        cmd += ["--images", str(feats), "--names", str(names), "--append"]
         root = Path(__file__).resolve().parents[2]
         done = subprocess.run(
             cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}
@@ -335,7 +335,7 @@ def test_a_full_disk_in_the_cli_is_one_line_and_leaves_nothing(engine_t2i, plain
     fill(tmpfs, 64 << 10)
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "runtime/search.py", "--engine", str(engine_t2i), "--gallery", str(folder)]
-    cmd += ["--images", str(feats)]
+    cmd += ["--images", str(feats), "--append"]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode not in (0, -signal.SIGBUS), done.stderr
     lines = done.stderr.strip().splitlines()
