@@ -514,6 +514,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
             }
             out["limits"]["max_regions"] = max_regions()
             if service.ready:
+                await run_in_threadpool(service.executor.refresh)  # sizes as committed, by any writer
                 out.update(service.executor.describe())
             if service.token is not None and not _has_token(request):
                 out = _without_paths(out)
@@ -528,6 +529,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     @app.get("/readyz", summary="200 once the engine and galleries are loaded, 503 before")
     async def readyz() -> Response:
         if service.ready:
+            await run_in_threadpool(service.executor.refresh)  # sizes as committed, by any writer
             return JSONResponse({"status": "ready", **service.executor.sizes()})
         reason = f"loading failed: {service.load_error}" if service.load_error else "loading the engine and galleries"
         return _error(503, f"not ready: {reason}", headers=_retry_after(1))

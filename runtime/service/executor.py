@@ -101,7 +101,7 @@ class Executor:
         return self.searcher.labels("text_to_image", np.asarray([[image_id]], np.int64))[0][0]
 
     def search(self, direction: str, queries: Queries, k: int) -> Hits:
-        self.searcher.refresh()  # another writer's commit is searched as soon as it is on disk
+        self.refresh()  # another writer's commit is searched as soon as it is on disk
         scores, ids = self.searcher.search_prepared(queries, k)
         return Hits(scores, ids, self.searcher.labels(direction, ids))
 
@@ -122,9 +122,13 @@ class Executor:
             return Appended(**e.answer, repeated=True)
         return Appended(added=len(captions), first_id=count - len(captions), count=count)
 
-    def sizes(self) -> dict[str, int | None]:
-        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery), as committed."""
+    def refresh(self) -> None:
+        """Swap in what other writers committed (a stat per gallery; a load when one changed): a thread's work,
+        never the event loop's."""
         self.searcher.refresh()
+
+    def sizes(self) -> dict[str, int | None]:
+        """Gallery sizes: {'images': N or None, 'captions': M or None} (None: no such gallery), as served."""
         return self.searcher.sizes()
 
     def describe(self) -> dict[str, Any]:

@@ -130,6 +130,8 @@ class Service:
         gallery = DIRECTIONS[direction]
         executor = self.require_ready()
         if executor.sizes().get(gallery) is None:
+            executor.refresh()  # another writer may have made it since (rare: a gallery appears once)
+        if executor.sizes().get(gallery) is None:
             raise NoGallery(
                 f"no {gallery[:-1]} gallery to search yet: {ENDPOINT[direction]} queries search the {gallery} "
                 f"gallery; add items with POST /v1/gallery/{gallery}"

@@ -473,6 +473,9 @@ class FakeExecutor:
     def sizes(self):
         return {"images": 10, "captions": 10}
 
+    def refresh(self):
+        pass
+
     def describe(self):
         return {"galleries": {}}
 

@@ -165,6 +165,9 @@ class _Stub:
     def sizes(self):
         return {"images": 1, "captions": None}
 
+    def refresh(self):
+        pass
+
     def close(self):
         pass
 
