@@ -82,3 +82,16 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine_t2i(small_engines):
+    return small_engines["t2i"]
+
+
+@pytest.fixture(scope="module")
+def gallery(engine_t2i, tmp_path_factory):
+    """The service tests' gallery (tests/runtime/serve_support.py), built once per module."""
+    from tests.runtime.serve_support import build_gallery
+
+    return build_gallery(engine_t2i, tmp_path_factory.mktemp("serve_gallery"))

@@ -22,20 +22,10 @@ from runtime.searcher import Searcher
 from runtime.service.app import create_app
 from runtime.service.types import Appended
 from tests.runtime.conftest import random_captions, random_regions
-from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, build_gallery, copy_gallery, local_service
+from tests.runtime.serve_support import N_CAPTIONS, N_IMAGES, copy_gallery, local_service
 
 QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue woman"]
 TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def engine_t2i(small_engines):
-    return small_engines["t2i"]
-
-
-@pytest.fixture(scope="module")
-def gallery(engine_t2i, tmp_path_factory):
-    return build_gallery(engine_t2i, tmp_path_factory.mktemp("client_gallery"))
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import (
     N_CAPTIONS,
     N_IMAGES,
-    build_gallery,
     copy_gallery,
     local_service,
     request,
@@ -38,16 +37,6 @@ QUERIES = ["a dog on the beach .", "red cat", "the man running on grass", "blue 
 
 def search_text(executor: Executor, queries: list[str], k: int) -> Hits:
     return executor.search("text_to_image", executor.prepare("text_to_image", queries), k)
-
-
-@pytest.fixture(scope="module")
-def engine_t2i(small_engines):
-    return small_engines["t2i"]
-
-
-@pytest.fixture(scope="module")
-def gallery(engine_t2i, tmp_path_factory):
-    return build_gallery(engine_t2i, tmp_path_factory.mktemp("serve_gallery"))
 
 
 @pytest.fixture(scope="module")

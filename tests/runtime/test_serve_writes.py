@@ -32,16 +32,6 @@ TEXT = "/v1/search/text"
 
 
 @pytest.fixture(scope="module")
-def engine_t2i(small_engines):
-    return small_engines["t2i"]
-
-
-@pytest.fixture(scope="module")
-def gallery(engine_t2i, tmp_path_factory):
-    return build_gallery(engine_t2i, tmp_path_factory.mktemp("writes_gallery"))
-
-
-@pytest.fixture(scope="module")
 def plain(engine_t2i, tmp_path_factory):
     """A gallery whose images have no names (appends send bare .npy bodies)."""
     return build_gallery(engine_t2i, tmp_path_factory.mktemp("writes_plain"), names=False)
