@@ -537,7 +537,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     def body(required: str, properties: dict[str, Any], npy: str | None = None) -> dict[str, Any]:
         return api.operation(limits, required, properties, npy)
 
-    page.add_routes(app, service, _guard, body)  # the search page, its pictures and explanations
+    page.add_routes(app, service, _guard, body, max_regions)  # the search page, its pictures and explanations
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

@@ -30,12 +30,17 @@ MEDIA = {
 PAGE_LIMIT, MAX_PAGE_LIMIT = 24, 100
 
 
-def parse_explain(body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits) -> dict[str, Any]:
+def parse_explain(
+    body: bytes, content_type: str | None, query: Mapping[str, str], limits: Limits, max_regions: int
+) -> dict[str, Any]:
     """A pair to explain (API.md): ``{"query", "id"}``, ``{"image_id", "id"}``, ``{"queries", "id"}`` or an .npy
-    body with ``?id=``. The keyword arguments of ``Service.explain``."""
+    body with ``?id=``. The keyword arguments of ``Service.explain``. ``max_regions``: as for image searches."""
     if rq.media_type(content_type) == NPY:
         regions = rq.regions_from_npy(body, "body")
-        return {"item": rq.parse_id(query.get("id"), "id", from_query=True), "regions": _one_image(regions, "body")}
+        return {
+            "item": rq.parse_id(query.get("id"), "id", from_query=True),
+            "regions": _one_image(regions, "body", max_regions),
+        }
     obj = rq.parse_json(body, content_type)
     rq._check_fields(obj, ("query", "image_id", "queries", "id"), ("id",))
     forms = [f for f in ("query", "image_id", "queries") if f in obj]
@@ -61,11 +66,15 @@ def parse_explain(body: bytes, content_type: str | None, query: Mapping[str, str
     elif "image_id" in obj:
         out["image_id"] = rq.parse_id(obj["image_id"], "image_id")
     else:
-        out["regions"] = _one_image(rq._regions_from_lists(obj["queries"], "queries"), "queries")
+        out["regions"] = _one_image(
+            rq._regions_from_lists(obj["queries"], "queries", max_regions), "queries", max_regions
+        )
     return out
 
 
-def _one_image(regions: np.ndarray, field: str) -> np.ndarray:
+def _one_image(regions: np.ndarray, field: str, max_regions: int) -> np.ndarray:
+    if regions.ndim == 3:
+        rq._check_regions(int(regions.shape[1]), field, max_regions)
     if regions.ndim == 3 and regions.shape[0] != 1:
         raise ApiError(
             422,
@@ -95,9 +104,10 @@ def add_routes(
     service: Service,
     guard: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Response]],
     body: Callable[..., dict[str, Any]],
+    max_regions: Callable[[], int],
 ) -> None:
     """The page's routes on ``app``; ``guard`` turns a handler's errors into the service's JSON errors, ``body``
-    makes an OpenAPI request body (app.py's)."""
+    makes an OpenAPI request body, ``max_regions`` gives the regions per image query allowed (app.py's)."""
     limits = service.settings.limits
 
     @app.get("/", include_in_schema=False)
@@ -169,7 +179,7 @@ def add_routes(
     async def explain(request: Request) -> Response:
         async def run():
             pair = parse_explain(
-                await request.body(), request.headers.get("content-type"), request.query_params, limits
+                await request.body(), request.headers.get("content-type"), request.query_params, limits, max_regions()
             )
             out = await run_in_threadpool(service.explain, **pair)
             if out["image_id"] is not None and service.pictures is not None:

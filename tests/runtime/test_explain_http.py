@@ -176,6 +176,11 @@ def test_bad_explain_requests_are_4xx_json(setup, body, status, field, says):
 def test_explain_npy_errors_and_openapi(setup):
     _, _, service = setup
     npy_headers = {"Content-Type": NPY}
+    # the cap on regions per image query holds here as in searches (default 100: an ONNX export fixes none)
+    r = post(service, "/v1/explain?id=0", content=npy(np.zeros((1, 101, 12), np.float32)), headers=npy_headers)
+    assert r.status_code == 413 and r.json()["field"] == "body", r.json()
+    r = post(service, "/v1/explain", {"queries": [[[0.0] * 12] * 101], "id": 0})
+    assert r.status_code == 413 and r.json()["field"] == "queries", r.json()
     r = post(service, "/v1/explain", content=npy(np.zeros((1, R, 12), np.float32)), headers=npy_headers)
     assert r.status_code == 422 and r.json()["field"] == "id"
     r = post(service, "/v1/explain?id=0", content=b"not npy", headers=npy_headers)
