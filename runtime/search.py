@@ -45,7 +45,6 @@ from runtime.cli import (
     add_engine_arguments,
     add_engines_arguments,
     add_gallery_dtype_argument,
-    engine_options,
     open_engines,
     run_cli,
     search_options,
@@ -125,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NOTHING_TO_DO = (
+    "nothing to do: give text queries, --queries-file or --query-images "
+    "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser().parse_args(argv))
 
@@ -142,103 +147,49 @@ def _run(args: argparse.Namespace) -> int:
     if args.explain_top < 1:
         raise SearchError(f"--explain-top must be a positive integer, received {args.explain_top}")
     args.pictures = ImageFolder(args.image_dir) if args.image_dir else None
-    if len(args.engine) > 1:
-        return _run_ensemble(args)
-    args.engine = args.engine[0]
-    queries = _text_queries(args)
-    with ScanEngine.open(args.engine, engine_options(args)) as engine:
-        gallery = Path(args.gallery) if args.gallery else None
-        if (args.images or args.captions) and gallery is None:
-            raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
-        folder = GalleryFolder(gallery, engine) if gallery is not None else None
-        images = captions = None
-        if args.images:
-            images = folder.write_images(
-                args.images, _names(args), _writing(args, folder, "images"), boxes=args.boxes
-            ).images[0]
-            print(f"image gallery {gallery / 'images'}: {len(images)} images", file=sys.stderr)
-        if args.captions:
-            written = folder.write_captions(read_captions(args.captions), _writing(args, folder, "captions"))
-            captions = written.captions[0]
-            print(f"caption gallery {gallery / 'captions'}: {len(captions)} captions", file=sys.stderr)
-        if not queries and not args.query_images:
-            if args.verify:
-                _verify(folder)
-                return 0
-            if not (args.images or args.captions):
-                raise SearchError(
-                    "nothing to do: give text queries, --queries-file or --query-images "
-                    "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)"
-                )
-            return 0
-        if gallery is None or not any((gallery / sub / MANIFEST).is_file() for sub in ("images", "captions")):
-            where = gallery if gallery else "(no --gallery given)"
-            raise GalleryError(
-                f"no gallery at {where}. Build one first: runtime/search.py --engine {args.engine} "
-                f"--gallery DIR --images FEATS.npy (text -> image) or --captions CAPTIONS.txt "
-                f"(image -> text)"
-            )
-        results = []
-        if queries:
-            if images is None:
-                images = _load(folder, "images", args.verify)[0]
-            _log_unknown_words(engine, queries, "")
-            searcher = Searcher(engine, images=images, options=search_options(args))
-            scores, ids = searcher.search(queries, args.k)
-            results += _results(queries, scores, ids, "name", images.names, args.pictures)
-            _explain(args, searcher, queries, results[-len(queries) :])
-        if args.query_images:
-            if captions is None:
-                captions = _load(folder, "captions", args.verify)[0]
-            regions = load_regions(args.query_images, engine.config.img_dim)
-            searcher = Searcher(engine, captions=captions, options=search_options(args))
-            scores, ids = searcher.search(np.asarray(regions), args.k)
-            results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions.texts)
-            _explain(args, searcher, list(np.asarray(regions)), results[-len(scores) :])
-    _print(results, args.json, args.explain_top)
-    return 0
-
-
-def _verify(folder: GalleryFolder) -> None:
-    """Every check on every cache of the gallery folder; one line each on stderr."""
-    for cache, kind, n in folder.verify():
-        print(f"verified {cache}: {n} {kind} (checksums, finite values, ids)", file=sys.stderr)
-
-
-def _run_ensemble(args: argparse.Namespace) -> int:
-    """``_run`` for several engines: one cache per member in the gallery folder, scores averaged."""
     queries = _text_queries(args)
     gallery = Path(args.gallery) if args.gallery else None
     if (args.images or args.captions) and gallery is None:
         raise SearchError("--images/--captions need --gallery DIR to store the gallery in")
-    if not (queries or args.query_images or args.images or args.captions or args.verify):
-        raise SearchError(
-            "nothing to do: give text queries, --queries-file or --query-images "
-            "(and --gallery DIR; build one with --images FEATS.npy or --captions FILE)"
-        )
-    if gallery is None:
+    one = len(args.engine) == 1  # a single model: its messages name its caches; an ensemble's, its members
+    if not one and not (queries or args.query_images or args.images or args.captions or args.verify):
+        raise SearchError(_NOTHING_TO_DO)
+    if not one and gallery is None:
         raise GalleryError(
             "no --gallery given: build one with --gallery DIR --images FEATS.npy (text -> image) or "
             "--captions CAPTIONS.txt (image -> text)"
         )
     results = []
     with open_engines(args.engine, args) as engines:
-        folder = GalleryFolder(gallery, engines)
+        folder = GalleryFolder(gallery, engines) if gallery is not None else None
         images = captions = None
+        models = "" if one else f", {len(engines)} models"
         if args.images:
-            images = folder.write_images(
-                args.images, _names(args), _writing(args, folder, "images"), boxes=args.boxes
-            ).images
-            print(f"image gallery {gallery}: {len(images[0])} images, {len(engines)} models", file=sys.stderr)
+            written = folder.write_images(args.images, _names(args), _writing(args, folder, "images"), boxes=args.boxes)
+            images = written.images
+            where = gallery / "images" if one else gallery
+            print(f"image gallery {where}: {len(images[0])} images{models}", file=sys.stderr)
         if args.captions:
-            captions = folder.write_captions(read_captions(args.captions), _writing(args, folder, "captions")).captions
-            print(f"caption gallery {gallery}: {len(captions[0])} captions, {len(engines)} models", file=sys.stderr)
+            written = folder.write_captions(read_captions(args.captions), _writing(args, folder, "captions"))
+            captions = written.captions
+            where = gallery / "captions" if one else gallery
+            print(f"caption gallery {where}: {len(captions[0])} captions{models}", file=sys.stderr)
         if args.verify and not (queries or args.query_images):
             _verify(folder)
+        if not (queries or args.query_images):
+            if one and not (args.verify or args.images or args.captions):
+                raise SearchError(_NOTHING_TO_DO)
+            return 0
+        if one and (gallery is None or not any((gallery / sub / MANIFEST).is_file() for sub in ("images", "captions"))):
+            raise GalleryError(
+                f"no gallery at {gallery if gallery else '(no --gallery given)'}. Build one first: runtime/search.py "
+                f"--engine {args.engine[0]} --gallery DIR --images FEATS.npy (text -> image) or --captions "
+                f"CAPTIONS.txt (image -> text)"
+            )
         if queries:
             images = images or _load(folder, "images", args.verify)
             for engine in engines:
-                _log_unknown_words(engine, queries, f" ({engine.manifest.path})")
+                _log_unknown_words(engine, queries, "" if one else f" ({engine.manifest.path})")
             with Searcher(engines, images=images, weights=args.weights, options=search_options(args)) as searcher:
                 scores, ids = searcher.search(queries, args.k)
                 results += _results(queries, scores, ids, "name", images[0].names, args.pictures)
@@ -250,9 +201,14 @@ def _run_ensemble(args: argparse.Namespace) -> int:
                 scores, ids = searcher.search(np.asarray(regions), args.k)
                 results += _results(_image_queries(args, len(scores)), scores, ids, "text", captions[0].texts)
                 _explain(args, searcher, list(np.asarray(regions)), results[-len(scores) :])
-    if queries or args.query_images:
-        _print(results, args.json, args.explain_top)
+    _print(results, args.json, args.explain_top)
     return 0
+
+
+def _verify(folder: GalleryFolder) -> None:
+    """Every check on every cache of the gallery folder; one line each on stderr."""
+    for cache, kind, n in folder.verify():
+        print(f"verified {cache}: {n} {kind} (checksums, finite values, ids)", file=sys.stderr)
 
 
 def _load(folder: GalleryFolder, kind: str, verify: bool) -> tuple:
