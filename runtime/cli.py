@@ -87,8 +87,10 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 
 
 def search_options(args: argparse.Namespace) -> SearchOptions:
-    """The search flags a CLI has (``--candidates``, ``--nprobe``, ``--candidate-source``); the rest default."""
-    flags = {name: getattr(args, name) for name in ("candidates", "nprobe", "candidate_source") if hasattr(args, name)}
+    """The search flags a CLI has (``--candidates``, ``--nprobe``, ``--candidate-source``, ``--candidate-plan``);
+    the rest default."""
+    names = ("candidates", "nprobe", "candidate_source", "candidate_plan")
+    flags = {name: getattr(args, name) for name in names if hasattr(args, name)}
     return SearchOptions(**flags)
 
 

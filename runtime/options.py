@@ -16,6 +16,9 @@ GALLERY_DTYPES = ("float32", "float16")
 # Where a two-stage search of an ensemble takes its candidates: every member's index (the union of their
 # proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
 CANDIDATE_SOURCES = ("union", "first")
+# How a two-stage search finds its candidates: the cheapest of exact search, a dense MaxSim and the index by the
+# measured cost model (runtime/search_plan.py), or always the dense MaxSim, or always the index.
+CANDIDATE_PLANS = ("auto", "dense", "index")
 # "auto" or a faiss index family (runtime/gallery/index.py); None: no candidate index is built.
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -74,7 +77,7 @@ class SearchOptions(_Options):
     (None: the backend's choice). ``candidates``: two-stage search (docs/two_stage.md): the candidate index
     proposes this many items per query and only those are scored exactly; 0 scores every item.
     ``neighbors`` / ``nprobe`` tune the index search (None: its defaults); ``candidate_source``: see
-    ``CANDIDATE_SOURCES``.
+    ``CANDIDATE_SOURCES``; ``candidate_plan``: see ``CANDIDATE_PLANS``.
     """
 
     image_block: int = 512
@@ -85,6 +88,7 @@ class SearchOptions(_Options):
     neighbors: int | None = None
     nprobe: int | None = None
     candidate_source: str = "union"
+    candidate_plan: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("image_block", "caption_block", "query_batch"):
@@ -96,6 +100,7 @@ class SearchOptions(_Options):
         if self.resident not in (None, True, False):
             raise OptionsError(f"resident must be True, False or None, received {self.resident!r}")
         _one_of("candidate_source", self.candidate_source, CANDIDATE_SOURCES)
+        _one_of("candidate_plan", self.candidate_plan, CANDIDATE_PLANS)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from runtime.features import load_regions
 from runtime.gallery import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, GalleryFolder
 from runtime.install import install_command
 from runtime.logs import command_parser
-from runtime.options import CANDIDATE_SOURCES, DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
+from runtime.options import CANDIDATE_PLANS, CANDIDATE_SOURCES, DEFAULT_LOCK_TIMEOUT, INDEX_KINDS, WriteOptions
 from runtime.pictures import ImageFolder
 from runtime.searcher import MAX_K, Searcher, SearchError, check_weights
 from runtime.tokenizer import TokenizerError
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CANDIDATE_SOURCES,
         default="union",
         help="an ensemble's two-stage candidates: the union of every member's M or the first member's M",
+    )
+    p.add_argument(
+        "--candidate-plan",
+        choices=CANDIDATE_PLANS,
+        default="auto",
+        help="how two-stage search finds candidates: auto (the cheapest of exact search, a dense MaxSim and the "
+        "index, by the measured cost model; docs/two_stage.md), always dense, or always the index",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_engine_arguments(p)

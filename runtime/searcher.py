@@ -131,6 +131,15 @@ class Queries:
         return len(self.encoded[0][0]) if self.encoded else len(self.tokens[0][1])
 
     @property
+    def vectors(self) -> int:
+        """The queries' vectors all together: their words (by the first member's tokenizer) or regions."""
+        if self.regions is not None:
+            return int(self.regions.shape[0] * self.regions.shape[1])
+        if self.encoded:
+            return int(self.encoded[0][0].shape[0] * self.encoded[0][0].shape[1])
+        return int(np.sum(self.tokens[0][1]))
+
+    @property
     def batch_key(self) -> tuple[str, int] | None:
         """What queries must share to be one batch: image queries of one form and number of regions."""
         if self.regions is not None:
@@ -317,7 +326,7 @@ class Searcher:
             logger.warning("the gallery %s is empty: every result is -1", g.of(kind)[0].folder)
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
-        indexes = self._indexes(g, kind)
+        indexes = self._indexes(g, kind, queries)
         for rows, batch in self._encoded(queries):
             if indexes is not None:
                 scores[rows], ids[rows] = self._two_stage(g, kind, indexes, batch, k)
@@ -527,17 +536,16 @@ class Searcher:
 
     # ------------------------------------------------------------------ two-stage (runtime/two_stage.py)
 
-    def _indexes(self, g: Generation, kind: str) -> list | None:
-        """The proposing members' candidate indexes when this search is two-stage; None: exact (every item a
-        candidate, or a member without an index of this generation)."""
+    def _indexes(self, g: Generation, kind: str, queries: Queries) -> list | None:
+        """The proposing members' candidate sources (indexes or dense scores) when this search is two-stage;
+        None: exact (every item a candidate, exact search estimated cheaper, or a member without an index)."""
         two_stage, galleries = self.two_stage, g.of(kind)
         if two_stage is None or not two_stage.applies(len(galleries[0])):
             return None
-        indexes = [
-            g.once(("index", kind, i), lambda i=i: two_stage.index(self.engines[i], galleries[i], kind))
-            for i in two_stage.asked(len(self.engines))
-        ]
-        return None if any(index is None for index in indexes) else indexes
+        batch = self.options.query_batch
+        proposing = len(two_stage.asked(len(self.engines)))
+        work = two_stage.work(len(queries), queries.vectors, galleries[0], batch, len(self.engines), proposing)
+        return two_stage.sources(self.engines, galleries, kind, work, g.once)
 
     def _two_stage(
         self, g: Generation, kind: str, indexes: list, queries: list[dict[str, np.ndarray]], k: int

@@ -1,26 +1,46 @@
 """Two-stage search (docs/two_stage.md), the collaborator a ``Searcher`` hands its candidate generation to.
 
-Each member's candidate index (``runtime/gallery/index.py``) proposes ``M`` gallery items per query; the
-searcher scores the *union* of the members' proposals exactly (``candidate_source="union"``: up to
-members x M items) or the first member's only (``"first"``: cheaper, lower recall), with ``rescore``.
+Each member's candidate source proposes ``M`` gallery items per query; the searcher scores the *union* of
+the members' proposals exactly (``candidate_source="union"``: up to members x M items) or the first
+member's only (``"first"``: cheaper, lower recall), with ``rescore``. A source is the member's candidate
+index or the dense candidate score (``runtime/gallery/index.py``), whichever the cost model
+(``runtime/search_plan.py``) finds cheaper; where neither beats exact search, the search is exact.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from runtime.gallery import CaptionGallery, ImageGallery
-from runtime.gallery.index import CandidateIndex, open_index
+from runtime.gallery.index import (
+    DEFAULT_NPROBE,
+    NEIGHBORS_PER_CANDIDATE,
+    CandidateIndex,
+    DenseCandidates,
+    index_description,
+    open_index,
+)
 from runtime.options import SearchOptions
+from runtime.search_plan import Costs, Plan, Work, choose, load_costs
+
+logger = logging.getLogger(__name__)
 
 
 class TwoStage:
-    def __init__(self, options: SearchOptions) -> None:
+    """``costs``: the cost model's constants (default: those measured on this machine, ``load_costs()``)."""
+
+    def __init__(self, options: SearchOptions, costs: Costs | None = None) -> None:
         self.m, self.neighbors, self.nprobe = options.candidates, options.neighbors, options.nprobe
-        self.source = options.candidate_source
+        self.source, self.plan_option = options.candidate_source, options.candidate_plan
+        self.costs = costs if costs is not None or self.plan_option != "auto" else load_costs()
+        self.plans: dict[str, Plan] = {}  # the last plan of each gallery kind (what a search ran)
+        self._told: set[tuple] = set()  # decisions already logged
 
     def applies(self, size: int) -> bool:
         # With every item a candidate the exact path runs: identical results on every backend.
@@ -35,6 +55,63 @@ class TwoStage:
         """The gallery's candidate index (None: search this generation exactly; ``open_index`` says why)."""
         m = engine.manifest
         return open_index(gallery, m.image_encoder_id if kind == "images" else m.text_encoder_id)
+
+    def plan(self, work: Work, index: dict[str, Any] | None) -> Plan:
+        """The search to run for ``work`` (``runtime/search_plan.py``); ``index``: the index's description."""
+        neighbors = self.neighbors or max(256, NEIGHBORS_PER_CANDIDATE * self.m)
+        if self.plan_option != "auto":
+            return Plan(self.plan_option, {}, self.m, work.items)
+        return choose(self.costs, work, self.m, index, neighbors, self.nprobe or DEFAULT_NPROBE)
+
+    def sources(
+        self, engines: Sequence, galleries: Sequence, kind: str, work: Work, once: Callable[[Any, Callable], Any]
+    ) -> list[CandidateIndex | DenseCandidates] | None:
+        """The proposing members' candidate sources for one search of size ``work``, or None: search exactly
+        (the cost model found exact search cheapest, or a member has no index of this generation).
+        ``once(key, make)``: the generation's cache (indexes and dense scorers are made once per generation)."""
+        asked = self.asked(len(engines))
+        plan = self.plan(work, index_description(galleries[0]) if self.plan_option != "dense" else None)
+        if plan.kind == "index":
+            indexes = [once(("index", kind, i), lambda i=i: self.index(engines[i], galleries[i], kind)) for i in asked]
+            if any(index is None for index in indexes):  # open_index said why
+                plan = self.plan(work, None) if self.plan_option == "auto" else Plan("exact", {}, self.m, work.items)
+            else:
+                self._log(kind, plan)
+                return indexes
+        self._log(kind, plan)
+        if plan.kind == "exact":
+            return None
+        return [once(("dense", kind, i), lambda i=i: DenseCandidates(galleries[i])) for i in asked]
+
+    def _log(self, kind: str, plan: Plan) -> None:
+        self.plans[kind] = plan
+        key = (kind, plan.kind, plan.candidates, plan.items)
+        if key in self._told:
+            return
+        self._told.add(key)
+        if plan.kind == "exact" and plan.estimates:
+            cheapest = min(v for p, v in plan.estimates.items() if p != "exact" and v is not None)
+            logger.warning(
+                "candidates M=%d would not beat exact search at N=%d %s (estimated %.0f ms vs %.0f ms): "
+                "searching exactly",
+                plan.candidates,
+                plan.items,
+                kind,
+                cheapest * 1e3,
+                plan.estimates["exact"] * 1e3,
+            )
+        else:
+            logger.info("two-stage search of %s, %s", kind, plan.describe())
+
+    @staticmethod
+    def work(queries: int, query_vectors: int, gallery, batch: int, members: int, proposing: int) -> Work:
+        """The size of one search of ``gallery`` (image or caption cache) for the cost model."""
+        if gallery.manifest["kind"] == "images":
+            shape = gallery.images.shape
+            vectors, dim = int(shape[0] * shape[1]), int(shape[2])
+        else:
+            vectors, dim = int(gallery.words.shape[0]), int(gallery.words.shape[1])
+        return Work(queries, query_vectors, len(gallery), vectors, dim, math.ceil(queries / batch), members, proposing)
 
     def proposals(
         self, index: Callable[[int], CandidateIndex], engines: Sequence, vectors: list[list[np.ndarray]]

@@ -57,6 +57,8 @@ DEFAULT_NPROBE = 16
 # Retrieval depth per query vector, in candidates: what the exact top-10 needs in practice (measured,
 # docs/two_stage.md: recall follows the depth far more than nprobe).
 NEIGHBORS_PER_CANDIDATE = 8
+# Cosines (query vectors x gallery vectors) a block of the dense candidate score holds: 32 MB of float32.
+BLOCK_COSINES = 1 << 23
 SMALL_SEARCH = 256  # query vectors below which the index search runs on one thread
 _ADD_CHUNK = 1 << 18
 _OMP_THREADS: list[int] = []  # faiss's own default thread count, read at first import
@@ -267,6 +269,74 @@ class CandidateIndex:
         return aggregate(mat, valid_cols, config.agg_func, config.lambda_lse), items
 
 
+class DenseCandidates:
+    """The candidate score with every cosine known, computed as one GEMM per block of the gallery: what a
+    flat index asked for every neighbour gives (the same candidates; scores equal up to float rounding), at
+    the cost of a dense MaxSim and without an index. ``search`` and ``index_type`` as ``CandidateIndex``'s.
+
+    The gallery is read block by block in its stored dtype (float16 rows become float32 for the GEMM), so
+    memory stays bounded by ``BLOCK_COSINES`` cosines a block, whatever the gallery's size.
+    """
+
+    index_type = "dense"
+
+    def __init__(self, gallery: MappedGallery) -> None:
+        self.gallery = gallery
+        self.layout = _Layout.of(gallery)
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def search(
+        self, queries: list[np.ndarray], config, m: int, neighbors: int | None = None, nprobe: int | None = None
+    ) -> list[np.ndarray]:
+        """As ``CandidateIndex.search`` with every neighbour (``neighbors`` and ``nprobe`` do not apply)."""
+        g, n_items = self.gallery, len(self.gallery)
+        images = g.manifest["kind"] == "images"
+        gallery_side = images == (config.cross_attn == "i2t")
+        sizes = np.asarray([len(q) for q in queries], np.int64)
+        rows = np.concatenate([[0], np.cumsum(sizes)])
+        stacked = _unit(np.concatenate(queries)) if len(queries) else np.zeros((0, 1), np.float32)
+        scores = np.empty((len(queries), n_items), np.float32)  # by storage position
+        per_item = int(g.images.shape[1]) if images else max(1, int(np.asarray(g.lengths).max(initial=1)))
+        step = max(1, BLOCK_COSINES // max(1, len(stacked) * per_item))
+        offsets = None if images else np.asarray(g.offsets)
+        for a in range(0, n_items, step):
+            b = min(a + step, n_items)
+            if images:
+                block = np.asarray(g.images[a:b], np.float32)  # (B, R, d) in the stored dtype, then float32
+                vectors = _unit(block.reshape(-1, block.shape[-1]))
+            else:
+                vectors = _unit(np.asarray(g.words[offsets[a] : offsets[b]], np.float32))
+            cos = stacked @ vectors.T  # (query vectors, block vectors)
+            for q in range(len(queries)):
+                part = cos[rows[q] : rows[q + 1]]  # (n_q, block vectors)
+                scores[q, a:b] = self._block_score(part, a, b, images, gallery_side, config)
+        by_id = scores[:, self.layout.position_of_id]
+        every = np.arange(n_items, dtype=np.int64)
+        return [_top_items(s, every, m, n_items, self.layout.position_of_id) for s in by_id]
+
+    def _block_score(self, part: np.ndarray, a: int, b: int, images: bool, gallery_side: bool, config) -> np.ndarray:
+        """Candidate scores of the items at storage positions ``a..b`` from one query's cosines ``part``."""
+        g = self.gallery
+        if images:
+            cos = part.reshape(len(part), b - a, -1)  # (n_q, B, R)
+            mat = cos.max(axis=0) if gallery_side else cos.max(axis=2).T  # (B, R) or (B, n_q)
+            return aggregate(mat, None, config.agg_func, config.lambda_lse)
+        lengths = np.asarray(g.lengths[a:b], np.int64)
+        starts = np.asarray(g.offsets[a:b], np.int64) - int(g.offsets[a])
+        if not gallery_side:  # each query vector's best word of each caption (captions are never empty)
+            mat = np.maximum.reduceat(part, starts, axis=1).T  # (B, n_q)
+            return aggregate(mat, None, config.agg_func, config.lambda_lse)
+        best = part.max(axis=0)  # each word's best query vector
+        width = int(lengths.max())
+        mat = np.zeros((b - a, width), np.float32)
+        owner = np.repeat(np.arange(b - a), lengths)
+        mat[owner, np.arange(len(best)) - starts[owner]] = best
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        return aggregate(mat, valid, config.agg_func, config.lambda_lse)
+
+
 def aggregate(mat: np.ndarray, valid: np.ndarray | None, agg_func: str, lambda_lse: float) -> np.ndarray:
     """SCAN's aggregation over axis 1 of per-item cosines (``valid`` masks ragged rows)."""
     if valid is not None:
@@ -460,6 +530,18 @@ def open_index(gallery: MappedGallery, encoder_id: str | None = None) -> Candida
         "%s; searching generation %s exactly (an index of its size is built by gallery writes)", reason, generation
     )
     return None
+
+
+def index_description(gallery: MappedGallery) -> dict[str, Any] | None:
+    """What index a search of ``gallery`` would get from ``open_index`` (``candidates.json``'s ``"index"``:
+    kind, nlist), for the cost model only: nothing is checked or loaded. None: it would get none."""
+    try:
+        meta = json.loads(_meta_path(gallery).read_text(encoding="utf-8"))
+        if gallery.manifest.get("generation") is not None and isinstance(meta.get("index"), dict):
+            return dict(meta["index"])
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return {"kind": "flat"} if _vector_count(gallery) <= FLAT_MAX_VECTORS else None  # built in memory
 
 
 def _vector_count(gallery: MappedGallery) -> int:

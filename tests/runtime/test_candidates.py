@@ -96,9 +96,9 @@ def test_all_candidates_is_exact(engines, galleries, model, direction):
     queries = _queries(direction)
     exact = Searcher(engine, images=images, captions=captions).search(queries, 6)
     for m in (n, n + 5):
-        s, i = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m)).search(
-            queries, 6
-        )
+        s, i = Searcher(
+            engine, images=images, captions=captions, options=SearchOptions(candidate_plan="index", candidates=m)
+        ).search(queries, 6)
         assert np.array_equal(i, exact[1]) and np.array_equal(s, exact[0])
 
 
@@ -114,7 +114,9 @@ def test_rerank_is_exact_on_the_candidates(engines, galleries, model, direction)
     k = 5
     exact_s, exact_i = Searcher(engine, images=images, captions=captions).search(queries, len(gallery))
     m = len(gallery) - 3
-    searcher = Searcher(engine, images=images, captions=captions, options=SearchOptions(candidates=m))
+    searcher = Searcher(
+        engine, images=images, captions=captions, options=SearchOptions(candidate_plan="index", candidates=m)
+    )
     s, i = searcher.search(queries, k)
     index = searcher.two_stage.index(engine, gallery, "images" if direction == "t2i" else "captions")
     assert np.all(np.diff(s, axis=1) <= 0) and (i >= 0).all()
@@ -214,8 +216,8 @@ def test_index_extended_on_append_equals_a_fresh_build(engines, tmp_path):
     texts, regs = random_captions(6, seed=7), random_regions(4, seed=8)
     for a, b, q in ((parts, whole, texts), (cparts, cwhole, regs)):
         kw = "images" if a is parts else "captions"
-        ra = Searcher(engine, **{kw: a}, options=SearchOptions(candidates=7)).search(q, 4)
-        rb = Searcher(engine, **{kw: b}, options=SearchOptions(candidates=7)).search(q, 4)
+        ra = Searcher(engine, **{kw: a}, options=SearchOptions(candidate_plan="index", candidates=7)).search(q, 4)
+        rb = Searcher(engine, **{kw: b}, options=SearchOptions(candidate_plan="index", candidates=7)).search(q, 4)
         np.testing.assert_array_equal(ra[1], rb[1])
         np.testing.assert_allclose(ra[0], rb[0], atol=1e-6)
     # reload from disk: the same index
@@ -228,7 +230,9 @@ def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_
     g = build_image_gallery(
         engine, random_regions(12, seed=1), tmp_path, options=WriteOptions(progress=False, index="flat")
     )
-    before = Searcher(engine, images=g, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
+    before = Searcher(engine, images=g, options=SearchOptions(candidate_plan="index", candidates=5)).search(
+        random_captions(3, seed=2), 3
+    )
     calls = {"n": 0}
     real = engine.encode_images
 
@@ -248,7 +252,9 @@ def test_interrupted_gallery_append_keeps_previous_cache_and_index(engines, tmp_
 
     g2 = ImageGallery.load(tmp_path, engine.manifest.image_encoder_id)
     assert len(g2) == 12 and load_index(g2, engine.manifest.image_encoder_id).index.ntotal == 12 * 5
-    after = Searcher(engine, images=g2, options=SearchOptions(candidates=5)).search(random_captions(3, seed=2), 3)
+    after = Searcher(engine, images=g2, options=SearchOptions(candidate_plan="index", candidates=5)).search(
+        random_captions(3, seed=2), 3
+    )
     np.testing.assert_array_equal(before[1], after[1])
 
 
@@ -275,7 +281,9 @@ def test_interrupted_index_write_is_not_rewritten_by_readers(engines, tmp_path, 
     with pytest.raises(StaleIndexError, match=r"stale.*generation 1 \(12 items\).*generation 2 \(16 items\)"):
         load_index(g, engine.manifest.image_encoder_id)
     with caplog.at_level(logging.WARNING, logger="runtime.gallery.index"):
-        Searcher(engine, images=g, options=SearchOptions(candidates=6)).search(random_captions(2, seed=4), 3)
+        Searcher(engine, images=g, options=SearchOptions(candidate_plan="index", candidates=6)).search(
+            random_captions(2, seed=4), 3
+        )
     assert "in-memory flat index of generation 2" in caplog.text
     with pytest.raises(StaleIndexError, match="stale"):  # a reader never writes the index...
         load_index(g, engine.manifest.image_encoder_id)
@@ -283,7 +291,9 @@ def test_interrupted_index_write_is_not_rewritten_by_readers(engines, tmp_path, 
     assert load_index(g, engine.manifest.image_encoder_id).index.ntotal == 17 * 5  # ... the next write does
     exact = Searcher(engine, images=g).search(random_captions(2, seed=4), 3)
     np.testing.assert_array_equal(
-        Searcher(engine, images=g, options=SearchOptions(candidates=17)).search(random_captions(2, seed=4), 3)[1],
+        Searcher(engine, images=g, options=SearchOptions(candidate_plan="index", candidates=17)).search(
+            random_captions(2, seed=4), 3
+        )[1],
         exact[1],
     )
 
@@ -318,7 +328,7 @@ def test_approximate_index_kinds(engines, tmp_path, kind):
     index = load_index(g, engine.manifest.image_encoder_id)
     assert index.index_type == kind and index.index.ntotal == 300 * regions.shape[1]
     queries = random_captions(5, seed=10)
-    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=40)).search(queries, 5)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidate_plan="index", candidates=40)).search(queries, 5)
     assert (i >= 0).all() and np.all(np.diff(s, axis=1) <= 0)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 300)
     for q in range(len(queries)):  # rescored exactly
@@ -331,7 +341,7 @@ def test_bad_arguments(engines, galleries, tmp_path):
     images, _ = galleries["t2i", "LogSumExp"]
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(OptionsError, match="candidates"):
-            Searcher(engine, images=images, options=SearchOptions(candidates=bad))
+            Searcher(engine, images=images, options=SearchOptions(candidate_plan="index", candidates=bad))
     with pytest.raises(CandidateIndexError, match="index type"):
         build_index(images, index_type="lsh")
 
@@ -377,7 +387,7 @@ def test_in_memory_gallery_gets_an_index_that_is_not_stored(engines, tmp_path):
     emb, gram = engine.encode_images(random_regions(25, seed=3))
     g = ImageGallery.from_arrays(emb, gram)
     queries = random_captions(3, seed=5)
-    s, i = Searcher(engine, images=g, options=SearchOptions(candidates=8)).search(queries, 4)
+    s, i = Searcher(engine, images=g, options=SearchOptions(candidate_plan="index", candidates=8)).search(queries, 4)
     exact_s, exact_i = Searcher(engine, images=g).search(queries, 25)
     for q in range(3):
         full = dict(zip(exact_i[q].tolist(), exact_s[q].tolist()))
@@ -398,7 +408,9 @@ def test_service_executor_two_stage(small_engines, tmp_path):
         build_image_gallery(e, random_regions(20, seed=1), tmp_path / "images", options=WriteOptions(progress=False))
     queries = random_captions(3, seed=2)
     exact = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"))
-    full = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=20))
+    full = Executor.open(
+        [engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidate_plan="index", candidates=20)
+    )
     try:
         a, b = search(exact, queries, 4), search(full, queries, 4)
         np.testing.assert_array_equal(a.ids, b.ids)
@@ -406,7 +418,9 @@ def test_service_executor_two_stage(small_engines, tmp_path):
     finally:
         exact.close()
         full.close()
-    two = Executor.open([engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidates=6))
+    two = Executor.open(
+        [engine], tmp_path, EngineOptions(backend="onnxruntime"), SearchOptions(candidate_plan="index", candidates=6)
+    )
     try:
         assert two.describe()["candidates"] == 6
         hits = search(two, queries, 4)  # an index in memory: a search writes none
@@ -446,7 +460,10 @@ def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: floa
     monkeypatch.setattr(index, "_save", spy)
     queries, k = random_captions(3, seed=2), 3
     chunks = [random_regions(2, seed=100 + i) for i in range(200)]  # each generation's items, known in advance
-    one_thread, two_stage = EngineOptions(backend="onnxruntime", threads=1), SearchOptions(candidates=12)
+    one_thread, two_stage = (
+        EngineOptions(backend="onnxruntime", threads=1),
+        SearchOptions(candidate_plan="index", candidates=12),
+    )
     executor = Executor.open([engine], tmp_path, one_thread, two_stage)
     results, errors, stop = [], [], threading.Event()
 
@@ -490,7 +507,9 @@ def _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds: floa
                 s, i = Searcher(e, images=copy).search(queries, n)
                 exact = [dict(zip(row_i.tolist(), row_s.tolist())) for row_s, row_i in zip(s, i)]
                 expected[n] = (
-                    *Searcher(e, images=copy, options=SearchOptions(candidates=12)).search(queries, k),
+                    *Searcher(e, images=copy, options=SearchOptions(candidate_plan="index", candidates=12)).search(
+                        queries, k
+                    ),
                     exact,
                 )
         assert len(results) >= 4

@@ -47,7 +47,7 @@ def test_two_stage_is_the_exact_ensemble_score_of_the_proposed_items(setup, sour
         images=images,
         captions=caps,
         weights=WEIGHTS,
-        options=SearchOptions(candidates=6, candidate_source=source),
+        options=SearchOptions(candidate_plan="index", candidates=6, candidate_source=source),
     ) as e:
         for queries, sims, kind in ((captions[:8], avg.T, "images"), (regions[:6], avg, "captions")):
             scores, ids = e.search(queries, 5)
@@ -83,7 +83,9 @@ def _proposals(searcher, kind, vectors):
 
 def test_union_proposes_every_members_candidates(setup):
     engines, _, captions, images, _, _ = setup
-    with Searcher(engines, images=images, weights=WEIGHTS, options=SearchOptions(candidates=5)) as e:
+    with Searcher(
+        engines, images=images, weights=WEIGHTS, options=SearchOptions(candidate_plan="index", candidates=5)
+    ) as e:
         vectors = [[w[:n] for w, n in zip(*_encoded_text(m, captions[:6]))] for m in engines]
         union = _proposals(e, "images", vectors)
         singles = [_index(e, "images", i).search(v, m.config, 5) for i, (m, v) in enumerate(zip(engines, vectors))]
@@ -99,7 +101,11 @@ def test_candidates_covering_the_gallery_equal_exact(setup):
     with (
         Searcher(engines, images=images, captions=caps, weights=WEIGHTS) as exact,
         Searcher(
-            engines, images=images, captions=caps, weights=WEIGHTS, options=SearchOptions(candidates=1000)
+            engines,
+            images=images,
+            captions=caps,
+            weights=WEIGHTS,
+            options=SearchOptions(candidate_plan="index", candidates=1000),
         ) as covering,
     ):
         for queries in (captions[:5], regions[:4]):
@@ -130,17 +136,20 @@ def test_cli_and_service_search_the_two_stage_ensemble(setup, small_engines, tmp
     build = [*flags, "--gallery", str(gal), "--images", str(tmp_path / "ims.npy"), "--captions"]
     assert search([*build, str(tmp_path / "caps.txt"), "--index", "flat", "--no-progress"]) == 0
     assert all((gal / m).joinpath("candidates.json").is_file() for m in _member_folders(gal))  # built with them
-    two_stage = ["--candidates", "6", "--candidate-source", "first"]
+    two_stage = ["--candidates", "6", "--candidate-source", "first", "--candidate-plan", "index"]
     assert search([*flags, *two_stage, "--gallery", str(gal), "--json", "-k", "4", *captions[:3]]) == 0
     got = json.loads(capsys.readouterr().out)
 
     images = GalleryFolder(gal, engines).load().images
     with Searcher(
-        engines, images=images, weights=WEIGHTS, options=SearchOptions(candidates=6, candidate_source="first")
+        engines,
+        images=images,
+        weights=WEIGHTS,
+        options=SearchOptions(candidate_plan="index", candidates=6, candidate_source="first"),
     ) as e:
         scores, ids = e.search(captions[:3], 4)
     assert [[r["id"] for r in q["results"]] for q in got] == ids.tolist()
-    options = SearchOptions(candidates=6, candidate_source="first")
+    options = SearchOptions(candidate_plan="index", candidates=6, candidate_source="first")
     executor = Executor(Searcher.open(engines, gal, weights=WEIGHTS, options=options), ["t2i", "i2t"], gal)
     hits = executor.search("text_to_image", executor.prepare("text_to_image", captions[:3]), 4)
     assert hits.ids.tolist() == ids.tolist()
