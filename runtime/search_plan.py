@@ -8,8 +8,9 @@ IVF index is 13x cheaper. The choice is made per search from a cost model measur
 * exact:  ``exact * Qv * V * d + exact_pass * V * d * batches`` (the head scores every item);
 * dense:  ``dense * Qv * V * d + dense_pass * V * d * batches`` (one GEMM of the query vectors with every
   gallery vector, ``runtime/gallery/index.py: DenseCandidates``) + rerank;
-* index:  ``scan[kind] * Qv * scanned * d + neighbour * Qv * k`` (``scanned``: the vectors a query vector's
-  search visits: all of them for a flat index, ``nlist + nprobe * V / nlist`` for IVF) + rerank;
+* index:  ``scan[kind] * Qv * visited * d + neighbour[kind] * Qv * k`` (``visited``: the vectors a query
+  vector's search visits: all of them for a flat index, ``nlist + nprobe * V / nlist`` for IVF; ``k``
+  neighbours, each selected by faiss and counted by the candidate score) + rerank;
 * rerank: ``rerank * Qv * M' * (V / N) * d + rerank_query * Q`` (``M'``: the candidates scored),
 
 with ``Qv`` query vectors (words or regions) over ``Q`` queries, a gallery of ``N`` items and ``V`` vectors
@@ -45,22 +46,24 @@ class Costs:
     exact_pass: float  # exact head, per (gallery vector x dim) read, once per query batch
     dense: float  # dense candidate score, per (query vector x gallery vector x dim)
     dense_pass: float  # dense candidate score, per (gallery vector x dim) read, converted, normalised
-    scan: dict[str, float] = field(default_factory=dict)  # index search, per (query vector x visited vector x dim)
-    neighbour: float = 0.0  # per (query vector x neighbour): the index's selection and the candidate score
+    scan: dict[str, float] = field(default_factory=dict)  # per index kind: per (query vector x visited vector x dim)
+    neighbour: dict[str, float] = field(default_factory=dict)  # per index kind: per (query vector x neighbour)
     rerank: float = 0.0  # exact rerank, per (query vector x candidate vector x dim)
     rerank_query: float = 0.0  # exact rerank, per query (its head calls)
     source: str = ""  # where the figures come from (machine, load, date)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "costs") -> Costs:
-        names = ("exact", "exact_pass", "dense", "dense_pass", "neighbour", "rerank", "rerank_query")
+        names = ("exact", "exact_pass", "dense", "dense_pass", "rerank", "rerank_query")
         values: dict[str, Any] = {}
         try:
             for name in names:
                 values[name] = _non_negative(data[name], f"{where}: {name}")
-            values["scan"] = {str(k): _non_negative(v, f"{where}: scan.{k}") for k, v in data["scan"].items()}
+            for name in ("scan", "neighbour"):
+                values[name] = {str(k): _non_negative(v, f"{where}: {name}.{k}") for k, v in data[name].items()}
         except (KeyError, TypeError, AttributeError) as e:
-            raise CostModelError(f"{where}: expected the constants {(*names, 'scan')}, received {data!r:.200}") from e
+            expected = (*names, "scan", "neighbour")
+            raise CostModelError(f"{where}: expected the constants {expected}, received {data!r:.200}") from e
         return cls(**values, source=str(data.get("source", "")))
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,8 +147,9 @@ def choose(costs: Costs, work: Work, m: int, index: dict[str, Any] | None, neigh
     visits = index_visits(index, w.vectors, min(neighbors, w.vectors), nprobe)
     if visits is not None:
         kind, visited = visits
-        scan = c.scan.get(kind, max(c.scan.values(), default=c.dense))
+        scan = c.scan.get(kind, max(c.scan.values(), default=c.dense))  # an unmeasured kind: the dearest
+        neighbour = c.neighbour.get(kind, max(c.neighbour.values(), default=0.0))
         k = min(neighbors, w.vectors)
-        estimates["index"] = w.proposing * w.query_vectors * (scan * visited * w.dim + c.neighbour * k) + rerank
+        estimates["index"] = w.proposing * w.query_vectors * (scan * visited * w.dim + neighbour * k) + rerank
     best = min((v, PLANS.index(p), p) for p, v in estimates.items() if v is not None)[2]
     return Plan(best, estimates, m, w.items)

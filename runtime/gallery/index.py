@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ DEFAULT_NPROBE = 16
 NEIGHBORS_PER_CANDIDATE = 8
 # Cosines (query vectors x gallery vectors) a block of the dense candidate score holds: 32 MB of float32.
 BLOCK_COSINES = 1 << 23
+# Unit float32 gallery vectors the dense candidate score keeps between searches: a flat index's worth.
+KEEP_BYTES = FLAT_MAX_VECTORS * 128 * 4
 SMALL_SEARCH = 256  # query vectors below which the index search runs on one thread
 _ADD_CHUNK = 1 << 18
 _OMP_THREADS: list[int] = []  # faiss's own default thread count, read at first import
@@ -274,8 +277,10 @@ class DenseCandidates:
     flat index asked for every neighbour gives (the same candidates; scores equal up to float rounding), at
     the cost of a dense MaxSim and without an index. ``search`` and ``index_type`` as ``CandidateIndex``'s.
 
-    The gallery is read block by block in its stored dtype (float16 rows become float32 for the GEMM), so
-    memory stays bounded by ``BLOCK_COSINES`` cosines a block, whatever the gallery's size.
+    The gallery is read block by block in its stored dtype (float16 rows become unit float32 rows for the
+    GEMM), so memory stays bounded by ``BLOCK_COSINES`` cosines a block. A gallery whose unit float32 vectors
+    take at most ``KEEP_BYTES`` (what a flat index of ``FLAT_MAX_VECTORS`` vectors holds) keeps them after
+    the first search instead of converting them again for every query batch.
     """
 
     index_type = "dense"
@@ -283,58 +288,87 @@ class DenseCandidates:
     def __init__(self, gallery: MappedGallery) -> None:
         self.gallery = gallery
         self.layout = _Layout.of(gallery)
+        self.images = gallery.manifest["kind"] == "images"
+        self._kept: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+    def _vectors(self, a: int, b: int) -> np.ndarray:
+        """Unit float32 vectors of the items at storage positions ``a..b``, in storage order."""
+        g = self.gallery
+        if self._kept is not None:
+            per = int(g.images.shape[1]) if self.images else 1
+            lo, hi = (a * per, b * per) if self.images else (int(g.offsets[a]), int(g.offsets[b]))
+            return self._kept[lo:hi]
+        rows = g.images[a:b] if self.images else g.words[int(g.offsets[a]) : int(g.offsets[b])]
+        x = np.asarray(rows, np.float32).reshape(-1, rows.shape[-1])  # the stored dtype, converted once
+        x *= 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-8)[:, None]
+        return x
+
+    def _keep(self) -> None:
+        g = self.gallery
+        n_vectors, d = _vector_count(g), int(g.images.shape[2] if self.images else g.words.shape[1])
+        if self._kept is None and n_vectors * d * 4 <= KEEP_BYTES:
+            with self._lock:
+                if self._kept is None:
+                    self._kept = self._vectors(0, len(g))
 
     def search(
         self, queries: list[np.ndarray], config, m: int, neighbors: int | None = None, nprobe: int | None = None
     ) -> list[np.ndarray]:
         """As ``CandidateIndex.search`` with every neighbour (``neighbors`` and ``nprobe`` do not apply)."""
         g, n_items = self.gallery, len(self.gallery)
-        images = g.manifest["kind"] == "images"
-        gallery_side = images == (config.cross_attn == "i2t")
-        sizes = np.asarray([len(q) for q in queries], np.int64)
-        rows = np.concatenate([[0], np.cumsum(sizes)])
+        self._keep()
+        gallery_side = self.images == (config.cross_attn == "i2t")
+        rows = np.concatenate([[0], np.cumsum([len(q) for q in queries])]).astype(np.int64)
         stacked = _unit(np.concatenate(queries)) if len(queries) else np.zeros((0, 1), np.float32)
         scores = np.empty((len(queries), n_items), np.float32)  # by storage position
-        per_item = int(g.images.shape[1]) if images else max(1, int(np.asarray(g.lengths).max(initial=1)))
+        per_item = int(g.images.shape[1]) if self.images else max(1, int(np.asarray(g.lengths).max(initial=1)))
         step = max(1, BLOCK_COSINES // max(1, len(stacked) * per_item))
-        offsets = None if images else np.asarray(g.offsets)
         for a in range(0, n_items, step):
             b = min(a + step, n_items)
-            if images:
-                block = np.asarray(g.images[a:b], np.float32)  # (B, R, d) in the stored dtype, then float32
-                vectors = _unit(block.reshape(-1, block.shape[-1]))
-            else:
-                vectors = _unit(np.asarray(g.words[offsets[a] : offsets[b]], np.float32))
-            cos = stacked @ vectors.T  # (query vectors, block vectors)
-            for q in range(len(queries)):
-                part = cos[rows[q] : rows[q + 1]]  # (n_q, block vectors)
-                scores[q, a:b] = self._block_score(part, a, b, images, gallery_side, config)
+            cos = self._vectors(a, b) @ stacked.T  # (block vectors, query vectors): each vector's rows contiguous
+            scores[:, a:b] = self._block_scores(cos, rows, a, b, gallery_side, config)
         by_id = scores[:, self.layout.position_of_id]
         every = np.arange(n_items, dtype=np.int64)
         return [_top_items(s, every, m, n_items, self.layout.position_of_id) for s in by_id]
 
-    def _block_score(self, part: np.ndarray, a: int, b: int, images: bool, gallery_side: bool, config) -> np.ndarray:
-        """Candidate scores of the items at storage positions ``a..b`` from one query's cosines ``part``."""
-        g = self.gallery
-        if images:
-            cos = part.reshape(len(part), b - a, -1)  # (n_q, B, R)
-            mat = cos.max(axis=0) if gallery_side else cos.max(axis=2).T  # (B, R) or (B, n_q)
-            return aggregate(mat, None, config.agg_func, config.lambda_lse)
+    def _block_scores(
+        self, cos: np.ndarray, rows: np.ndarray, a: int, b: int, gallery_side: bool, config
+    ) -> np.ndarray:
+        """Every query's candidate scores (Q, b - a) of the items at storage positions ``a..b``, from the
+        cosines of their vectors with the query vectors (query ``q``'s are columns ``rows[q]..rows[q+1]``)."""
+        g, n = self.gallery, b - a
+        agg = lambda mat, valid=None: aggregate(mat, valid, config.agg_func, config.lambda_lse)  # noqa: E731
+        out = np.empty((len(rows) - 1, n), np.float32)
+        if self.images:
+            cos = cos.reshape(n, -1, cos.shape[-1])  # (B, R, query vectors)
+            if not gallery_side:  # each query vector's best region of each image
+                best = cos.max(axis=1)  # (B, query vectors)
+                for q in range(len(out)):
+                    out[q] = agg(best[:, rows[q] : rows[q + 1]])
+            else:  # each region's best vector of each query
+                for q in range(len(out)):
+                    out[q] = agg(cos[:, :, rows[q] : rows[q + 1]].max(axis=2))
+            return out
         lengths = np.asarray(g.lengths[a:b], np.int64)
         starts = np.asarray(g.offsets[a:b], np.int64) - int(g.offsets[a])
         if not gallery_side:  # each query vector's best word of each caption (captions are never empty)
-            mat = np.maximum.reduceat(part, starts, axis=1).T  # (B, n_q)
-            return aggregate(mat, None, config.agg_func, config.lambda_lse)
-        best = part.max(axis=0)  # each word's best query vector
+            best = np.maximum.reduceat(cos, starts, axis=0)  # (B, query vectors)
+            for q in range(len(out)):
+                out[q] = agg(best[:, rows[q] : rows[q + 1]])
+            return out
         width = int(lengths.max())
-        mat = np.zeros((b - a, width), np.float32)
-        owner = np.repeat(np.arange(b - a), lengths)
-        mat[owner, np.arange(len(best)) - starts[owner]] = best
+        owner = np.repeat(np.arange(n), lengths)
+        slot = np.arange(len(cos)) - starts[owner]
         valid = np.arange(width)[None, :] < lengths[:, None]
-        return aggregate(mat, valid, config.agg_func, config.lambda_lse)
+        for q in range(len(out)):
+            mat = np.zeros((n, width), np.float32)
+            mat[owner, slot] = cos[:, rows[q] : rows[q + 1]].max(axis=1)  # each word's best query vector
+            out[q] = agg(mat, valid)
+        return out
 
 
 def aggregate(mat: np.ndarray, valid: np.ndarray | None, agg_func: str, lambda_lse: float) -> np.ndarray:

@@ -55,7 +55,7 @@ def _query_vectors(engine, direction: str, n: int, seed: int) -> list[np.ndarray
 def test_dense_candidates_are_the_flat_index_with_every_neighbour(setups, attn, agg, direction, monkeypatch):
     """The dense score proposes what a flat index asked for every vector proposes (the same candidate
     score, one GEMM instead of an index), for both model types, every aggregation and both directions,
-    with the gallery read in several blocks (a small ``BLOCK_COSINES``) and in one."""
+    with the gallery read in several blocks (a small ``BLOCK_COSINES``) and in one, kept or not."""
     engine, images, captions = setups[attn]
     config = dataclasses.replace(engine.config, agg_func=agg, lambda_lse=4.0)
     gallery = images if direction == "t2i" else captions
@@ -63,10 +63,15 @@ def test_dense_candidates_are_the_flat_index_with_every_neighbour(setups, attn, 
     queries = _query_vectors(engine, direction, 6, seed=21)
     m = 9
     want = index.search(queries, config, m, neighbors=index.index.ntotal)
-    for block in (200, 1 << 23):  # a few items per block (ragged caption blocks), and the whole gallery
+    # a few items per block (ragged caption blocks), read from the cache each time; the whole gallery, kept
+    for block, keep in ((200, 0), (1 << 23, 1 << 30)):
         monkeypatch.setattr("runtime.gallery.index.BLOCK_COSINES", block)
-        got = DenseCandidates(gallery).search(queries, config, m)
-        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+        monkeypatch.setattr("runtime.gallery.index.KEEP_BYTES", keep)
+        dense = DenseCandidates(gallery)
+        for _ in range(2):  # the second search reads the kept vectors, where they are kept
+            got = dense.search(queries, config, m)
+            assert [g.tolist() for g in got] == [w.tolist() for w in want]
+        assert (dense._kept is not None) == bool(keep)
     # and the candidates are not trivially all items, nor the same for every query
     assert len(want[0]) == m < len(gallery) and any(not np.array_equal(want[0], w) for w in want[1:])
 
@@ -94,7 +99,7 @@ COSTS = Costs(
     dense=1e-11,
     dense_pass=1e-10,
     scan={"flat": 2e-11, "ivfsq": 3e-11},
-    neighbour=1e-7,
+    neighbour={"flat": 1e-7, "ivfsq": 5e-8},
     rerank=1.2e-10,
     rerank_query=2e-3,
 )
@@ -122,7 +127,7 @@ def test_choice_follows_the_costs():
     # exact is free: always exact; candidates free: never exact (the tie order is exact, dense, index)
     free = dataclasses.replace(COSTS, exact=0.0, exact_pass=0.0)
     assert choose(free, _work(200, 5000), 250, ivf, 2000, 16).kind == "exact"
-    nothing = Costs(1.0, 1.0, 0.0, 0.0, {"ivfsq": 0.0}, 0.0, 0.0, 0.0)
+    nothing = Costs(1.0, 1.0, 0.0, 0.0, {"ivfsq": 0.0}, {"ivfsq": 0.0}, 0.0, 0.0)
     assert choose(nothing, _work(200, 5000), 250, ivf, 2000, 16).kind == "dense"
 
 
@@ -159,8 +164,8 @@ def test_searcher_runs_the_chosen_plan(setups, caplog):
     only then), and the plan is logged at info and kept in ``TwoStage.plans``."""
     engine, images, _ = setups["t2i"]
     queries = random_captions(3, seed=51)
-    cheap_dense = Costs(1.0, 1.0, 0.0, 0.0, {"flat": 1.0}, 1.0, 0.0, 0.0)
-    cheap_index = Costs(1.0, 1.0, 1.0, 1.0, {"flat": 0.0}, 0.0, 0.0, 0.0)
+    cheap_dense = Costs(1.0, 1.0, 0.0, 0.0, {"flat": 1.0}, {"flat": 1.0}, 0.0, 0.0)
+    cheap_index = Costs(1.0, 1.0, 1.0, 1.0, {"flat": 0.0}, {"flat": 0.0}, 0.0, 0.0)
     for costs, kind, source in ((cheap_dense, "dense", DenseCandidates), (cheap_index, "index", None)):
         two_stage = TwoStage(SearchOptions(candidates=7), costs=costs)
         searcher = Searcher(engine, images=images, options=SearchOptions(candidates=7), candidates=two_stage)
