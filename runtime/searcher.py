@@ -558,12 +558,13 @@ class Searcher:
         else:
             vectors = [list(q["images"]) for q in queries]
         block = self.options.image_block if kind == "images" else self.options.caption_block
+        kept = [two_stage.kept(galleries, kind, i, g.once) for i in range(len(self.engines))]
         out = []
         for row, positions in enumerate(two_stage.proposals(indexes.__getitem__, self.engines, vectors)):
             total = ids = None
-            for w, e, gallery, q in zip(self.weights.astype(np.float32), self.engines, galleries, queries):
+            for w, e, gallery, q, rows in zip(self.weights.astype(np.float32), self.engines, galleries, queries, kept):
                 s, ids = two_stage.rescore(
-                    e, gallery, kind, positions, {name: a[row : row + 1] for name, a in q.items()}, block
+                    e, gallery, kind, positions, {name: a[row : row + 1] for name, a in q.items()}, block, rows
                 )
                 total = w * s if total is None else total + w * s
             order = np.argsort(ids, kind="stable")

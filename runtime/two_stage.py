@@ -23,6 +23,7 @@ from runtime.gallery.index import (
     NEIGHBORS_PER_CANDIDATE,
     CandidateIndex,
     DenseCandidates,
+    KeptRows,
     index_description,
     open_index,
 )
@@ -81,7 +82,13 @@ class TwoStage:
         self._log(kind, plan)
         if plan.kind == "exact":
             return None
-        return [once(("dense", kind, i), lambda i=i: DenseCandidates(galleries[i])) for i in asked]
+        kept = [self.kept(galleries, kind, i, once) for i in asked]  # made first: ``once`` does not nest
+        return [once(("dense", kind, i), lambda i=i: DenseCandidates(galleries[i], kept[i])) for i in asked]
+
+    @staticmethod
+    def kept(galleries: Sequence, kind: str, i: int, once: Callable[[Any, Callable], Any]) -> KeptRows | None:
+        """Member ``i``'s gallery rows in float32 when the gallery is small (``KeptRows.of``), once a generation."""
+        return once(("kept", kind, i), lambda: KeptRows.of(galleries[i]))
 
     def _log(self, kind: str, plan: Plan) -> None:
         self.plans[kind] = plan
@@ -126,18 +133,26 @@ class TwoStage:
 
     @staticmethod
     def rescore(
-        engine, gallery, kind: str, positions: np.ndarray, query: dict[str, np.ndarray], block: int
+        engine,
+        gallery,
+        kind: str,
+        positions: np.ndarray,
+        query: dict[str, np.ndarray],
+        block: int,
+        kept: KeptRows | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of one encoded query (the head's inputs, one row) against the items at ``positions``
-        (ascending): (scores (B,), gallery ids (B,))."""
+        (ascending): (scores (B,), gallery ids (B,)). ``kept``: the gallery's rows in float32, read instead of
+        the cache (the same values)."""
         if kind == "images":
             n = int(query["lengths"][0])
             words, lengths = query["captions"][:, :n], np.asarray([n])
             scores = []
             for a in range(0, len(positions), block):
                 pos = positions[a : a + block]
-                gram = np.asarray(gallery.image_gram[pos]) if engine.needs_image_gram else None
-                scores.append(engine.sims(np.asarray(gallery.images[pos]), gram, words, lengths)[:, 0])
+                images, grams = (gallery.images, gallery.image_gram) if kept is None else (kept.images, kept.gram)
+                gram = np.asarray(grams[pos]) if engine.needs_image_gram else None
+                scores.append(engine.sims(np.asarray(images[pos]), gram, words, lengths)[:, 0])
         else:
             # Caption storage is sorted by length, so each run of positions is one padding-free batch.
             image, gram = query["images"], query["image_gram"]
@@ -147,7 +162,8 @@ class TwoStage:
                 length = int(lengths[run[0]]) if len(run) else 0
                 for a in range(0, len(run), block):
                     pos = positions[run[a : a + block]]
-                    caps = np.asarray(gallery.words[offsets[pos][:, None] + np.arange(length)[None, :]])  # (B, L, d)
+                    words = gallery.words if kept is None else kept.vectors
+                    caps = np.asarray(words[offsets[pos][:, None] + np.arange(length)[None, :]])  # (B, L, d)
                     scores.append(engine.sims(image, gram, caps, np.full(len(pos), length, np.int64))[0])
         out = np.concatenate(scores).astype(np.float32, copy=False) if scores else np.zeros(0, np.float32)
         return out, np.asarray(gallery.ids)[positions]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ DEFAULT_NPROBE = 16
 NEIGHBORS_PER_CANDIDATE = 8
 # Cosines (query vectors x gallery vectors) a block of the dense candidate score holds: 32 MB of float32.
 BLOCK_COSINES = 1 << 23
-# Unit float32 gallery vectors the dense candidate score keeps between searches: a flat index's worth.
+# Float32 gallery vectors two-stage search keeps in memory (KeptRows): what a flat index would hold.
 KEEP_BYTES = FLAT_MAX_VECTORS * 128 * 4
 SMALL_SEARCH = 256  # query vectors below which the index search runs on one thread
 _ADD_CHUNK = 1 << 18
@@ -272,55 +271,69 @@ class CandidateIndex:
         return aggregate(mat, valid_cols, config.agg_func, config.lambda_lse), items
 
 
+class KeptRows:
+    """A small gallery's stored rows as float32, kept in memory: the dense score and the rerank read them
+    instead of converting the cache's (float16) rows again for every query batch and every query (the
+    conversion and the scattered reads were half of a rerank's time). ``of`` keeps none for a gallery whose
+    float32 vectors would take more than ``KEEP_BYTES`` (a flat index's worth of memory)."""
+
+    def __init__(self, gallery: MappedGallery) -> None:
+        if gallery.manifest["kind"] == "images":
+            self.images = np.asarray(gallery.images, np.float32)  # (N, R, d): the stored values, exactly
+            self.gram = None if gallery.image_gram is None else np.asarray(gallery.image_gram, np.float32)
+            self.vectors = self.images.reshape(-1, self.images.shape[-1])
+        else:
+            self.images = self.gram = None
+            self.vectors = np.asarray(gallery.words, np.float32)  # (W, d)
+        self.inverse_norms = _inverse_norms(self.vectors)
+
+    @classmethod
+    def of(cls, gallery: MappedGallery) -> KeptRows | None:
+        d = int(gallery.images.shape[2] if gallery.manifest["kind"] == "images" else gallery.words.shape[1])
+        return cls(gallery) if _vector_count(gallery) * d * 4 <= KEEP_BYTES else None
+
+
+def _inverse_norms(x: np.ndarray) -> np.ndarray:
+    return (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-8)).astype(np.float32)
+
+
 class DenseCandidates:
     """The candidate score with every cosine known, computed as one GEMM per block of the gallery: what a
     flat index asked for every neighbour gives (the same candidates; scores equal up to float rounding), at
     the cost of a dense MaxSim and without an index. ``search`` and ``index_type`` as ``CandidateIndex``'s.
 
-    The gallery is read block by block in its stored dtype (float16 rows become unit float32 rows for the
-    GEMM), so memory stays bounded by ``BLOCK_COSINES`` cosines a block. A gallery whose unit float32 vectors
-    take at most ``KEEP_BYTES`` (what a flat index of ``FLAT_MAX_VECTORS`` vectors holds) keeps them after
-    the first search instead of converting them again for every query batch.
+    The gallery is read block by block in its stored dtype (float16 rows become float32 rows for the GEMM,
+    whose cosines are then scaled by the rows' inverse norms), so memory stays bounded by ``BLOCK_COSINES``
+    cosines a block; ``kept``: the gallery's rows already in float32 (``KeptRows``), read instead.
     """
 
     index_type = "dense"
 
-    def __init__(self, gallery: MappedGallery) -> None:
+    def __init__(self, gallery: MappedGallery, kept: KeptRows | None = None) -> None:
         self.gallery = gallery
         self.layout = _Layout.of(gallery)
         self.images = gallery.manifest["kind"] == "images"
-        self._kept: np.ndarray | None = None
-        self._lock = threading.Lock()
+        self.kept = kept
 
     def __len__(self) -> int:
         return len(self.gallery)
 
-    def _vectors(self, a: int, b: int) -> np.ndarray:
-        """Unit float32 vectors of the items at storage positions ``a..b``, in storage order."""
+    def _vectors(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 vectors of the items at storage positions ``a..b`` (storage order) and their inverse norms."""
         g = self.gallery
-        if self._kept is not None:
-            per = int(g.images.shape[1]) if self.images else 1
-            lo, hi = (a * per, b * per) if self.images else (int(g.offsets[a]), int(g.offsets[b]))
-            return self._kept[lo:hi]
-        rows = g.images[a:b] if self.images else g.words[int(g.offsets[a]) : int(g.offsets[b])]
+        per = int(g.images.shape[1]) if self.images else 1
+        lo, hi = (a * per, b * per) if self.images else (int(g.offsets[a]), int(g.offsets[b]))
+        if self.kept is not None:
+            return self.kept.vectors[lo:hi], self.kept.inverse_norms[lo:hi]
+        rows = g.images[a:b] if self.images else g.words[lo:hi]
         x = np.asarray(rows, np.float32).reshape(-1, rows.shape[-1])  # the stored dtype, converted once
-        x *= 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-8)[:, None]
-        return x
-
-    def _keep(self) -> None:
-        g = self.gallery
-        n_vectors, d = _vector_count(g), int(g.images.shape[2] if self.images else g.words.shape[1])
-        if self._kept is None and n_vectors * d * 4 <= KEEP_BYTES:
-            with self._lock:
-                if self._kept is None:
-                    self._kept = self._vectors(0, len(g))
+        return x, _inverse_norms(x)
 
     def search(
         self, queries: list[np.ndarray], config, m: int, neighbors: int | None = None, nprobe: int | None = None
     ) -> list[np.ndarray]:
         """As ``CandidateIndex.search`` with every neighbour (``neighbors`` and ``nprobe`` do not apply)."""
         g, n_items = self.gallery, len(self.gallery)
-        self._keep()
         gallery_side = self.images == (config.cross_attn == "i2t")
         rows = np.concatenate([[0], np.cumsum([len(q) for q in queries])]).astype(np.int64)
         stacked = _unit(np.concatenate(queries)) if len(queries) else np.zeros((0, 1), np.float32)
@@ -329,7 +342,9 @@ class DenseCandidates:
         step = max(1, BLOCK_COSINES // max(1, len(stacked) * per_item))
         for a in range(0, n_items, step):
             b = min(a + step, n_items)
-            cos = self._vectors(a, b) @ stacked.T  # (block vectors, query vectors): each vector's rows contiguous
+            vectors, inverse_norms = self._vectors(a, b)
+            cos = vectors @ stacked.T  # (block vectors, query vectors): each vector's cosines contiguous
+            cos *= inverse_norms[:, None]
             scores[:, a:b] = self._block_scores(cos, rows, a, b, gallery_side, config)
         by_id = scores[:, self.layout.position_of_id]
         every = np.arange(n_items, dtype=np.int64)

@@ -19,7 +19,7 @@ from tests.runtime.conftest import random_captions, random_regions
 
 faiss = pytest.importorskip("faiss", reason="two-stage search needs faiss (pip install 'scan-runtime[scale]')")
 
-from runtime.gallery.index import DenseCandidates, load_index  # noqa: E402
+from runtime.gallery.index import DenseCandidates, KeptRows, load_index  # noqa: E402
 from runtime.two_stage import TwoStage  # noqa: E402
 
 AGGS = ("LogSumExp", "Mean", "Max", "Sum")
@@ -63,15 +63,11 @@ def test_dense_candidates_are_the_flat_index_with_every_neighbour(setups, attn, 
     queries = _query_vectors(engine, direction, 6, seed=21)
     m = 9
     want = index.search(queries, config, m, neighbors=index.index.ntotal)
-    # a few items per block (ragged caption blocks), read from the cache each time; the whole gallery, kept
-    for block, keep in ((200, 0), (1 << 23, 1 << 30)):
+    # a few items per block (ragged caption blocks), read from the cache; the whole gallery, kept in float32
+    for block, kept in ((200, None), (1 << 23, KeptRows(gallery))):
         monkeypatch.setattr("runtime.gallery.index.BLOCK_COSINES", block)
-        monkeypatch.setattr("runtime.gallery.index.KEEP_BYTES", keep)
-        dense = DenseCandidates(gallery)
-        for _ in range(2):  # the second search reads the kept vectors, where they are kept
-            got = dense.search(queries, config, m)
-            assert [g.tolist() for g in got] == [w.tolist() for w in want]
-        assert (dense._kept is not None) == bool(keep)
+        got = DenseCandidates(gallery, kept).search(queries, config, m)
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
     # and the candidates are not trivially all items, nor the same for every query
     assert len(want[0]) == m < len(gallery) and any(not np.array_equal(want[0], w) for w in want[1:])
 
@@ -89,6 +85,23 @@ def test_dense_plan_search_equals_flat_index_with_every_neighbour(setups):
     ]
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=0, atol=2e-6)  # the same items, exact rerank
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+@pytest.mark.parametrize("attn", ["t2i", "i2t"])
+def test_kept_rows_change_nothing(setups, attn, direction, monkeypatch):
+    """Rows kept in float32 (a small gallery) and rows read from the float16 cache give the same results,
+    bit for bit: the same values reach the GEMM and the head."""
+    engine, images, captions = setups[attn]
+    queries = random_captions(4, seed=61) if direction == "t2i" else random_regions(3, seed=62)
+    options = SearchOptions(candidates=9, candidate_plan="dense")
+    kept = Searcher(engine, images=images, captions=captions, options=options).search(queries, 5)
+    monkeypatch.setattr("runtime.gallery.index.KEEP_BYTES", 0)
+    searcher = Searcher(engine, images=images, captions=captions, options=options)
+    read = searcher.search(queries, 5)
+    assert all(key[0] != "kept" or value is None for key, value in searcher._generation._made.items())
+    np.testing.assert_array_equal(kept[1], read[1])
+    np.testing.assert_allclose(kept[0], read[0], rtol=0, atol=1e-6)  # the same head inputs; the same blocks
 
 
 # ---------------------------------------------------------------------------------------------- the choice

@@ -1,0 +1,198 @@
+"""Two-stage search never slower than exact: the whole ``runtime/search.py`` process, and each gallery size.
+
+    python -m bench.two_stage_cost [--quick] [--sizes 2000,5000,20000] [--rounds 3]
+                                   [--json bench/results/two_stage_cost.json]
+
+With the demo model and galleries of the demo's scenes (``bench/scale.py``'s, cached under ``--cache``,
+float16 cache + the ``auto`` index, built once):
+
+* the target: 200 text queries against 5000 images, ``--candidates 250``, k 10, the index already built: the
+  wall time of the whole ``python runtime/search.py`` process, exact and two-stage alternately
+  (``--rounds`` each; median and spread), and their top-10 overlap;
+* per gallery size (``--sizes``): the single-query latency (p50 over ``--queries`` captions, as
+  ``bench/scale.py`` times it) and one batched search of the same captions, exact and two-stage
+  (``candidates`` 100, 250, 1000; the plan the cost model chose is recorded), with their ratio.
+
+The load average is recorded beside every figure. About 3-5 minutes (``--quick``: 2K and 5K galleries,
+one round; about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import harness
+from bench.harness import overlap_at
+from bench.scale import REPO, demo_engine, ensure_gallery
+from bench.synthetic import SCENE_CACHE, SceneFeatures
+from runtime.options import EngineOptions, SearchOptions
+
+SCHEMA = "scan-runtime-bench-two-stage-cost/1"
+TARGET = {"gallery": 5000, "queries": 200, "candidates": 250, "speedup": 2.0}
+
+
+def whole_process(manifest: Path, gallery: Path, queries_file: Path, rounds: int) -> dict[str, Any]:
+    """Exact and two-stage ``runtime/search.py`` runs, alternately: wall seconds and the top-10 overlap."""
+    base = [sys.executable, str(REPO / "runtime" / "search.py"), "--engine", str(manifest), "--gallery", str(gallery)]
+    base += ["--queries-file", str(queries_file), "-k", "10", "--json"]
+    modes = {"exact": [], "two_stage": ["--candidates", str(TARGET["candidates"])]}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    ids: dict[str, list] = {}
+    loads = []
+    # this checkout's runtime/, not an installed copy (the script's own folder comes first on sys.path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    for _ in range(rounds):
+        for mode, extra in modes.items():
+            t0 = time.perf_counter()
+            out = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=REPO, env=env)
+            if out.returncode:
+                raise RuntimeError(f"runtime/search.py {' '.join(extra)} failed: {out.stderr[-2000:]}")
+            times[mode].append(time.perf_counter() - t0)
+            ids[mode] = [[hit["id"] for hit in q["results"]] for q in json.loads(out.stdout)]
+            loads.append(harness.load_average())
+    exact, two = (float(np.median(times[m])) for m in modes)
+    return {
+        "seconds": times,
+        "median_s": {"exact": round(exact, 3), "two_stage": round(two, 3)},
+        "speedup": round(exact / two, 2),
+        "overlap_at_10": round(overlap_at(np.asarray(ids["two_stage"]), np.asarray(ids["exact"])), 4),
+        "load_average": loads,
+        "met": exact / two >= TARGET["speedup"],
+    }
+
+
+def per_size(engine, gallery, queries: list[str], ms: Sequence[int]) -> list[dict[str, Any]]:
+    """Exact vs two-stage at one gallery size: single-query p50 and one batched search of every query."""
+    from runtime.searcher import Searcher
+
+    rows = []
+    with Searcher(engine, images=gallery) as s:
+        single, found = harness.time_each(lambda i: s.search([queries[i]], 10), len(queries), warmup=1)
+        t0 = time.perf_counter()
+        exact_ids = s.search(queries, 10)[1]
+        batched = time.perf_counter() - t0
+    exact = {"single_p50_ms": float(np.median(single)) * 1e3, "batched_s": batched}
+    rows.append({"gallery": len(gallery), "mode": "exact", **exact, "load_average": harness.load_average()})
+    for m in ms:
+        if m >= len(gallery):
+            continue
+        with Searcher(engine, images=gallery, options=SearchOptions(candidates=m)) as s:
+            single, found = harness.time_each(lambda i: s.search([queries[i]], 10), len(queries), warmup=1)
+            single_plan = s.two_stage.plans["images"]
+            t0 = time.perf_counter()
+            ids = s.search(queries, 10)[1]
+            batched = time.perf_counter() - t0
+            batch_plan = s.two_stage.plans["images"]
+        p50 = float(np.median(single)) * 1e3
+        rows.append(
+            {
+                "gallery": len(gallery),
+                "mode": "two_stage",
+                "candidates": m,
+                "single_p50_ms": p50,
+                "single_plan": single_plan.kind,
+                "single_speedup": round(exact["single_p50_ms"] / p50, 2),
+                "batched_s": batched,
+                "batched_plan": batch_plan.kind,
+                "batched_estimates_ms": {k: v and round(v * 1e3, 1) for k, v in batch_plan.estimates.items()},
+                "batched_speedup": round(exact["batched_s"] / batched, 2),
+                "overlap_at_10": round(overlap_at(ids, exact_ids), 4),
+                "single_overlap_at_10": round(overlap_at(np.stack([f[1][0] for f in found]), exact_ids), 4),
+                "load_average": harness.load_average(),
+            }
+        )
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    w = report["whole_process"]
+    lines = [
+        f"whole process, {TARGET['queries']} text queries vs {TARGET['gallery']} images, --candidates "
+        f"{TARGET['candidates']}: exact {w['median_s']['exact']} s, two-stage {w['median_s']['two_stage']} s, "
+        f"{w['speedup']}x (target >= {TARGET['speedup']}x: {'met' if w['met'] else 'NOT met'}), overlap@10 "
+        f"{w['overlap_at_10']}, load {w['load_average'][-1]}",
+        f"{'gallery':>8} {'M':>5} {'1 query p50 ms':>15} {'plan':>6} {'x':>6} {'batched s':>10} {'plan':>6} "
+        f"{'x':>6} {'overlap':>8}",
+    ]
+    for r in report["rows"]:
+        if r["mode"] == "exact":
+            lines.append(
+                f"{r['gallery']:>8} {'exact':>5} {r['single_p50_ms']:>15.1f} {'':>6} {'':>6} {r['batched_s']:>10.2f}"
+            )
+        else:
+            lines.append(
+                f"{r['gallery']:>8} {r['candidates']:>5} {r['single_p50_ms']:>15.1f} {r['single_plan']:>6} "
+                f"{r['single_speedup']:>6.2f} {r['batched_s']:>10.2f} {r['batched_plan']:>6} "
+                f"{r['batched_speedup']:>6.2f} {r['overlap_at_10']:>8.3f}"
+            )
+    slower = [
+        r for r in report["rows"] if r["mode"] == "two_stage" and min(r["single_speedup"], r["batched_speedup"]) < 1
+    ]
+    lines.append(
+        "never slower than exact: "
+        + ("yes" if not slower else "NO at " + ", ".join(f"{r['gallery']}/M={r['candidates']}" for r in slower))
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.parser(__doc__, quick="2K and 5K galleries, one round (about 2 minutes)", cache=SCENE_CACHE, seed=False)
+    p.add_argument("--sizes", help="comma-separated gallery sizes (default 2000,5000,20000; quick 2000,5000)")
+    p.add_argument("--candidates", default="100,250,1000", help="values of M per size (default 100,250,1000)")
+    p.add_argument("--queries", type=int, default=20, help="captions per size (default 20)")
+    p.add_argument("--rounds", type=int, default=None, help="whole-process runs of each mode (default 3; quick 1)")
+    p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.run(_run, build_parser().parse_args(argv), level=logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runtime.engine import ScanEngine
+
+    harness.positive(args, "queries", "rounds")
+    sizes = harness.ints(args.sizes or ("2000,5000" if args.quick else "2000,5000,20000"), "sizes")
+    ms = harness.ints(args.candidates, "candidates")
+    manifest = demo_engine(Path(args.demo))
+    report: dict[str, Any] = {"schema": SCHEMA, "machine": harness.describe(), "command": sys.argv, "target": TARGET}
+    report["load_average_at_start"] = harness.load_average()
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine:
+        features, captions = SceneFeatures(engine.config.img_dim, args.cache).ensure(max(*sizes, 10_000), False)
+        key = engine.manifest.image_encoder_id[:12]
+        folder = args.cache / "galleries" / key
+        pool = captions[: 5 * min(sizes)]  # captions of images every gallery holds
+        rng = np.random.default_rng(1)
+        queries = [pool[i] for i in rng.choice(len(pool), TARGET["queries"], replace=False)]
+        # the whole process reads a gallery folder (images/ inside) holding the target's gallery
+        target = folder / "whole" / str(TARGET["gallery"])
+        ensure_gallery(engine, features, TARGET["gallery"], target / "images", "auto", False)
+        queries_file = target / "queries.txt"
+        queries_file.write_text("\n".join(queries) + "\n", encoding="utf-8")
+        rows = []
+        for n in sorted(sizes):
+            print(f"-- gallery of {n} images", file=sys.stderr, flush=True)
+            rows += per_size(
+                engine, ensure_gallery(engine, features, n, folder / str(n), "auto", False), queries[: args.queries], ms
+            )
+    report["rows"] = rows
+    report["whole_process"] = whole_process(manifest, target, queries_file, args.rounds or (1 if args.quick else 3))
+    report["load_average_at_end"] = harness.load_average()
+    harness.finish(report, format_table(report), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
