@@ -13,7 +13,7 @@ import pytest
 from runtime.engine import ScanEngine
 from runtime.gallery import build_caption_gallery, build_image_gallery
 from runtime.options import EngineOptions, OptionsError, SearchOptions, WriteOptions
-from runtime.search_plan import CostModelError, Costs, Work, choose, index_visits, load_costs
+from runtime.search_plan import MARGIN, CostModelError, Costs, Work, choose, index_visits, load_costs
 from runtime.searcher import Searcher
 from tests.runtime.conftest import random_captions, random_regions
 
@@ -137,6 +137,10 @@ def test_choice_follows_the_costs():
     # a small gallery: rerank's per-query cost outweighs what candidates save
     small = choose(COSTS, _work(1, 300), 250, flat, 2000, 16)
     assert small.kind == "exact" and small.estimates["exact"] < small.estimates["dense"]
+    # a candidate plan must be MARGIN times cheaper than exact: just under that, exact
+    for ratio, kind in ((0.99, "exact"), (1.01, "dense")):
+        costs = Costs(1.0, 0.0, 1.0 / (MARGIN * ratio), 0.0)  # dense estimated MARGIN * ratio times cheaper
+        assert choose(costs, _work(200, 5000), 250, None, 2000, 16).kind == kind
     # exact is free: always exact; candidates free: never exact (the tie order is exact, dense, index)
     free = dataclasses.replace(COSTS, exact=0.0, exact_pass=0.0)
     assert choose(free, _work(200, 5000), 250, ivf, 2000, 16).kind == "exact"
