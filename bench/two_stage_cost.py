@@ -9,9 +9,10 @@ float16 cache + the ``auto`` index, built once):
 * the target: 200 text queries against 5000 images, ``--candidates 250``, k 10, the index already built: the
   wall time of the whole ``python runtime/search.py`` process, exact and two-stage alternately
   (``--rounds`` each; median and spread), and their top-10 overlap;
-* per gallery size (``--sizes``): the single-query latency (p50 over ``--queries`` captions, as
-  ``bench/scale.py`` times it) and one batched search of the same captions, exact and two-stage
-  (``candidates`` 100, 250, 1000; the plan the cost model chose is recorded), with their ratio.
+* per gallery size (``--sizes``): the single-query latency (p50 over ``--queries`` captions, one search
+  call each as ``bench/scale.py`` times it; exact and every M in alternation) and one batched search of the
+  same captions, exact and two-stage (``candidates`` 100, 250, 1000; the plans the cost model chose are
+  recorded: the plan can differ per query, with its length), with their ratio.
 
 The load average is recorded beside every figure. About 3-5 minutes (``--quick``: 2K and 5K galleries,
 one round; about 2 minutes).
@@ -73,45 +74,62 @@ def whole_process(manifest: Path, gallery: Path, queries_file: Path, rounds: int
 
 
 def per_size(engine, gallery, queries: list[str], ms: Sequence[int]) -> list[dict[str, Any]]:
-    """Exact vs two-stage at one gallery size: single-query p50 and one batched search of every query."""
+    """Exact vs two-stage at one gallery size: single-query p50, exact and each M timed in alternation
+    (``harness.interleaved``, rotated and settled: load drift and spinning worker threads hit all alike), and
+    one batched search of every query."""
     from runtime.searcher import Searcher
 
-    rows = []
-    with Searcher(engine, images=gallery) as s:
-        single, found = harness.time_each(lambda i: s.search([queries[i]], 10), len(queries), warmup=1)
+    exact = Searcher(engine, images=gallery)
+    searchers = {
+        m: Searcher(engine, images=gallery, options=SearchOptions(candidates=m)) for m in ms if m < len(gallery)
+    }
+    plans: dict[int, list[str]] = {m: [] for m in searchers}
+
+    def one(s, m=None):
+        def call(i):
+            out = s.search([queries[i % len(queries)]], 10)
+            if m is not None:
+                plans[m].append(s.two_stage.plans["images"].kind)
+            return out
+
+        return call
+
+    contenders = {"exact": one(exact), **{m: one(s, m) for m, s in searchers.items()}}
+    single = harness.interleaved(contenders, len(queries), warmup=1, rotate=True, settle=True)
+    t0 = time.perf_counter()
+    exact_ids = exact.search(queries, 10)[1]
+    batched = time.perf_counter() - t0
+    p50 = float(np.median(single["exact"])) * 1e3
+    rows = [
+        {"gallery": len(gallery), "mode": "exact", "single_p50_ms": p50, "batched_s": batched}
+        | {"load_average": harness.load_average()}
+    ]
+    for m, s in searchers.items():
         t0 = time.perf_counter()
-        exact_ids = s.search(queries, 10)[1]
-        batched = time.perf_counter() - t0
-    exact = {"single_p50_ms": float(np.median(single)) * 1e3, "batched_s": batched}
-    rows.append({"gallery": len(gallery), "mode": "exact", **exact, "load_average": harness.load_average()})
-    for m in ms:
-        if m >= len(gallery):
-            continue
-        with Searcher(engine, images=gallery, options=SearchOptions(candidates=m)) as s:
-            single, found = harness.time_each(lambda i: s.search([queries[i]], 10), len(queries), warmup=1)
-            single_plan = s.two_stage.plans["images"]
-            t0 = time.perf_counter()
-            ids = s.search(queries, 10)[1]
-            batched = time.perf_counter() - t0
-            batch_plan = s.two_stage.plans["images"]
-        p50 = float(np.median(single)) * 1e3
+        ids = s.search(queries, 10)[1]
+        two_batched = time.perf_counter() - t0
+        batch_plan = s.two_stage.plans["images"]
+        two_p50 = float(np.median(single[m])) * 1e3
+        kinds = plans[m][1:]  # after the warmup call
         rows.append(
             {
                 "gallery": len(gallery),
                 "mode": "two_stage",
                 "candidates": m,
-                "single_p50_ms": p50,
-                "single_plan": single_plan.kind,
-                "single_speedup": round(exact["single_p50_ms"] / p50, 2),
-                "batched_s": batched,
+                "single_p50_ms": two_p50,
+                "single_plan": max(set(kinds), key=kinds.count),
+                "single_plans": {k: kinds.count(k) for k in sorted(set(kinds))},
+                "single_speedup": round(p50 / two_p50, 2),
+                "batched_s": two_batched,
                 "batched_plan": batch_plan.kind,
                 "batched_estimates_ms": {k: v and round(v * 1e3, 1) for k, v in batch_plan.estimates.items()},
-                "batched_speedup": round(exact["batched_s"] / batched, 2),
+                "batched_speedup": round(batched / two_batched, 2),
                 "overlap_at_10": round(overlap_at(ids, exact_ids), 4),
-                "single_overlap_at_10": round(overlap_at(np.stack([f[1][0] for f in found]), exact_ids), 4),
                 "load_average": harness.load_average(),
             }
         )
+    for s in (exact, *searchers.values()):
+        s.close()
     return rows
 
 
