@@ -246,7 +246,12 @@ def check_parity(model: SCAN, graph: str, onnx_bytes: bytes, precision: str = "f
                     )
                 with np.errstate(invalid="ignore", over="ignore"):
                     err = float(np.max(np.abs(e - g))) if e.size else 0.0
-                if not np.all(np.isfinite(g)) or not np.allclose(g, e, atol=atol, rtol=rtol):
+                if not np.all(np.isfinite(g)):
+                    raise ParityError(
+                        f"{name} graph in {runner}: output {out_name} has {int(np.sum(~np.isfinite(g)))} "
+                        f"non-finite values (inf/NaN: an overflow) on inputs {shapes[-1]}"
+                    )
+                if not np.allclose(g, e, atol=atol, rtol=rtol):
                     raise ParityError(
                         f"{name} graph in {runner}: output {out_name} differs from the PyTorch reference by "
                         f"{err:.3g} (tolerance {atol:g} + {rtol:g} rel) on inputs {shapes[-1]}"
