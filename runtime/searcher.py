@@ -34,7 +34,7 @@ from typing import Any, Self
 import numpy as np
 
 from runtime.backends.base import GalleryBlocks
-from runtime.buckets import length_batches
+from runtime.buckets import length_groups
 from runtime.engine import ScanEngine, ScanModel
 from runtime.explain import EnsembleExplanation, Explanation, combine, explain
 from runtime.features import check_regions
@@ -426,7 +426,8 @@ class Searcher:
 
     def _encoded(self, queries: Queries, stages: Stages) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
         """``(rows, per member the head's query inputs)`` per batch of at most ``query_batch`` queries; captions
-        in batches of similar length (by the first member's lengths; every member pads to its own longest)."""
+        in batches of similar length, padded little (``length_groups``: by the first member's lengths; every
+        member pads to its own longest)."""
         batch = self.options.query_batch
         if queries.regions is not None or queries.encoded:
             with stages.timed("encode"):
@@ -437,7 +438,7 @@ class Searcher:
                 rows = np.arange(a, min(a + batch, len(queries)))
                 yield rows, [{"images": images[rows], "image_gram": gram[rows]} for images, gram in encoded]
             return
-        for rows in length_batches(queries.tokens[0][1], batch):
+        for rows in length_groups(queries.tokens[0][1], batch):
             member_queries = []
             with stages.timed("encode"):
                 for e, (ids, lengths) in zip(self.engines, queries.tokens):
