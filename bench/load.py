@@ -1,7 +1,7 @@
 """Load test of the HTTP service against a plain server and the in-process search, in one run.
 
     python bench/load.py [--quick] [--models full,demo] [--configs ours,plain] [--concurrency 1,16,64]
-                         [--duration 8] [--long S] [--variant 'greedy:--max-delay-ms 0'] [--before DIR]
+                         [--duration 8] [--long S] [--variant 'wait:--max-delay-ms 5'] [--before DIR]
                          [--json bench/results/load.json] [--plot bench/results/load.png] [--cache DIR]
 
 Per model (``full``: a randomly initialised full-size SCAN, embed 1024, 36 regions x 2048, bi-GRU, the
@@ -627,11 +627,12 @@ def plot(report: dict[str, Any], plt):
     models = list(report["models"].items())
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.0 * len(models)), squeeze=False)
     for (name, m), (ax1, ax2) in zip(models, axes):
-        for cname, cfg in m["configs"].items():
+        for i, (cname, cfg) in enumerate(m["configs"].items()):
             conc = [c["concurrency"] for c in cfg["cells"]]
-            ax1.plot(conc, [c["requests_per_s"] for c in cfg["cells"]], "o-", label=cname)
-            ax2.plot(conc, [c["p50_ms"] for c in cfg["cells"]], "o-", label=f"{cname} p50")
-            ax2.plot(conc, [c["p99_ms"] for c in cfg["cells"]], "s--", label=f"{cname} p99")
+            color = f"C{i}"  # one colour per server: its throughput, p50 (solid) and p99 (dashed)
+            ax1.plot(conc, [c["requests_per_s"] for c in cfg["cells"]], "o-", color=color, label=cname)
+            ax2.plot(conc, [c["p50_ms"] for c in cfg["cells"]], "o-", color=color, label=f"{cname} p50")
+            ax2.plot(conc, [c["p99_ms"] for c in cfg["cells"]], "s--", color=color, label=f"{cname} p99")
         base = m["in_process"]["p50_ms"]
         if base:
             ax2.axhline(base, color="grey", lw=0.8, ls=":", label="in-process p50")

@@ -2,14 +2,15 @@
 
 Requests are queued (bounded, in queries); each worker thread takes the oldest request and adds every
 later compatible one (same direction, same region count for image queries) up to ``max_batch`` queries.
-A batch forms while the worker is busy: what queued up during one batch is the next. The worker waits for
-batch-mates only when it expects them: while its batch is smaller than the previous one (so many clients
-are sending), for at most ``max_delay_ms`` (Triton's dynamic batcher's delay). After a batch of one, a
-request that finds the worker idle runs at once: one client never waits for batch-mates that cannot come
-(docs/serving.md, "Batching", has the measurements). The batch runs at the largest
-``k`` asked for and each request gets its own rows cut to its own ``k``; a top-k is exact for every
-smaller k, so a request's result does not depend on its batch-mates. Neither does its outcome: when a
-batch fails, each of its requests is run again alone, so only the request that causes a failure gets it.
+A batch forms while the worker is busy: what queued up during one batch is the next, run as soon as the
+worker is free. With ``max_delay_ms`` > 0 (default 0) the worker also waits for batch-mates it expects: while
+its batch is smaller than the previous one (many clients are sending), for at most that long (Triton's
+dynamic batcher's delay); after a batch of one, a request that finds the worker idle still runs at once, so
+one client never waits for batch-mates that cannot come (docs/serving.md, "Batching", has the measurements).
+The batch runs at the largest ``k`` asked for and each request gets its own rows cut to its own ``k``; a
+top-k is exact for every smaller k, so a request's result does not depend on its batch-mates. Neither does
+its outcome: when a batch fails, each of its requests is run again alone, so only the request that causes a
+failure gets it.
 
 The batcher knows nothing of HTTP or of the model: ``execute(direction, queries, k) -> Hits`` is all it calls;
 queries are prepared before they are queued (``runtime.searcher.Queries``: a batch joins its requests' with
