@@ -1,7 +1,7 @@
 """Load test of the HTTP service against a plain server and the in-process search, in one run.
 
     python bench/load.py [--quick] [--models full,demo] [--configs ours,plain] [--concurrency 1,16,64]
-                         [--duration 8] [--long S] [--variant 'wait:--max-delay-ms 5'] [--before DIR]
+                         [--duration 8] [--long S] [--variant 'greedy:--max-delay-ms 0'] [--before DIR]
                          [--json bench/results/load.json] [--plot bench/results/load.png] [--cache DIR]
 
 Per model (``full``: a randomly initialised full-size SCAN, embed 1024, 36 regions x 2048, bi-GRU, the

@@ -1,7 +1,7 @@
 """Serve top-k search over HTTP, batching the queries of concurrent requests (FastAPI + uvicorn).
 
     python runtime/serve.py --engine engines/scan.json --gallery gal [--host 127.0.0.1] [--port 8080]
-                            [--max-batch 32] [--max-delay-ms 0] [--workers 1] [--token-file F]
+                            [--max-batch 32] [--max-delay-ms 5] [--workers 1] [--token-file F]
 
 Endpoints: POST /v1/search/text, POST /v1/search/images, POST /v1/gallery/images, POST /v1/gallery/captions,
 GET /v1/info, /healthz, /readyz, /metrics, /docs (docs/serving.md); the search page at GET / with

@@ -3,7 +3,7 @@
 Requests are queued (bounded, in queries); each worker thread takes the oldest request and adds every
 later compatible one (same direction, same region count for image queries) up to ``max_batch`` queries.
 A batch forms while the worker is busy: what queued up during one batch is the next, run as soon as the
-worker is free. With ``max_delay_ms`` > 0 (default 0) the worker also waits for batch-mates it expects: while
+worker is free. With ``max_delay_ms`` > 0 (default 5) the worker also waits for batch-mates it expects: while
 its batch is smaller than the previous one (many clients are sending), for at most that long (Triton's
 dynamic batcher's delay); after a batch of one, a request that finds the worker idle still runs at once, so
 one client never waits for batch-mates that cannot come (docs/serving.md, "Batching", has the measurements).

@@ -16,9 +16,9 @@ DEFAULT_MAX_REGIONS = 100
 @dataclass(frozen=True)
 class Batching:
     max_batch: int = 32  # queries merged into one executor call
-    # how long a batch may wait for the batch-mates it expects (as many as the last batch had); 0: never,
-    # measured as fast or faster than 5 ms at 1, 16 and 64 clients (docs/serving.md, "Batching")
-    max_delay_ms: float = 0.0
+    # how long a batch may wait for the batch-mates it expects (as many as the last batch had; after a batch
+    # of one, none: a lone request runs at once); 0: never (docs/serving.md, "Batching", has both measured)
+    max_delay_ms: float = 5.0
     workers: int = field(default_factory=lambda: Threads.for_cores().batch_workers)  # threads executing batches
     max_queue: int = 512  # queries waiting; beyond it requests get 503 + Retry-After
 

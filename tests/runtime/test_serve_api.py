@@ -254,7 +254,7 @@ def test_info_health_ready_metrics_docs(service):
     assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
     assert info["model"]["config"]["img_dim"] == 12
     workers = Threads.for_cores().batch_workers  # 1 below 32 cores
-    assert info["batching"] == {"max_batch": 32, "max_delay_ms": 0.0, "workers": workers, "max_queue": 512}
+    assert info["batching"] == {"max_batch": 32, "max_delay_ms": 5.0, "workers": workers, "max_queue": 512}
     assert info["limits"]["max_queries"] == 8 and info["versions"]["numpy"] == np.__version__
     assert request(service, "GET", "/healthz").json() == {"status": "ok"}
     assert request(service, "GET", "/readyz").json() == {"status": "ready", "images": N_IMAGES, "captions": N_CAPTIONS}
