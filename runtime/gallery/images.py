@@ -94,6 +94,8 @@ class ImageGallery(store.MappedGallery):
                 raise GalleryError(
                     f"{folder}: corrupted gallery: boxes {list(boxes.shape)} for images {list(arrays['images'].shape)}"
                 )
+            if isinstance(images, Dequantized):
+                logger.warning("%s: %s", folder, describe_quantization(data))
             return cls(folder, images, arrays["image_gram"], arrays["ids"], names, data, boxes)
 
         return store.load_consistent(lambda: store.manifest_generation(folder), load, folder)
@@ -142,6 +144,51 @@ class ImageGallery(store.MappedGallery):
             None if names is None else list(names),
             manifest,
         )
+
+
+# An int8 write measures its top-10 agreement with float32 on up to this many of its new images, against
+# PROBE_QUERIES captions of random words (the engine scores both; recorded in the manifest, logged on use).
+PROBE_IMAGES = 256
+PROBE_QUERIES = 20
+PROBE_WORDS = 12
+
+
+def probe_agreement(engine, emb: np.ndarray, gram: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Top-10 agreement of int8 with float32 scores of images ``emb`` (float32, their Grams ``gram``) for
+    random-word captions: what ``describe_quantization`` reports."""
+    emb, gram = emb[:PROBE_IMAGES], gram[:PROBE_IMAGES]
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, engine.config.vocab_size, (PROBE_QUERIES, PROBE_WORDS)).astype(np.int64)
+    lengths = np.full(PROBE_QUERIES, PROBE_WORDS, np.int64)
+    words = engine.encode_ids(ids, lengths)
+    codes, scales = quantize(emb)
+    approx = dequantize(codes, scales)
+    exact = engine.sims(emb, gram, words, lengths)  # (N, Q)
+    got = engine.sims(approx, gram_of(approx), words, lengths)
+    k = min(10, len(emb))
+    top = [
+        len(set(np.argsort(-exact[:, q], kind="stable")[:k]) & set(np.argsort(-got[:, q], kind="stable")[:k])) / k
+        for q in range(PROBE_QUERIES)
+    ]
+    return {
+        "scheme": "int8 codes, one float32 scale per region vector (max |x| / 127)",
+        "top10_agreement": float(np.mean(top)),
+        "max_abs_score_diff": float(np.abs(exact - got).max()),
+        "probe_images": len(emb),
+        "probe_queries": PROBE_QUERIES,
+    }
+
+
+def describe_quantization(manifest: dict[str, Any]) -> str:
+    """The log line of an int8 cache: approximate, and how well it agreed with float32 when written."""
+    q = manifest.get("quantization") or {}
+    if "top10_agreement" not in q:
+        return "int8 cache: approximate scores (no agreement with float32 recorded)"
+    return (
+        f"int8 cache: approximate scores; top-10 agreement with float32 {q['top10_agreement']:.3f} (max score "
+        f"difference {q['max_abs_score_diff']:.1e}), measured when written on {q['probe_images']} of its images "
+        f"and {q['probe_queries']} random-word captions; bench/formats.py measures it on real queries"
+    )
 
 
 def _gram_dtype(dtype: str) -> str:
@@ -280,6 +327,7 @@ def build_image_gallery(
                     for name in files:
                         out[name][start:stop] = stored[name][start:stop]
                 stored = {}  # no map of the previous generation may outlive the commit (its files are swept)
+            probe = (np.zeros((0, r, d), np.float32), np.zeros((0, r, r), np.float32))  # int8: float rows kept
             with store.progress_bar(n_new, "encoding images", options.progress) as bar:
                 for start in range(0, n_new, batch):
                     chunk = np.asarray(regions[start : start + batch])
@@ -287,6 +335,8 @@ def build_image_gallery(
                         emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
                     except FeatureError as e:
                         raise GalleryError(f"cannot build the gallery: {e}") from e
+                    if is_quantized(dtype) and len(probe[0]) < PROBE_IMAGES:
+                        probe = (np.concatenate([probe[0], emb]), np.concatenate([probe[1], gram]))
                     for name, rows in encoded_rows(emb, gram, dtype).items():
                         out[name][n_old + start : n_old + start + len(chunk)] = rows
                     bar.update(len(chunk))
@@ -326,6 +376,9 @@ def build_image_gallery(
             "names_file": next(iter(extra), None),
             **store.with_key(old.manifest if old else None, options.key, n_old, n_new),
         }
+        if is_quantized(dtype):
+            manifest["quantization"] = probe_agreement(engine, *probe)
+            logger.warning("%s: %s", folder, describe_quantization(manifest))
         store.commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
         store.sweep(folder)

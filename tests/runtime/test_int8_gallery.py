@@ -94,12 +94,18 @@ def test_int8_gallery_round_trip_append_and_checksums(engine, tmp_path):
     np.testing.assert_array_equal(copy.images.codes, whole.images.codes)
 
 
-def test_int8_search_agrees_with_float32(engine, tmp_path):
+def test_int8_search_agrees_with_float32(engine, tmp_path, caplog):
     """Top-10 agreement of int8 with float32 search on seeded data, above a bound justified below."""
     regions = random_regions(60, seed=5)
     queries = random_captions(40, seed=6)
     exact = build_image_gallery(engine, regions, tmp_path / "f32", options=WriteOptions(progress=False))
-    approx = build_image_gallery(engine, regions, tmp_path / "i8", options=INT8)
+    with caplog.at_level("WARNING"):
+        approx = build_image_gallery(engine, regions, tmp_path / "i8", options=INT8)
+    # The write measured its agreement (random-word captions, 60 images), recorded it and logged it on use.
+    probe = approx.manifest["quantization"]
+    assert probe["probe_images"] == 60 and probe["top10_agreement"] >= 0.9
+    assert "int8 cache: approximate scores; top-10 agreement with float32" in caplog.text
+    assert not [r for r in caplog.records if "f32" in r.getMessage()]  # float caches say nothing
     s_exact, i_exact = Searcher(engine, images=exact).search(queries, 10)
     s_approx, i_approx = Searcher(engine, images=approx).search(queries, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_exact, i_approx)])
