@@ -377,8 +377,7 @@ def build_image_gallery(
             **store.with_key(old.manifest if old else None, options.key, n_old, n_new),
         }
         if is_quantized(dtype):
-            manifest["quantization"] = probe_agreement(engine, *probe)
-            logger.warning("%s: %s", folder, describe_quantization(manifest))
+            manifest["quantization"] = probe_agreement(engine, *probe)  # logged by the load below
         store.commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
         store.sweep(folder)
