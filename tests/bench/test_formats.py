@@ -31,4 +31,7 @@ def test_quick_run_reports_every_format(tmp_path, capsys):
         # 200 random unit-vector images (near ties) and int8's per-component error: a measured ~0.95; an int8
         # search that lost its scales agrees by chance only (~10 of 200).
         assert c["top10_agreement"] >= (0.9 if c["exact"] else 0.8), name
+    rerank = r["rerank"]
+    assert rerank["float32"]["top10_agreement"] == 1.0 and rerank["float16"]["top10_agreement"] >= 0.9
+    assert rerank["int8"]["top10_agreement"] >= 0.8 and rerank["int8"]["p50_ms"] > 0
     assert "int8/onnxruntime" in capsys.readouterr().out
