@@ -163,3 +163,24 @@ def test_segment_aggregate_handles_far_values_without_overflow():
     ref = [np.log(np.exp(-30.0) + np.exp(30.0)) / 30, np.log(np.exp(27.0) + 2 * np.exp(-24.0)) / 30]
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("attn", ["t2i", "i2t"])
+@pytest.mark.parametrize("kind", ["captions", "images"])
+def test_two_stage_proposes_from_the_side_the_model_aggregates_over(indexes, attn, kind, monkeypatch):
+    """The Searcher's two-stage collaborator takes the codebook where the model aggregates over the gallery
+    item's vectors and the index's neighbours where it aggregates over the query's."""
+    from runtime.options import SearchOptions
+    from runtime.two_stage import TwoStage
+
+    index = indexes[kind, "flat"]
+    config = _config(attn, "LogSumExp")
+    queries = [_query(kind, 8), _query(kind, 9)]
+    codebook = (attn, kind) in CASES
+    want = centroids.propose(index, queries, config, 6) if codebook else index.search(queries, config, 6)
+    calls = []
+    real = centroids.propose
+    monkeypatch.setattr(centroids, "propose", lambda *a, **k: calls.append(a) or real(*a, **k))
+    got = TwoStage(SearchOptions(candidates=6)).propose(index, queries, config)
+    assert len(calls) == int(codebook)
+    assert len(got) == 2 and all(np.array_equal(g, w) for g, w in zip(got, want))
