@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.gallery import CaptionGallery, ImageGallery, centroids
 from runtime.gallery.index import CandidateIndex, open_index
 from runtime.options import SearchOptions
 
@@ -41,11 +41,16 @@ class TwoStage:
     ) -> list[np.ndarray]:
         """Per query, the storage positions (ascending) to score exactly. ``index(i)``: member i's index;
         ``vectors``: per member, per query, the query's vectors in that member's embedding."""
-        proposed = [
-            index(i).search(vectors[i], engines[i].config, self.m, self.neighbors, self.nprobe)
-            for i in self.asked(len(engines))
-        ]
+        proposed = [self.propose(index(i), vectors[i], engines[i].config) for i in self.asked(len(engines))]
         return [functools.reduce(np.union1d, [p[q] for p in proposed]) for q in range(len(proposed[0]))]
+
+    def propose(self, index: CandidateIndex, vectors: list[np.ndarray], config) -> list[np.ndarray]:
+        """Storage positions (ascending) of the M candidates of each query (its vectors) from one index."""
+        # Aggregation over the item's own vectors: every gallery vector's best query vector, from the
+        # codebook (runtime/gallery/centroids.py); over the query's vectors: the index's neighbours.
+        if centroids.gallery_side(index, config):
+            return centroids.propose(index, vectors, config, self.m)
+        return index.search(vectors, config, self.m, self.neighbors, self.nprobe)
 
     @staticmethod
     def rescore(
