@@ -158,6 +158,91 @@ def torch_cuda_baseline(
     return out
 
 
+# lambda_softmax values of the fp16 check: the unnormalised attention weights reach e^lambda, past float16's
+# 65504 from lambda 11.1, so the float16 heads subtract the max (export/model.py) or keep them in float32.
+FP16_LAMBDAS = (1.0, 4.0, 9.0, 11.0, 12.0, 20.0, 30.0)
+
+
+def fp16_lambda_check(
+    torch_device: str | None = "cuda", xp=None, n: int = 64, q: int = 8, length: int = 12, r: int = 36, d: int = 256
+) -> dict[str, Any]:
+    """The float16 heads in real float16 arithmetic for every lambda_softmax up to 30 against float32.
+
+    ``torch_device``: the PyTorch head of export/model.py (what the fp16 graphs are traced from) in
+    ``.half()`` on that device (None: skipped); ``xp``: the array model (runtime/array_model.py) with
+    float16 storage and float16 GEMMs on that array module, as ``--backend cupy --precision fp16`` runs
+    (None: CuPy when it can run). Both directions, every norm and aggregation, seeded unit vectors,
+    captions of 2..``length`` words. Per (head, mode, lambda): the largest |fp16 - fp32| over the norms and
+    aggregations; ``passed``: all finite and within the exporter's fp16 tolerance.
+    """
+    from export.exporter import FP16_ATOL, FP16_RTOL
+    from runtime import array_model
+    from runtime.config import AGG_FUNCS, RAW_FEATURE_NORMS
+
+    if xp is None:
+        from runtime.backends.arrays import cupy_status
+
+        if cupy_status() is None:
+            import cupy as xp
+    rng = np.random.default_rng(0)
+    images, captions = unit_rows(rng, (n, r, d)), unit_rows(rng, (q, length, d))
+    lengths = rng.integers(2, length + 1, q).astype(np.int64)
+    lengths[0] = length
+    captions *= (np.arange(length)[None, :] < lengths[:, None])[..., None]
+    heads: dict[str, Any] = {}
+    if torch_device is not None:
+        torch = harness.optional_torch()
+        if torch is None or (torch_device == "cuda" and not torch.cuda.is_available()):
+            heads["torch"] = {"skipped": unavailable() or "no PyTorch"}
+        else:
+            from export.model import batched_sims, gram
+
+            dev = torch.device(torch_device)
+            ti, tc, tl = (torch.from_numpy(x).to(dev) for x in (images, captions, lengths))
+
+            def torch_sims(cfg, half: bool):
+                im, cap = (ti.half(), tc.half()) if half else (ti, tc)
+                with torch.no_grad():
+                    return batched_sims(im, gram(im), cap, tl, None, cfg).float().cpu().numpy()
+
+            heads["torch"] = torch_sims
+    if xp is not None:
+        xi, xc, xl = (xp.asarray(x) for x in (images, captions, lengths))
+        host = getattr(xp, "asnumpy", np.asarray)
+
+        def array_sims(cfg, half: bool):
+            dtype = xp.float16 if half else xp.float32
+            return host(array_model.sims(xp, xi.astype(dtype), None, xc.astype(dtype), xl, cfg, dtype))
+
+        heads["array_model"] = array_sims
+    else:
+        heads["array_model"] = {"skipped": "no CuPy device (and no array module given)"}
+    out: dict[str, Any] = {"shape": {"N": n, "Q": q, "L": length, "R": r, "d": d}, "tolerance": FP16_ATOL}
+    t0 = time.perf_counter()
+    for name, run in heads.items():
+        if isinstance(run, dict):
+            out[name] = run
+            continue
+        cells, passed = {}, True
+        for mode in MODES:
+            for lam in FP16_LAMBDAS:
+                worst = 0.0
+                for norm in RAW_FEATURE_NORMS:
+                    for agg in AGG_FUNCS:
+                        cfg = SCANConfig(
+                            vocab_size=10, embed_size=d, cross_attn=mode, raw_feature_norm=norm, agg_func=agg,
+                            lambda_softmax=lam,
+                        )  # fmt: skip
+                        want, got = run(cfg, False), run(cfg, True)
+                        ok = bool(np.isfinite(got).all()) and np.allclose(got, want, atol=FP16_ATOL, rtol=FP16_RTOL)
+                        passed = passed and ok
+                        worst = max(worst, float(np.abs(got - want).max()) if ok else float("inf"))
+                cells[f"{mode}_{lam:g}"] = worst
+        out[name] = {"max_abs_err": cells, "passed": passed}
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
 # Full-size SCAN (the paper's Flickr30K model): the shapes every GPU figure is measured at.
 FULL = dict(vocab_size=10000, img_dim=2048, embed_size=1024, word_dim=300, num_layers=1, bi_gru=True)
@@ -586,6 +671,14 @@ def format_report(report: dict[str, Any]) -> str:
         for key, v in t.items():
             if isinstance(v, dict) and "pairs_per_s" in v:
                 lines.append(f"torch CUDA batched head {key}: {v['pairs_per_s']:,.0f} pairs/s")
+    f16 = report.get("fp16_lambdas", {})
+    for name in ("torch", "array_model"):
+        v = f16.get(name, {})
+        if "max_abs_err" in v:
+            errs = ", ".join(f"{k} {e:.1e}" for k, e in v["max_abs_err"].items())
+            lines.append(f"fp16 for every lambda, {name}: passed={v['passed']}; max |fp16 - fp32|: {errs}")
+        elif v or "failed" in f16:
+            lines.append(f"fp16 for every lambda, {name}: {v.get('skipped') or f16.get('failed')}")
     if "tensorrt" in report:
         lines.append(f"tensorrt: {json.dumps(report['tensorrt'])[:300]}")
     for key, v in report.get("summary", {}).items():
@@ -657,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: cupy_check(n=args.n, galleries=galleries, deadline=t0 + args.budget, quick=args.quick)
     )
     report["torch_cuda_baseline"] = _guarded(lambda: torch_cuda_baseline(n=args.n))
+    report["fp16_lambdas"] = _guarded(fp16_lambda_check)
     _free_torch()
     if args.engine:
         manifest = Path(args.engine)

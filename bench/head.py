@@ -27,6 +27,8 @@ from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
+# Issue 19's target: the head's achieved FLOP/s at least this fraction of the GEMM ceiling of the same run.
+TARGET_FRACTION = 0.8
 CONTENDERS = ("slow_torch_cpu", "batched_torch_cpu", "ort_cpu", "torch_cuda_fp32", "torch_cuda_fp16", "ort_cuda")
 
 
@@ -178,8 +180,10 @@ def bench_head(
         ceiling = ceiling_pairs if ceiling_name == "cpu" else result.get("gpu_ceilings", {}).get(ceiling_name)
         c["ceiling"] = ceiling_name
         c["fraction_of_ceiling"] = c["pairs_per_s"] / ceiling if ceiling else None
+        c["meets_target"] = c["fraction_of_ceiling"] >= TARGET_FRACTION if ceiling else None
         c["gflops"] = c["pairs_per_s"] * result["flop_per_pair"] / 1e9
     result["contenders"] = {k: contenders[k] for k in CONTENDERS}
+    result["target_fraction_of_ceiling"] = TARGET_FRACTION
     return result
 
 

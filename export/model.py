@@ -223,9 +223,11 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 # Norms whose output lies in [-1, 1]: softmax logits lambda * x then lie in [-lambda, lambda], and for
-# lambda <= 30 exp() needs no max subtraction at all: e <= e^30, the Gram form e^T G e <= R^2 e^60 |G|
+# lambda <= 30 the float32 head needs no max subtraction at all: e <= e^30, the Gram form e^T G e <= R^2 e^60 |G|
 # stays far inside float32 (3.4e38), and e >= e^-30 is far from underflow. The softmax normaliser
 # cancels in the cosine, so these unshifted weights give the same result as the original's.
+# float16 is another matter: e^11 = 59874 is near its 65504 and G e (up to R e^lambda) overflows sooner,
+# so a head fed float16 (the fp16 graphs) always subtracts the max (``_attention_weights``).
 BOUNDED_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm")
 MAX_BOUNDED_LAMBDA = 30.0
 
@@ -237,15 +239,21 @@ def _attention_weights(
     soft_dim: int,
     soft_mask: torch.Tensor | None,
     cfg: SCANConfig,
+    shift: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised softmax weights ``e`` along ``soft_dim`` and their sum ``z``: softmax = e / z.
 
     The head never divides the full tensor by ``z``: both the weighted-context dot product and its norm
     scale by 1/z, so the cosine only needs ``z`` in its eps clamp (see ``batched_sims``).
+
+    ``shift`` (the float16 head): always ``e = exp(logits - max)``, so ``e`` lies in [0, 1] with a 1 in
+    every row and ``1 <= z <= R``, and the float16 Gram product ``G e`` cannot overflow for any lambda.
+    Without it, bounded norms with lambda <= 30 skip the max (one reduction fewer over the largest tensor).
     """
     lam = cfg.lambda_softmax
     norm = cfg.raw_feature_norm
-    if norm in BOUNDED_NORMS and 0 <= lam <= MAX_BOUNDED_LAMBDA:
+    bounded = norm in BOUNDED_NORMS and 0 <= lam <= MAX_BOUNDED_LAMBDA
+    if bounded:
         if norm == "softmax":
             logits = masked_softmax(s, norm_dim, norm_mask) * lam
         else:
@@ -253,9 +261,11 @@ def _attention_weights(
             # vector_norm exports as one ReduceL2 / ReduceL1 pass (not Pow + ReduceSum)
             stat = torch.linalg.vector_norm(x, 2 if norm.endswith("l2norm") else 1, dim=norm_dim, keepdim=True)
             logits = x * (lam / (stat + EPS))  # one scale per row instead of a division of the whole tensor
-        e = torch.exp(logits)
     else:
         logits = _raw_norm(s, norm_dim, norm_mask, norm) * lam
+    if bounded and not shift:
+        e = torch.exp(logits)
+    else:
         if soft_mask is not None:
             logits = logits.masked_fill(~soft_mask, NEG)
         e = torch.exp(logits - logits.amax(dim=soft_dim, keepdim=True))
@@ -292,7 +302,8 @@ def batched_sims(
         if image_gram is None:
             image_gram = gram(images)
         mask = word_mask.reshape(q, L, 1, 1)
-        e, z = _attention_weights(s, 1, mask, 3, None, cfg)  # (Q, L, N, R), (Q, L, N)
+        shift = image_gram.dtype.itemsize < 4  # the fp16 graphs: e meets a float16 Gram GEMM, so e <= 1
+        e, z = _attention_weights(s, 1, mask, 3, None, cfg, shift)  # (Q, L, N, R), (Q, L, N)
         dot = (e * s).sum(dim=3)  # (Q, L, N)
         et = e.reshape(q * L, n, r).transpose(0, 1)  # (N, Q*L, R)
         ge = torch.matmul(et.to(image_gram.dtype), image_gram).float()  # (N, Q*L, R); G is symmetric
@@ -302,7 +313,8 @@ def batched_sims(
         return masked_aggregate(cos, 1, word_mask.unsqueeze(2), lengths.unsqueeze(1), cfg).t()  # (N, Q)
     if caption_gram is None:
         caption_gram = gram(captions)
-    e, z = _attention_weights(s, 3, None, 1, word_mask.reshape(q, L, 1, 1), cfg)  # (Q, L, N, R), (Q, N, R)
+    shift = caption_gram.dtype.itemsize < 4  # as t2i: a float16 Gram GEMM needs e <= 1
+    e, z = _attention_weights(s, 3, None, 1, word_mask.reshape(q, L, 1, 1), cfg, shift)  # (Q, L, N, R), (Q, N, R)
     dot = (e * s).sum(dim=1)  # (Q, N, R)
     he = torch.bmm(caption_gram, e.reshape(q, L, n * r).to(caption_gram.dtype)).float()  # (Q, L, N*R)
     ctx_sq = (e.reshape(q, L, n * r) * he).sum(dim=1).reshape(q, n, r)  # (Q, N, R)

@@ -235,18 +235,45 @@ def loop_body_layers(layers: Sequence[LayerInfo]) -> set[int]:
     return body
 
 
+def exp_island_layers(layers: Sequence[LayerInfo]) -> set[int]:
+    """Indices of the float layers downstream of an ``exp`` up to the next division, inclusive.
+
+    The float32 head graph exponentiates bounded logits without subtracting their max (export/model.py),
+    so its attention weights reach e^lambda_softmax (past float16's 65504 from lambda 11.1), and their sums,
+    dot products and Gram product larger still, until the cosine's division brings them back into [-1, 1]
+    (a softmax's division into [0, 1]). Every layer in between stays float32 under the FP16 flag: the
+    element-wise products, the reductions and the small Gram GEMM; the logits GEMM before ``exp`` does not.
+    """
+    consumers: dict[str, list[LayerInfo]] = {}
+    for layer in layers:
+        for t in layer.inputs:
+            consumers.setdefault(t, []).append(layer)
+    queue = deque(layer for layer in layers if layer.type == "UNARY" and layer.op == "EXP")
+    island = {layer.index for layer in queue}
+    while queue:
+        layer = queue.popleft()
+        if layer.type == "ELEMENTWISE" and layer.op == "DIV":
+            continue  # bounded again: what it feeds is outside the island
+        for t in layer.outputs:
+            for nxt in consumers.get(t, ()):
+                if nxt.index not in island and nxt.float_outputs and nxt.type not in NEVER_CONSTRAINED_TYPES:
+                    island.add(nxt.index)
+                    queue.append(nxt)
+    return island
+
+
 def fp32_layers(layers: Sequence[LayerInfo]) -> list[int]:
     """Indices of the layers to pin to float32 when building with the FP16 flag (TensorRT 10).
 
     An element-wise or unary layer whose operation could not be read is pinned too: slower, not wrong.
     """
-    loop = loop_body_layers(layers)
+    islands = loop_body_layers(layers) | exp_island_layers(layers)
     picked = []
     for layer in layers:
         if not layer.float_outputs or layer.type in NEVER_CONSTRAINED_TYPES:
             continue
         sensitive = (
-            layer.index in loop
+            layer.index in islands
             or layer.type in SENSITIVE_LAYER_TYPES
             or (layer.type == "UNARY" and (layer.op is None or layer.op in SENSITIVE_UNARY_OPS))
             or (layer.type == "ELEMENTWISE" and (layer.op is None or layer.op in SENSITIVE_ELEMENTWISE_OPS))

@@ -19,6 +19,34 @@ def length_batches(lengths: np.ndarray, batch: int) -> Iterator[np.ndarray]:
         yield order[a : a + int(batch)]
 
 
+# What one more head call costs, in padded words of one query: the gallery is read once per call, and each
+# query's words are scored against every region of it. Measured on the demo model (1K images, 2 cores): a
+# call's fixed part ~1.7 ms, a query-word ~0.75 ms, so ~2.3 words; and 16 queries of 6-19 words padded to
+# the longest cost 1.6x as much as the same queries one at a time.
+PAD_WORDS_PER_CALL = 4
+
+
+def length_groups(lengths: np.ndarray, batch: int, pad_words: int = PAD_WORDS_PER_CALL) -> Iterator[np.ndarray]:
+    """Like :func:`length_batches` (ascending length, at most ``batch`` per group), but a group also ends where
+    the next caption would pad its batch-mates by more than ``pad_words`` words in all: a group of g captions
+    whose longest has Lmax words takes the next, of L words, while g * (L - Lmax) <= pad_words. So a batch of
+    mixed lengths is scored in a few calls of similar lengths, not in one padded to its longest caption."""
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, received {batch!r}")
+    lengths = np.asarray(lengths)
+    group: list[int] = []
+    longest = 0
+    for i in np.argsort(lengths, kind="stable").tolist():
+        length = int(lengths[i])
+        if group and (len(group) >= batch or len(group) * (length - longest) > pad_words):
+            yield np.asarray(group, np.int64)
+            group = []
+        group.append(i)
+        longest = length
+    if group:
+        yield np.asarray(group, np.int64)
+
+
 def encode_by_length(
     engine, ids: np.ndarray, lengths: np.ndarray, batch: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import ARRAY_BACKENDS, Backend, BackendError, choose_backend, open_backend
+from runtime.backends.convert import cast
 from runtime.features import check_regions
 from runtime.manifest import Manifest, resolve_manifest
 from runtime.options import EngineOptions
@@ -120,7 +121,7 @@ class ScanEngine(ScanModel):
                 raise BackendError("this model's head (t2i) needs image_gram; encode images with encode_images")
             feeds["image_gram"] = image_gram
         dt = self.head_dtype
-        feeds = {k: (v if k == "lengths" else v.astype(dt, copy=False)) for k, v in feeds.items()}
+        feeds = {k: (v if k == "lengths" else cast(v, dt)) for k, v in feeds.items()}
         return _f32(self.head.run(feeds)["sims"])
 
 

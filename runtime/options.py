@@ -12,7 +12,9 @@ from typing import Any
 
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
-GALLERY_DTYPES = ("float32", "float16")
+# int8: image caches only, approximate (runtime/gallery/quantize.py); float16/float32 are exact for their values.
+GALLERY_DTYPES = ("float32", "float16", "int8")
+CAPTION_DTYPES = ("float32", "float16")
 # Where a two-stage search of an ensemble takes its candidates: every member's index (the union of their
 # proposals; up to members x M items scored) or the first member's only (M items; cheaper, lower recall).
 CANDIDATE_SOURCES = ("union", "first")

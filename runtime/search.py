@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="captions file, one per line: build or extend the caption gallery")
     p.add_argument("--append", action="store_true", help="add --images/--captions to the gallery already there")
     p.add_argument("--rebuild", action="store_true", help="replace the gallery already there")
-    add_gallery_dtype_argument(p, "--dtype", "gallery storage (float32 exact; float16 halves memory)")
+    add_gallery_dtype_argument(
+        p,
+        "--dtype",
+        "gallery storage (float32 exact; float16 halves memory; int8, image galleries: a quarter, approximate)",
+    )
     p.add_argument("--query-images", help="region features .npy of query images (image -> text search)")
     p.add_argument("--queries-file", help="file of text queries, one per line ('-' for stdin)")
     p.add_argument("-k", type=int, default=5, help=f"results per query (at most {MAX_K})")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any, Self
 import numpy as np
 
 from runtime.backends.base import GalleryBlocks
-from runtime.buckets import length_batches
+from runtime.buckets import length_groups
 from runtime.engine import ScanEngine, ScanModel
 from runtime.explain import EnsembleExplanation, Explanation, combine, explain
 from runtime.features import check_regions
@@ -41,6 +42,7 @@ from runtime.gallery import CaptionGallery, Galleries, GalleryError, GalleryFold
 from runtime.gallery.members import check_agreement, check_distinct, member_label
 from runtime.gallery.store import Repeated
 from runtime.options import SearchOptions, WriteOptions
+from runtime.stages import Stages
 from runtime.tokenizer import TokenizerError
 from runtime.topk import NonFiniteScore, RunningTopK, block_topk
 from runtime.two_stage import TwoStage
@@ -315,23 +317,29 @@ class Searcher:
             self.prepare(direction, [queries] if isinstance(queries, str) else queries, field), k
         )
 
-    def search_prepared(self, queries: Queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``search`` of queries made ready by ``prepare``: (scores (n, k), ids (n, k))."""
+    def search_prepared(self, queries: Queries, k: int, stages: Stages | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` of queries made ready by ``prepare``: (scores (n, k), ids (n, k)). ``stages`` collects the
+        seconds spent encoding the queries, scoring the gallery and merging the top-k (the service's metrics)."""
+        stages = Stages() if stages is None else stages
         k = self._check(queries.direction, k)
         kind = DIRECTIONS[queries.direction]
         if self.shards is not None:
-            return self._merged(kind, self.shards.search(queries, k), len(queries), k, self.sizes()[kind])
+            with stages.timed("score"):
+                blocks = list(self.shards.search(queries, k))
+            return self._merged(kind, iter(blocks), len(queries), k, self.sizes()[kind], stages)
         g = self._generation  # one generation for the whole search
         if len(g.of(kind)[0]) == 0:
             logger.warning("the gallery %s is empty: every result is -1", g.of(kind)[0].folder)
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
         indexes = self._indexes(g, kind, queries)
-        for rows, batch in self._encoded(queries):
+        for rows, batch in self._encoded(queries, stages):
             if indexes is not None:
-                scores[rows], ids[rows] = self._two_stage(g, kind, indexes, batch, k)
+                with stages.timed("score"):  # candidates and their exact scores, and the top-k of each query
+                    scores[rows], ids[rows] = self._two_stage(g, kind, indexes, batch, k)
             else:
-                scores[rows], ids[rows] = self._merged(kind, self._blocks(g, kind, batch, k), len(rows), k, g)
+                blocks = self._blocks(g, kind, batch, k)
+                scores[rows], ids[rows] = self._merged(kind, blocks, len(rows), k, g, stages)
         return scores, ids
 
     # ------------------------------------------------------------------ gallery images as queries, explanations
@@ -425,40 +433,62 @@ class Searcher:
             raise SearchError(f"{_MISSING[kind]}; {_REMEDY[kind]}")
         return int(k)
 
-    def _encoded(self, queries: Queries) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
+    def _encoded(self, queries: Queries, stages: Stages) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
         """``(rows, per member the head's query inputs)`` per batch of at most ``query_batch`` queries; captions
-        in batches of similar length (by the first member's lengths; every member pads to its own longest)."""
+        in batches of similar length, padded little (``length_groups``: by the first member's lengths; every
+        member pads to its own longest)."""
         batch = self.options.query_batch
         if queries.regions is not None or queries.encoded:
-            encoded = queries.encoded or [e.encode_images(queries.regions, name="query regions") for e in self.engines]
+            with stages.timed("encode"):
+                encoded = queries.encoded or [
+                    e.encode_images(queries.regions, name="query regions") for e in self.engines
+                ]
             for a in range(0, len(queries), batch):
                 rows = np.arange(a, min(a + batch, len(queries)))
                 yield rows, [{"images": images[rows], "image_gram": gram[rows]} for images, gram in encoded]
             return
-        for rows in length_batches(queries.tokens[0][1], batch):
+        for rows in length_groups(queries.tokens[0][1], batch):
             member_queries = []
-            for e, (ids, lengths) in zip(self.engines, queries.tokens):
-                width = int(lengths[rows].max())
-                member_queries.append(
-                    {"captions": e.encode_ids(ids[rows, :width], lengths[rows]), "lengths": lengths[rows]}
-                )
+            with stages.timed("encode"):
+                for e, (ids, lengths) in zip(self.engines, queries.tokens):
+                    width = int(lengths[rows].max())
+                    member_queries.append(
+                        {"captions": e.encode_ids(ids[rows, :width], lengths[rows]), "lengths": lengths[rows]}
+                    )
             yield rows, member_queries
 
     # ------------------------------------------------------------------ scoring
 
     def _merged(
-        self, kind: str, blocks: Iterator[tuple[np.ndarray, np.ndarray]], n: int, k: int, g: Generation | int | None
+        self,
+        kind: str,
+        blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+        n: int,
+        k: int,
+        g: Generation | int | None,
+        stages: Stages | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Candidates ``(scores (n, c), ids (n, c))`` merged into the top-k; ``g``: the generation searched
-        (or the gallery's size)."""
+        (or the gallery's size). ``stages``: the time producing the blocks is "score", merging them "topk"."""
         size = len(g.of(kind)[0]) if isinstance(g, Generation) else g
         top = RunningTopK(n, k, size)
+        clock = time.perf_counter
+        scoring = merging = 0.0
         try:
-            for scores, ids in blocks:
+            t0 = clock()
+            for scores, ids in blocks:  # the head runs while the next block is asked for
+                t1 = clock()
                 top.merge(scores[:, : top.width], ids[:, : top.width])
+                t2 = clock()
+                scoring, merging, t0 = scoring + t1 - t0, merging + t2 - t1, t2
+            t1 = clock()
+            out = top.result()
         except NonFiniteScore as e:  # never a silent drop: name the item
             raise self._corrupted(g, kind, e) from e
-        return top.result()
+        if stages is not None:
+            stages.add("score", scoring + t1 - t0)
+            stages.add("topk", merging + clock() - t1)
+        return out
 
     def _corrupted(self, g: Generation, kind: str, e: NonFiniteScore) -> SearchError:
         where = " in the ensemble: a member's" if len(self.engines) > 1 else ": its"

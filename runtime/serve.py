@@ -36,6 +36,7 @@ from runtime.options import CANDIDATE_SOURCES
 from runtime.pictures import ImageFolder
 from runtime.searcher import check_weights
 from runtime.service.settings import Batching, Limits, MiB, Settings
+from runtime.threads import Threads, limit_blas
 
 logger = logging.getLogger("runtime.serve")
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-delay-ms",
         type=float,
         default=B.max_delay_ms,
-        help="how long the oldest queued request waits for batch-mates",
+        help="how long a batch may wait for as many batch-mates as the last batch had (0: never)",
     )
     p.add_argument("--workers", type=int, default=B.workers, help="threads executing batches (one process)")
     p.add_argument("--max-queue", type=int, default=B.max_queue, help="queued queries before 503 + Retry-After")
@@ -151,7 +152,8 @@ def read_token(path: str) -> str:
     return token
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, service_type: type | None = None) -> int:
+    """``service_type``: a ``runtime.service.service.Service`` subclass to serve with (bench/plain_server.py)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -200,10 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve(args, settings, token, pictures)
+    return serve(args, settings, token, pictures, service_type)
 
 
-def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictures: ImageFolder | None = None) -> int:
+def serve(
+    args: argparse.Namespace,
+    settings: Settings,
+    token: str | None,
+    pictures: ImageFolder | None = None,
+    service_type: type | None = None,
+) -> int:
     import uvicorn
 
     from runtime.service.app import create_app
@@ -221,12 +229,14 @@ def serve(args: argparse.Namespace, settings: Settings, token: str | None, pictu
         options = search_options(args)
         return Executor.open(args.engine, gallery, engine_options(args), options, args.weights, shards)
 
+    blas = limit_blas(Threads.for_cores().blas)  # before the engines start: numpy's BLAS shares their cores
+    logger.debug("BLAS: %s", blas)
     started_ray = False
     if args.shards is not None:  # in the main thread: Ray's local processes die with the thread that starts them
         from runtime.cluster import connect
 
         started_ray = connect(args.ray_address)
-    service = Service(open_executor, settings, token=token, pictures=pictures)
+    service = (service_type or Service)(open_executor, settings, token=token, pictures=pictures)
     app = create_app(service, access_log=not args.no_access_log)
     config = uvicorn.Config(
         app,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.gallery import CaptionGallery, ImageGallery
+from runtime.gallery import CaptionGallery, ImageGallery, centroids
 from runtime.gallery.index import (
     DEFAULT_NPROBE,
     NEIGHBORS_PER_CANDIDATE,
@@ -125,11 +125,17 @@ class TwoStage:
     ) -> list[np.ndarray]:
         """Per query, the storage positions (ascending) to score exactly. ``index(i)``: member i's index;
         ``vectors``: per member, per query, the query's vectors in that member's embedding."""
-        proposed = [
-            index(i).search(vectors[i], engines[i].config, self.m, self.neighbors, self.nprobe)
-            for i in self.asked(len(engines))
-        ]
+        proposed = [self.propose(index(i), vectors[i], engines[i].config) for i in self.asked(len(engines))]
         return [functools.reduce(np.union1d, [p[q] for p in proposed]) for q in range(len(proposed[0]))]
+
+    def propose(self, index: CandidateIndex | DenseCandidates, vectors: list[np.ndarray], config) -> list[np.ndarray]:
+        """Storage positions (ascending) of the M candidates of each query (its vectors) from one index."""
+        # Aggregation over the item's own vectors: every gallery vector's best query vector, from the
+        # codebook (runtime/gallery/centroids.py); over the query's vectors: the index's neighbours.
+        # The dense score knows every cosine: it needs neither.
+        if not isinstance(index, DenseCandidates) and centroids.gallery_side(index, config):
+            return centroids.propose(index, vectors, config, self.m)
+        return index.search(vectors, config, self.m, self.neighbors, self.nprobe)
 
     @staticmethod
     def rescore(

@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime import array_model as am
 from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
+from runtime.backends.convert import cast
 from runtime.install import install_command
 from runtime.weights import ScanWeights
 
@@ -99,11 +100,11 @@ class ArrayModel:
     # ------------------------------------------------------------------ transfers
 
     def _put(self, a: np.ndarray, dtype) -> Any:
-        return self.xp.asarray(np.ascontiguousarray(a, dtype=dtype))
+        return self.xp.asarray(cast(np.asarray(a), dtype))
 
     def upload(self, a: np.ndarray, dtype=None, slot: str = "query") -> Any:
         """Host -> device. CuPy: staged through a reusable pinned buffer of this thread (``slot``)."""
-        a = np.asarray(a, dtype=dtype)
+        a = np.asarray(a) if dtype is None else cast(np.asarray(a), dtype)
         if self.xp is np:
             return np.ascontiguousarray(a)
         buf = self._staging.buffers.get(slot)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.convert import cast
 from runtime.topk import block_topk
 
 # One gallery block: (offset of its first row in the gallery, head inputs for its rows).
@@ -121,10 +122,7 @@ class Backend(abc.ABC):
     def host_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Numpy feeds cast to the inputs' dtypes; anything else (already on a device) is passed through."""
         dtypes = {t.name: t.dtype for t in self.inputs}
-        return {
-            k: (np.ascontiguousarray(v, dtype=dtypes[k]) if isinstance(v, np.ndarray) and k in dtypes else v)
-            for k, v in feeds.items()
-        }
+        return {k: (cast(v, dtypes[k]) if k in dtypes else v) for k, v in feeds.items()}
 
     def upload(self, blocks: Callable[[], Iterable[Block]], resident: bool | None = None) -> GalleryBlocks:
         """Hold a gallery for ``block_topk``; ``blocks()`` yields its blocks. ``resident``: keep it in the

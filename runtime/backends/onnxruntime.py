@@ -8,7 +8,6 @@ to the CPU (ONNX Runtime's default when a provider fails to load) is reported in
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from runtime.backends.base import Backend, BackendError, Block, GalleryBlocks, TensorSpec
 from runtime.install import install_command
+from runtime.threads import Threads
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +39,18 @@ def _import_ort():
     return ort
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def open_session(
     model: str | Path | bytes,
     device: str = "cpu",
     threads: int | None = None,
-    inter_op_threads: int = 1,
+    inter_op_threads: int | None = None,
+    spinning: bool | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` (a path or serialized bytes) on ``device``.
 
-    ``threads``: intra-op threads (default: the CPUs this process may use). Raises BackendError naming the
-    model when the session cannot open or when the provider asked for did not load.
+    ``threads`` (intra-op), ``inter_op_threads`` and ``spinning`` (idle intra-op threads busy-wait): None takes
+    ``runtime.threads.Threads.for_cores()``'s. Raises BackendError naming the model when the session cannot
+    open or when the provider asked for did not load.
     """
     ort = _import_ort()
     label = f"{len(model)}-byte model" if isinstance(model, (bytes, bytearray)) else str(model)
@@ -67,8 +65,13 @@ def open_session(
             )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = inter_op_threads
+    budget = Threads.for_cores()
+    opts.intra_op_num_threads = threads or budget.intra_op
+    opts.inter_op_num_threads = inter_op_threads or budget.inter_op
+    spin = budget.spinning if spinning is None else spinning
+    # Both pools: the inter-op one spins too when it has more than one thread.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
@@ -86,7 +89,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None, inter_op_threads: int = 1
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
     ) -> None:
         self._ort = _import_ort()
         self.path = Path(path)

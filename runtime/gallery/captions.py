@@ -16,7 +16,7 @@ import runtime.gallery.store as store
 from runtime.buckets import encode_by_length
 from runtime.gallery.index import update_index
 from runtime.gallery.store import GalleryError
-from runtime.options import GALLERY_DTYPES, WriteOptions
+from runtime.options import CAPTION_DTYPES, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ class CaptionGallery(store.MappedGallery):
         """
         lengths = np.asarray(lengths, dtype=np.int64)
         ids = np.arange(len(lengths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        if words.ndim != 2 or words.dtype.name not in GALLERY_DTYPES:
+        if words.ndim != 2 or words.dtype.name not in CAPTION_DTYPES:
             raise GalleryError(
-                f"words: expected a (W, d) array of a dtype in {GALLERY_DTYPES}, "
+                f"words: expected a (W, d) array of a dtype in {CAPTION_DTYPES}, "
                 f"received {words.dtype.name}{list(words.shape)}"
             )
         if lengths.ndim != 1 or np.any(lengths < 1) or np.any(np.diff(lengths) < 0):
@@ -138,6 +138,10 @@ def build_caption_gallery(
     """
     folder = Path(folder)
     dtype = options.dtype
+    if dtype not in CAPTION_DTYPES:
+        raise GalleryError(
+            f"{folder}: dtype {dtype!r} is for image caches; a caption gallery stores one of {CAPTION_DTYPES}"
+        )
     if len(captions) == 0:
         raise GalleryError("captions: expected at least one caption, received none")
     ids, lengths = engine.tokenizer.encode_batch(list(captions))  # validates every caption first

@@ -20,6 +20,7 @@ import numpy as np
 import runtime.gallery.store as store
 from runtime.features import FeatureError, check_layout, load_regions
 from runtime.gallery.index import update_index
+from runtime.gallery.quantize import Dequantized, dequantize, gram_of, is_quantized, quantize
 from runtime.gallery.store import GalleryError
 from runtime.options import GALLERY_DTYPES, WriteOptions
 
@@ -38,6 +39,14 @@ class ImageGallery(store.MappedGallery):
     manifest: dict[str, Any]
     boxes: np.ndarray | None = None  # (N, R, 4) float32, or None: no boxes
 
+    # An int8 cache (runtime/gallery/quantize.py): ``images`` is the float32 face (``Dequantized``) of the
+    # stored int8 codes and their per-region scales; ``image_gram`` float32, the Grams of the dequantized vectors.
+
+    @property
+    def dtype(self) -> np.dtype:
+        """How the cache stores its region vectors: float32, float16 or int8."""
+        return np.dtype(np.int8) if isinstance(self.images, Dequantized) else self.images.dtype
+
     def close(self) -> None:
         if self.boxes is not None:
             self.boxes = np.zeros((0, *self.boxes.shape[1:]), self.boxes.dtype)
@@ -49,10 +58,14 @@ class ImageGallery(store.MappedGallery):
         return f"image {item}{name} of the gallery {self.folder}"
 
     def nbytes_per_item(self) -> float:
-        return (self.images[:1].nbytes + self.image_gram[:1].nbytes + 8) if len(self) else 0.0
+        if not len(self):
+            return 0.0
+        stored = self.images.nbytes // len(self) if isinstance(self.images, Dequantized) else self.images[:1].nbytes
+        return stored + self.image_gram[:1].nbytes + 8
 
     def blocks(self, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(offset, images view, gram view) for consecutive blocks: slices of the memory map, no copies."""
+        """(offset, images view, gram view) for consecutive blocks: slices of the memory map, no copies (an int8
+        cache: its blocks dequantized to float32)."""
         for start in range(0, len(self), block):
             yield start, self.images[start : start + block], self.image_gram[start : start + block]
 
@@ -66,8 +79,9 @@ class ImageGallery(store.MappedGallery):
             data = store.read_manifest(folder, "images")
             if image_encoder_id is not None:
                 store.check_binding(data, "image_encoder_id", image_encoder_id, folder)
-            optional = ("boxes",) if "boxes" in data["arrays"] else ()
+            optional = tuple(name for name in ("boxes", "image_scales") if name in data["arrays"])
             arrays = store.open_arrays(folder, data, ("images", "image_gram", "ids", *optional), verify)
+            images = _images(folder, arrays["images"], arrays.get("image_scales"))
             if verify:
                 store.check_finite(folder, data, arrays)
             names = None
@@ -80,7 +94,9 @@ class ImageGallery(store.MappedGallery):
                 raise GalleryError(
                     f"{folder}: corrupted gallery: boxes {list(boxes.shape)} for images {list(arrays['images'].shape)}"
                 )
-            return cls(folder, arrays["images"], arrays["image_gram"], arrays["ids"], names, data, boxes)
+            if isinstance(images, Dequantized):
+                logger.warning("%s: %s", folder, describe_quantization(data))
+            return cls(folder, images, arrays["image_gram"], arrays["ids"], names, data, boxes)
 
         return store.load_consistent(lambda: store.manifest_generation(folder), load, folder)
 
@@ -91,19 +107,23 @@ class ImageGallery(store.MappedGallery):
         image_gram: np.ndarray,
         names: Sequence[str] | None = None,
         folder: str | Path = "<memory>",
+        image_scales: np.ndarray | None = None,
     ) -> ImageGallery:
         """An in-memory gallery of encoded images (nothing is written): ``images`` (N, R, d), ``image_gram``
         (N, R, R) of the same dtype; ids are 0..N-1. For galleries that come from elsewhere than an engine
-        (benchmarks' synthetic ones) and are too large to write."""
+        (benchmarks' synthetic ones) and are too large to write. An int8 gallery: int8 ``images`` (codes),
+        their ``image_scales`` (N, R) and float32 ``image_gram`` (``runtime/gallery/quantize.py``)."""
         if images.ndim != 3 or image_gram.shape != (images.shape[0], images.shape[1], images.shape[1]):
             raise GalleryError(
                 f"expected images (N, R, d) and image_gram (N, R, R), received {images.shape} and {image_gram.shape}"
             )
-        if images.dtype.name not in GALLERY_DTYPES or image_gram.dtype != images.dtype:
+        if images.dtype.name not in GALLERY_DTYPES or image_gram.dtype != _gram_dtype(images.dtype.name):
             raise GalleryError(
-                f"expected images and image_gram of one dtype in {GALLERY_DTYPES}, received "
-                f"{images.dtype.name} and {image_gram.dtype.name}"
+                f"expected images of a dtype in {GALLERY_DTYPES} and image_gram of the same float dtype "
+                f"(float32 for int8 images), received {images.dtype.name} and {image_gram.dtype.name}"
             )
+        stored = images
+        images = _images(Path(folder), images, image_scales)
         n, r, d = images.shape
         if names is not None and len(names) != n:
             raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
@@ -111,7 +131,7 @@ class ImageGallery(store.MappedGallery):
             "format": store.FORMAT,
             "kind": "images",
             "count": n,
-            "dtype": images.dtype.name,
+            "dtype": stored.dtype.name,
             "regions": r,
             "embed_size": d,
             "arrays": {},
@@ -124,6 +144,85 @@ class ImageGallery(store.MappedGallery):
             None if names is None else list(names),
             manifest,
         )
+
+
+# An int8 write measures its top-10 agreement with float32 on up to this many of its new images, against
+# PROBE_QUERIES captions of random words (the engine scores both; recorded in the manifest, logged on use).
+PROBE_IMAGES = 256
+PROBE_QUERIES = 20
+PROBE_WORDS = 12
+
+
+def probe_agreement(engine, emb: np.ndarray, gram: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Top-10 agreement of int8 with float32 scores of images ``emb`` (float32, their Grams ``gram``) for
+    random-word captions: what ``describe_quantization`` reports."""
+    emb, gram = emb[:PROBE_IMAGES], gram[:PROBE_IMAGES]
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, engine.config.vocab_size, (PROBE_QUERIES, PROBE_WORDS)).astype(np.int64)
+    lengths = np.full(PROBE_QUERIES, PROBE_WORDS, np.int64)
+    words = engine.encode_ids(ids, lengths)
+    codes, scales = quantize(emb)
+    approx = dequantize(codes, scales)
+    exact = engine.sims(emb, gram, words, lengths)  # (N, Q)
+    got = engine.sims(approx, gram_of(approx), words, lengths)
+    k = min(10, len(emb))
+    top = [
+        len(set(np.argsort(-exact[:, q], kind="stable")[:k]) & set(np.argsort(-got[:, q], kind="stable")[:k])) / k
+        for q in range(PROBE_QUERIES)
+    ]
+    return {
+        "scheme": "int8 codes, one float32 scale per region vector (max |x| / 127)",
+        "top10_agreement": float(np.mean(top)),
+        "max_abs_score_diff": float(np.abs(exact - got).max()),
+        "probe_images": len(emb),
+        "probe_queries": PROBE_QUERIES,
+    }
+
+
+def describe_quantization(manifest: dict[str, Any]) -> str:
+    """The log line of an int8 cache: approximate, and how well it agreed with float32 when written."""
+    q = manifest.get("quantization") or {}
+    if "top10_agreement" not in q:
+        return "int8 cache: approximate scores (no agreement with float32 recorded)"
+    return (
+        f"int8 cache: approximate scores; top-10 agreement with float32 {q['top10_agreement']:.3f} (max score "
+        f"difference {q['max_abs_score_diff']:.1e}), measured when written on {q['probe_images']} of its images "
+        f"and {q['probe_queries']} random-word captions; bench/formats.py measures it on real queries"
+    )
+
+
+def _gram_dtype(dtype: str) -> str:
+    """The Gram matrices' dtype in a cache storing region vectors as ``dtype``: the same float, float32 for int8."""
+    return "float32" if is_quantized(dtype) else dtype
+
+
+def _file_dtypes(dtype: str) -> dict[str, str]:
+    """The arrays an image cache of ``dtype`` stores row by row, with their dtypes."""
+    files = {"images": dtype, "image_gram": _gram_dtype(dtype)}
+    return {**files, "image_scales": "float32"} if is_quantized(dtype) else files
+
+
+def _images(folder: Path, images: np.ndarray, scales: np.ndarray | None) -> np.ndarray | Dequantized:
+    """The region vectors a gallery serves: the stored array, or for int8 codes their float32 face."""
+    if not is_quantized(images.dtype):
+        if scales is not None:
+            raise GalleryError(f"{folder}: corrupted gallery: image_scales for {images.dtype.name} images")
+        return images
+    if scales is None or scales.dtype != np.float32 or scales.shape != images.shape[:2]:
+        got = "none" if scales is None else f"{scales.dtype.name}{list(scales.shape)}"
+        raise GalleryError(
+            f"{folder}: corrupted gallery: int8 images {list(images.shape)} need float32 image_scales "
+            f"{list(images.shape[:2])}, received {got}"
+        )
+    return Dequantized(images, scales)
+
+
+def encoded_rows(emb: np.ndarray, gram: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """Encoded images (float32 embeddings and Grams) as the arrays a cache of ``dtype`` stores for them."""
+    if not is_quantized(dtype):
+        return {"images": emb, "image_gram": gram}
+    codes, scales = quantize(emb)
+    return {"images": codes, "image_gram": gram_of(dequantize(codes, scales)), "image_scales": scales}
 
 
 def load_boxes(boxes: np.ndarray | str | Path, n: int, regions: int, source: str = "boxes") -> np.ndarray:
@@ -209,18 +308,26 @@ def build_image_gallery(
         n_old = len(old) if old else 0
         n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
         generation = store.current_generation(folder) + 1
-        files = {"images": (n, r, d), "image_gram": (n, r, r)}
+        dtypes = _file_dtypes(dtype)
+        files = {
+            name: shape
+            for name, shape in {"images": (n, r, d), "image_gram": (n, r, r), "image_scales": (n, r)}.items()
+            if name in dtypes
+        }
         tmp_paths: dict[str, Path] = {}
         try:  # the temporaries are made inside, so that an interruption at any point removes them
             for name in files:
                 tmp_paths[name] = store.temporary(folder, name, generation)
-            store.reserve(folder, 8 * n + np.dtype(dtype).itemsize * sum(int(np.prod(s)) for s in files.values()))
-            out = {name: store.open_rows(tmp_paths[name], dtype, shape) for name, shape in files.items()}
+            store.reserve(folder, 8 * n + sum(np.dtype(dtypes[k]).itemsize * int(np.prod(s)) for k, s in files.items()))
+            out = {name: store.open_rows(tmp_paths[name], dtypes[name], shape) for name, shape in files.items()}
             if old is not None:
+                stored = _stored(old)
                 for start in range(0, n_old, 4096):  # streamed, so memory stays bounded
                     stop = min(start + 4096, n_old)
-                    out["images"][start:stop] = old.images[start:stop]
-                    out["image_gram"][start:stop] = old.image_gram[start:stop]
+                    for name in files:
+                        out[name][start:stop] = stored[name][start:stop]
+                stored = {}  # no map of the previous generation may outlive the commit (its files are swept)
+            probe = (np.zeros((0, r, d), np.float32), np.zeros((0, r, r), np.float32))  # int8: float rows kept
             with store.progress_bar(n_new, "encoding images", options.progress) as bar:
                 for start in range(0, n_new, batch):
                     chunk = np.asarray(regions[start : start + batch])
@@ -228,14 +335,16 @@ def build_image_gallery(
                         emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
                     except FeatureError as e:
                         raise GalleryError(f"cannot build the gallery: {e}") from e
-                    out["images"][n_old + start : n_old + start + len(chunk)] = emb
-                    out["image_gram"][n_old + start : n_old + start + len(chunk)] = gram
+                    if is_quantized(dtype) and len(probe[0]) < PROBE_IMAGES:
+                        probe = (np.concatenate([probe[0], emb]), np.concatenate([probe[1], gram]))
+                    for name, rows in encoded_rows(emb, gram, dtype).items():
+                        out[name][n_old + start : n_old + start + len(chunk)] = rows
                     bar.update(len(chunk))
             for arr in out.values():
                 arr.flush()
             out = {}  # unmap before the files move
             entries = {
-                name: store.finish_array(folder, tmp_paths[name], name, generation, files[name], dtype)
+                name: store.finish_array(folder, tmp_paths[name], name, generation, files[name], dtypes[name])
                 for name in files
             }
             ids = np.concatenate(
@@ -267,6 +376,8 @@ def build_image_gallery(
             "names_file": next(iter(extra), None),
             **store.with_key(old.manifest if old else None, options.key, n_old, n_new),
         }
+        if is_quantized(dtype):
+            manifest["quantization"] = probe_agreement(engine, *probe)  # logged by the load below
         store.commit(folder, manifest, extra)
         old = None  # this writer's own map of the previous generation must not keep its files
         store.sweep(folder)
@@ -278,6 +389,13 @@ def build_image_gallery(
 
 # Bound to the encoder of the gallery the arrays came from (shard split and merge): no engine runs.
 _IMAGE_BINDING = ("image_encoder_id", "config", "model", "dtype", "regions", "embed_size")
+
+
+def _stored(gallery: ImageGallery) -> dict[str, np.ndarray]:
+    """The arrays ``gallery`` stores row by row (an int8 cache: its codes and scales, not their float face)."""
+    if isinstance(gallery.images, Dequantized):
+        return {"images": gallery.images.codes, "image_gram": gallery.image_gram, "image_scales": gallery.images.scales}
+    return {"images": gallery.images, "image_gram": gallery.image_gram}
 
 
 def write_image_gallery(
@@ -301,13 +419,29 @@ def write_image_gallery(
     if names is not None and len(names) != n:
         raise GalleryError(f"names: expected one name per image ({n}), received {len(names)}")
     dtype, (r, d) = like["dtype"], images[0].shape[1:]
+    dtypes = _file_dtypes(dtype)
+    shapes = {"images": (n, r, d), "image_gram": (n, r, r), "image_scales": (n, r)}
     with store.writer_lock(folder):
         generation = store.require_new(folder)
+        if is_quantized(dtype):  # float rows (an int8 gallery's dequantized face) quantized again: the same codes
+            pieces = [
+                encoded_rows(np.asarray(i, np.float32), np.asarray(g, np.float32), dtype)
+                for i, g in zip(store.row_chunks(images), store.row_chunks(image_gram))
+            ]
+        else:
+            pieces = None
         entries = {
-            "images": store.save_rows(folder, generation, "images", (n, r, d), dtype, store.row_chunks(images)),
-            "image_gram": store.save_rows(
-                folder, generation, "image_gram", (n, r, r), dtype, store.row_chunks(image_gram)
-            ),
+            name: store.save_rows(
+                folder,
+                generation,
+                name,
+                shapes[name],
+                dtypes[name],
+                (p[name] for p in pieces)
+                if pieces is not None
+                else store.row_chunks(images if name == "images" else image_gram),
+            )
+            for name in dtypes
         }
         kept = {"ids": np.arange(n, dtype=np.int64)}
         if boxes is not None:

@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -48,6 +49,7 @@ from runtime.service.requests import ApiError
 from runtime.service.service import NoGallery, NotReady, Service
 from runtime.service.settings import DEFAULT_MAX_REGIONS
 from runtime.service.types import Appended, Hits
+from runtime.threads import Threads, blas_library
 from runtime.tokenizer import TokenizerError
 from runtime.topk import NonFiniteScore
 
@@ -180,6 +182,14 @@ def _appended_json(out: Appended) -> dict[str, Any]:
 
 def _hits_json(hits: Hits) -> dict[str, Any]:
     return {"ids": hits.ids.tolist(), "scores": rq.json_scores(hits.scores), "names": hits.names}
+
+
+def _answer(service: Service, kind: str, parse: float, hits: Hits) -> Response:
+    """The search's response; its stages' seconds (``parse``, the hits', serialising) go to the metrics."""
+    t0 = time.perf_counter()
+    response = JSONResponse(_hits_json(hits))
+    service.monitoring.record_stages(kind, {"parse": parse, **hits.seconds, "serialise": time.perf_counter() - t0})
+    return response
 
 
 class Parsers:
@@ -399,6 +409,17 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
             return parse(body, content_type, *args)
         return await parsers.run(parse, body, content_type, *args)
 
+    def threads_info() -> dict[str, Any]:
+        """The thread budgets in use (runtime/threads.py): ONNX Runtime's intra-op threads as --threads set them."""
+        out = Threads.for_cores().to_dict()
+        options = getattr(service.executor, "engine_options", None)
+        if options is not None and options.threads:
+            out["intra_op"] = options.threads
+        out["batch_workers"] = service.settings.batching.workers
+        out["http_threadpool"] = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+        out["blas_library"] = blas_library()
+        return out
+
     def check_features(regions: Any) -> Any:
         # what a search would refuse is refused before the append, alike (422 naming the field)
         return service.require_ready().prepare("image_to_text", regions, field="features").regions
@@ -417,8 +438,10 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     )
     async def search_text(request: Request) -> Response:
         async def run():
+            t0 = time.perf_counter()
             queries, k = await parsed(request, rq.parse_search_text, limits)
-            return _hits_json(await service.search_text(queries, k))
+            parse = time.perf_counter() - t0
+            return _answer(service, "text", parse, await service.search_text(queries, k))
 
         return await _guard("/v1/search/text", run)
 
@@ -445,8 +468,10 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
     async def search_images(request: Request) -> Response:
         async def run():
             query = dict(request.query_params)
+            t0 = time.perf_counter()
             regions, k, ids = await parsed(request, rq.parse_search_images, query, limits, max_regions())
-            return _hits_json(await service.search_images(regions, k, ids))
+            parse = time.perf_counter() - t0
+            return _answer(service, "images", parse, await service.search_images(regions, k, ids))
 
         return await _guard("/v1/search/images", run)
 
@@ -513,6 +538,7 @@ def create_app(service: Service, access_log: bool = True) -> FastAPI:
                 "versions": versions(),
             }
             out["limits"]["max_regions"] = max_regions()
+            out["threads"] = threads_info()
             if service.ready:
                 await run_in_threadpool(service.executor.refresh)  # sizes as committed, by any writer
                 out.update(service.executor.describe())

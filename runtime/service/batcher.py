@@ -1,11 +1,16 @@
 """Dynamic batching: merge concurrent requests into one executor call, split the results back.
 
-Requests are queued (bounded, in queries); each worker thread takes the oldest request and adds later
-compatible ones (same direction, same region count for image queries) until ``max_batch`` queries or
-until the oldest has waited ``max_delay_ms`` (Triton's dynamic batcher). The batch runs at the largest
-``k`` asked for and each request gets its own rows cut to its own ``k``; a top-k is exact for every
-smaller k, so a request's result does not depend on its batch-mates. Neither does its outcome: when a
-batch fails, each of its requests is run again alone, so only the request that causes a failure gets it.
+Requests are queued (bounded, in queries); each worker thread takes the oldest request and adds every
+later compatible one (same direction, same region count for image queries) up to ``max_batch`` queries.
+A batch forms while the worker is busy: what queued up during one batch is the next, run as soon as the
+worker is free. With ``max_delay_ms`` > 0 (default 5) the worker also waits for batch-mates it expects: while
+its batch is smaller than the previous one (many clients are sending), for at most that long (Triton's
+dynamic batcher's delay); after a batch of one, a request that finds the worker idle still runs at once, so
+one client never waits for batch-mates that cannot come (docs/serving.md, "Batching", has the measurements).
+The batch runs at the largest ``k`` asked for and each request gets its own rows cut to its own ``k``; a
+top-k is exact for every smaller k, so a request's result does not depend on its batch-mates. Neither does
+its outcome: when a batch fails, each of its requests is run again alone, so only the request that causes a
+failure gets it.
 
 The batcher knows nothing of HTTP or of the model: ``execute(direction, queries, k) -> Hits`` is all it calls;
 queries are prepared before they are queued (``runtime.searcher.Queries``: a batch joins its requests' with
@@ -76,6 +81,7 @@ class Batcher:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._batch_seconds = 0.01  # running estimate, for Retry-After
+        self._last_batch = 1  # queries in the last batch taken: how many batch-mates to expect
 
     @property
     def depth(self) -> int:
@@ -138,18 +144,24 @@ class Batcher:
                 self._cond.wait()
             first = self._queue.popleft()
             batch, n = [first], first.n
-            deadline = first.arrived + s.max_delay_ms / 1000.0
-            while n < s.max_batch:
+            while n < s.max_batch:  # everything compatible that is queued already
                 job = self._take(first.key, s.max_batch - n)
-                if job is not None:
-                    batch.append(job)
-                    n += job.n
-                    continue
+                if job is None:
+                    break
+                batch.append(job)
+                n += job.n
+            expected = min(self._last_batch, s.max_batch)
+            deadline = time.monotonic() + s.max_delay_ms / 1000.0
+            while n < expected and not self._closing:  # batch-mates are expected: wait for them, bounded
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closing:
+                if left <= 0:
                     break
                 self._cond.wait(left)
+                while n < s.max_batch and (job := self._take(first.key, s.max_batch - n)) is not None:
+                    batch.append(job)
+                    n += job.n
             self._pending -= n
+            self._last_batch = n
         # A request whose caller went away (cancelled future) is dropped here, not computed.
         return [j for j in batch if j.future.set_running_or_notify_cancel()]
 
@@ -165,6 +177,7 @@ class Batcher:
         direction = batch[0].direction
         queries = merge_queries(batch)
         k = max(j.k for j in batch)
+        taken = time.monotonic()
         t0 = time.perf_counter()
         try:
             hits = self.execute(direction, queries, k)
@@ -184,5 +197,7 @@ class Batcher:
             self.on_batch(direction, len(queries), seconds)
         start = 0
         for job in batch:
-            job.future.set_result(hits.rows(start, start + job.n, job.k))
+            rows = hits.rows(start, start + job.n, job.k)
+            rows.seconds["queue"] = taken - job.arrived  # from its arrival to its batch's start
+            job.future.set_result(rows)
             start += job.n

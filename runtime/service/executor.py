@@ -21,6 +21,7 @@ from runtime.gallery.store import Repeated
 from runtime.options import EngineOptions, SearchOptions
 from runtime.searcher import DIRECTIONS, Queries, Searcher
 from runtime.service.types import Appended, Hits
+from runtime.stages import Stages
 
 
 class Executor:
@@ -101,9 +102,13 @@ class Executor:
         return self.searcher.labels("text_to_image", np.asarray([[image_id]], np.int64))[0][0]
 
     def search(self, direction: str, queries: Queries, k: int) -> Hits:
+        """The batch's hits, with the seconds of its stages (encode, score, topk, labels)."""
         self.refresh()  # another writer's commit is searched as soon as it is on disk
-        scores, ids = self.searcher.search_prepared(queries, k)
-        return Hits(scores, ids, self.searcher.labels(direction, ids))
+        stages = Stages()
+        scores, ids = self.searcher.search_prepared(queries, k, stages)
+        with stages.timed("labels"):
+            names = self.searcher.labels(direction, ids)
+        return Hits(scores, ids, names, stages.seconds)
 
     # An append's ids are the last ones of the size the searcher read under the writer lock: new items get
     # the next ids in order, so they are exactly this write's, whoever else writes to the gallery.

@@ -139,20 +139,30 @@ class Service:
         return executor
 
     async def search_text(self, queries: Sequence[str], k: int) -> Hits:
+        """The hits, with the seconds of their stages from tokenise to labels (``Hits.seconds``)."""
         # Tokenised once, here: a bad caption fails alone, not inside a batch.
+        t0 = time.perf_counter()
         prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
-        return await asyncio.wrap_future(self.batcher.submit("text_to_image", prepared, k))
+        tokenise = time.perf_counter() - t0
+        hits = await asyncio.wrap_future(self.batcher.submit("text_to_image", prepared, k))
+        hits.seconds["tokenise"] = tokenise
+        return hits
 
     async def search_images(self, regions: np.ndarray | None, k: int, ids: Sequence[int] | None = None) -> Hits:
         """Image queries: region features, or (``ids``) images of the image gallery."""
+        t0 = time.perf_counter()
         executor = self._require_gallery("image_to_text")
         if ids is not None:
             self._require_gallery("text_to_image")
             prepared = executor.image_queries(ids)
         else:
             prepared = executor.prepare("image_to_text", regions)
+        tokenise = time.perf_counter() - t0  # the features' checks: this direction's "tokenise"
         # Only queries of one form with the same number of regions can be stacked into one batch.
-        return await asyncio.wrap_future(self.batcher.submit("image_to_text", prepared, k, key=prepared.batch_key))
+        future = self.batcher.submit("image_to_text", prepared, k, key=prepared.batch_key)
+        hits = await asyncio.wrap_future(future)
+        hits.seconds["tokenise"] = tokenise
+        return hits
 
     def explain(
         self, item: int, caption: str | None = None, image_id: int | None = None, regions: np.ndarray | None = None

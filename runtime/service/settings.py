@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runtime.threads import Threads
+
 MiB = 1 << 20
 # Regions per image when the model does not fix them (an ONNX graph's R is dynamic): bottom-up attention
 # features have 10 to 100 (36 in the paper's setting); a query's cost grows with its regions.
@@ -14,8 +16,10 @@ DEFAULT_MAX_REGIONS = 100
 @dataclass(frozen=True)
 class Batching:
     max_batch: int = 32  # queries merged into one executor call
-    max_delay_ms: float = 5.0  # how long the oldest queued request may wait for batch-mates
-    workers: int = 1  # threads executing batches
+    # how long a batch may wait for the batch-mates it expects (as many as the last batch had; after a batch
+    # of one, none: a lone request runs at once); 0: never (docs/serving.md, "Batching", has both measured)
+    max_delay_ms: float = 5.0
+    workers: int = field(default_factory=lambda: Threads.for_cores().batch_workers)  # threads executing batches
     max_queue: int = 512  # queries waiting; beyond it requests get 503 + Retry-After
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,13 +14,15 @@ class Hits:
     scores: np.ndarray  # (n, k) float32, descending; -inf past the gallery
     ids: np.ndarray  # (n, k) int64; -1 past the gallery
     names: list[list[str | None]]  # (n, k)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (runtime/stages.py), for the metrics
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def rows(self, start: int, stop: int, k: int) -> Hits:
         """Queries ``start:stop``, cut to their first ``k`` results (a top-k of a larger k is exact for k)."""
-        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], [r[:k] for r in self.names[start:stop]])
+        rows = [r[:k] for r in self.names[start:stop]]
+        return Hits(self.scores[start:stop, :k], self.ids[start:stop, :k], rows, dict(self.seconds))
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,35 @@ def test_whitespace_ids_equal_the_tokenizer_on_the_golden_captions(golden):
     want_ids, want_lengths = Tokenizer(vocab).encode_batch(captions)
     np.testing.assert_array_equal(lengths, want_lengths)
     np.testing.assert_array_equal(ids, want_ids)
+
+
+def test_fp16_lambda_check_runs_on_the_cpu():
+    """The GPU check's float16-for-every-lambda part on tiny shapes: PyTorch float16 on the CPU and the
+    numpy array model in place of CuPy; every cell is finite and within the exporter's fp16 tolerance."""
+    torch = pytest.importorskip("torch")
+    from bench.gpu_check import FP16_LAMBDAS, format_report, fp16_lambda_check
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread hand-offs would cost more than the work
+    try:
+        out = fp16_lambda_check("cpu", np, n=3, q=3, length=4, r=5, d=16)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("torch", "array_model"):
+        assert out[name]["passed"], out[name]
+        assert len(out[name]["max_abs_err"]) == 2 * len(FP16_LAMBDAS)
+        assert 0 < max(out[name]["max_abs_err"].values()) < 5e-3
+    text = format_report({"started": "now", "cupy": {"skipped": "-"}, "fp16_lambdas": out})
+    assert "fp16 for every lambda, torch: passed=True" in text and "t2i_30" in text
+
+
+@pytest.mark.gpu
+def test_fp16_lambda_check_passes_on_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bench.gpu_check import fp16_lambda_check
+
+    out = fp16_lambda_check("cuda")
+    assert out["torch"]["passed"], out["torch"]
+    assert out["array_model"].get("passed", True), out["array_model"]  # skipped without CuPy

@@ -24,6 +24,7 @@ from export.trt_build import (
     TensorRTVersionError,
     add_topk_to_head,
     compute_profiles,
+    exp_island_layers,
     fp32_layers,
     loop_body_layers,
     parse_trt_version,
@@ -186,7 +187,35 @@ def test_sensitive_layers_pinned_and_gemm_left_fp16() -> None:
         _layer(13, "CAST", ins=("t9",)),
         _layer(14, "UNARY", "ABS", ins=("t9",)),
     ]
-    assert fp32_layers(layers) == [1, 2, 3, 4, 5, 6, 7, 12]
+    # 8, 9 and 14 follow the exp with no division in between (exp_island_layers); the CAST never is pinned
+    assert fp32_layers(layers) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14]
+
+
+def test_attention_weights_stay_float32_until_the_cosine_divides() -> None:
+    """The float32 head's chain from exp(lambda * x) (up to e^30, unshifted) to the cosine: everything in
+    between is pinned (products, sums, the Gram GEMM), the logits GEMM before it and the layers after the
+    division are not."""
+    layers = [
+        _layer(0, "MATRIX_MULTIPLY", ins=("captions", "images"), outs=("s",)),
+        _layer(1, "ELEMENTWISE", "PROD", ins=("s", "lam"), outs=("logits",)),
+        _layer(2, "UNARY", "EXP", ins=("logits",), outs=("e",)),
+        _layer(3, "ELEMENTWISE", "PROD", ins=("e", "s"), outs=("es",)),
+        _layer(4, "REDUCE", ins=("es",), outs=("dot",)),
+        _layer(5, "SHUFFLE", ins=("e",), outs=("et",)),
+        _layer(6, "MATRIX_MULTIPLY", ins=("et", "image_gram"), outs=("ge",)),
+        _layer(7, "ELEMENTWISE", "PROD", ins=("et", "ge"), outs=("ege",)),
+        _layer(8, "REDUCE", ins=("ege",), outs=("ctx_sq",)),
+        _layer(9, "UNARY", "SQRT", ins=("ctx_sq",), outs=("ctx",)),
+        _layer(10, "ELEMENTWISE", "PROD", ins=("word_norm", "ctx"), outs=("den",)),
+        _layer(11, "REDUCE", ins=("e",), outs=("z",)),
+        _layer(12, "ELEMENTWISE", "PROD", ins=("z", "eps"), outs=("z_eps",)),
+        _layer(13, "ELEMENTWISE", "MAX", ins=("den", "z_eps"), outs=("m",)),
+        _layer(14, "ELEMENTWISE", "DIV", ins=("dot", "m"), outs=("cos",)),
+        _layer(15, "ELEMENTWISE", "PROD", ins=("cos", "mask"), outs=("masked",)),
+        _layer(16, "MATRIX_MULTIPLY", ins=("masked", "w"), outs=("y",)),
+    ]
+    assert exp_island_layers(layers) == set(range(2, 15))
+    assert fp32_layers(layers) == list(range(2, 15))
 
 
 def test_gru_loop_body_is_pinned() -> None:

@@ -128,7 +128,7 @@ def test_rerank_is_exact_on_the_candidates(engines, galleries, model, direction)
             vecs = [engine.encode_ids(ids, lengths)[0, : lengths[0]]]
         else:
             vecs = [engine.encode_images(queries[q : q + 1])[0][0]]
-        cands = set(np.asarray(gallery.ids)[index.search(vecs, engine.config, m)[0]].tolist())
+        cands = set(np.asarray(gallery.ids)[searcher.two_stage.propose(index, vecs, engine.config)[0]].tolist())
         assert len(cands) == m
         if set(exact_i[q, :k].tolist()) <= cands:
             assert i[q].tolist() == exact_i[q, :k].tolist()

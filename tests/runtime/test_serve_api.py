@@ -21,6 +21,8 @@ from runtime.service.executor import Executor
 from runtime.service.service import Service
 from runtime.service.settings import Batching, Limits, Settings
 from runtime.service.types import Appended, Hits
+from runtime.stages import STAGES
+from runtime.threads import Threads, available_cores
 from tests.runtime.conftest import random_captions, random_regions
 from tests.runtime.serve_support import (
     N_CAPTIONS,
@@ -251,7 +253,8 @@ def test_info_health_ready_metrics_docs(service):
     assert info["galleries"]["images"]["count"] == N_IMAGES and info["galleries"]["captions"]["count"] == N_CAPTIONS
     assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
     assert info["model"]["config"]["img_dim"] == 12
-    assert info["batching"] == {"max_batch": 32, "max_delay_ms": 5.0, "workers": 1, "max_queue": 512}
+    workers = Threads.for_cores().batch_workers  # 1 below 32 cores
+    assert info["batching"] == {"max_batch": 32, "max_delay_ms": 5.0, "workers": workers, "max_queue": 512}
     assert info["limits"]["max_queries"] == 8 and info["versions"]["numpy"] == np.__version__
     assert request(service, "GET", "/healthz").json() == {"status": "ok"}
     assert request(service, "GET", "/readyz").json() == {"status": "ready", "images": N_IMAGES, "captions": N_CAPTIONS}
@@ -266,6 +269,23 @@ def test_info_health_ready_metrics_docs(service):
     spec = request(service, "GET", "/openapi.json").json()
     assert set(spec["paths"]) >= {TEXT, IMAGES, "/v1/gallery/images", "/v1/gallery/captions", "/v1/info"}
     assert spec["info"]["version"] == info["versions"]["scan-runtime"] == runtime.__version__  # the code's, one
+
+
+def test_info_shows_the_thread_budgets_and_metrics_time_each_stage(service):
+    threads = request(service, "GET", "/v1/info").json()["threads"]
+    budget = Threads.for_cores()
+    assert threads["cores"] == available_cores() and threads["spinning"] is False and threads["inter_op"] == 1
+    assert threads["intra_op"] == 1  # the fixture's --threads 1, not the budget's default
+    assert threads["batch_workers"] == budget.batch_workers and threads["http_threadpool"] >= 1
+    before = request(service, "GET", "/metrics").text
+    assert request(service, "POST", TEXT, json={"queries": ["a dog", "two men"], "k": 3}).status_code == 200
+    after = request(service, "GET", "/metrics").text
+
+    def count(text: str, stage: str) -> float:
+        line = f'scan_stage_seconds_count{{kind="text",stage="{stage}"}} '
+        return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    assert {stage: count(after, stage) - count(before, stage) for stage in STAGES} == dict.fromkeys(STAGES, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- appends

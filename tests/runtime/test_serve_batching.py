@@ -60,8 +60,8 @@ def test_batches_merge_up_to_max_batch_and_split_back():
     rec = Recorder()
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=4, max_delay_ms=200, max_queue=100))
+    futures = [b.submit("text_to_image", Qs([f"q{i}"]), k=3) for i in range(10)]  # queued before the worker runs
     b.start()
-    futures = [b.submit("text_to_image", Qs([f"q{i}"]), k=3) for i in range(10)]
     rec.gate.set()
     results = [f.result(10) for f in futures]
     b.close()
@@ -76,9 +76,9 @@ def test_each_request_gets_its_own_k_and_rows():
     rec = Recorder()
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=16, max_delay_ms=200))
-    b.start()
     jobs = [(["a", "b"], 2), (["c"], 7), (["d", "e", "f"], 1)]
     futures = [b.submit("text_to_image", Qs(q), k) for q, k in jobs]
+    b.start()
     rec.gate.set()
     for (q, k), f in zip(jobs, futures):
         r = f.result(10)
@@ -92,7 +92,6 @@ def test_only_compatible_requests_merge():
     rec = Recorder()
     rec.gate.clear()
     b = Batcher(rec, Batching(max_batch=16, max_delay_ms=100))
-    b.start()
     f = [
         b.submit("image_to_text", Qs(np.zeros((1, 3, 4), np.float32)), 2, key=3),
         b.submit("text_to_image", Qs(["a"]), 2),
@@ -100,6 +99,7 @@ def test_only_compatible_requests_merge():
         b.submit("image_to_text", Qs(np.ones((1, 3, 4), np.float32)), 2, key=3),
         b.submit("text_to_image", Qs(["b"] * 20), 2),
     ]  # larger than max_batch: runs alone, whole
+    b.start()
     rec.gate.set()
     assert [x.result(10).ids.shape[0] for x in f] == [1, 1, 2, 1, 20]
     b.close()
@@ -140,6 +140,80 @@ def test_a_cancelled_request_is_not_computed():
     first.result(10)
     b.close()
     assert ["gone"] not in rec.batches
+
+
+NEVER = 600_000  # ms: a delay no test could sit out, so a test that ends did not wait for it
+
+
+def _held(b: Batcher, rec: Recorder, first: str) -> object:
+    """Submit ``first`` and return once the worker holds it (blocked in execute): the worker is busy."""
+    future = b.submit("text_to_image", Qs([first]), 1)
+    deadline = time.monotonic() + 10
+    while b.depth and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert b.depth == 0
+    return future
+
+
+def test_an_idle_worker_runs_a_lone_request_at_once():
+    """With the worker idle and nothing else queued, a request does not wait max_delay_ms for batch-mates: with a
+    10-minute delay, its answer comes (a wait for the delay would time the result out)."""
+    rec = Recorder()
+    b = Batcher(rec, Batching(max_batch=32, max_delay_ms=NEVER))
+    b.start()
+    for i in range(3):  # each request alone, one after another: every one finds the worker idle
+        assert b.submit("text_to_image", Qs([f"q{i}"]), 2).result(10).ids.shape == (1, 2)
+    b.close()
+    assert rec.batches == [["q0"], ["q1"], ["q2"]]
+
+
+def test_a_batch_forms_while_the_worker_is_busy():
+    """Requests arriving while a batch runs are the next batch, whole, run as soon as the worker is free (no
+    wait for the delay either: they are all there is)."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=32, max_delay_ms=NEVER))
+    b.start()
+    first = _held(b, rec, "first")
+    later = [b.submit("text_to_image", Qs([f"q{i}"]), 1) for i in range(5)]
+    rec.gate.set()
+    first.result(10)
+    assert [f.result(10).ids.shape for f in later] == [(1, 1)] * 5
+    b.close()
+    assert rec.batches == [["first"], [f"q{i}" for i in range(5)]]
+
+
+def test_after_a_large_batch_the_worker_waits_for_the_expected_batch_mates():
+    """After a batch of 4, a lone request waits (the 10-minute delay, never reached) until 3 more have come:
+    one batch of 4 again, not a batch of 1 followed by a batch of 3."""
+    rec = Recorder()
+    b = Batcher(rec, Batching(max_batch=32, max_delay_ms=NEVER))
+    four = [b.submit("text_to_image", Qs([f"a{i}"]), 1) for i in range(4)]
+    b.start()
+    [f.result(10) for f in four]
+    lone = b.submit("text_to_image", Qs(["b0"]), 1)
+    assert not lone.done()  # it waits for batch-mates: it cannot have run alone
+    rest = [b.submit("text_to_image", Qs([f"b{i}"]), 1) for i in range(1, 4)]
+    [f.result(10) for f in [lone, *rest]]
+    b.close()
+    assert rec.batches == [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]]
+
+
+def test_each_request_is_told_its_queue_wait():
+    """The hits carry the seconds a request waited in the queue (its batch's stages come from execute)."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = Batcher(rec, Batching(max_batch=32, max_delay_ms=0))
+    b.start()
+    first = _held(b, rec, "first")
+    t0 = time.monotonic()
+    second = b.submit("text_to_image", Qs(["second"]), 1)
+    time.sleep(0.05)  # the second request waits at least this long: the worker is held
+    rec.gate.set()
+    waited = second.result(10).seconds["queue"]
+    assert 0.05 <= waited <= time.monotonic() - t0
+    assert first.result(10).seconds["queue"] >= 0
+    b.close()
 
 
 # ---------------------------------------------------------------------------------------------- real engines

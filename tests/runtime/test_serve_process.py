@@ -102,6 +102,10 @@ def test_real_process_serves_concurrent_requests_and_stops_cleanly(small_engines
                 metrics = (await client.get("/metrics")).text
                 # a second burst, with SIGTERM sent once all its requests wait in the batcher (a request the
                 # server has not read yet when it stops would race with the closing keep-alive connection)
+                # one request of 24 queries first: the batcher then expects that many batch-mates and, with
+                # --max-delay-ms 1000, holds the second burst's smaller batches for up to a second
+                big = await client.post("/v1/search/text", json={"queries": [*texts, *texts[:8]], "k": 6})
+                assert big.status_code == 200
                 pending = asyncio.ensure_future(burst(client))
                 async with httpx.AsyncClient(base_url=url, timeout=30) as scraper:
                     for _ in range(300):

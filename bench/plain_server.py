@@ -1,0 +1,60 @@
+"""The plain server bench/load.py measures the service against: ``runtime/serve.py``'s FastAPI app, its
+flags and its metrics, but no batcher: each search request calls the searcher itself, once, in the HTTP
+layer's threadpool (what a FastAPI app around ``Searcher`` looks like without dynamic batching).
+
+    python -m bench.plain_server --engine ENGINE --gallery DIR [serve.py's flags]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from runtime import serve
+from runtime.service.service import Service
+from runtime.service.types import Hits
+
+
+class PlainService(Service):
+    """A ``Service`` whose searches bypass the batcher (appends and everything else unchanged)."""
+
+    async def _search(self, direction: str, prepared: Any, k: int, tokenise: float) -> Hits:
+        queued = time.perf_counter()
+
+        def search() -> Hits:
+            started = time.perf_counter()
+            hits = self.executor.search(direction, prepared, k)
+            hits.seconds["queue"] = started - queued  # waiting for a threadpool thread
+            return hits
+
+        hits = await run_in_threadpool(search)
+        hits.seconds["tokenise"] = tokenise
+        return hits
+
+    async def search_text(self, queries: Sequence[str], k: int) -> Hits:
+        t0 = time.perf_counter()
+        prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
+        return await self._search("text_to_image", prepared, k, time.perf_counter() - t0)
+
+    async def search_images(self, regions: np.ndarray | None, k: int, ids: Sequence[int] | None = None) -> Hits:
+        t0 = time.perf_counter()
+        executor = self._require_gallery("image_to_text")
+        if ids is not None:
+            self._require_gallery("text_to_image")
+            prepared = executor.image_queries(ids)
+        else:
+            prepared = executor.prepare("image_to_text", regions)
+        return await self._search("image_to_text", prepared, k, time.perf_counter() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve.main(list(sys.argv[1:] if argv is None else argv), service_type=PlainService)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
