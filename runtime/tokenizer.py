@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from nltk.tokenize.destructive import NLTKWordTokenizer
 
 from runtime.vocab import END, END_ID, PAD_ID, START, START_ID, UNK, UNK_ID, Vocabulary, quote
 
@@ -50,9 +49,51 @@ __all__ = ["Tokenizer", "TokenizerError", "tokenize"]
 
 logger = logging.getLogger(__name__)
 
+
+def _word_tokenizer_class() -> type:
+    """NLTK's ``NLTKWordTokenizer``, without running ``nltk/__init__.py``.
+
+    Importing any ``nltk`` submodule the normal way first runs the package's ``__init__``, which imports
+    nearly all of NLTK, scipy.stats among it: 0.9 s of every process's start (measured, python -X
+    importtime), more than a search of 200 captions against 5K images spends on its candidates. The
+    tokenizer needs one pure-regex module and its three small imports, so the two parent packages are put
+    in ``sys.modules`` as bare namespace modules for the import and removed right after: a later ``import
+    nltk`` (by the user or a test) runs the real ``__init__`` and reuses the loaded submodules. When nltk is
+    already imported, or the layout is not what this expects, it is the normal import.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "nltk" not in sys.modules:
+        spec = importlib.util.find_spec("nltk")
+        if spec is not None and spec.submodule_search_locations:
+            root = list(spec.submodule_search_locations)
+            made = []
+            try:
+                for name, path in (("nltk", root), ("nltk.tokenize", [f"{r}/tokenize" for r in root])):
+                    bare = types.ModuleType(name)
+                    bare.__path__ = path
+                    sys.modules[name] = bare
+                    made.append(name)
+                from nltk.tokenize.destructive import NLTKWordTokenizer
+
+                return NLTKWordTokenizer
+            except ImportError:
+                logger.debug("nltk's tokenizer module did not load on its own; importing nltk", exc_info=True)
+                for name in [n for n in sys.modules if n.startswith("nltk")]:
+                    del sys.modules[name]
+            finally:
+                for name in made:
+                    sys.modules.pop(name, None)
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer
+
+
 # NLTKWordTokenizer keeps no state between calls (only compiled class-level regexes and locals),
 # so one shared instance is safe to use from several threads.
-_WORD_TOKENIZER = NLTKWordTokenizer()
+_WORD_TOKENIZER = _word_tokenizer_class()()
 
 
 class TokenizerError(ValueError):
