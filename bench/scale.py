@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +40,8 @@ import numpy as np
 
 from bench import harness
 from bench.harness import overlap_at
-from bench.synthetic import CHUNK, SCENE_CACHE, SceneFeatures
+from bench.synthetic import CHUNK, FEATURES_VERSION, SCENE_CACHE, SceneStream
+from runtime import atomic
 from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
 from runtime.options import EngineOptions, SearchOptions, WriteOptions
 
@@ -77,21 +79,95 @@ def demo_engine(demo: Path, log=print) -> Path:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: str, progress: bool):
-    """The float16 gallery (+ candidate index) of the first ``n`` images, built once."""
-    from runtime.gallery import GalleryError, ImageGallery, build_image_gallery
-    from runtime.gallery.index import StaleIndexError, load_index
+def gallery_folder(cache: Path, engine, stream: SceneStream, n: int) -> Path:
+    """Where the gallery of the stream's first ``n`` images lives: keyed by the image encoder, the generator's
+    seed and version, so a gallery is reused by every run that would build the same one, and by no other."""
+    key = f"{engine.manifest.image_encoder_id[:12]}-scenes-seed{stream.seed}-v{FEATURES_VERSION}"
+    return cache / "galleries" / key / str(n)
 
+
+class _AnonPeak:
+    """Peak anonymous resident memory (the process's own, not the gallery's file pages it maps) while in
+    the block, sampled every 0.2 s."""
+
+    def __enter__(self) -> _AnonPeak:
+        self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _anon_bytes() -> int:
     try:
-        g = ImageGallery.load(folder, engine.manifest.image_encoder_id)
-        if len(g) == n:
-            load_index(g, engine.manifest.image_encoder_id)
-            return g
-    except (GalleryError, StaleIndexError) as e:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
+def ensure_gallery(
+    engine, stream: SceneStream, n: int, folder: Path, index: str, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The float16 gallery of the stream's first ``n`` images and its candidate index, each built once
+    (streamed: the raw features of one chunk at a time) and reused; and how they were built
+    (``build.json`` beside them: seconds, images/s, peak memory, load average, disk)."""
+    from runtime.gallery import GalleryError, ImageGallery, build_image_gallery, writer_lock
+    from runtime.gallery.images import RegionStream
+    from runtime.gallery.index import StaleIndexError, load_index, update_index
+
+    encoder = engine.manifest.image_encoder_id
+    record = folder / "build.json"
+    gallery = None
+    try:
+        gallery = ImageGallery.load(folder, encoder)
+        if len(gallery) != n:
+            gallery.close()
+            gallery = None
+    except GalleryError as e:
         logger.info("building %s (%s)", folder, e)
-    return build_image_gallery(
-        engine, features[:n], folder, batch=1000, options=WriteOptions(dtype="float16", progress=progress, index=index)
-    )
+    info: dict[str, Any] = json.loads(record.read_text()) if gallery is not None and record.is_file() else {}
+    if gallery is None:
+        t0 = time.perf_counter()
+        with _AnonPeak() as peak:
+            gallery = build_image_gallery(
+                engine,
+                RegionStream(n, stream.regions, stream.chunks(n)),
+                folder,
+                batch=stream.chunk,
+                options=WriteOptions(dtype="float16", progress=progress),
+            )
+        seconds = time.perf_counter() - t0
+        info = {
+            "gallery_build_s": round(seconds, 1),
+            "gallery_images_per_s": round(n / seconds, 1),
+            "gallery_build_peak_anon_rss_bytes": peak.peak,
+            "gallery_build_load_average": harness.load_average(),
+            "generator": {"seed": stream.seed, "version": FEATURES_VERSION, "chunk": stream.chunk},
+        }
+    try:
+        load_index(gallery, encoder)
+    except StaleIndexError as e:
+        logger.info("indexing %s (%s)", folder, e)
+        t0 = time.perf_counter()
+        with _AnonPeak() as peak, writer_lock(folder):
+            update_index(gallery, index, 0, progress)
+        info.update(
+            index_build_wall_s=round(time.perf_counter() - t0, 1),
+            index_build_peak_anon_rss_bytes=peak.peak,
+            index_build_load_average=harness.load_average(),
+        )
+    info["disk_bytes"] = disk_bytes(folder)
+    atomic.write_json(record, info)
+    return gallery, info
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -371,17 +447,17 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
         "rows": [],
     }
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
-        features, captions = SceneFeatures(engine.config.img_dim, cache, chunk=args.chunk).ensure(max(sizes), progress)
+        stream = SceneStream(engine.config.img_dim, seed=0, chunk=args.chunk)
+        captions = stream.captions(min(min(sizes), args.chunk))  # of images every gallery holds
         rng = np.random.default_rng(1)
-        pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds
-        queries = [pool[i] for i in rng.choice(len(pool), size=min(n_queries, len(pool)), replace=False)]
+        queries = [captions[i] for i in rng.choice(len(captions), size=min(n_queries, len(captions)), replace=False)]
         report["queries"] = len(queries)
         cost: dict[str, float] = {}
-        key = engine.manifest.image_encoder_id[:12]
         for n in sizes:
             print(f"-- gallery of {n} images", file=sys.stderr, flush=True)
-            gallery = ensure_gallery(engine, features, n, cache / "galleries" / key / str(n), args.index, progress)
-            rows = bench_size(engine, gallery, queries, ms, args, cost)
+            folder = gallery_folder(cache, engine, stream, n)
+            gallery, build = ensure_gallery(engine, stream, n, folder, args.index, progress)
+            rows = bench_size(engine, gallery, queries, ms, args, cost, build)
             report["rows"].extend(rows)
             for r in rows:
                 print(
