@@ -89,6 +89,22 @@ def gallery_folder(cache: Path, engine, stream: SceneStream, n: int) -> Path:
     return cache / "galleries" / key / str(n)
 
 
+def generator_rate(stream: SceneStream, chunks: int = 4) -> dict[str, Any]:
+    """Images per second of the raw-feature generator alone (``chunks`` chunks after one untimed one)."""
+    buf = np.empty((stream.chunk, stream.regions, stream.img_dim), np.float32)
+    stream.features(0, buf)
+    t0 = time.perf_counter()
+    for c in range(1, chunks + 1):
+        stream.features(c, buf)
+    seconds = time.perf_counter() - t0
+    return {
+        "images_per_s": round(chunks * stream.chunk / seconds, 1),
+        "img_dim": stream.img_dim,
+        "chunk": stream.chunk,
+        "load_average": harness.load_average(),
+    }
+
+
 def pick_queries(stream: SceneStream, smallest: int, n: int) -> list[str]:
     """``n`` captions (seeded) of images that every gallery holds: the first chunk's (or the smallest
     gallery's), so runs with other sizes above one chunk ask the same queries."""
@@ -283,7 +299,9 @@ def bench_size(
     single = cost.get("single") and cost["single"] * n
     batch = cost.get("batch") and cost["batch"] * n * len(queries)
     row = {**common, "mode": "exact", "candidates": None, "p50_ms": None, "p95_ms": None, "overlap_at_10": None}
-    if single and single > args.exact_cap_s:
+    if n_timed == 0:
+        row["skipped"] = "exact latency not timed (--exact-queries 0)"
+    elif single and single > args.exact_cap_s:
         row["skipped"] = (
             f"one exact query is expected to take {single:.1f} s (measured cost per image at the "
             f"previous size x {n}), over the cap of {args.exact_cap_s} s"
@@ -439,6 +457,9 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if r.get("skipped"):
             lines.append(f"{'':>9} skipped: {r['skipped']}")
+    if report.get("generator"):
+        g = report["generator"]
+        lines.append(f"generator: {g['images_per_s']:.0f} images/s (img_dim {g['img_dim']}, load {g['load_average']})")
     for t in report["targets"]:
         lines.append(f"target {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
@@ -545,6 +566,7 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
         stream = SceneStream(engine.config.img_dim, seed=0, chunk=args.chunk)
         queries = pick_queries(stream, min(sizes), n_queries)
+        report["generator"] = generator_rate(stream)
         report["queries"] = len(queries)
         cost: dict[str, float] = {}
         for n in sizes:
