@@ -4,7 +4,8 @@ answer one two-stage text query; then the resident memory after ``--queries`` mo
     python -m bench.first_answer --engine demo/engines/scan.json --gallery DIR --candidates M [--queries N] TEXT
 
 Prints one JSON object: seconds per phase since the interpreter reached this module (``import_s``,
-``engine_s``, ``gallery_s``, ``first_query_s`` (the index opens on the first two-stage search), ``total_s``)
+``engine_s``, ``gallery_s``, ``first_query_s`` (the index opens on the first two-stage search); ``total_s``: from
+the process's start, interpreter included, to the first answer)
 and ``rss_bytes`` / ``rss_anon_bytes`` after the queries (``rss_bytes`` counts the mapped gallery and index
 pages the queries touched; ``rss_anon_bytes`` is the process's own memory). ``bench/scale.py
 --first-answer`` runs it in a new process per gallery size, warm and (``--drop-caches``) cold.
@@ -20,6 +21,17 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+
+
+def _since_exec() -> float:
+    """Seconds since this process started (its start time in /proc, 10 ms ticks): the interpreter's start too."""
+    import os
+
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _status(key: str) -> int:
@@ -48,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["gallery_s"] = time.perf_counter() - T0
     with Searcher(engine, images=gallery, options=SearchOptions(candidates=args.candidates)) as s:
         _, ids = s.search([args.text], 10)
-        out["first_query_s"] = out["total_s"] = time.perf_counter() - T0
+        out["first_query_s"] = time.perf_counter() - T0
+        out["total_s"] = _since_exec()  # from the process's start: what a user waits for
         for _ in range(args.queries):
             s.search([args.text], 10)
     out = {k: round(v, 3) for k, v in out.items()}
