@@ -4,21 +4,30 @@
                           [--json FILE] [--plot FILE] [--demo DIR] [--cache DIR]
 
 The model is the trained demo model (``make demo`` trains and exports it into ``demo/``; this script
-does the same if it is missing). Galleries are made with the demo's data generator (the same world of
-objects, colours and scenes the model was trained on): region features are generated once, in
-chunks of 10K images, stored as float16 under ``--cache`` (default ``~/.cache/scan-runtime/scale``),
-and each gallery of the first N of them is encoded once (float16 cache + candidate index) and reused.
+does the same if it is missing). Galleries are drawn from the demo's world (the objects, colours and
+scenes the model was trained on) by ``bench.synthetic.SceneStream``, vectorised in seeded chunks of 8192
+images, and streamed through the image encoder into the gallery writer (``RegionStream``): the raw features
+of one chunk at a time, never the gallery's. Each gallery (float16 cache + candidate index) is built once
+under ``--cache`` (default ``~/.cache/scan-runtime/scale``) in ``galleries/<encoder>-scenes-seed<s>-v<version>/<N>``
+and reused by every later run; ``build.json`` beside it records how it was built (seconds, peak memory,
+load, disk). A 1M-image gallery takes about 12 GB there, and its index 1.4 GB.
 
-Queries are captions of images among the first 10K (so every gallery holds their images). For each
+Queries are captions of images of the first chunk (so every gallery holds their images). For each
 gallery size, in one process:
 
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
-  image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
-  exact on the same queries (only where exact ran);
+  image at the previous size; the expectation is only a reason to skip, never reported as a result), or
+  with ``--exact-queries 0``;
+* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency, top-10 overlap with
+  exact on the same queries (the exact top-10 from one batched search, recorded beside the gallery and
+  reused: minutes at 1M), and ``exact_over_two_stage``, exact's p50 over two-stage's (where exact was
+  timed: two-stage must never be slower);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
-  after loading and searching), peak RSS.
+  after loading and searching), RSS, peak RSS;
+* ``--first-answer``: a new process's time to its first two-stage answer (``bench/first_answer.py``),
+  warm page cache, and cold with ``--drop-caches`` (root; empties the whole machine's page cache);
+* the generator's rate (images/s), once per run.
 
 JSON: ``{"machine", "rows": [{"gallery", "mode", "candidates", "p50_ms", "p95_ms", "overlap_at_10", ...}],
 "targets"}``; a log-log plot of p50 latency against gallery size. ``--quick``: galleries of 2K and 20K.
