@@ -183,7 +183,7 @@ def ensure_gallery(
             )
         seconds = time.perf_counter() - t0
         info = {
-            "gallery_build_s": round(seconds, 1),
+            "gallery_build_s": round(seconds, 3),
             "gallery_images_per_s": round(n / seconds, 1),
             "gallery_build_peak_anon_rss_bytes": peak.peak,
             "gallery_build_load_average": harness.load_average(),
@@ -197,7 +197,7 @@ def ensure_gallery(
         with _AnonPeak() as peak, writer_lock(folder):
             update_index(gallery, index, 0, progress)
         info.update(
-            index_build_wall_s=round(time.perf_counter() - t0, 1),
+            index_build_wall_s=round(time.perf_counter() - t0, 3),
             index_build_peak_anon_rss_bytes=peak.peak,
             index_build_load_average=harness.load_average(),
         )
