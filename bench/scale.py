@@ -156,8 +156,7 @@ def ensure_gallery(
     """The float16 gallery of the stream's first ``n`` images and its candidate index, each built once
     (streamed: the raw features of one chunk at a time) and reused; and how they were built
     (``build.json`` beside them: seconds, images/s, peak memory, load average, disk)."""
-    from runtime.gallery import GalleryError, ImageGallery, build_image_gallery, writer_lock
-    from runtime.gallery.images import RegionStream
+    from runtime.gallery import GalleryError, ImageGallery, RegionStream, build_image_gallery, writer_lock
     from runtime.gallery.index import StaleIndexError, load_index, update_index
 
     encoder = engine.manifest.image_encoder_id
