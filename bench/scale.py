@@ -4,21 +4,30 @@
                           [--json FILE] [--plot FILE] [--demo DIR] [--cache DIR]
 
 The model is the trained demo model (``make demo`` trains and exports it into ``demo/``; this script
-does the same if it is missing). Galleries are made with the demo's data generator (the same world of
-objects, colours and scenes the model was trained on): region features are generated once, in
-chunks of 10K images, stored as float16 under ``--cache`` (default ``~/.cache/scan-runtime/scale``),
-and each gallery of the first N of them is encoded once (float16 cache + candidate index) and reused.
+does the same if it is missing). Galleries are drawn from the demo's world (the objects, colours and
+scenes the model was trained on) by ``bench.synthetic.SceneStream``, vectorised in seeded chunks of 8192
+images, and streamed through the image encoder into the gallery writer (``RegionStream``): the raw features
+of one chunk at a time, never the gallery's. Each gallery (float16 cache + candidate index) is built once
+under ``--cache`` (default ``~/.cache/scan-runtime/scale``) in ``galleries/<encoder>-scenes-seed<s>-v<version>/<N>``
+and reused by every later run; ``build.json`` beside it records how it was built (seconds, peak memory,
+load, disk). A 1M-image gallery takes about 12 GB there, and its index 1.4 GB.
 
-Queries are captions of images among the first 10K (so every gallery holds their images). For each
+Queries are captions of images of the first chunk (so every gallery holds their images). For each
 gallery size, in one process:
 
 * exact search (``Searcher``, every image scored): p50/p95 of single-query latency. Skipped, with the
   reason, where one query is expected to exceed ``--exact-cap-s`` (expected from the measured cost per
-  image at the previous size; the expectation is only a reason to skip, never reported as a result);
-* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency and top-10 overlap with
-  exact on the same queries (only where exact ran);
+  image at the previous size; the expectation is only a reason to skip, never reported as a result), or
+  with ``--exact-queries 0``;
+* two-stage search (``SearchOptions(candidates=M)``) for each M: p50/p95 latency, top-10 overlap with
+  exact on the same queries (the exact top-10 from one batched search, recorded beside the gallery and
+  reused: minutes at 1M), and ``exact_over_two_stage``, exact's p50 over two-stage's (where exact was
+  timed: two-stage must never be slower);
 * index build time, bytes per image on disk (gallery + index), resident bytes per image (RSS growth
-  after loading and searching), peak RSS.
+  after loading and searching), RSS, peak RSS;
+* ``--first-answer``: a new process's time to its first two-stage answer (``bench/first_answer.py``),
+  warm page cache, and cold with ``--drop-caches`` (root; empties the whole machine's page cache);
+* the generator's rate (images/s), once per run.
 
 JSON: ``{"machine", "rows": [{"gallery", "mode", "candidates", "p50_ms", "p95_ms", "overlap_at_10", ...}],
 "targets"}``; a log-log plot of p50 latency against gallery size. ``--quick``: galleries of 2K and 20K.
@@ -27,9 +36,12 @@ JSON: ``{"machine", "rows": [{"gallery", "mode", "candidates", "p50_ms", "p95_ms
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +51,8 @@ import numpy as np
 
 from bench import harness
 from bench.harness import overlap_at
-from bench.synthetic import CHUNK, SCENE_CACHE, SceneFeatures
+from bench.synthetic import CHUNK, FEATURES_VERSION, SCENE_CACHE, SceneStream
+from runtime import atomic
 from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
 from runtime.options import EngineOptions, SearchOptions, WriteOptions
 
@@ -77,21 +90,119 @@ def demo_engine(demo: Path, log=print) -> Path:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def ensure_gallery(engine, features: np.ndarray, n: int, folder: Path, index: str, progress: bool):
-    """The float16 gallery (+ candidate index) of the first ``n`` images, built once."""
-    from runtime.gallery import GalleryError, ImageGallery, build_image_gallery
-    from runtime.gallery.index import StaleIndexError, load_index
+def gallery_folder(cache: Path, engine, stream: SceneStream, n: int) -> Path:
+    """Where the gallery of the stream's first ``n`` images lives: keyed by the image encoder, the generator's
+    seed, chunk and version, so a gallery is reused by every run that would build the same one, and by no other."""
+    chunk = "" if stream.chunk == CHUNK else f"-chunk{stream.chunk}"  # the chunk decides each image's seed
+    key = f"{engine.manifest.image_encoder_id[:12]}-scenes-seed{stream.seed}{chunk}-v{FEATURES_VERSION}"
+    return cache / "galleries" / key / str(n)
 
+
+def generator_rate(stream: SceneStream, chunks: int = 4) -> dict[str, Any]:
+    """Images per second of the raw-feature generator alone (``chunks`` chunks after one untimed one)."""
+    buf = np.empty((stream.chunk, stream.regions, stream.img_dim), np.float32)
+    stream.features(0, buf)
+    t0 = time.perf_counter()
+    for c in range(1, chunks + 1):
+        stream.features(c, buf)
+    seconds = time.perf_counter() - t0
+    return {
+        "images_per_s": round(chunks * stream.chunk / seconds, 1),
+        "img_dim": stream.img_dim,
+        "chunk": stream.chunk,
+        "load_average": harness.load_average(),
+    }
+
+
+def pick_queries(stream: SceneStream, smallest: int, n: int) -> list[str]:
+    """``n`` captions (seeded) of images that every gallery holds: the first chunk's (or the smallest
+    gallery's), so runs with other sizes above one chunk ask the same queries."""
+    captions = stream.captions(min(smallest, stream.chunk))
+    rng = np.random.default_rng(1)
+    return [captions[i] for i in rng.choice(len(captions), size=min(n, len(captions)), replace=False)]
+
+
+class _AnonPeak:
+    """Peak anonymous resident memory (the process's own, not the gallery's file pages it maps) while in
+    the block, sampled every 0.2 s."""
+
+    def __enter__(self) -> _AnonPeak:
+        self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _anon_bytes() -> int:
     try:
-        g = ImageGallery.load(folder, engine.manifest.image_encoder_id)
-        if len(g) == n:
-            load_index(g, engine.manifest.image_encoder_id)
-            return g
-    except (GalleryError, StaleIndexError) as e:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
+def ensure_gallery(
+    engine, stream: SceneStream, n: int, folder: Path, index: str, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The float16 gallery of the stream's first ``n`` images and its candidate index, each built once
+    (streamed: the raw features of one chunk at a time) and reused; and how they were built
+    (``build.json`` beside them: seconds, images/s, peak memory, load average, disk)."""
+    from runtime.gallery import GalleryError, ImageGallery, RegionStream, build_image_gallery, writer_lock
+    from runtime.gallery.index import StaleIndexError, load_index, update_index
+
+    encoder = engine.manifest.image_encoder_id
+    record = folder / "build.json"
+    gallery = None
+    try:
+        gallery = ImageGallery.load(folder, encoder)
+        if len(gallery) != n:
+            gallery.close()
+            gallery = None
+    except GalleryError as e:
         logger.info("building %s (%s)", folder, e)
-    return build_image_gallery(
-        engine, features[:n], folder, batch=1000, options=WriteOptions(dtype="float16", progress=progress, index=index)
-    )
+    info: dict[str, Any] = json.loads(record.read_text()) if gallery is not None and record.is_file() else {}
+    if gallery is None:
+        t0 = time.perf_counter()
+        with _AnonPeak() as peak:
+            gallery = build_image_gallery(
+                engine,
+                RegionStream(n, stream.regions, stream.chunks(n)),
+                folder,
+                batch=stream.chunk,
+                options=WriteOptions(dtype="float16", progress=progress),
+            )
+        seconds = time.perf_counter() - t0
+        info = {
+            "gallery_build_s": round(seconds, 3),
+            "gallery_images_per_s": round(n / seconds, 1),
+            "gallery_build_peak_anon_rss_bytes": peak.peak,
+            "gallery_build_load_average": harness.load_average(),
+            "generator": {"seed": stream.seed, "version": FEATURES_VERSION, "chunk": stream.chunk},
+        }
+    try:
+        load_index(gallery, encoder)
+    except StaleIndexError as e:
+        logger.info("indexing %s (%s)", folder, e)
+        t0 = time.perf_counter()
+        with _AnonPeak() as peak, writer_lock(folder):
+            update_index(gallery, index, 0, progress)
+        info.update(
+            index_build_wall_s=round(time.perf_counter() - t0, 3),
+            index_build_peak_anon_rss_bytes=peak.peak,
+            index_build_load_average=harness.load_average(),
+        )
+    info["disk_bytes"] = disk_bytes(folder)
+    atomic.write_json(record, info)
+    return gallery, info
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -116,22 +227,40 @@ def disk_bytes(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def exact_top10(engine, gallery, queries: Sequence[str]) -> tuple[np.ndarray, float]:
-    """Exact top-10 of every query in one batched search (for the overlap; not a latency figure)."""
+def exact_top10(engine, gallery, queries: Sequence[str]) -> tuple[np.ndarray, float, bool]:
+    """Exact top-10 of every query in one batched search (for the overlap; not a latency figure):
+    (ids, seconds, whether they came from the record of an earlier run). Recorded beside the gallery,
+    keyed by the gallery's generation and the queries: at 1M images the batched search takes minutes."""
     from runtime.searcher import Searcher
 
+    record = _exact_record(gallery, queries)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        return np.asarray(saved["ids"], np.int64), float(saved["seconds"]), True
     t0 = time.perf_counter()
     with Searcher(engine, images=gallery) as s:
         _, ids = s.search(list(queries), 10)
-    return ids, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if Path(gallery.folder).is_dir():
+        atomic.write_json(
+            record,
+            {"ids": ids.tolist(), "seconds": seconds, "load_average": harness.load_average(), "queries": queries},
+        )
+    return ids, seconds, False
 
 
 def bench_size(
-    engine, gallery, queries: list[str], ms: Sequence[int], args: argparse.Namespace, cost: dict[str, float]
+    engine,
+    gallery,
+    queries: list[str],
+    ms: Sequence[int],
+    args: argparse.Namespace,
+    cost: dict[str, float],
+    build: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for one gallery. ``cost`` carries measured per-image costs of exact search from the
     previous sizes (seconds per image for one query, and per image x query batched), only to decide
-    what to skip."""
+    what to skip. ``build``: how the gallery and its index were built (``ensure_gallery``)."""
     from runtime.searcher import Searcher
 
     n = len(gallery)
@@ -143,6 +272,7 @@ def bench_size(
         "index_build_s": meta.get("build_seconds"),
         "disk_bytes_per_image": round((disk["gallery"] + disk["index"]) / n, 1),
         "index_disk_bytes_per_image": round(disk["index"] / n, 1),
+        "build": build or {},
     }
     # Two-stage first, so its resident figure counts what it touches (the index, the candidates' pages),
     # not the pages of the whole gallery that exact search reads.
@@ -169,6 +299,7 @@ def bench_size(
                 "queries": len(queries),
                 "load_average": harness.load_average(),
                 "resident_bytes_per_image": round(max(harness.rss_bytes() - rss0, 0) / n, 1),
+                "rss_bytes": harness.rss_bytes(),
                 "peak_rss_bytes": harness.peak_rss_bytes(),
             }
         )
@@ -176,7 +307,9 @@ def bench_size(
     single = cost.get("single") and cost["single"] * n
     batch = cost.get("batch") and cost["batch"] * n * len(queries)
     row = {**common, "mode": "exact", "candidates": None, "p50_ms": None, "p95_ms": None, "overlap_at_10": None}
-    if single and single > args.exact_cap_s:
+    if n_timed == 0:
+        row["skipped"] = "exact latency not timed (--exact-queries 0)"
+    elif single and single > args.exact_cap_s:
         row["skipped"] = (
             f"one exact query is expected to take {single:.1f} s (measured cost per image at the "
             f"previous size x {n}), over the cap of {args.exact_cap_s} s"
@@ -193,7 +326,8 @@ def bench_size(
             load_average=harness.load_average(),
             peak_rss_bytes=harness.peak_rss_bytes(),
         )
-    if batch and batch > args.overlap_cap_s:
+    recorded = _exact_record(gallery, queries).is_file()
+    if batch and batch > args.overlap_cap_s and not recorded:
         note = (
             f"exact search was not run at this size (expected {batch:.0f} s for the {len(queries)} "
             f"queries batched, over the cap of {args.overlap_cap_s} s): overlap measured only where "
@@ -202,13 +336,67 @@ def bench_size(
         for r in two_stage:
             r["overlap_note"] = note
     else:
-        exact_ids, seconds = exact_top10(engine, gallery, queries)
-        cost["batch"] = seconds / (n * len(queries))
+        exact_ids, seconds, cached = exact_top10(engine, gallery, queries)
+        if not cached:
+            cost["batch"] = seconds / (n * len(queries))
         if row["p50_ms"] is None:
-            row["overlap_note"] = f"exact top-10 computed offline (one batched search, {seconds:.0f} s) for the overlap"
+            row["overlap_note"] = (
+                f"exact top-10 computed offline (one batched search of the {len(queries)} queries, {seconds:.0f} s"
+                f"{', recorded by an earlier run' if cached else ''}) for the overlap"
+            )
         for r, ids in zip(two_stage, two_ids):
             r["overlap_at_10"] = round(overlap_at(ids, exact_ids), 4)
+    if row["p50_ms"] is not None:  # two-stage must never be slower than exact: the ratio, per M
+        for r in two_stage:
+            r["exact_over_two_stage"] = round(row["p50_ms"] / r["p50_ms"], 2)
+    if args.first_answer:
+        row["first_answer"] = first_answer(gallery.folder, queries[0], max(ms), args)
     return [row, *two_stage]
+
+
+def _exact_record(gallery, queries: Sequence[str]) -> Path:
+    """Where ``exact_top10`` records the exact top-10 of ``queries`` on this generation of ``gallery``."""
+    key = hashlib.sha256(json.dumps([gallery.manifest.get("generation"), list(queries)]).encode()).hexdigest()[:16]
+    return Path(gallery.folder) / f"exact_top10.{key}.json"
+
+
+def first_answer(folder: Path, query: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds from starting a new process to its first two-stage answer (import, engine, gallery, index,
+    one query: ``bench/first_answer.py``), with a warm page cache (the second of two runs) and, with
+    ``--drop-caches`` (root only: it empties the page cache of the whole machine), a cold one."""
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.first_answer",
+        "--engine",
+        str(Path(args.demo) / "engines" / "scan.json"),
+        "--gallery",
+        str(folder),
+        "--candidates",
+        str(m),
+        "--queries",
+        "20",
+        query,
+    ]
+
+    def once() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
+        return {"wall_s": round(time.perf_counter() - t0, 3), **json.loads(out), "load_average": harness.load_average()}
+
+    result: dict[str, Any] = {}
+    if args.drop_caches:
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            result["cold"] = once()
+        except OSError as e:
+            result["cold"] = {"skipped": f"cannot drop the page cache ({e}); run as root"}
+    once()
+    result["warm"] = once()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -277,6 +465,9 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if r.get("skipped"):
             lines.append(f"{'':>9} skipped: {r['skipped']}")
+    if report.get("generator"):
+        g = report["generator"]
+        lines.append(f"generator: {g['images_per_s']:.0f} images/s (img_dim {g['img_dim']}, load {g['load_average']})")
     for t in report["targets"]:
         lines.append(f"target {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
@@ -335,6 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", help="candidate index kind (auto, flat, ivf, ivfsq, ivfpq, hnsw)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector")
     p.add_argument("--neighbors", type=int, default=None, help="index neighbours per query vector (default 8 M)")
+    p.add_argument(
+        "--first-answer",
+        action="store_true",
+        help="time a new process's first two-stage answer per size (warm page cache; cold with --drop-caches)",
+    )
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="with --first-answer: also cold, after emptying the machine's page cache (root)",
+    )
     p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's; trained here if missing)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)  # generator chunk (tests)
@@ -371,17 +572,16 @@ def run(sizes: list[int], ms: list[int], n_queries: int, args: argparse.Namespac
         "rows": [],
     }
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime", threads=args.threads)) as engine:
-        features, captions = SceneFeatures(engine.config.img_dim, cache, chunk=args.chunk).ensure(max(sizes), progress)
-        rng = np.random.default_rng(1)
-        pool = captions[: 5 * min(min(sizes), args.chunk)]  # captions of images every gallery holds
-        queries = [pool[i] for i in rng.choice(len(pool), size=min(n_queries, len(pool)), replace=False)]
+        stream = SceneStream(engine.config.img_dim, seed=0, chunk=args.chunk)
+        queries = pick_queries(stream, min(sizes), n_queries)
+        report["generator"] = generator_rate(stream)
         report["queries"] = len(queries)
         cost: dict[str, float] = {}
-        key = engine.manifest.image_encoder_id[:12]
         for n in sizes:
             print(f"-- gallery of {n} images", file=sys.stderr, flush=True)
-            gallery = ensure_gallery(engine, features, n, cache / "galleries" / key / str(n), args.index, progress)
-            rows = bench_size(engine, gallery, queries, ms, args, cost)
+            folder = gallery_folder(cache, engine, stream, n)
+            gallery, build = ensure_gallery(engine, stream, n, folder, args.index, progress)
+            rows = bench_size(engine, gallery, queries, ms, args, cost, build)
             report["rows"].extend(rows)
             for r in rows:
                 print(

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from runtime.gallery.captions import CaptionGallery, build_caption_gallery
 from runtime.gallery.folder import Galleries, GalleryFolder
-from runtime.gallery.images import ImageGallery, build_image_gallery
+from runtime.gallery.images import ImageGallery, RegionStream, build_image_gallery
 from runtime.gallery.store import MANIFEST, VERIFY_ON_OPEN_BYTES, GalleryError, checksum_file, writer_lock
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "GalleryError",
     "GalleryFolder",
     "ImageGallery",
+    "RegionStream",
     "build_caption_gallery",
     "build_image_gallery",
     "checksum_file",

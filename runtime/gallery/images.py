@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -247,9 +247,55 @@ def load_boxes(boxes: np.ndarray | str | Path, n: int, regions: int, source: str
     return boxes.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class RegionStream:
+    """Region features that arrive in chunks ((n_i, regions, img_dim) arrays), ``count`` images in all: a
+    gallery of any size is encoded chunk by chunk, never holding the features of all its images
+    (bench/synthetic.py's ``SceneStream`` feeds one). ``chunks`` is read once; a chunk may be overwritten
+    once the next one is asked for."""
+
+    count: int
+    regions: int
+    chunks: Iterable[np.ndarray]
+
+
+def _batches(regions: np.ndarray | RegionStream, img_dim: int, batch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, features) in batches of ``batch`` images (the last one shorter), from an array or a stream:
+    the same batches either way, so a streamed gallery holds the same values as one built from the array."""
+    if isinstance(regions, np.ndarray):
+        for start in range(0, len(regions), batch):
+            yield start, np.asarray(regions[start : start + batch])
+        return
+    pending: list[np.ndarray] = []
+    have = done = 0
+    for i, chunk in enumerate(regions.chunks):
+        check_layout(chunk, img_dim, name=f"regions chunk {i}")
+        if chunk.shape[1] != regions.regions or done + have + len(chunk) > regions.count:
+            raise GalleryError(
+                f"regions chunk {i}: expected chunks of ({regions.regions} regions) adding up to "
+                f"{regions.count} images, received {list(chunk.shape)} after {done + have} images"
+            )
+        while len(chunk):
+            take = chunk[: batch - have]
+            chunk = chunk[len(take) :]
+            if not pending and len(take) == batch:
+                yield done, take  # a whole batch of this chunk: no copy
+                done += batch
+                continue
+            pending.append(np.array(take))  # kept past this chunk, which the stream may overwrite
+            have += len(take)
+            if have == batch:
+                yield done, np.concatenate(pending)
+                done, pending, have = done + have, [], 0
+    if have:
+        yield done, np.concatenate(pending)
+    if done + have != regions.count:
+        raise GalleryError(f"regions: the stream promised {regions.count} images and gave {done + have}")
+
+
 def build_image_gallery(
     engine,
-    regions: np.ndarray | str | Path,
+    regions: np.ndarray | str | Path | RegionStream,
     folder: str | Path,
     names: Sequence[str] | None = None,
     options: WriteOptions = WriteOptions(),
@@ -259,7 +305,8 @@ def build_image_gallery(
 ) -> ImageGallery:
     """Encode region features into ``folder`` (or append to the gallery there), atomically.
 
-    ``regions`` is an array or a ``.npy`` path (memory-mapped). ``repeated``: the original's layout
+    ``regions`` is an array, a ``.npy`` path (memory-mapped) or a ``RegionStream`` (chunks, encoded as they
+    come; without ``repeated`` or ``boxes``). ``repeated``: the original's layout
     that repeats every image 5 times (keep every 5th row); None leaves the rows as they are.
     Concurrent writers to one folder take turns (see the module doc); ``options.lock_timeout`` bounds the
     wait. ``options.index``: also build the candidate index of two-stage search (runtime/gallery/index.py);
@@ -271,7 +318,10 @@ def build_image_gallery(
     dtype = options.dtype
     cfg = engine.config
     source = str(regions) if isinstance(regions, (str, Path)) else "regions"
-    if isinstance(regions, (str, Path)):
+    if isinstance(regions, RegionStream):
+        if repeated or boxes is not None:
+            raise GalleryError("regions: a RegionStream takes neither repeated nor boxes")
+    elif isinstance(regions, (str, Path)):
         regions = load_regions(regions, cfg.img_dim)
     else:
         regions = check_layout(regions, cfg.img_dim)
@@ -280,7 +330,11 @@ def build_image_gallery(
         boxes = boxes[::5] if repeated else boxes
     if repeated:
         regions = regions[::5]
-    n_new = int(regions.shape[0])
+    n_new, n_regions = (
+        (regions.count, regions.regions)
+        if isinstance(regions, RegionStream)
+        else (int(regions.shape[0]), int(regions.shape[1]))
+    )
     if n_new == 0:
         raise GalleryError(
             f"{source}: expected at least one image, received none; the gallery {folder} is left as it was"
@@ -290,10 +344,9 @@ def build_image_gallery(
     with store.writer_lock(folder, options.lock_timeout):
         old = store.previous(ImageGallery, folder, engine.manifest.image_encoder_id, options)
         store.check_key(old.manifest if old else None, options.key)
-        if old is not None and old.images.shape[1] != regions.shape[1]:
+        if old is not None and old.images.shape[1] != n_regions:
             raise GalleryError(
-                f"{folder}: the gallery has {old.images.shape[1]} regions per image, "
-                f"the new features have {regions.shape[1]}"
+                f"{folder}: the gallery has {old.images.shape[1]} regions per image, the new features have {n_regions}"
             )
         if old is not None and (old.names is None) != (names is None):
             raise GalleryError(
@@ -306,7 +359,7 @@ def build_image_gallery(
                 f"append {'with' if old.boxes is not None else 'without'} --boxes (or --rebuild)"
             )
         n_old = len(old) if old else 0
-        n, r, d = n_old + n_new, int(regions.shape[1]), cfg.embed_size
+        n, r, d = n_old + n_new, n_regions, cfg.embed_size
         generation = store.current_generation(folder) + 1
         dtypes = _file_dtypes(dtype)
         files = {
@@ -329,8 +382,7 @@ def build_image_gallery(
                 stored = {}  # no map of the previous generation may outlive the commit (its files are swept)
             probe = (np.zeros((0, r, d), np.float32), np.zeros((0, r, r), np.float32))  # int8: float rows kept
             with store.progress_bar(n_new, "encoding images", options.progress) as bar:
-                for start in range(0, n_new, batch):
-                    chunk = np.asarray(regions[start : start + batch])
+                for start, chunk in _batches(regions, cfg.img_dim, batch):
                     try:
                         emb, gram = engine.encode_images(chunk, name=f"regions[{start}:{start + len(chunk)}]")
                     except FeatureError as e:

@@ -430,9 +430,12 @@ def load_index(gallery: MappedGallery, encoder_id: str | None = None) -> Candida
     return CandidateIndex(gallery, *_read_saved(gallery, gallery.manifest.get("generation"), len(gallery), encoder_id))
 
 
-def _read_saved(gallery: MappedGallery, generation: Any, count: int, encoder_id: str | None = None) -> tuple[Any, dict]:
+def _read_saved(
+    gallery: MappedGallery, generation: Any, count: int, encoder_id: str | None = None, mapped: bool = True
+) -> tuple[Any, dict]:
     """The index saved beside the gallery and its manifest, checked to be of the gallery's model (and
-    ``encoder_id``'s) and to index ``count`` items of generation ``generation``."""
+    ``encoder_id``'s) and to index ``count`` items of generation ``generation``. ``mapped``: memory-mapped,
+    read-only (searches); False reads it into memory (the write path extends it)."""
     faiss = import_faiss()
     kind, key = _encoder_key(gallery)
     path = _meta_path(gallery)
@@ -458,12 +461,28 @@ def _read_saved(gallery: MappedGallery, generation: Any, count: int, encoder_id:
         )
     file = Path(gallery.folder) / str(meta.get("file"))
     try:
-        index = faiss.read_index(str(file))
+        index = faiss.read_index(str(file), _mmap_flag(faiss, meta.get("index")) if mapped else 0)
     except RuntimeError as e:
         raise StaleIndexError(f"{file}: unreadable candidate index ({str(e).splitlines()[0][:200]})") from e
     if index.ntotal != meta.get("vectors") or not isinstance(meta.get("index"), dict):
         raise StaleIndexError(f"{file}: holds {index.ntotal} vectors, {META} says {meta.get('vectors')}")
     return index, meta
+
+
+def _mmap_flag(faiss, info: Any) -> int:
+    """How faiss maps an index file instead of reading it (faiss-cpu 1.15.1, checked by
+    tests/runtime/test_index_mmap.py): IVF types with ``IO_FLAG_MMAP`` (the inverted lists, codes and ids,
+    stay in the file as ``OnDiskInvertedLists``; the coarse quantizer is read), flat and HNSW with
+    ``IO_FLAG_MMAP_IFC`` (their vector array stays in the file; HNSW's graph is read). Both flags together
+    fail on IVF. Opening then costs the quantizer (or graph), not the vectors, and the pages a search touches
+    are the page cache's, shared between processes and dropped under memory pressure, not this process's
+    own memory; a superseded index file stays readable while mapped (it is unlinked, not overwritten)."""
+    kind = info.get("kind") if isinstance(info, dict) else None
+    if kind in ("ivf", "ivfsq", "ivfpq"):
+        return int(faiss.IO_FLAG_MMAP)
+    if kind in ("flat", "hnsw"):
+        return int(faiss.IO_FLAG_MMAP_IFC)
+    return 0
 
 
 def build_index(
@@ -484,7 +503,7 @@ def build_index(
     start, index, info = 0, None, None
     if appended_from and _meta_path(gallery).is_file():
         try:
-            prev, prev_meta = _read_saved(gallery, generation - 1, appended_from)
+            prev, prev_meta = _read_saved(gallery, generation - 1, appended_from, mapped=False)
             if index_type in ("auto", prev_meta["index"]["kind"]):
                 index, info, start = prev, prev_meta["index"], appended_from
         except StaleIndexError as e:

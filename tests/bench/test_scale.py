@@ -76,8 +76,23 @@ def test_scale_machinery_on_a_tiny_model(tiny_demo, tmp_path, capsys):
     # a rerun reuses the features and the galleries (index files unchanged)
     index = sorted((tmp_path / "cache").rglob("candidates.*.faiss"))
     stamp = [p.stat().st_mtime_ns for p in index]
-    assert scale.main([*args[:-5], "--no-progress"]) == 0
+    assert (
+        scale.main(
+            [*args[:-5], "--chunk", "200", "--no-progress", "--first-answer", "--json", str(tmp_path / "r2.json")]
+        )
+        == 0
+    )
     assert [p.stat().st_mtime_ns for p in index] == stamp
+    rows = json.loads((tmp_path / "r2.json").read_text())["rows"]
+    for r in rows:
+        assert r["build"]["gallery_build_s"] > 0 and r["build"]["generator"]["seed"] == 0
+        if r["mode"] == "two_stage":  # the ratio the lead checks: two-stage never slower than exact
+            assert r["exact_over_two_stage"] > 0
+        else:
+            warm = r["first_answer"]["warm"]
+            assert warm["images"] == r["gallery"] and warm["total_s"] > 0 and len(warm["top10"]) == 10
+    # the exact top-10 of the overlap was recorded by the first run, not searched again
+    assert len(list((tmp_path / "cache").rglob("exact_top10.*.json"))) == 2
 
 
 def test_exact_is_skipped_over_the_cap_with_a_reason(tiny_demo, tmp_path):

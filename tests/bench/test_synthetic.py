@@ -86,3 +86,70 @@ def test_galleries_from_arrays_search_like_the_built_ones(golden, exported, tmp_
             got = Searcher(engine, **{kind: memory}).search(queries, 5)
             np.testing.assert_array_equal(got[1], want[1])
             np.testing.assert_array_equal(got[0], want[0])
+
+
+# ---------------------------------------------------------------------------------------------- scene stream
+
+
+def test_scene_stream_is_deterministic_and_chunked():
+    from bench.synthetic import SceneStream
+
+    a, b = SceneStream(16, seed=3, chunk=7), SceneStream(16, seed=3, chunk=7)
+    first = np.concatenate([c.copy() for c in a.chunks(20)])
+    assert first.shape == (20, 36, 16) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, np.concatenate([c.copy() for c in b.chunks(20)]))
+    np.testing.assert_array_equal(first[:9], np.concatenate([c.copy() for c in b.chunks(9)]))  # prefix: same images
+    assert a.captions(4) == b.captions(4) and len(a.captions(4)) == 20
+    other = np.concatenate([c.copy() for c in SceneStream(16, seed=4, chunk=7).chunks(20)])
+    assert not np.array_equal(first, other)
+    # every region is a unit vector or zero; zero regions are where the layout says
+    norms = np.linalg.norm(first, axis=-1)
+    codes = np.concatenate([a.layout(c)["codes"] for c in range(3)])[:20]
+    np.testing.assert_allclose(norms[codes != a.zero_code], 1.0, rtol=1e-5)
+    assert np.all(norms[codes == a.zero_code] == 0)
+
+
+def test_scene_stream_images_show_what_their_captions_name():
+    """Captions come from each image's own layout: the object words of image i's captions are objects of
+    image i, and its object regions point at their prototype (object + colour + size)."""
+    from bench.demo.data import OBJECTS
+    from bench.synthetic import SceneStream
+
+    s = SceneStream(64, seed=0, chunk=50)
+    caps, lay, x = s.captions(50), s.layout(0), s.features(0)
+    for i in range(50):
+        shown = {OBJECTS[t] for t in lay["objects"][i, : lay["n_objects"][i], 0]}
+        named = {w for c in caps[5 * i : 5 * i + 5] for w in c.lower().split() if w in OBJECTS}
+        assert named and named <= shown
+        obj = lay["codes"][i] < s.scene_code
+        assert obj.sum() == lay["n_objects"][i]
+        proto = s.base[lay["codes"][i][obj]]
+        cos = np.sum(x[i][obj] * proto, axis=1) / np.linalg.norm(proto, axis=1)
+        assert cos.min() > 0.7  # noise of norm ~0.6 against a prototype of norm ~1.4
+
+
+def test_streamed_gallery_equals_a_one_shot_build(tmp_path):
+    """Chunks of 13 images re-batched by 8 (copies across chunk boundaries, which the stream overwrites)."""
+    from bench.synthetic import SceneStream
+    from runtime.engine import ScanEngine
+    from runtime.gallery import build_image_gallery
+    from runtime.gallery.images import RegionStream
+    from tests.runtime.conftest import export_small
+
+    manifest = export_small(tmp_path / "model", img_dim=24)
+    with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine:
+        s = SceneStream(engine.config.img_dim, seed=1, chunk=13)
+        whole = np.concatenate([c.copy() for c in s.chunks(40)])
+        opts = WriteOptions(progress=False, dtype="float16")
+        one = build_image_gallery(engine, whole, tmp_path / "one", batch=8, options=opts)
+        streamed = build_image_gallery(
+            engine, RegionStream(40, 36, s.chunks(40)), tmp_path / "stream", batch=8, options=opts
+        )
+        for name in ("images", "image_gram", "ids"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(streamed, name))
+        assert streamed.manifest["arrays"]["images"]["xxh3_64"] == one.manifest["arrays"]["images"]["xxh3_64"]
+        with pytest.raises(GalleryError, match="promised 41 images and gave 40"):
+            build_image_gallery(engine, RegionStream(41, 36, s.chunks(40)), tmp_path / "short", options=opts)
+        with pytest.raises(GalleryError, match="adding up to 30 images"):
+            build_image_gallery(engine, RegionStream(30, 36, s.chunks(40)), tmp_path / "long", options=opts)
+        assert not (tmp_path / "short" / "gallery.json").exists() and not (tmp_path / "long" / "gallery.json").exists()
