@@ -44,7 +44,9 @@ class Browser:
     def __init__(self, width: int = 900, height: int = 1200, timeout: float = 20.0) -> None:
         self.width, self.height, self.timeout = width, height, timeout
         self.port = free_port()
-        self.profile = tempfile.TemporaryDirectory(prefix="chromium-")
+        # Chromium's helper processes can still write into the profile for a moment after the main one
+        # exits (seen at teardown on a loaded machine: "Directory not empty"); close() retries the removal.
+        self.profile = tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [
                 chromium() or "chromium",
@@ -179,7 +181,11 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.profile.cleanup()
+        for _ in range(20):
+            self.profile.cleanup()
+            if not Path(self.profile.name).exists():
+                break
+            time.sleep(0.1)
 
     def __enter__(self) -> Browser:
         return self
