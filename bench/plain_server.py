@@ -53,7 +53,7 @@ class PlainService(Service):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return serve.main(list(sys.argv[1:] if argv is None else argv), service_type=PlainService)
+    return serve.run(list(sys.argv[1:] if argv is None else argv), service_type=PlainService)
 
 
 if __name__ == "__main__":

@@ -152,8 +152,13 @@ def read_token(path: str) -> str:
     return token
 
 
-def main(argv: list[str] | None = None, *, service_type: type | None = None) -> int:
-    """``service_type``: a ``runtime.service.service.Service`` subclass to serve with (bench/plain_server.py)."""
+def main(argv: list[str] | None = None) -> int:
+    return run(argv)
+
+
+def run(argv: list[str] | None = None, service_type: type | None = None) -> int:
+    """``main`` with ``service_type``: a ``runtime.service.service.Service`` subclass to serve with
+    (bench/plain_server.py's baseline)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
