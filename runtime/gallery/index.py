@@ -260,7 +260,7 @@ class CandidateIndex:
         a = np.broadcast_to(np.arange(n_q)[:, None], (n_q, k))[valid]
         v, c = vid[valid], dist[valid]
         item = self.layout.owner(v)
-        items, u = np.unique(item, return_inverse=True)
+        items, u = _unique_ids(item, len(self.layout.lengths_by_id))
         if not gallery_side:
             # Aggregate over the query's vectors: best cosine of query vector a within each item.
             mat = np.repeat(last[None, :], len(items), axis=0)  # (items, n_q)
@@ -274,6 +274,15 @@ class CandidateIndex:
             np.maximum.at(mat, (u, self.layout.slot(v, item)), c)
             valid_cols = np.arange(width)[None, :] < lengths[:, None]
         return aggregate(mat, valid_cols, config.agg_func, config.lambda_lse), items
+
+
+def _unique_ids(ids: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)`` for ids in ``[0, n_ids)``, without sorting: a mark per id,
+    then each id's rank among the marked ones (O(len(ids) + n_ids); np.unique's sort was half the score)."""
+    seen = np.zeros(n_ids, bool)
+    seen[ids] = True
+    rank = np.cumsum(seen, dtype=np.int64) - 1
+    return np.flatnonzero(seen), rank[ids]
 
 
 class KeptRows:

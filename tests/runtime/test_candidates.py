@@ -542,3 +542,16 @@ def test_auto_index_type_by_size():
     assert choose_type(5000 * 36) == "ivfsq"
     assert choose_type(IVFSQ_MAX_VECTORS + 1) == "ivfpq"
     assert choose_type(5000 * 36, "flat") == "flat"  # an explicit type is kept
+
+
+def test_unique_ids_matches_numpy_unique():
+    from runtime.gallery.index import _unique_ids
+
+    rng = np.random.default_rng(3)
+    for n_ids, size in ((1, 5), (50, 0), (50, 7), (5000, 20000)):
+        ids = rng.integers(0, n_ids, size)
+        items, inverse = _unique_ids(ids, n_ids)
+        ref_items, ref_inverse = np.unique(ids, return_inverse=True)
+        np.testing.assert_array_equal(items, ref_items)
+        np.testing.assert_array_equal(inverse, ref_inverse.reshape(-1))
+        assert items.dtype.kind == "i" and inverse.dtype.kind == "i"
