@@ -531,3 +531,27 @@ def test_appends_while_searching_never_rewrite_the_index(small_engines, tmp_path
 @pytest.mark.slow
 def test_appends_while_searching_for_40_seconds(small_engines, tmp_path, monkeypatch):
     _appends_while_searching(small_engines, tmp_path, monkeypatch, seconds=40)
+
+
+def test_auto_index_type_by_size():
+    from runtime.gallery.index import AUTO_FLAT_MAX_VECTORS, IVFSQ_MAX_VECTORS, choose_type
+
+    # flat up to 2^16 vectors, IVF-SQ above it (5K images x 36 regions), IVF-PQ for the largest
+    assert choose_type(AUTO_FLAT_MAX_VECTORS) == "flat"
+    assert choose_type(AUTO_FLAT_MAX_VECTORS + 1) == "ivfsq"
+    assert choose_type(5000 * 36) == "ivfsq"
+    assert choose_type(IVFSQ_MAX_VECTORS + 1) == "ivfpq"
+    assert choose_type(5000 * 36, "flat") == "flat"  # an explicit type is kept
+
+
+def test_unique_ids_matches_numpy_unique():
+    from runtime.gallery.index import _unique_ids
+
+    rng = np.random.default_rng(3)
+    for n_ids, size in ((1, 5), (50, 0), (50, 7), (5000, 20000)):
+        ids = rng.integers(0, n_ids, size)
+        items, inverse = _unique_ids(ids, n_ids)
+        ref_items, ref_inverse = np.unique(ids, return_inverse=True)
+        np.testing.assert_array_equal(items, ref_items)
+        np.testing.assert_array_equal(inverse, ref_inverse.reshape(-1))
+        assert items.dtype.kind == "i" and inverse.dtype.kind == "i"
