@@ -66,7 +66,9 @@ NEIGHBORS_PER_CANDIDATE = 8
 BLOCK_COSINES = 1 << 23
 # Float32 gallery vectors two-stage search keeps in memory (KeptRows): what a flat index would hold.
 KEEP_BYTES = FLAT_MAX_VECTORS * 128 * 4
-SMALL_SEARCH = 256  # query vectors below which the index search runs on one thread
+# Results (query vectors x neighbours) below which the index search runs on one thread: 256 query
+# vectors at the fewest neighbours (256), as before; one caption at 1M images (10 x 24K) is above it.
+SMALL_SEARCH = 256 * 256
 _ADD_CHUNK = 1 << 18
 _OMP_THREADS: list[int] = []  # faiss's own default thread count, read at first import
 
@@ -237,9 +239,11 @@ class CandidateIndex:
             params = None
         sizes = [len(q) for q in queries]
         stacked = _unit(np.concatenate(queries)) if queries else np.zeros((0, self.index.d), np.float32)
-        # A few query vectors are too little work to share: OpenMP threads then cost more than they
-        # give (measured 3-4x slower with 2 threads on a busy 2-core machine). Process-wide setting.
-        faiss.omp_set_num_threads(1 if len(stacked) < SMALL_SEARCH else _OMP_THREADS[0])
+        # Little work is not worth sharing: OpenMP threads then cost more than they give (a caption's
+        # search at 10K images was 3-4x slower with 2 threads on a busy 2-core machine). Much work is: one
+        # caption at 1M images, 24K neighbours a word, took 77 ms on one thread and 48 ms on two (quiet
+        # 2-core machine, IVF-PQ). Process-wide setting.
+        faiss.omp_set_num_threads(1 if len(stacked) * k < SMALL_SEARCH else _OMP_THREADS[0])
         dist, vid = self.index.search(stacked, k, params=params)  # (sum n_q, k), each row descending
         gallery_side = (self.meta["kind"] == "images") == (config.cross_attn == "i2t")
         out = []
