@@ -268,7 +268,12 @@ class CandidateIndex:
         if not gallery_side:
             # Aggregate over the query's vectors: best cosine of query vector a within each item.
             mat = np.repeat(last[None, :], len(items), axis=0)  # (items, n_q)
-            np.maximum.at(mat, (u, a), c)
+            # Each query vector's row comes back from faiss in descending order, so its first cosine in an
+            # item is its best there: assigned in reverse order, the last write to (item, a) is that one
+            # (numpy assigns repeated indices in order; copies, since a reversed view's iteration may be
+            # flipped back to memory order). np.maximum.at did the same at 10% of a 1M search.
+            back = slice(None, None, -1)
+            mat[np.ascontiguousarray(u[back]), np.ascontiguousarray(a[back])] = np.ascontiguousarray(c[back])
             valid_cols = None
         else:
             # Aggregate over the item's own vectors: each one's best cosine over the query's vectors.

@@ -555,3 +555,31 @@ def test_unique_ids_matches_numpy_unique():
         np.testing.assert_array_equal(items, ref_items)
         np.testing.assert_array_equal(inverse, ref_inverse.reshape(-1))
         assert items.dtype.kind == "i" and inverse.dtype.kind == "i"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_query_side_score_keeps_each_vectors_best_cosine(engines, tmp_path, kind):
+    """The query-side score writes each (item, query vector) cosine in reverse result order, relying on faiss's
+    rows coming back descending: it equals np.maximum.at over the same results, with few neighbours (so
+    most items are reached by some query vectors only) and an approximate index whose rows still descend."""
+    engine = engines["t2i", "LogSumExp"]
+    g = build_image_gallery(
+        engine, random_regions(300, seed=31), tmp_path, options=WriteOptions(progress=False, index=kind)
+    )
+    index = load_index(g, engine.manifest.image_encoder_id)
+    ids, lengths = engine.tokenizer.encode_batch(random_captions(3, seed=32))
+    stacked = np.concatenate([w[:n] for w, n in zip(engine.encode_ids(ids, lengths), lengths)])
+    stacked = stacked / np.linalg.norm(stacked, axis=1, keepdims=True)
+    dist, vid = index.index.search(stacked, 50)
+    rows = np.where(vid >= 0, dist, -np.inf)
+    assert np.all(rows[:, :-1] >= rows[:, 1:])  # what the score relies on: each row descends
+    config = dataclasses.replace(engine.config, agg_func="Max")  # the per-vector best cosines, unmixed
+    got, items = index._score(dist, vid, config, gallery_side=False)
+    valid = vid >= 0
+    last = np.where(valid, dist, np.inf).min(axis=1)
+    owner = index.layout.owner(vid[valid])
+    ref_items, u = np.unique(owner, return_inverse=True)
+    mat = np.repeat(last[None, :], len(ref_items), axis=0)
+    np.maximum.at(mat, (u, np.nonzero(valid)[0]), dist[valid])
+    np.testing.assert_array_equal(items, ref_items)
+    np.testing.assert_array_equal(got, mat.max(axis=1))
