@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from bench import harness
-from bench.scale import REPO, demo_engine, ensure_gallery
-from bench.synthetic import SCENE_CACHE, SceneFeatures
+from bench.scale import REPO, demo_engine, ensure_gallery, gallery_folder
+from bench.synthetic import SCENE_CACHE, SceneStream
 from runtime import atomic
 from runtime.options import EngineOptions, SearchOptions
 from runtime.search_plan import COSTS_FILE, COSTS_FORMAT, Costs
@@ -146,10 +146,10 @@ def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"schema": SCHEMA, "machine": harness.describe(), "command": sys.argv}
     report["load_average_at_start"] = harness.load_average()
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine:
-        features, captions = SceneFeatures(engine.config.img_dim, args.cache).ensure(LARGE, False)
-        key = engine.manifest.image_encoder_id[:12]
+        stream = SceneStream(engine.config.img_dim, seed=0)
+        captions = stream.captions(SMALL)
         small, large = (
-            ensure_gallery(engine, features, n, args.cache / "galleries" / key / str(n), "auto", False)
+            ensure_gallery(engine, stream, n, gallery_folder(args.cache, engine, stream, n), "auto", False)[0]
             for n in (SMALL, LARGE)
         )
         rng = np.random.default_rng(1)

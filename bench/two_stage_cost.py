@@ -35,8 +35,8 @@ import numpy as np
 
 from bench import harness
 from bench.harness import overlap_at
-from bench.scale import REPO, demo_engine, ensure_gallery
-from bench.synthetic import SCENE_CACHE, SceneFeatures
+from bench.scale import REPO, demo_engine, ensure_gallery, gallery_folder
+from bench.synthetic import SCENE_CACHE, SceneStream
 from runtime.options import EngineOptions, SearchOptions
 
 SCHEMA = "scan-runtime-bench-two-stage-cost/1"
@@ -154,8 +154,13 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{r['single_speedup']:>6.2f} {r['batched_s']:>10.2f} {r['batched_plan']:>6} "
                 f"{r['batched_speedup']:>6.2f} {r['overlap_at_10']:>8.3f}"
             )
+    # Where the cost model chose exact search, both timings are of the same computation: their ratio is
+    # timing noise (0.9-1.05 on a quiet machine), not a slower path. Slower means a candidate plan lost.
     slower = [
-        r for r in report["rows"] if r["mode"] == "two_stage" and min(r["single_speedup"], r["batched_speedup"]) < 1
+        r
+        for r in report["rows"]
+        if r["mode"] == "two_stage"
+        and any(r[f"{m}_plan"] != "exact" and r[f"{m}_speedup"] < 1 for m in ("single", "batched"))
     ]
     lines.append(
         "never slower than exact: "
@@ -188,23 +193,20 @@ def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"schema": SCHEMA, "machine": harness.describe(), "command": sys.argv, "target": TARGET}
     report["load_average_at_start"] = harness.load_average()
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine:
-        features, captions = SceneFeatures(engine.config.img_dim, args.cache).ensure(max(*sizes, 10_000), False)
-        key = engine.manifest.image_encoder_id[:12]
-        folder = args.cache / "galleries" / key
-        pool = captions[: 5 * min(sizes)]  # captions of images every gallery holds
+        stream = SceneStream(engine.config.img_dim, seed=0)
+        pool = stream.captions(min(sizes))  # captions of images every gallery holds
         rng = np.random.default_rng(1)
         queries = [pool[i] for i in rng.choice(len(pool), TARGET["queries"], replace=False)]
         # the whole process reads a gallery folder (images/ inside) holding the target's gallery
-        target = folder / "whole" / str(TARGET["gallery"])
-        ensure_gallery(engine, features, TARGET["gallery"], target / "images", "auto", False)
+        target = gallery_folder(args.cache, engine, stream, TARGET["gallery"]).parent / "whole" / str(TARGET["gallery"])
+        ensure_gallery(engine, stream, TARGET["gallery"], target / "images", "auto", False)
         queries_file = target / "queries.txt"
         queries_file.write_text("\n".join(queries) + "\n", encoding="utf-8")
         rows = []
         for n in sorted(sizes):
             print(f"-- gallery of {n} images", file=sys.stderr, flush=True)
-            rows += per_size(
-                engine, ensure_gallery(engine, features, n, folder / str(n), "auto", False), queries[: args.queries], ms
-            )
+            gallery, _ = ensure_gallery(engine, stream, n, gallery_folder(args.cache, engine, stream, n), "auto", False)
+            rows += per_size(engine, gallery, queries[: args.queries], ms)
     report["rows"] = rows
     report["whole_process"] = whole_process(manifest, target, queries_file, args.rounds or (1 if args.quick else 3))
     report["load_average_at_end"] = harness.load_average()
