@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from runtime import serve
@@ -35,21 +34,6 @@ class PlainService(Service):
         hits = await run_in_threadpool(search)
         hits.seconds["tokenise"] = tokenise
         return hits
-
-    async def search_text(self, queries: Sequence[str], k: int) -> Hits:
-        t0 = time.perf_counter()
-        prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
-        return await self._search("text_to_image", prepared, k, time.perf_counter() - t0)
-
-    async def search_images(self, regions: np.ndarray | None, k: int, ids: Sequence[int] | None = None) -> Hits:
-        t0 = time.perf_counter()
-        executor = self._require_gallery("image_to_text")
-        if ids is not None:
-            self._require_gallery("text_to_image")
-            prepared = executor.image_queries(ids)
-        else:
-            prepared = executor.prepare("image_to_text", regions)
-        return await self._search("image_to_text", prepared, k, time.perf_counter() - t0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

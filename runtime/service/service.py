@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from runtime.pictures import ImageFolder
-from runtime.searcher import DIRECTIONS
+from runtime.searcher import DIRECTIONS, Queries
 from runtime.service.batcher import Batcher
 from runtime.service.executor import Executor
 from runtime.service.monitoring import Monitoring
@@ -143,10 +143,7 @@ class Service:
         # Tokenised once, here: a bad caption fails alone, not inside a batch.
         t0 = time.perf_counter()
         prepared = self._require_gallery("text_to_image").prepare("text_to_image", queries)
-        tokenise = time.perf_counter() - t0
-        hits = await asyncio.wrap_future(self.batcher.submit("text_to_image", prepared, k))
-        hits.seconds["tokenise"] = tokenise
-        return hits
+        return await self._search("text_to_image", prepared, k, time.perf_counter() - t0)
 
     async def search_images(self, regions: np.ndarray | None, k: int, ids: Sequence[int] | None = None) -> Hits:
         """Image queries: region features, or (``ids``) images of the image gallery."""
@@ -157,10 +154,13 @@ class Service:
             prepared = executor.image_queries(ids)
         else:
             prepared = executor.prepare("image_to_text", regions)
-        tokenise = time.perf_counter() - t0  # the features' checks: this direction's "tokenise"
+        # the features' checks: this direction's "tokenise"
+        return await self._search("image_to_text", prepared, k, time.perf_counter() - t0)
+
+    async def _search(self, direction: str, prepared: Queries, k: int, tokenise: float) -> Hits:
+        """Run prepared queries through the batcher (bench/plain_server.py overrides this, and only this)."""
         # Only queries of one form with the same number of regions can be stacked into one batch.
-        future = self.batcher.submit("image_to_text", prepared, k, key=prepared.batch_key)
-        hits = await asyncio.wrap_future(future)
+        hits = await asyncio.wrap_future(self.batcher.submit(direction, prepared, k, key=prepared.batch_key))
         hits.seconds["tokenise"] = tokenise
         return hits
 
