@@ -289,21 +289,28 @@ def in_process(manifest: Path, gallery: Path, queries: list[str], k: int, second
 # ----------------------------------------------------------------------------------------- metrics
 
 
-def batch_histogram(metrics: str, kind: str = "text") -> dict[str, float]:
-    """Cumulative ``scan_batch_size`` bucket counts by ``le``, plus ``_count`` and ``_sum``."""
-    out: dict[str, float] = {}
-    prefix = "scan_batch_size_"
+def _histograms(metrics: str, name: str, kind: str, by: str | None = None) -> dict[str, dict[str, float]]:
+    """Prometheus text: histogram ``name``'s cumulative bucket counts by ``le``, plus ``_count`` and ``_sum``,
+    of the series labelled ``kind``, per value of the label ``by`` (all under "" when None)."""
+    out: dict[str, dict[str, float]] = {}
+    prefix = name + "_"
     for line in metrics.splitlines():
         if not line.startswith(prefix) or f'kind="{kind}"' not in line:
             continue
-        name, value = line.rsplit(" ", 1)
-        if name.startswith(prefix + "bucket"):
-            out[name.split('le="')[1].split('"')[0]] = float(value)
-        elif name.startswith(prefix + "count"):
-            out["_count"] = float(value)
-        elif name.startswith(prefix + "sum"):
-            out["_sum"] = float(value)
+        series, value = line.rsplit(" ", 1)
+        h = out.setdefault(series.split(f'{by}="')[1].split('"')[0] if by else "", {})
+        if series.startswith(prefix + "bucket"):
+            h[series.split('le="')[1].split('"')[0]] = float(value)
+        elif series.startswith(prefix + "count"):
+            h["_count"] = float(value)
+        elif series.startswith(prefix + "sum"):
+            h["_sum"] = float(value)
     return out
+
+
+def batch_histogram(metrics: str, kind: str = "text") -> dict[str, float]:
+    """Cumulative ``scan_batch_size`` bucket counts by ``le``, plus ``_count`` and ``_sum``."""
+    return _histograms(metrics, "scan_batch_size", kind).get("", {})
 
 
 def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -321,21 +328,7 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dic
 
 def stage_histograms(metrics: str, kind: str = "text") -> dict[str, dict[str, float]]:
     """Per stage, the cumulative ``scan_stage_seconds`` bucket counts by ``le``, plus ``_count`` and ``_sum``."""
-    out: dict[str, dict[str, float]] = {}
-    prefix = "scan_stage_seconds_"
-    for line in metrics.splitlines():
-        if not line.startswith(prefix) or f'kind="{kind}"' not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        stage = name.split('stage="')[1].split('"')[0]
-        h = out.setdefault(stage, {})
-        if name.startswith(prefix + "bucket"):
-            h[name.split('le="')[1].split('"')[0]] = float(value)
-        elif name.startswith(prefix + "count"):
-            h["_count"] = float(value)
-        elif name.startswith(prefix + "sum"):
-            h["_sum"] = float(value)
-    return out
+    return _histograms(metrics, "scan_stage_seconds", kind, by="stage")
 
 
 def stage_breakdown(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
