@@ -447,6 +447,8 @@ def test_token_guards_writes_only(engine_t2i, gallery, tmp_path):
 class Prepared(tuple):
     """The fake's prepared queries: the captions themselves, joined by the batcher."""
 
+    batch_key = None  # any two batch together (runtime.searcher.Queries.batch_key)
+
     @classmethod
     def concat(cls, parts):
         return cls(q for p in parts for q in p)
@@ -497,14 +499,22 @@ def test_full_queue_answers_503_with_retry_after():
     svc = Service(lambda: fake, Settings(Batching(max_batch=2, max_delay_ms=0, max_queue=4), Limits(max_queries=4)))
     started(svc)
     fake.gate.clear()
+    submitted, submit = [], svc.batcher.submit
+
+    def counted(*args, **kwargs):
+        submitted.append(args[1])
+        return submit(*args, **kwargs)
+
+    svc.batcher.submit = counted
 
     async def body(client):
         import asyncio
 
         tasks = [asyncio.create_task(client.post(TEXT, json={"queries": [f"q{i}"], "k": 2})) for i in range(12)]
-        while len(fake.calls) == 0 and svc.batcher.depth < 4:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(submitted) < len(tasks):  # each request is queued or refused once, the worker held at the gate
+            assert asyncio.get_running_loop().time() < deadline, f"{len(submitted)} of {len(tasks)} reached the queue"
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # every request has been queued or refused by now
         fake.gate.set()
         return await asyncio.gather(*tasks)
 
