@@ -53,7 +53,7 @@ from bench import harness
 from bench.harness import overlap_at
 from bench.synthetic import CHUNK, FEATURES_VERSION, SCENE_CACHE, SceneStream
 from runtime import atomic
-from runtime.gallery.index import DEFAULT_NPROBE, NEIGHBORS_PER_CANDIDATE
+from runtime.gallery.index import DEFAULT_NPROBE, default_neighbors
 from runtime.options import EngineOptions, SearchOptions, WriteOptions
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def bench_size(
                 **common,
                 "mode": "two_stage",
                 "candidates": m,
-                "neighbors": args.neighbors or max(256, NEIGHBORS_PER_CANDIDATE * m),
+                "neighbors": args.neighbors or default_neighbors(m, n),
                 "nprobe": args.nprobe or DEFAULT_NPROBE,
                 "p50_ms": _pct(times, 50),
                 "p95_ms": _pct(times, 95),
@@ -525,7 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--index", default="auto", help="candidate index kind (auto, flat, ivf, ivfsq, ivfpq, hnsw)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query vector")
-    p.add_argument("--neighbors", type=int, default=None, help="index neighbours per query vector (default 8 M)")
+    p.add_argument(
+        "--neighbors",
+        type=int,
+        default=None,
+        help="index neighbours per query vector (default: runtime.gallery.index.default_neighbors)",
+    )
     p.add_argument(
         "--first-answer",
         action="store_true",

@@ -20,10 +20,10 @@ import numpy as np
 from runtime.gallery import CaptionGallery, ImageGallery, centroids
 from runtime.gallery.index import (
     DEFAULT_NPROBE,
-    NEIGHBORS_PER_CANDIDATE,
     CandidateIndex,
     DenseCandidates,
     KeptRows,
+    default_neighbors,
     index_description,
     open_index,
 )
@@ -59,7 +59,7 @@ class TwoStage:
 
     def plan(self, work: Work, index: dict[str, Any] | None) -> Plan:
         """The search to run for ``work`` (``runtime/search_plan.py``); ``index``: the index's description."""
-        neighbors = self.neighbors or max(256, NEIGHBORS_PER_CANDIDATE * self.m)
+        neighbors = self.neighbors or default_neighbors(self.m, work.items)
         if self.plan_option != "auto":
             return Plan(self.plan_option, {}, self.m, work.items)
         return choose(self.costs, work, self.m, index, neighbors, self.nprobe or DEFAULT_NPROBE)

@@ -59,9 +59,12 @@ FLAT_MAX_VECTORS = 1 << 18
 IVFSQ_MAX_VECTORS = 1 << 23
 MAX_NLIST = 4096
 DEFAULT_NPROBE = 16
-# Retrieval depth per query vector, in candidates: what the exact top-10 needs in practice (measured,
-# docs/two_stage.md: recall follows the depth far more than nprobe).
+# Retrieval depth per query vector (default_neighbors), in candidates: what the exact top-10 needs in
+# practice (measured, docs/two_stage.md: recall follows the depth far more than nprobe) ...
 NEIGHBORS_PER_CANDIDATE = 8
+# ... and in gallery items: how many gallery vectors resemble a query word grows with the gallery, not with
+# M. 1M demo images, M=1000: 8000 neighbours (8 M) gave top-10 overlap 0.64, 24000 gave 0.97 (docs/scale.md).
+ITEMS_PER_NEIGHBOR = 40
 # Cosines (query vectors x gallery vectors) a block of the dense candidate score holds: 32 MB of float32.
 BLOCK_COSINES = 1 << 23
 # Float32 gallery vectors two-stage search keeps in memory (KeptRows): what a flat index would hold.
@@ -71,6 +74,11 @@ KEEP_BYTES = FLAT_MAX_VECTORS * 128 * 4
 SMALL_SEARCH = 256 * 256
 _ADD_CHUNK = 1 << 18
 _OMP_THREADS: list[int] = []  # faiss's own default thread count, read at first import
+
+
+def default_neighbors(m: int, items: int) -> int:
+    """Gallery vectors an index search retrieves per query vector for ``m`` candidates of ``items`` items."""
+    return max(256, NEIGHBORS_PER_CANDIDATE * m, items // ITEMS_PER_NEIGHBOR)
 
 
 class CandidateIndexError(GalleryError):
@@ -225,11 +233,11 @@ class CandidateIndex:
 
         ``queries``: per query, its vectors (n_q, d) (a caption's valid words or an image's regions).
         ``config``: the model's SCANConfig (``cross_attn``, ``agg_func``, ``lambda_lse``).
-        ``neighbors``: gallery vectors retrieved per query vector (default ``max(256, 8 m)``).
+        ``neighbors``: gallery vectors retrieved per query vector (default ``default_neighbors``).
         """
         faiss = import_faiss()
         n_items = len(self.gallery)
-        k = int(min(self.index.ntotal, neighbors or max(256, NEIGHBORS_PER_CANDIDATE * m)))
+        k = int(min(self.index.ntotal, neighbors or default_neighbors(m, n_items)))
         # Per-call parameters, not index fields: several threads may search one index at once.
         if hasattr(self.index, "nprobe"):
             params = faiss.SearchParametersIVF(nprobe=int(min(nprobe or DEFAULT_NPROBE, self.index.nlist)))

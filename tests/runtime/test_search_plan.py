@@ -19,7 +19,7 @@ from tests.runtime.conftest import random_captions, random_regions
 
 faiss = pytest.importorskip("faiss", reason="two-stage search needs faiss (pip install 'scan-runtime[scale]')")
 
-from runtime.gallery.index import DenseCandidates, KeptRows, load_index  # noqa: E402
+from runtime.gallery.index import DenseCandidates, KeptRows, default_neighbors, load_index  # noqa: E402
 from runtime.two_stage import TwoStage  # noqa: E402
 
 AGGS = ("LogSumExp", "Mean", "Max", "Sum")
@@ -146,6 +146,21 @@ def test_choice_follows_the_costs():
     assert choose(free, _work(200, 5000), 250, ivf, 2000, 16).kind == "exact"
     nothing = Costs(1.0, 1.0, 0.0, 0.0, {"ivfsq": 0.0}, {"ivfsq": 0.0}, 0.0, 0.0)
     assert choose(nothing, _work(200, 5000), 250, ivf, 2000, 16).kind == "dense"
+
+
+def test_default_depth_grows_with_the_gallery():
+    """The index's retrieval depth: 8 neighbours a candidate, and at least one in 40 gallery items (at 1M demo
+    images and M=1000, 8 M gave top-10 overlap 0.64 and N / 40 0.97); the plan prices that depth."""
+    assert default_neighbors(10, 1000) == 256
+    assert default_neighbors(250, 5000) == 2000
+    assert default_neighbors(1000, 1_000_000) == 25_000
+    assert default_neighbors(100, 1_000_000) == 25_000
+    ivf = {"kind": "ivfpq", "nlist": 4096}
+    two_stage = TwoStage(SearchOptions(candidates=100), costs=COSTS)
+    small, large = (two_stage.plan(_work(1, n), ivf).estimates["index"] for n in (10_000, 1_000_000))
+    asked = TwoStage(SearchOptions(candidates=100, neighbors=800), costs=COSTS).plan(_work(1, 1_000_000), ivf)
+    assert large > asked.estimates["index"]  # the default asks for more than 8 M at 1M items
+    assert small < large
 
 
 def test_index_visits():
