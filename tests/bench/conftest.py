@@ -1,10 +1,10 @@
-"""Tiny random models for the bench scripts' smoke tests (tests in CI have no ./demo), and Ray."""
+"""Tiny random models for the bench scripts' smoke tests (tests in CI have no ./demo).
+
+Nothing imported here at collection: tests/helpers.py needs torch, and bench tests without it still run."""
 
 from __future__ import annotations
 
 import pytest
-
-from tests.runtime.conftest import ray_cluster  # noqa: F401  (the one local Ray instance, for bench/fanout.py)
 
 
 @pytest.fixture(scope="session")
