@@ -1,11 +1,12 @@
 """Measure the constants of two-stage search's cost model (runtime/search_plan.py) on this machine.
 
     python -m bench.cost_model [--quick] [--write] [--json bench/results/cost_model.json]
+                               [--small 2000] [--large 20000]
 
 With the demo model (``make demo``) and galleries of the demo's scenes (``bench/scale.py``'s, cached under
-``--cache``: 2K images for the exact head, the dense score, the flat index and the rerank; 20K images for an
-IVF-SQ8 index), each part of a search is timed alone (median of ``--repeats``) at two sizes of work and the
-two constants of its line are solved from the two medians:
+``--cache``: 2K images (``--small``) for the exact head, the dense score, the flat index and the rerank; 20K
+images (``--large``) for an IVF-SQ8 index), each part of a search is timed alone (median of ``--repeats``) at
+two sizes of work and the two constants of its line are solved from the two medians:
 
 * exact head:  ``t = exact * Qv * V * d + exact_pass * V * d`` (one query vs one batch of 32 queries);
 * dense score: ``t = dense * Qv * V * d + dense_pass * V * d`` (the same two);
@@ -39,6 +40,7 @@ from runtime.search_plan import COSTS_FILE, COSTS_FORMAT, Costs
 
 SCHEMA = "scan-runtime-bench-cost-model/1"
 SMALL, LARGE = 2000, 20000  # gallery sizes (images): the exact/dense/flat/rerank parts, the IVF index
+RERANK_MS = (50, 250)  # candidates reranked per query: the small gallery must hold the larger
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -107,7 +109,7 @@ def measure(engine, small, large, captions: Sequence[str], repeats: int) -> tupl
             positions = np.sort(rng.choice(n, m, replace=False))
             two_stage.rescore(engine, small, "images", positions, q, SearchOptions().image_block)
 
-    ms = (50, 250)
+    ms = RERANK_MS
     t_small, t_large = (median_time(lambda m=m: rerank(m), repeats) for m in ms)
     raw["rerank_s"] = [t_small, t_large]
     rerank_cost, per_query = line(t_small, t_large, qv32 * ms[0] * r * d, qv32 * ms[1] * r * d)
@@ -130,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help=f"store the constants in {COSTS_FILE.relative_to(REPO)}")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each part (default 7; quick 3)")
     p.add_argument("--demo", default=str(REPO / "demo"), help="demo folder (make demo's)")
+    p.add_argument(
+        "--small",
+        type=int,
+        default=SMALL,
+        help=f"images of the gallery of the exact, dense, flat-index and rerank parts (default {SMALL}; its auto "
+        f"index must be flat, at least {RERANK_MS[-1]})",
+    )
+    p.add_argument(
+        "--large",
+        type=int,
+        default=LARGE,
+        help=f"images of the IVF-SQ8 index's gallery (default {LARGE}; its auto index must be IVF-SQ8)",
+    )
     return p
 
 
@@ -141,19 +156,21 @@ def _run(args: argparse.Namespace) -> int:
     from runtime.engine import ScanEngine
 
     harness.positive(args, "repeats")
+    if args.small < RERANK_MS[-1]:
+        raise harness.ArgumentError(f"--small: expected at least {RERANK_MS[-1]} images, received {args.small}")
     repeats = args.repeats or (3 if args.quick else 7)
     manifest = demo_engine(Path(args.demo))
     report: dict[str, Any] = {"schema": SCHEMA, "machine": harness.describe(), "command": sys.argv}
     report["load_average_at_start"] = harness.load_average()
     with ScanEngine.open(manifest, EngineOptions(backend="onnxruntime")) as engine:
         stream = SceneStream(engine.config.img_dim, seed=0)
-        captions = stream.captions(SMALL)
+        captions = stream.captions(args.small)
         small, large = (
             ensure_gallery(engine, stream, n, gallery_folder(args.cache, engine, stream, n), "auto", False)[0]
-            for n in (SMALL, LARGE)
+            for n in (args.small, args.large)
         )
         rng = np.random.default_rng(1)
-        queries = [captions[i] for i in rng.choice(5 * SMALL, 32, replace=False)]
+        queries = [captions[i] for i in rng.choice(5 * args.small, 32, replace=False)]
         costs, raw = measure(engine, small, large, queries, repeats)
     report.update(costs=costs.to_dict(), measured=raw, load_average_at_end=harness.load_average())
     text = "\n".join(f"{k:>13}: {v}" for k, v in costs.to_dict().items())

@@ -82,7 +82,7 @@ def _measure(engines: list[ScanEngine], args: argparse.Namespace, ms: list[int])
     img_dim = engines[0].config.img_dim
     features, texts = SceneFeatures(img_dim, args.cache).ensure(max(args.images, args.captions // 5 + 1))
     if args.captions > len(texts):
-        raise ValueError(f"--captions: the generator's first chunk has {len(texts)} captions")
+        raise harness.ArgumentError(f"--captions: the generator's first chunk has {len(texts)} captions")
     rng = np.random.default_rng(0)
     text_queries = [texts[i] for i in rng.choice(min(len(texts), 5 * args.images), args.queries, replace=False)]
     image_queries = np.asarray(features[rng.choice(args.captions // 5, args.queries, replace=False)], np.float32)

@@ -3,8 +3,8 @@
     python bench/i2t_candidates.py --engine demo/engines/scan.json --json bench/results/i2t_candidates.json
     python bench/i2t_candidates.py --engine demo/engines/scan.json --quick
 
-The caption gallery is the demo world's (``bench.synthetic.SceneFeatures``, seed 0): the first
-``--captions`` captions, describing the scenes of the generator's first chunk; it is encoded once with
+The caption gallery is the demo world's (``bench.synthetic.SceneStream``, seed 0): the first
+``--captions`` captions, five of each of the generator's first images; it is encoded once with
 the engine and kept under ``--cache`` with its candidate index (``auto``). The queries are the first
 ``--queries`` test images of the demo dataset (``--query-images``). For every query the exact SCAN score
 of every caption is computed (batched), and each approach's ``M`` candidates are reranked by it: the
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench import harness
-from bench.synthetic import SCENE_CACHE, SceneFeatures
+from bench.synthetic import FEATURES_VERSION, SCENE_CACHE, SceneStream
 from runtime.cli import add_engine_arguments, open_engines
 from runtime.gallery import CaptionGallery, centroids
 from runtime.gallery.captions import build_caption_gallery
@@ -47,7 +47,7 @@ REFINES = (1, 2, 4, 8)
 def build_parser() -> argparse.ArgumentParser:
     p = harness.parser(__doc__, quick="5000 captions, 10 queries, M 20,50,100 (about a minute)", cache=SCENE_CACHE)
     p.add_argument("--engine", required=True, help="a demo-world model's manifest")
-    p.add_argument("--captions", type=int, default=50000, help="caption gallery size (default 50000, at most 50000)")
+    p.add_argument("--captions", type=int, default=50000, help="caption gallery size (default 50000)")
     p.add_argument("--queries", type=int, default=20, help="image queries (default 20)")
     p.add_argument("--candidates", default="20,50,100,200", help="values of M (default 20,50,100,200)")
     p.add_argument(
@@ -95,17 +95,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _gallery(engine, args: argparse.Namespace) -> CaptionGallery:
     """The first ``--captions`` demo-world captions encoded by ``engine``, with an index, kept in the cache."""
-    _, texts = SceneFeatures(engine.config.img_dim, args.cache).ensure(1, progress=not args.no_progress)
-    if args.captions > len(texts):
-        raise harness.ArgumentError(f"--captions: the generator's first chunk has {len(texts)} captions")
-    folder = args.cache / "i2t" / f"{engine.manifest.text_encoder_id[:12]}-{args.captions}"
+    # keyed by the generator's version too: a gallery of an older generator's captions is not reused
+    folder = args.cache / "i2t" / f"{engine.manifest.text_encoder_id[:12]}-{args.captions}-v{FEATURES_VERSION}"
     try:
         gallery = CaptionGallery.load(folder, engine.manifest.text_encoder_id)
         load_index(gallery)
         return gallery
     except Exception:  # absent or incomplete: build it
+        # the captions of as many images as needed: the first chunk's alone (40960) are fewer than the default
+        texts = SceneStream(engine.config.img_dim).captions(-(-args.captions // 5))[: args.captions]
         options = WriteOptions(progress=not args.no_progress, index="auto")
-        return build_caption_gallery(engine, texts[: args.captions], folder, options)
+        return build_caption_gallery(engine, texts, folder, options)
 
 
 def _measure(engine, args: argparse.Namespace, ms: list[int]) -> dict[str, Any]:
