@@ -30,8 +30,9 @@ from runtime.threads import Threads
 
 logger = logging.getLogger(__name__)
 
-# The head inputs held in bf16: the gallery side of a t2i or i2t head (what a search reads per query).
-BF16_INPUTS = ("images", "image_gram")
+# The head inputs held in bf16: either can be the gallery a search reads per query (images for text queries,
+# captions for image queries); the query side is converted per call (a few rows).
+BF16_INPUTS = ("images", "image_gram", "captions")
 # Ops an input may pass through on its way to a MatMul without looking at its values.
 _SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 _NUMPY = {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32, "f64": np.float64}
@@ -47,8 +48,13 @@ def _import_openvino():
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bit patterns (uint16), rounded to nearest even (what a hardware conversion does)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    out = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # the rounding carry would turn some NaN payloads into -0 or inf: keep them NaN
+        out[nan] = 0x7FC0
+    return out
 
 
 def from_bf16(x: np.ndarray) -> np.ndarray:
