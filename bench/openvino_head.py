@@ -1,6 +1,6 @@
 """The t2i similarity head in bf16 with OpenVINO against ONNX Runtime fp32: one query vs 1K full-size images.
 
-    python bench/openvino_head.py [--quick] [--json bench/results/openvino_head.json] [--images 1000] [--rounds 60]
+    python -m bench.openvino_head [--quick] [--json bench/results/openvino_head.json] [--images 1000] [--rounds 60]
 
 Every contender scores one encoded caption against the same 1K cached images (embed 1024, 36 regions; random
 unit vectors and their Grams, as bench/formats.py) in blocks of 512 (``SearchOptions.image_block``), the

@@ -133,6 +133,12 @@ class OpenVinoBackend(Backend):
         self._inputs = [self._spec(p, p.get_any_name() in self._bf16) for p in self._compiled.inputs]
         self._outputs = [self._spec(o, False) for o in self._compiled.outputs]
         self._local = threading.local()  # an infer request per calling thread
+        logger.info(
+            "%s: the similarity head runs in bf16 with OpenVINO %s (approximate: top-10 agreement with fp32 0.992 "
+            "on random full-size data, bench/openvino_head.py)",
+            self.path,
+            ov.__version__,
+        )
         self._closed = False
 
     @staticmethod
