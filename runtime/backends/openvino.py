@@ -111,8 +111,8 @@ class OpenVinoBackend(Backend):
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))
-            float_inputs = {p.get_friendly_name() for p in model.get_parameters()}
-            self._bf16 = tuple(n for n in BF16_INPUTS if n in float_inputs)
+            present = {p.get_friendly_name() for p in model.get_parameters()}
+            self._bf16 = tuple(n for n in BF16_INPUTS if n in present)
             bf16_head(model, self._bf16)
             self._compiled = core.compile_model(
                 model,
