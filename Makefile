@@ -18,7 +18,7 @@ ifeq ($(ENV_KEY),)
 $(error PYTHON=$(PYTHON) does not run; give a Python 3.10+ interpreter, e.g. make demo PYTHON=.venv/bin/python)
 endif
 DEMO_EXTRAS := cpu,export
-ALL_EXTRAS := cpu,export,test,bench,dev,serve,scale,cluster
+ALL_EXTRAS := cpu,export,test,bench,dev,serve,scale,cluster,openvino
 DEMO_STAMP := .deps-demo-$(ENV_KEY).stamp
 STAMP := .deps-all-$(ENV_KEY).stamp
 # `make test-lowest`: the lowest versions pyproject.toml allows, in their own venv (ray, ruff and torch excepted:

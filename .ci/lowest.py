@@ -28,7 +28,7 @@ from pip._vendor.packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LOWEST_EXTRAS = ("cpu", "export", "test", "bench", "serve", "scale")
-FREEZE_EXTRAS = ("cpu", "export", "test", "bench", "dev", "serve", "scale", "cluster")
+FREEZE_EXTRAS = ("cpu", "export", "test", "bench", "dev", "serve", "scale", "cluster", "openvino")
 NOT_PINNED = {"torch", "scan-runtime"}
 
 

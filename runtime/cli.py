@@ -43,7 +43,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         default="auto",
         help="auto: TensorRT for a .plan when installed, else ONNX Runtime (numpy without it); "
-        "numpy / cupy: the export's weights file, no graph runtime",
+        "numpy / cupy: the export's weights file, no graph runtime; openvino: the similarity head in bf16 "
+        "with OpenVINO (approximate, faster on CPUs with bf16; docs/performance.md)",
     )
     p.add_argument(
         "--precision",

@@ -1,10 +1,11 @@
-"""Backend selection: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``numpy`` | ``cupy``.
+"""Backend selection: ``auto`` | ``onnxruntime`` | ``tensorrt`` | ``numpy`` | ``cupy`` | ``openvino``.
 
 ``auto`` serves a ``.plan`` with TensorRT when it is installed and falls back to the manifest's ONNX
 graphs with a warning otherwise; ``tensorrt`` without TensorRT is an error. ``numpy`` and ``cupy`` serve
 the export's weights file with no graph runtime (``runtime/backends/arrays.py``). On the CPU ``auto``
 picks ONNX Runtime, measured faster than numpy in the head (bench/cpu_backends.py), and numpy when
-ONNX Runtime is not installed.
+ONNX Runtime is not installed. ``openvino`` (opt-in, approximate) runs the similarity head in bf16 with
+OpenVINO and the encoders on ONNX Runtime (``runtime/backends/openvino.py``); ``auto`` never picks it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import logging
 from pathlib import Path
 
 from runtime.backends.base import Backend, BackendError, TensorSpec
+from runtime.install import install_command
 from runtime.manifest import Manifest
 from runtime.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "numpy", "cupy")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "numpy", "cupy", "openvino")
 ARRAY_BACKENDS = ("numpy", "cupy")
 
 __all__ = [
@@ -53,6 +55,13 @@ def choose_backend(requested: str, engine_path: str | Path | None, manifest: Man
     wants_plan = engine_path is not None and Path(engine_path).suffix == ".plan"
     if requested in ("onnxruntime", *ARRAY_BACKENDS):
         return requested
+    if requested == "openvino":
+        if not module_available("openvino"):
+            raise BackendError(
+                f"--backend openvino: OpenVINO is not installed ({install_command('openvino')}); "
+                "--backend onnxruntime serves the model exactly meanwhile"
+            )
+        return "openvino"
     if requested == "tensorrt":
         if not tensorrt_available():
             raise BackendError(
@@ -88,4 +97,13 @@ def open_backend(manifest: Manifest, graph: str, options: EngineOptions) -> Back
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     path = manifest.file(manifest.graph(graph, options.precision))
+    if options.backend == "openvino" and graph == "head":
+        from runtime.backends.openvino import OpenVinoBackend
+
+        if options.precision != "fp32" or options.device != "cpu":
+            raise BackendError(
+                f"--backend openvino runs the fp32 head graph in bf16 on the CPU; received precision "
+                f"{options.precision!r}, device {options.device!r} (expected 'fp32', 'cpu')"
+            )
+        return OpenVinoBackend(path, threads=options.threads)
     return OnnxRuntimeBackend(path, device=options.device, intra_op_threads=options.threads)
