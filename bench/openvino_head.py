@@ -1,6 +1,7 @@
 """The t2i similarity head in bf16 with OpenVINO against ONNX Runtime fp32: one query vs 1K full-size images.
 
     python -m bench.openvino_head [--quick] [--json bench/results/openvino_head.json] [--images 1000] [--rounds 60]
+                                  [--demo demo]
 
 Every contender scores one encoded caption against the same 1K cached images (embed 1024, 36 regions; random
 unit vectors and their Grams, as bench/formats.py) in blocks of 512 (``SearchOptions.image_block``), the
@@ -19,6 +20,11 @@ And the whole per-query path in the same rounds: ``Searcher.search`` of one capt
 head, top-k) with ``--backend onnxruntime`` and with ``--backend openvino``. Agreement: max |score - exact|
 and top-10 overlap with ``ort_fp32`` (for the searches: with the onnxruntime search) over
 ``--agreement-queries`` captions. Load average before and after.
+
+``--demo DIR`` (``make demo``'s folder) adds the agreement on real embeddings: the trained demo model's test
+captions against its image gallery and its test images against its caption gallery, ``--backend openvino``
+against ``--backend onnxruntime`` (random unit vectors have near ties everywhere; a trained model's have
+other ones).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,7 +62,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (each times every contender once)")
     p.add_argument("--agreement-queries", type=int, default=50, help="queries of the agreement measurement")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of both (default: all cores)")
+    p.add_argument("--demo", type=Path, default=None, help="also the agreement on make demo's model and galleries")
     return harness.run(_run, p.parse_args(argv))
+
+
+def demo_agreement(demo: Path, captions: int = 500, images: int = 100) -> dict[str, Any]:
+    """Top-10 agreement and top-1 equality of ``--backend openvino`` with ``onnxruntime`` on the demo's test
+    captions (against its image gallery) and test images (against its caption gallery)."""
+    from runtime.gallery import CaptionGallery, ImageGallery
+    from runtime.searcher import Searcher
+
+    data = demo / "data" / "demo_precomp"
+    try:
+        texts = (data / "test_caps.txt").read_text().splitlines()[:captions]
+        regions = np.load(data / "test_ims.npy")[:images]
+        galleries = {"images": demo / "gallery" / "images", "captions": demo / "gallery" / "captions"}
+        found = {}
+        for backend in ("onnxruntime", "openvino"):
+            engine = ScanEngine.open(demo / "engines" / "scan.json", EngineOptions(backend=backend))
+            images, captions = ImageGallery.load(galleries["images"]), CaptionGallery.load(galleries["captions"])
+            with engine, Searcher(engine, images=images, captions=captions) as s:
+                found[backend] = {"text_to_image": s.search(texts, 10), "image_to_text": s.search(regions, 10)}
+    except (OSError, ValueError) as e:
+        raise harness.ArgumentError(f"--demo {demo}: not a make demo folder with engines and galleries ({e})") from e
+    out = {}
+    for direction in ("text_to_image", "image_to_text"):
+        (exact_scores, exact_ids), (scores, ids) = found["onnxruntime"][direction], found["openvino"][direction]
+        out[direction] = {
+            "queries": len(ids),
+            "top10_agreement": harness.overlap_at(ids, exact_ids, 10),
+            "top1_equal": float(np.mean(ids[:, 0] == exact_ids[:, 0])),
+            "max_abs_score_diff": float(np.abs(scores - exact_scores).max()),
+        }
+    return out
 
 
 def _openvino_plain(path, precision: str, threads: int):
@@ -172,6 +211,8 @@ def _run(args) -> int:
     report["contenders"] = rows
     report["text_encoder"] = {"seconds": harness.stats(samples["text_encoder"])}
     report["agreement_queries"] = args.agreement_queries
+    if args.demo is not None:
+        report["demo_agreement"] = demo_agreement(args.demo)
     report["load_after"] = harness.load_average()
     report["wall_seconds"] = time.monotonic() - t0
     harness.finish(report, format_report(report), args.json)
@@ -197,6 +238,11 @@ def format_report(r: dict[str, Any]) -> str:
             f"{c['max_abs_score_diff']:9.1e} {c['top10_agreement']:12.3f}"
         )
     lines.append(f"  text encoder alone (in the searches): p50 {1e3 * r['text_encoder']['seconds']['median']:.1f} ms")
+    for direction, d in r.get("demo_agreement", {}).items():
+        lines.append(
+            f"  trained demo model, {direction} ({d['queries']} queries) vs onnxruntime: top-10 agreement "
+            f"{d['top10_agreement']:.3f}, top-1 equal {d['top1_equal']:.3f}, max |ds| {d['max_abs_score_diff']:.1e}"
+        )
     return "\n".join(lines)
 
 
