@@ -133,7 +133,8 @@ class OpenVinoBackend(Backend):
         self._inputs = [self._spec(p, p.get_any_name() in self._bf16) for p in self._compiled.inputs]
         self._outputs = [self._spec(o, False) for o in self._compiled.outputs]
         self._local = threading.local()  # an infer request per calling thread
-        logger.info(
+        # Approximate, so said where the user sees it (as an int8 cache is, when opened).
+        logger.warning(
             "%s: the similarity head runs in bf16 with OpenVINO %s (approximate: top-10 agreement with fp32 0.98-0.99 "
             "measured by bench/openvino_head.py)",
             self.path,
