@@ -101,17 +101,9 @@ def _openvino_plain(path, precision: str, threads: int):
     """OpenVINO compiling the float32 head graph as it is, at ``precision`` (its own precision hint)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(
-        str(path),
-        "CPU",
-        {
-            "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": False,
-        },
-    )
-    request = compiled.create_infer_request()
+    from runtime.backends.openvino import cpu_config
+
+    request = ov.Core().compile_model(str(path), "CPU", cpu_config(threads, precision)).create_infer_request()
     return lambda feeds: {"sims": np.array(request.infer(feeds)[0])}
 
 
@@ -126,7 +118,8 @@ def _run(args) -> int:
     threads = args.threads or Threads.for_cores().intra_op
     t0 = time.monotonic()
     manifest_path = prepare_model(sizes, "t2i", args.seed, args.cache)[0]
-    head_path = load_manifest(manifest_path).file(load_manifest(manifest_path).graph("head"))
+    manifest = load_manifest(manifest_path)
+    head_path = manifest.file(manifest.graph("head"))
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "quick": args.quick,
@@ -187,27 +180,27 @@ def _run(args) -> int:
             closable.close()
     exact = np.array(agreement[REFERENCE])
     top_exact = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+
+    def row(name: str, reference: str, diff: float, agreement: float) -> dict[str, Any]:
+        s = harness.stats(samples[name])
+        return {
+            "seconds": s,
+            "p50_ms": 1e3 * s["median"],
+            "vs_ort_fp32": float(np.median(samples[reference])) / s["median"],
+            "max_abs_score_diff": diff,
+            "top10_agreement": agreement,
+        }
+
     rows: dict[str, Any] = {}
     for name in CONTENDERS:
         got = np.array(agreement[name])
-        s = harness.stats(samples[name])
-        rows[name] = {
-            "seconds": s,
-            "p50_ms": 1e3 * s["median"],
-            "vs_ort_fp32": float(np.median(samples[REFERENCE])) / s["median"],
-            "max_abs_score_diff": float(np.abs(got - exact).max()),
-            "top10_agreement": harness.overlap_at(np.argsort(-got, axis=1, kind="stable")[:, :10], top_exact, 10),
-        }
+        top = np.argsort(-got, axis=1, kind="stable")[:, :10]
+        rows[name] = row(name, REFERENCE, float(np.abs(got - exact).max()), harness.overlap_at(top, top_exact, 10))
     exact_scores, exact_ids = found[SEARCHES[0]]  # the searches' scores compared rank by rank
     for name in SEARCHES:
-        s = harness.stats(samples[name])
-        rows[name] = {
-            "seconds": s,
-            "p50_ms": 1e3 * s["median"],
-            "vs_ort_fp32": float(np.median(samples[SEARCHES[0]])) / s["median"],
-            "max_abs_score_diff": float(np.abs(found[name][0] - exact_scores).max()),
-            "top10_agreement": harness.overlap_at(found[name][1], exact_ids, 10),
-        }
+        scores, ids = found[name]
+        diff = float(np.abs(scores - exact_scores).max())
+        rows[name] = row(name, SEARCHES[0], diff, harness.overlap_at(ids, exact_ids, 10))
     report["contenders"] = rows
     report["text_encoder"] = {"seconds": harness.stats(samples["text_encoder"])}
     report["agreement_queries"] = args.agreement_queries

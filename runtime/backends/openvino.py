@@ -97,6 +97,18 @@ def bf16_head(model: Any, names: Iterable[str]) -> Any:
     return model
 
 
+def cpu_config(threads: int | None, precision: str = "bf16") -> dict[str, Any]:
+    """OpenVINO's CPU plugin settings for one head: ``precision`` its inference precision hint."""
+    return {
+        "INFERENCE_PRECISION_HINT": precision,
+        "INFERENCE_NUM_THREADS": threads or Threads.for_cores().intra_op,
+        "PERFORMANCE_HINT": "LATENCY",
+        # Like ONNX Runtime's spinning off (runtime/threads.py): threads pinned to cores would fight the event
+        # loop, the batcher and other sessions for them.
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
 class OpenVinoBackend(Backend):
     """The head graph at ``path`` compiled by OpenVINO for the CPU with its gallery inputs in bf16.
 
@@ -114,18 +126,7 @@ class OpenVinoBackend(Backend):
             present = {p.get_friendly_name() for p in model.get_parameters()}
             self._bf16 = tuple(n for n in BF16_INPUTS if n in present)
             bf16_head(model, self._bf16)
-            self._compiled = core.compile_model(
-                model,
-                "CPU",
-                {
-                    "INFERENCE_PRECISION_HINT": "bf16",
-                    "INFERENCE_NUM_THREADS": threads or Threads.for_cores().intra_op,
-                    "PERFORMANCE_HINT": "LATENCY",
-                    # Like ONNX Runtime's spinning off (runtime/threads.py): threads pinned to cores would fight
-                    # the event loop, the batcher and other sessions for them.
-                    "ENABLE_CPU_PINNING": False,
-                },
-            )
+            self._compiled = core.compile_model(model, "CPU", cpu_config(threads))
         except BackendError:
             raise
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
